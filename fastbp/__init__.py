@@ -1,0 +1,16 @@
+"""fastbp: JIT-compiled backpropagation kernels for dense networks, on the CPU (numba) and NVIDIA GPUs.
+
+>>> import numpy as np, fastbp
+>>> model = fastbp.MLP([64, 128, 10], activation="relu", seed=0)
+>>> trainer = fastbp.Trainer(model, loss="softmax_cross_entropy", optimizer="sgd", lr=0.1, batch_size=32)
+
+Importing fastbp compiles nothing: kernels compile on first use and are cached on disk.
+"""
+from .model import MLP
+from .schedules import Constant, ExponentialDecay, StepDecay
+from .trainer import History, LearningRateSearch, NonFiniteLossError, Trainer
+
+__version__ = "0.1.0"
+
+__all__ = ["MLP", "Trainer", "History", "LearningRateSearch", "NonFiniteLossError", "Constant",
+           "ExponentialDecay", "StepDecay", "__version__"]

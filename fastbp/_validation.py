@@ -1,0 +1,84 @@
+"""Argument checks shared by every public entry point: each error names the argument, what was expected
+and what came, and every check runs before anything is changed."""
+from __future__ import annotations
+
+import difflib
+import numbers
+
+import numpy as np
+
+
+def check_choice(name: str, value, choices) -> str:
+    """``value`` must be one of ``choices`` (strings); suggests the closest on a typo."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {sorted(choices)}; got {type(value).__name__} {value!r}")
+    if value not in choices:
+        close = difflib.get_close_matches(value, list(choices), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{name} must be one of {sorted(choices)}; got {value!r}.{hint}")
+    return value
+
+
+def check_int(name: str, value, minimum: int | None = None, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer; got {type(value).__name__} {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    return value
+
+
+def check_float(name: str, value, minimum: float | None = None, exclusive_minimum: bool = False,
+                maximum: float | None = None, exclusive_maximum: bool = False, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
+        raise ValueError(f"{name} must be {'>' if exclusive_minimum else '>='} {minimum}; got {value}")
+    if maximum is not None and (value >= maximum if exclusive_maximum else value > maximum):
+        raise ValueError(f"{name} must be {'<' if exclusive_maximum else '<='} {maximum}; got {value}")
+    return value
+
+
+def check_dtype(name: str, dtype) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as error:
+        raise TypeError(f"{name} must be numpy.float32 or numpy.float64; got {dtype!r}") from error
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"{name} must be numpy.float32 or numpy.float64; got {dt}")
+    return dt
+
+
+def as_float_matrix(name: str, array, dtype: np.dtype, n_columns: int | None = None,
+                    allow_vector: bool = False) -> np.ndarray:
+    """A C-contiguous (n, m) array of ``dtype`` (a copy only when needed), with every value finite.
+
+    ``allow_vector``: a 1-D array is taken as one column (targets of a single-output network).
+    """
+    if hasattr(array, "__cuda_array_interface__") and not isinstance(array, np.ndarray):
+        raise TypeError(f"{name} is a GPU array; the CPU device needs a host array (numpy)")
+    arr = np.asarray(array)
+    if arr.dtype.kind not in "fiu":  # rejects bool, complex, object, strings, dates
+        raise TypeError(f"{name} must hold real numbers (float or int); got dtype {arr.dtype}")
+    if arr.ndim == 1 and allow_vector:
+        arr = arr.reshape(-1, 1)
+    if arr.ndim != 2:
+        expected = "(n_samples, n_features)" if not allow_vector else "(n_samples,) or (n_samples, n_outputs)"
+        raise ValueError(f"{name} must be a 2-D array of shape {expected}; got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} is empty: it has 0 samples (shape {arr.shape})")
+    if n_columns is not None and arr.shape[1] != n_columns:
+        raise ValueError(f"{name} must have {n_columns} columns (the network's "
+                         f"{'input' if 'X' in name else 'output'} size); got shape {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    if not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise ValueError(f"{name} must be finite; found {arr[tuple(bad)]} at index {tuple(int(i) for i in bad)}")
+    return arr

@@ -1,0 +1,110 @@
+"""The CPU target's host side: flat buffers in host memory, kernels from ``fastbp.kernels.cpu``."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels import cpu as kernels
+from ..kernels.pointwise import N_HYPER
+from ..layout import Layout
+
+# Rows per chunk when predicting or evaluating a whole data set: bounds the workspace, not the result.
+EVAL_CAPACITY = 4096
+
+
+class CPUBackend:
+    """Runs training and inference for one network on the CPU.
+
+    The flat parameter vector and optimizer state it is given are used in place (host arrays already).
+    """
+
+    device = "cpu"
+
+    def __init__(self, layout: Layout, act_codes, loss: int, optimizer: int, hyper, dtype):
+        self.layout = layout
+        self.act_codes = np.asarray(act_codes, dtype=np.int64)
+        self.loss = int(loss)
+        self.optimizer = int(optimizer)
+        self.hyper = np.asarray(hyper, dtype=np.float64).reshape(N_HYPER)
+        self.dtype = np.dtype(dtype)
+        self._workspaces = {}
+
+    # -- parameters and optimizer state ------------------------------------------------------------------
+    def load_state(self, params: np.ndarray, opt_state: np.ndarray, steps_done: int) -> None:
+        """Take the flat params (P,), opt_state (2, P) and step count that training continues from."""
+        self.params = params
+        self.opt_state = opt_state
+        self.steps_done = np.array([steps_done], dtype=np.int64)
+
+    def store_state(self, params_out: np.ndarray, opt_state_out: np.ndarray) -> int:
+        """Copy params and optimizer state into host arrays (no-op copies when they are the same arrays)."""
+        if params_out is not self.params:
+            params_out[...] = self.params
+        if opt_state_out is not self.opt_state:
+            opt_state_out[...] = self.opt_state
+        return int(self.steps_done[0])
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def as_input(self, X) -> np.ndarray:
+        return np.ascontiguousarray(X, dtype=self.dtype)
+
+    def _workspace(self, capacity: int, n_outputs: int):
+        key = (capacity, n_outputs)
+        if key not in self._workspaces:
+            size = self.layout.workspace_size(capacity)
+            self._workspaces[key] = dict(
+                acts=np.empty(size, self.dtype),
+                deltas=np.empty(size, self.dtype),
+                targets_batch=np.empty((capacity, n_outputs), self.dtype),
+                row_losses=np.empty(capacity, self.dtype),
+                grads=np.empty(self.layout.n_params, self.dtype),
+                grads_chunk=np.empty(self.layout.n_params, self.dtype),
+                backup=np.empty((3, self.layout.n_params), self.dtype),
+            )
+        return self._workspaces[key]
+
+    def release_workspaces(self) -> None:
+        self._workspaces.clear()
+
+    # -- training -----------------------------------------------------------------------------------------
+    def train_epochs(self, X, Y, batch_size: int, orders: np.ndarray, lrs: np.ndarray, target_loss: float):
+        """Run len(lrs) epochs in one compiled call; returns (epoch_losses (completed,), completed)."""
+        ws = self._workspace(batch_size, Y.shape[1])
+        losses = np.empty(len(lrs), dtype=np.float64)
+        layout = self.layout
+        completed = kernels.train_epochs(
+            self.params, self.opt_state, self.steps_done, ws["grads"], ws["acts"], ws["deltas"],
+            ws["targets_batch"], ws["row_losses"], ws["backup"], X, Y, orders, lrs, losses,
+            layout.sizes, layout.param_offsets, layout.unit_offsets, self.act_codes, self.loss,
+            self.optimizer, self.hyper, batch_size, target_loss)
+        # An epoch that went non-finite is reported (its loss is in losses[completed]) but not counted.
+        n_reported = min(completed + 1, len(lrs))
+        return losses[:n_reported], int(completed)
+
+    # -- inference and gradients --------------------------------------------------------------------------
+    def predict(self, X, n_outputs: int) -> np.ndarray:
+        capacity = max(1, min(EVAL_CAPACITY, X.shape[0]))
+        ws = self._workspace(capacity, n_outputs)
+        out = np.empty((X.shape[0], n_outputs), dtype=self.dtype)
+        layout = self.layout
+        kernels.predict(out, ws["acts"], X, self.params, layout.sizes, layout.param_offsets,
+                        layout.unit_offsets, self.act_codes, self.loss, capacity)
+        return out
+
+    def loss_value(self, X, Y) -> float:
+        capacity = max(1, min(EVAL_CAPACITY, X.shape[0]))
+        ws = self._workspace(capacity, Y.shape[1])
+        layout = self.layout
+        return float(kernels.dataset_loss(ws["acts"], ws["deltas"], ws["row_losses"], X, Y, self.params,
+                                          layout.sizes, layout.param_offsets, layout.unit_offsets,
+                                          self.act_codes, self.loss, capacity))
+
+    def loss_and_grads(self, X, Y):
+        """(mean loss, flat gradient (P,) as a new host array) over all of X, Y: no update."""
+        capacity = max(1, min(EVAL_CAPACITY, X.shape[0]))
+        ws = self._workspace(capacity, Y.shape[1])
+        grads = np.empty(self.layout.n_params, dtype=self.dtype)
+        layout = self.layout
+        loss = kernels.dataset_grads(grads, ws["grads_chunk"], ws["acts"], ws["deltas"], ws["row_losses"], X, Y,
+                                     self.params, layout.sizes, layout.param_offsets, layout.unit_offsets,
+                                     self.act_codes, self.loss, capacity)
+        return float(loss), grads

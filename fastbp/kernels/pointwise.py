@@ -1,0 +1,220 @@
+"""Pointwise math and the fused loss-gradient, written once and compiled for both targets.
+
+Every function here is ``@njit(inline="always")``: the CPU kernels (``@njit``) and the CUDA kernels
+(``@cuda.jit``) inline the same source, which is also the form that compiles to PTX without a GPU.
+
+Rules that keep one source valid for float32 and float64 on both targets:
+- no bare float literals in arithmetic (``0.5 * x`` would promote float32 to float64): constants are
+  built from the argument's own type, ``type(z)(0.5)``;
+- stable forms only (log-sum-exp, ``log1p(exp(-|z|))``): the CUDA simulator raises on overflow where a
+  GPU would return inf, and the loss must stay finite for logits of +-1e4.
+
+Activations and losses are integer codes (they cache well on disk, unlike closures over functions);
+the tables map user-facing names to codes.
+"""
+from __future__ import annotations
+
+import math
+
+from .._jit import inline
+
+# --- activations -------------------------------------------------------------------------------------------
+IDENTITY = 0
+SIGMOID = 1
+TANH = 2
+RELU = 3
+LEAKY_RELU = 4
+
+ACTIVATIONS = {
+    "identity": IDENTITY,
+    "sigmoid": SIGMOID,
+    "tanh": TANH,
+    "relu": RELU,
+    "leaky_relu": LEAKY_RELU,
+}
+ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
+
+# PyTorch's default negative slope for nn.LeakyReLU.
+LEAKY_RELU_SLOPE = 0.01
+
+# --- losses (each fuses its output transform) ----------------------------------------------------------------
+MSE = 0  # identity output
+BINARY_CROSS_ENTROPY = 1  # sigmoid output
+SOFTMAX_CROSS_ENTROPY = 2  # softmax output
+
+LOSSES = {
+    "mse": MSE,
+    "binary_cross_entropy": BINARY_CROSS_ENTROPY,
+    "softmax_cross_entropy": SOFTMAX_CROSS_ENTROPY,
+}
+LOSS_NAMES = {code: name for name, code in LOSSES.items()}
+
+
+@inline
+def sigmoid(z):
+    """Logistic function without overflow: exp is only ever taken of a non-positive number."""
+    one = type(z)(1.0)
+    if z >= 0:
+        return one / (one + math.exp(-z))
+    e = math.exp(z)
+    return e / (one + e)
+
+
+@inline
+def activate(z, act):
+    """The activation ``act`` (a code above) applied to one pre-activation value ``z``."""
+    if act == RELU:
+        return z if z > 0 else type(z)(0.0)
+    if act == SIGMOID:
+        return sigmoid(z)
+    if act == TANH:
+        return math.tanh(z)
+    if act == LEAKY_RELU:
+        return z if z > 0 else type(z)(LEAKY_RELU_SLOPE) * z
+    return z
+
+
+@inline
+def activation_grad(y, act):
+    """d activation / dz, written from the activation's OUTPUT ``y`` (so backward needs only stored outputs).
+
+    relu and leaky_relu use the subgradient at 0 that PyTorch uses (the negative branch): y > 0 iff z > 0.
+    """
+    one = type(y)(1.0)
+    if act == RELU:
+        return one if y > 0 else type(y)(0.0)
+    if act == SIGMOID:
+        return y * (one - y)
+    if act == TANH:
+        return one - y * y
+    if act == LEAKY_RELU:
+        return one if y > 0 else type(y)(LEAKY_RELU_SLOPE)
+    return one
+
+
+@inline
+def loss_divisor(loss, n_rows, n_outputs):
+    """How many terms the loss is a mean over (PyTorch's default reduction="mean").
+
+    mse and binary_cross_entropy average over every element; softmax_cross_entropy over samples.
+    """
+    if loss == SOFTMAX_CROSS_ENTROPY:
+        return n_rows
+    return n_rows * n_outputs
+
+
+@inline
+def loss_grad_row(dlogits, logits, target, loss, inv_divisor):
+    """Fused loss and gradient for one sample: writes dlogits (k,), returns the row's summed loss.
+
+    logits (k,) are the output layer's pre-activations z, target (k,) the row's target (one-hot or class
+    probabilities for softmax_cross_entropy), inv_divisor = 1 / loss_divisor(...) in the data's dtype.
+    dlogits = d(mean loss over the batch) / dz, so summing the returned row losses and multiplying by
+    inv_divisor gives the mean loss whose gradient dlogits is. One pass over the row (two for softmax,
+    which needs its max first), no log(0), finite for |z| up to the dtype's range.
+    """
+    k = logits.shape[0]
+    zero = type(inv_divisor)(0.0)
+    one = type(inv_divisor)(1.0)
+    total = zero
+    if loss == MSE:
+        two_over = type(inv_divisor)(2.0) * inv_divisor
+        for j in range(k):
+            diff = logits[j] - target[j]
+            total += diff * diff
+            dlogits[j] = two_over * diff
+    elif loss == BINARY_CROSS_ENTROPY:
+        # -[t log q + (1-t) log(1-q)] with q = sigmoid(z) equals max(z,0) - z t + log1p(exp(-|z|)).
+        for j in range(k):
+            z = logits[j]
+            t = target[j]
+            total += max(z, zero) - z * t + math.log1p(math.exp(-abs(z)))
+            dlogits[j] = (sigmoid(z) - t) * inv_divisor
+    else:  # SOFTMAX_CROSS_ENTROPY: sum_j t_j (logsumexp(z) - z_j); the max is subtracted for stability only.
+        zmax = logits[0]
+        for j in range(1, k):
+            zmax = max(zmax, logits[j])
+        sum_exp = zero
+        sum_target = zero
+        for j in range(k):
+            e = math.exp(logits[j] - zmax)
+            dlogits[j] = e  # staged: softmax numerators
+            sum_exp += e
+            sum_target += target[j]
+        log_sum_exp = zmax + math.log(sum_exp)
+        inv_sum_exp = one / sum_exp
+        for j in range(k):
+            t = target[j]
+            total += t * (log_sum_exp - logits[j])
+            dlogits[j] = (dlogits[j] * inv_sum_exp * sum_target - t) * inv_divisor
+    return total
+
+
+@inline
+def output_transform_row(out, logits, loss):
+    """The loss's output transform for one sample: identity (mse), sigmoid (bce) or softmax (ce)."""
+    k = logits.shape[0]
+    if loss == MSE:
+        for j in range(k):
+            out[j] = logits[j]
+    elif loss == BINARY_CROSS_ENTROPY:
+        for j in range(k):
+            out[j] = sigmoid(logits[j])
+    else:
+        zmax = logits[0]
+        for j in range(1, k):
+            zmax = max(zmax, logits[j])
+        total = type(logits[0])(0.0)
+        for j in range(k):
+            e = math.exp(logits[j] - zmax)
+            out[j] = e
+            total += e
+        inv_total = type(logits[0])(1.0) / total
+        for j in range(k):
+            out[j] *= inv_total
+
+
+# --- optimizers ----------------------------------------------------------------------------------------------
+SGD = 0
+ADAM = 1
+OPTIMIZERS = {"sgd": SGD, "adam": ADAM}
+
+# Layout of the float64 hyper-parameter vector the update kernels read (one array, not a dozen arguments).
+H_MOMENTUM, H_DAMPENING, H_WEIGHT_DECAY, H_NESTEROV, H_BETA1, H_BETA2, H_EPS = range(7)
+N_HYPER = 7
+
+
+@inline
+def sgd_update_one(params, velocity, grads, i, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    """torch.optim.SGD for element i (foreach=False semantics): L2 decay added to the gradient, momentum
+    buffer initialised to the first gradient, nesterov look-ahead."""
+    g = grads[i] + weight_decay * params[i]
+    if momentum != 0:
+        if first_step:
+            buf = g
+        else:
+            buf = momentum * velocity[i] + (type(lr)(1.0) - dampening) * g
+        velocity[i] = buf
+        if nesterov:
+            g = g + momentum * buf
+        else:
+            g = buf
+    params[i] -= lr * g
+
+
+@inline
+def adam_update_one(params, exp_avg, exp_avg_sq, grads, i, lr, beta1, beta2, eps, weight_decay,
+                    step_size, sqrt_bias_correction2):
+    """torch.optim.Adam for element i, in PyTorch's order of operations (so float32 runs match closely):
+    g += wd * p; m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g^2;
+    p -= step_size * m / (sqrt(v) / sqrt(1 - beta2**t) + eps), with step_size = lr / (1 - beta1**t).
+
+    step_size and sqrt_bias_correction2 are computed once per step by the caller, as PyTorch does.
+    """
+    one = type(lr)(1.0)
+    g = grads[i] + weight_decay * params[i]
+    m = exp_avg[i] + (one - beta1) * (g - exp_avg[i])
+    v = beta2 * exp_avg_sq[i] + (one - beta2) * g * g
+    exp_avg[i] = m
+    exp_avg_sq[i] = v
+    params[i] -= step_size * (m / (math.sqrt(v) / sqrt_bias_correction2 + eps))

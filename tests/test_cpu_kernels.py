@@ -1,0 +1,158 @@
+"""Every CPU kernel, naive and fast, against the numpy reference (tests/naive.py)."""
+import numpy as np
+import pytest
+
+from fastbp.kernels import cpu
+from fastbp.kernels.pointwise import ACTIVATIONS, LOSSES, loss_divisor
+
+from . import naive
+from .conftest import TOLERANCES
+
+# Shapes with 1, primes, and sizes on both sides of the parallel threshold and row block.
+SHAPES = [(1, 1, 1), (1, 7, 3), (5, 1, 2), (13, 17, 11), (37, 64, 1), (61, 89, 97), (130, 33, 70)]
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kernel", [cpu.dense_forward, cpu.dense_forward_naive], ids=["fast", "naive"])
+def test_dense_forward(kernel, shape, act, dtype, rng):
+    B, n_in, n_out = shape
+    inp = rng.normal(size=(B, n_in)).astype(dtype)
+    w = rng.normal(size=(n_in, n_out)).astype(dtype)
+    b = rng.normal(size=n_out).astype(dtype)
+    out = np.full((B, n_out), np.nan, dtype)  # kernels overwrite: NaN left behind would fail
+    kernel(out, inp, w, b, ACTIVATIONS[act])
+    expected = naive.ACTIVATIONS[act](inp.astype(np.float64) @ w + b)
+    np.testing.assert_allclose(out, expected, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kernel", [cpu.dense_backward_params, cpu.dense_backward_params_naive],
+                         ids=["fast", "naive"])
+def test_dense_backward_params(kernel, shape, dtype, rng):
+    B, n_in, n_out = shape
+    inp = rng.normal(size=(B, n_in)).astype(dtype)
+    dout = rng.normal(size=(B, n_out)).astype(dtype)
+    dweight = np.full((n_in, n_out), np.nan, dtype)
+    dbias = np.full(n_out, np.nan, dtype)
+    kernel(dweight, dbias, dout, inp)
+    np.testing.assert_allclose(dweight, inp.astype(np.float64).T @ dout, **TOLERANCES[dtype])
+    np.testing.assert_allclose(dbias, dout.astype(np.float64).sum(0), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kernel", [cpu.dense_backward_input, cpu.dense_backward_input_naive],
+                         ids=["fast", "naive"])
+def test_dense_backward_input(kernel, shape, act, dtype, rng):
+    B, n_in, n_out = shape
+    z_prev = rng.normal(size=(B, n_in))
+    inp = naive.ACTIVATIONS[act](z_prev).astype(dtype)  # the previous layer's output
+    w = rng.normal(size=(n_in, n_out)).astype(dtype)
+    dout = rng.normal(size=(B, n_out)).astype(dtype)
+    dinp = np.full((B, n_in), np.nan, dtype)
+    kernel(dinp, dout, w, inp, ACTIVATIONS[act])
+    # Reference derivative at z (not from the output), except where float32 rounding moves z across 0.
+    expected = (dout.astype(np.float64) @ w.T) * naive.DERIVATIVES[act](z_prev)
+    if act == "sigmoid" or act == "tanh":  # the kernel differentiates the rounded output; so does this
+        y = inp.astype(np.float64)
+        expected = (dout.astype(np.float64) @ w.T) * (y * (1 - y) if act == "sigmoid" else 1 - y * y)
+    np.testing.assert_allclose(dinp, expected, **TOLERANCES[dtype])
+
+
+def test_dense_backward_is_both_halves(dtype, rng):
+    inp = rng.normal(size=(9, 5)).astype(dtype)
+    w = rng.normal(size=(5, 4)).astype(dtype)
+    dout = rng.normal(size=(9, 4)).astype(dtype)
+    dinp, dw, db = np.empty((9, 5), dtype), np.empty((5, 4), dtype), np.empty(4, dtype)
+    cpu.dense_backward(dinp, dw, db, dout, inp, w, ACTIVATIONS["identity"])
+    np.testing.assert_allclose(dinp, dout.astype(np.float64) @ w.T, **TOLERANCES[dtype])
+    np.testing.assert_allclose(dw, inp.astype(np.float64).T @ dout, **TOLERANCES[dtype])
+
+
+def _targets(loss, n, k, rng):
+    if loss == "mse":
+        return rng.normal(size=(n, k))
+    if loss == "binary_cross_entropy":
+        return rng.uniform(size=(n, k))
+    return naive.one_hot(rng.integers(0, k, size=n), k)
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+@pytest.mark.parametrize("n,k", [(1, 1), (1, 5), (7, 1), (23, 3), (40, 11)])
+def test_loss_grad_matches_reference(loss, n, k, dtype, rng):
+    if loss == "softmax_cross_entropy" and k == 1:
+        k = 2
+    logits = (3 * rng.normal(size=(n, k))).astype(dtype)
+    Y = _targets(loss, n, k, rng).astype(dtype)
+    dlogits = np.full((n, k), np.nan, dtype)
+    row_losses = np.full(n, np.nan, dtype)
+    inv = dtype(1.0 / loss_divisor(LOSSES[loss], n, k))
+    cpu.loss_grad(dlogits, row_losses, logits, Y, LOSSES[loss], inv)
+    value, grad = naive.loss_and_dlogits(loss, logits.astype(np.float64), Y.astype(np.float64))
+    np.testing.assert_allclose(row_losses.astype(np.float64).sum() * inv, value, **TOLERANCES[dtype])
+    np.testing.assert_allclose(dlogits, grad, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_loss_grad_finite_at_extreme_logits(loss, dtype):
+    # +-1e4 logits: no overflow, no log(0); the reference values are known in closed form.
+    logits = np.array([[1e4, -1e4], [-1e4, 1e4]], dtype)
+    Y = np.array([[1.0, 0.0], [1.0, 0.0]], dtype)
+    dlogits = np.empty_like(logits)
+    row_losses = np.empty(2, dtype)
+    inv = dtype(1.0 / loss_divisor(LOSSES[loss], 2, 2))
+    cpu.loss_grad(dlogits, row_losses, logits, Y, LOSSES[loss], inv)
+    assert np.isfinite(row_losses).all() and np.isfinite(dlogits).all()
+    if loss == "softmax_cross_entropy":  # row 0 right with certainty, row 1 wrong by 2e4
+        np.testing.assert_allclose(row_losses, [0.0, 2e4], rtol=1e-6)
+        np.testing.assert_allclose(dlogits, [[0, 0], [-0.5, 0.5]], atol=1e-6)
+    if loss == "binary_cross_entropy":  # row 0 right on both elements, row 1 wrong by 1e4 on each
+        np.testing.assert_allclose(row_losses, [0.0, 2e4], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_output_transform(loss, dtype, rng):
+    logits = (4 * rng.normal(size=(11, 3))).astype(dtype)
+    out = np.full_like(logits, np.nan)
+    cpu.output_transform(out, logits, LOSSES[loss])
+    np.testing.assert_allclose(out, naive.output_transform(loss, logits.astype(np.float64)), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("momentum,dampening,nesterov,weight_decay",
+                         [(0.0, 0.0, False, 0.0), (0.9, 0.0, False, 0.01), (0.9, 0.0, True, 0.0),
+                          (0.5, 0.3, False, 0.1)])
+def test_sgd_update_matches_torch_rule(momentum, dampening, nesterov, weight_decay, dtype, rng):
+    p = rng.normal(size=29)
+    state = {}
+    params = p.astype(dtype)
+    velocity = np.full(29, np.nan, dtype)  # never read on the first step
+    for step in range(1, 4):
+        g = rng.normal(size=29)
+        (p,) = naive.sgd_step([p], [g], state, 0.1, momentum, dampening, weight_decay, nesterov)
+        cpu.sgd_update(params, velocity, g.astype(dtype), dtype(0.1), dtype(momentum), dtype(dampening),
+                       dtype(weight_decay), nesterov, step == 1)
+        np.testing.assert_allclose(params, p, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_adam_update_matches_torch_rule(weight_decay, dtype, rng):
+    p = rng.normal(size=31)
+    state = {}
+    params = p.astype(dtype)
+    m, v = np.zeros(31, dtype), np.zeros(31, dtype)
+    b1, b2, lr = 0.9, 0.999, 0.01
+    for t in range(1, 5):
+        g = rng.normal(size=31)
+        (p,) = naive.adam_step([p], [g], state, lr, (b1, b2), 1e-8, weight_decay)
+        cpu.adam_update(params, m, v, g.astype(dtype), dtype(lr), dtype(b1), dtype(b2), dtype(1e-8),
+                        dtype(weight_decay), dtype(lr / (1 - b1 ** t)), dtype(np.sqrt(1 - b2 ** t)))
+        np.testing.assert_allclose(params, p, **TOLERANCES[dtype])
+
+
+def test_gather_rows(dtype, rng):
+    source = rng.normal(size=(10, 3)).astype(dtype)
+    order = rng.permutation(10)
+    out = np.empty((4, 3), dtype)
+    cpu.gather_rows(out, source, order, 5)
+    np.testing.assert_array_equal(out, source[order[5:9]])
