@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels import cpu as kernels
-from ..kernels.pointwise import N_HYPER
+from ..kernels.pointwise import N_HYPER, loss_divisor as loss_divisor_host
 from ..layout import Layout
 
 # Rows per chunk when predicting or evaluating a whole data set: bounds the workspace, not the result.
@@ -100,11 +100,26 @@ class CPUBackend:
 
     def loss_and_grads(self, X, Y):
         """(mean loss, flat gradient (P,) as a new host array) over all of X, Y: no update."""
+        grads = np.empty(self.layout.n_params, dtype=self.dtype)
+        divisor = loss_divisor_host(self.loss, X.shape[0], Y.shape[1])
+        return self.rows_grads(X, Y, divisor, grads), grads
+
+    # -- one step at a time (for callers that must act between steps, e.g. an allreduce) --------------------
+    def rows_grads(self, X, Y, divisor: float, grads_out) -> float:
+        """grads_out (P,) = gradient of (sum of the row losses of X, Y) / divisor; returns that loss value.
+
+        With divisor = the global batch's loss divisor, the gradients of several shards of one batch add
+        up to the batch's gradient."""
         capacity = max(1, min(EVAL_CAPACITY, X.shape[0]))
         ws = self._workspace(capacity, Y.shape[1])
-        grads = np.empty(self.layout.n_params, dtype=self.dtype)
         layout = self.layout
-        loss = kernels.dataset_grads(grads, ws["grads_chunk"], ws["acts"], ws["deltas"], ws["row_losses"], X, Y,
-                                     self.params, layout.sizes, layout.param_offsets, layout.unit_offsets,
-                                     self.act_codes, self.loss, capacity)
-        return float(loss), grads
+        return float(kernels.dataset_grads(grads_out, ws["grads_chunk"], ws["acts"], ws["deltas"], ws["row_losses"],
+                                           X, Y, self.params, layout.sizes, layout.param_offsets,
+                                           layout.unit_offsets, self.act_codes, self.loss, capacity,
+                                           float(divisor)))
+
+    def apply_update(self, grads, lr: float) -> None:
+        """One optimizer step of the params with the flat gradient grads (P,) (counts a step)."""
+        self.steps_done[0] += 1
+        kernels.optimizer_step(self.params, self.opt_state, grads, float(lr), self.optimizer, self.hyper,
+                               int(self.steps_done[0]))

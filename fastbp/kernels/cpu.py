@@ -370,14 +370,14 @@ def predict(out, acts, X, params, sizes, param_offsets, unit_offsets, act_codes,
 
 @cpu_jit()
 def dataset_grads(grads, grads_chunk, acts, deltas, row_losses, X, Y, params, sizes, param_offsets, unit_offsets,
-                  act_codes, loss, capacity):
-    """Mean loss over all of X (n, n_in), Y (n, k) and its exact gradient into grads (P,), overwritten.
+                  act_codes, loss, capacity, divisor):
+    """Sum of the row losses of X (n, n_in), Y (n, k) divided by ``divisor``, and its exact gradient into
+    grads (P,), overwritten. ``divisor`` is loss_divisor(loss, n, k) for the mean over this set, or the
+    global batch's divisor when these rows are one process's share of it.
 
-    Works ``capacity`` rows at a time: each chunk's gradient is already scaled by 1 / (the whole set's
-    divisor), so the chunks add up to the full-batch gradient."""
+    Works ``capacity`` rows at a time: each chunk's gradient is already scaled by 1 / divisor, so the
+    chunks add up to the whole set's gradient."""
     n = X.shape[0]
-    k = Y.shape[1]
-    divisor = loss_divisor(loss, n, k)
     inv_divisor = params.dtype.type(1.0 / divisor)
     grads[:] = 0
     total = 0.0
@@ -387,7 +387,8 @@ def dataset_grads(grads, grads_chunk, acts, deltas, row_losses, X, Y, params, si
         inputs[:, :] = X[start:start + n_rows]
         total += batch_grads(grads_chunk, acts, deltas, row_losses, params, Y[start:start + n_rows], sizes,
                              param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows)
-        grads += grads_chunk
+        for i in range(grads.shape[0]):
+            grads[i] += grads_chunk[i]
     return total / divisor
 
 
