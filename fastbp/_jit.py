@@ -12,6 +12,7 @@ import os
 import warnings
 
 from numba import njit
+from numba.core.errors import NumbaPerformanceWarning
 
 CACHE_ENABLED = os.environ.get("FASTBP_CACHE", "1").lower() not in ("0", "false", "no", "off")
 
@@ -41,6 +42,12 @@ def cpu_jit(**options):
 
     return decorate
 
+
+# parallel=True on a function without prange (see cpu_jit) makes numba warn that nothing was parallelised.
+# That is expected for fastbp's kernels; the filter is scoped to fastbp's kernel files so a user's own
+# numba code keeps its warnings. (numba reports these with warn_explicit: ``module`` is the file path.)
+warnings.filterwarnings("ignore", message=r"(?s).*'parallel=True' was specified but no transformation",
+                        category=NumbaPerformanceWarning, module=r".*fastbp[/\\]kernels")
 
 # Shared helpers that both targets compile: inlined into every caller (see shared toolchain notes: only
 # inline helpers compile to PTX without a GPU), so they are never compiled or cached on their own.

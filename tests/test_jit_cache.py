@@ -1,0 +1,56 @@
+"""Compilation promises: import compiles nothing, a second process loads kernels from the disk cache,
+and a function that cannot be cached still works (with a warning) instead of failing at import."""
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+
+import fastbp._jit
+
+
+def run_python(code, cache_dir):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_import_compiles_nothing(tmp_path):
+    out = run_python("""
+        import fastbp, fastbp.kernels.cpu as k
+        from numba.core.registry import CPUDispatcher
+        compiled = [name for name, f in vars(k).items() if isinstance(f, CPUDispatcher) and f.signatures]
+        print(len(compiled))
+    """, tmp_path)
+    assert out.strip() == "0"
+
+
+def test_second_process_loads_from_disk_cache(tmp_path):
+    code = """
+        import numpy as np
+        from fastbp.kernels import cpu
+        out = np.empty((3, 2), np.float32)
+        cpu.dense_forward(out, np.ones((3, 4), np.float32), np.ones((4, 2), np.float32), np.zeros(2, np.float32), 3)
+        print(cpu.dense_forward.stats.cache_hits.most_common(1), cpu.dense_forward.stats.cache_misses.most_common(1))
+    """
+    first = run_python(code, tmp_path)
+    second = run_python(code, tmp_path)
+    assert "[]" == first.split("] [")[0] + "]", first  # no hit the first time: compiled and written
+    assert second.startswith("[((") and second.rstrip().endswith("[]"), second  # a hit, no miss
+
+
+def test_uncacheable_function_falls_back_with_a_warning():
+    # A function with no source file cannot be cached ("no locator available"): it must still compile.
+    namespace = {}
+    exec("def add_one(a):\n    return a + 1\n", namespace)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = fastbp._jit.cpu_jit()(namespace["add_one"])
+    assert compiled(np.arange(3.0)).tolist() == [1.0, 2.0, 3.0]
+    if fastbp._jit.CACHE_ENABLED:
+        assert any("compiling without a disk cache" in str(w.message) for w in caught)
