@@ -144,7 +144,7 @@ class _BaseMLP(BaseEstimator):
             return min(200, n)
         if self.batch_size > n:
             warnings.warn("Got `batch_size` less than 1 or larger than sample size. It is going to be clipped",
-                          UserWarning)
+                          UserWarning, stacklevel=3)
         return max(1, min(int(self.batch_size), n))
 
     def _new_trainer(self, n_features: int, n_outputs: int, batch: int, seed: int) -> Trainer:
@@ -279,7 +279,7 @@ class _BaseMLP(BaseEstimator):
             trainer.model.set_flat_parameters(best[0])
         if history.stop_reason == "epochs" and len(history.loss) == self.max_iter:
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
-                          "optimization hasn't converged yet.", ConvergenceWarning)
+                          "optimization hasn't converged yet.", ConvergenceWarning, stacklevel=3)
         return self
 
     def _after_epochs(self, losses, n: int) -> None:
@@ -422,8 +422,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     >>> import numpy as np
     >>> from fastbp.sklearn import MLPRegressor
     >>> X = np.linspace(-1, 1, 200).reshape(-1, 1); y = np.sin(3 * X).ravel()
-    >>> reg = MLPRegressor(hidden_layer_sizes=(32,), activation="tanh", learning_rate_init=0.01,
-    ...                    max_iter=300, random_state=0).fit(X, y)
+    >>> reg = MLPRegressor(hidden_layer_sizes=(32,), activation="tanh", learning_rate_init=0.02,
+    ...                    max_iter=500, n_iter_no_change=50, random_state=0).fit(X, y)
     >>> reg.predict(X[:2]).shape
     (2,)
     >>> bool(reg.score(X, y) > 0.9)
