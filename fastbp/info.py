@@ -7,7 +7,7 @@ as one JSON object. Takes a second or two (it starts numba's thread pool to lear
 
 >>> from fastbp.info import collect
 >>> sorted(collect(probe_threads=False))[:3]
-['cache', 'cuda', 'numba']
+['cache', 'cuda', 'fastbp']
 """
 from __future__ import annotations
 
