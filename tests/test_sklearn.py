@@ -150,3 +150,21 @@ def test_regressor_one_and_two_outputs():
 def test_lbfgs_is_refused():
     with pytest.raises(ValueError, match="solver"):
         MLPClassifier(solver="lbfgs").fit(np.zeros((4, 2)), [0, 1, 0, 1])
+
+
+def test_verbose_estimator_reports_progress(digits, capsys):
+    X_train, _, y_train, _ = digits
+    MLPClassifier(hidden_layer_sizes=(8,), max_iter=3, verbose=2, random_state=0).fit(X_train, y_train)
+    assert capsys.readouterr().err.count("epoch ") == 3
+    MLPClassifier(hidden_layer_sizes=(8,), max_iter=3, random_state=0).fit(X_train, y_train)
+    assert capsys.readouterr().err == ""
+
+
+def test_cuda_device_without_a_gpu_says_why():
+    from fastbp.backends import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        pytest.skip("CUDA is usable here")
+    with pytest.raises(RuntimeError, match="device='cuda' cannot be used"):
+        MLPClassifier(device="cuda", max_iter=1).fit(np.zeros((4, 2)), [0, 1, 0, 1])
