@@ -7,10 +7,11 @@
 Importing fastbp compiles nothing: kernels compile on first use and are cached on disk.
 """
 from .model import MLP
+from .progress import ProgressBar
 from .schedules import Constant, ExponentialDecay, StepDecay
 from .trainer import History, LearningRateSearch, NonFiniteLossError, Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["MLP", "Trainer", "History", "LearningRateSearch", "NonFiniteLossError", "Constant",
+__all__ = ["MLP", "Trainer", "History", "LearningRateSearch", "NonFiniteLossError", "ProgressBar", "Constant",
            "ExponentialDecay", "StepDecay", "__version__"]

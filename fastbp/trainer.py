@@ -217,7 +217,8 @@ class Trainer:
 
     # -- public API ---------------------------------------------------------------------------------------
     def fit(self, X, y, epochs: int = 1, *, validation_data=None, target_loss: float | None = None,
-            patience: int | None = None, restore_best: bool = True, callbacks=(), on_nonfinite: str = "raise"):
+            patience: int | None = None, restore_best: bool = True, callbacks=(), on_nonfinite: str = "raise",
+            verbose: bool | int = False):
         """Train for ``epochs`` epochs (or until a stopping rule fires) and return the :class:`History`.
 
         Parameters
@@ -236,6 +237,9 @@ class Trainer:
         on_nonfinite : {"raise", "warn"}
             If an epoch's loss is NaN or inf, the model is restored to the previous epoch and a
             :class:`NonFiniteLossError` is raised (or a RuntimeWarning issued and fit returns).
+        verbose : bool or int
+            0 / False (default): silent. True / 1: a :class:`fastbp.progress.ProgressBar` on stderr (a bar
+            on a terminal; about 20 plain lines per fit otherwise). 2: a plain line every epoch.
 
         Per-epoch control (validation, patience, callbacks) runs epochs one compiled call at a time;
         without it, many epochs run inside one call (the history is recorded all the same).
@@ -251,6 +255,13 @@ class Trainer:
             if not callable(cb):
                 raise TypeError(f"callbacks[{i}] must be callable; got {type(cb).__name__}")
         Xc, Yc = self._data(X, y)
+        progress = None
+        if verbose:
+            from .progress import ProgressBar
+
+            progress = ProgressBar(epochs, n_samples=Xc.shape[0], mode="lines" if verbose == 2 else "auto",
+                                   every=1 if verbose == 2 else None)
+            callbacks.append(progress)
         validation = None
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
@@ -316,6 +327,8 @@ class Trainer:
                     break
         finally:
             self._end(params)
+            if progress is not None:
+                progress.close(history)
         if history.stop_reason == "early_stopping" and restore_best and best[1] is not None:
             self.model.set_flat_parameters(best[1])
             self.opt_state[...] = best[2]

@@ -1,0 +1,170 @@
+"""fastbp.sklearn: scikit-learn's estimator contract (check_estimator), Pipeline, GridSearchCV, pickling,
+joblib workers, early stopping, and accuracy comparable to scikit-learn's own MLPClassifier on digits."""
+import pickle
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+from sklearn.base import clone  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.model_selection import GridSearchCV, cross_val_score, train_test_split  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+from fastbp.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
+
+# check_estimator fits many times: small networks and few epochs keep it fast.
+_CHECKED = [MLPClassifier(hidden_layer_sizes=(8,), learning_rate_init=0.01, max_iter=50, random_state=0),
+            MLPRegressor(hidden_layer_sizes=(8,), learning_rate_init=0.01, max_iter=50, random_state=0)]
+
+# Checks we expect to fail, and why (scikit-learn reports them as xfail).
+EXPECTED_FAILED = {
+    "MLPClassifier": {},
+    "MLPRegressor": {},
+}
+
+
+def _expected_failed(estimator):
+    return EXPECTED_FAILED[type(estimator).__name__]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
+
+
+@parametrize_with_checks(_CHECKED, expected_failed_checks=_expected_failed)
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    return train_test_split(X / 16.0, y, test_size=0.25, random_state=0)
+
+
+def test_importing_fastbp_does_not_import_sklearn():
+    code = "import sys, fastbp; print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver, lr", [("adam", 1e-3), ("sgd", 0.1)])
+def test_digits_accuracy_close_to_sklearn(digits, solver, lr):
+    from sklearn.neural_network import MLPClassifier as SklearnMLP
+
+    X_train, X_test, y_train, y_test = digits
+    settings = dict(hidden_layer_sizes=(64,), solver=solver, learning_rate_init=lr, max_iter=40, random_state=0)
+    ours = MLPClassifier(**settings).fit(X_train, y_train).score(X_test, y_test)
+    theirs = SklearnMLP(**settings).fit(X_train, y_train).score(X_test, y_test)
+    assert ours > 0.93
+    assert ours >= theirs - 0.02, (ours, theirs)
+
+
+def test_pipeline_and_grid_search(digits):
+    X_train, X_test, y_train, y_test = digits
+    pipe = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(16,), max_iter=10, random_state=0))
+    search = GridSearchCV(pipe, {"mlpclassifier__alpha": [1e-4, 1e-2],
+                                 "mlpclassifier__learning_rate_init": [1e-3, 1e-2]}, cv=2)
+    search.fit(X_train[:400], y_train[:400])
+    assert set(search.best_params_) == {"mlpclassifier__alpha", "mlpclassifier__learning_rate_init"}
+    assert search.score(X_test, y_test) > 0.8
+
+
+def test_joblib_workers_and_pickle(digits):
+    X_train, X_test, y_train, y_test = digits
+    clf = MLPClassifier(hidden_layer_sizes=(16,), learning_rate_init=0.01, max_iter=30, random_state=0)
+    scores = cross_val_score(clf, X_train[:300], y_train[:300], cv=2, n_jobs=2)  # loky worker processes
+    assert scores.min() > 0.5
+    clf.fit(X_train, y_train)
+    again = pickle.loads(pickle.dumps(clf))
+    np.testing.assert_array_equal(again.predict(X_test), clf.predict(X_test))
+    np.testing.assert_allclose(again.predict_proba(X_test), clf.predict_proba(X_test))
+    again.partial_fit(X_train, y_train)  # optimizer state survived the pickle
+    assert again.n_iter_ == clf.n_iter_ + 1
+    assert clone(clf).get_params() == clf.get_params()
+
+
+def test_parameter_names_follow_sklearn():
+    from sklearn.neural_network import MLPClassifier as SklearnMLP
+
+    shared = {"hidden_layer_sizes", "activation", "solver", "alpha", "batch_size", "learning_rate_init",
+              "max_iter", "random_state", "early_stopping", "validation_fraction", "n_iter_no_change", "tol",
+              "momentum", "nesterovs_momentum", "beta_1", "beta_2", "epsilon", "warm_start", "verbose"}
+    assert shared <= set(MLPClassifier().get_params()) & set(SklearnMLP().get_params())
+    assert "device" in MLPClassifier().get_params()
+
+
+def test_early_stopping_records_validation_scores(digits):
+    X_train, _, y_train, _ = digits
+    clf = MLPClassifier(hidden_layer_sizes=(32,), early_stopping=True, n_iter_no_change=3, max_iter=200,
+                        learning_rate_init=0.01, random_state=0).fit(X_train, y_train)
+    assert clf.n_iter_ < 200
+    assert len(clf.validation_scores_) == clf.n_iter_ == len(clf.loss_curve_)
+    assert clf.best_validation_score_ == max(clf.validation_scores_)
+    # the weights of the best epoch are restored: the held-out split scores that well again
+    assert clf.best_loss_ is None
+
+
+def test_labels_of_any_type_and_binary(digits):
+    X_train, X_test, y_train, _ = digits
+    labels = np.array(["zero", "one"])[(y_train % 2)]
+    clf = MLPClassifier(hidden_layer_sizes=(16,), max_iter=5, random_state=0).fit(X_train, labels)
+    assert list(clf.classes_) == ["one", "zero"]
+    assert clf.predict_proba(X_test).shape == (len(X_test), 2)
+    assert set(clf.predict(X_test)) <= {"zero", "one"}
+
+
+def test_partial_fit_needs_classes(digits):
+    X_train, _, y_train, _ = digits
+    clf = MLPClassifier(hidden_layer_sizes=(8,), random_state=0)
+    with pytest.raises(ValueError, match="classes"):
+        clf.partial_fit(X_train, y_train)
+    clf.partial_fit(X_train[:100], y_train[:100], classes=np.arange(10))
+    clf.partial_fit(X_train[100:200], y_train[100:200])
+    assert clf.n_iter_ == 2 and len(clf.loss_curve_) == 2
+
+
+def test_regressor_one_and_two_outputs():
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-1, 1, size=(200, 3))
+    y2 = np.column_stack([X.sum(axis=1), X[:, 0] - X[:, 1]])
+    reg = MLPRegressor(hidden_layer_sizes=(32,), learning_rate_init=0.01, max_iter=200, random_state=0)
+    assert reg.fit(X, y2[:, 0]).predict(X).shape == (200,)
+    assert reg.score(X, y2[:, 0]) > 0.9
+    assert reg.fit(X, y2).predict(X).shape == (200, 2)
+    assert reg.score(X, y2) > 0.9
+
+
+def test_lbfgs_is_refused():
+    with pytest.raises(ValueError, match="solver"):
+        MLPClassifier(solver="lbfgs").fit(np.zeros((4, 2)), [0, 1, 0, 1])
+
+
+def test_verbose_estimator_reports_progress(digits, capsys):
+    X_train, _, y_train, _ = digits
+    MLPClassifier(hidden_layer_sizes=(8,), max_iter=3, verbose=2, random_state=0).fit(X_train, y_train)
+    assert capsys.readouterr().err.count("epoch ") == 3
+    MLPClassifier(hidden_layer_sizes=(8,), max_iter=3, random_state=0).fit(X_train, y_train)
+    assert capsys.readouterr().err == ""
+
+
+def test_cuda_device_without_a_gpu_says_why():
+    from fastbp.backends import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        pytest.skip("CUDA is usable here")
+    with pytest.raises(RuntimeError, match="device='cuda' cannot be used"):
+        MLPClassifier(device="cuda", max_iter=1).fit(np.zeros((4, 2)), [0, 1, 0, 1])
