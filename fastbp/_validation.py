@@ -99,7 +99,8 @@ def as_float_matrix(name: str, array, dtype: np.dtype, n_columns: int | None = N
         bad = np.argwhere(~np.isfinite(arr))[0]
         raise ValueError(f"{name} must be finite (no NaN or inf); found {arr[tuple(bad)]} at index "
                          f"{tuple(int(i) for i in bad)}")
-    converted = np.ascontiguousarray(arr, dtype=dtype)
+    with np.errstate(over="ignore"):  # reported below, as an error
+        converted = np.ascontiguousarray(arr, dtype=dtype)
     if not np.isfinite(converted).all():  # finite before the cast: too large for dtype
         bad = tuple(int(i) for i in np.argwhere(~np.isfinite(converted))[0])
         raise ValueError(f"{name} has a value too large for {np.dtype(dtype).name}: {arr[bad]} at index {bad}")

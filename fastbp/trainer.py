@@ -301,8 +301,19 @@ class Trainer:
                 count = min(chunk, remaining)
                 first = self.epochs_done
                 # The schedule is asked once per epoch, just before its chunk (it may read state that
-                # callbacks change); a bad value stops fit here, with the model at the last recorded epoch.
-                lrs = np.array([self._lr_at(first + e) for e in range(count)], dtype=np.float64)
+                # callbacks change). A bad value stops fit at that epoch: the epochs before it still run,
+                # then the error is raised with the model at the end of the last good epoch.
+                lrs, schedule_error = [], None
+                for e in range(count):
+                    try:
+                        lrs.append(self._lr_at(first + e))
+                    except (TypeError, ValueError) as error:
+                        schedule_error = error
+                        break
+                if not lrs:
+                    raise schedule_error
+                count = len(lrs)
+                lrs = np.array(lrs, dtype=np.float64)
                 rng_state = self._rng.bit_generator.state
                 orders = (np.stack([self._rng.permutation(n) for _ in range(count)]) if shuffle
                           else np.empty((count, 0), dtype=np.int64))
@@ -353,6 +364,8 @@ class Trainer:
                                 if since_best >= patience:
                                     history.stop_reason = "early_stopping"
                                     break
+                if schedule_error is not None:
+                    raise schedule_error
                 if any(bool(cb(self, history)) for cb in callbacks):
                     history.stop_reason = "callback"
                     break
