@@ -369,10 +369,8 @@ class Trainer:
                 if any(bool(cb(self, history)) for cb in callbacks):
                     history.stop_reason = "callback"
                     break
-                if elapsed < CHUNK_SECONDS:
-                    chunk = int(max(1, min(max_chunk, chunk * 8, CHUNK_SECONDS / max(per_epoch, 1e-9))))
-                else:
-                    chunk = max(1, chunk // 2)
+                # Next chunk: about CHUNK_SECONDS at the pace just measured, growing at most 8-fold a call.
+                chunk = int(max(1, min(max_chunk, chunk * 8, CHUNK_SECONDS / max(per_epoch, 1e-9))))
         finally:
             self._end(params)
         if history.stop_reason == "early_stopping" and restore_best and best[1] is not None:
