@@ -314,15 +314,15 @@ class Trainer:
                     raise schedule_error
                 count = len(lrs)
                 lrs = np.array(lrs, dtype=np.float64)
-                rng_state = self._rng.bit_generator.state
-                orders = (np.stack([self._rng.permutation(n) for _ in range(count)]) if shuffle
-                          else np.empty((count, 0), dtype=np.int64))
                 # The compiled call and the record of what it did form one step that Ctrl-C cannot split:
                 # an interrupt is delivered after it, when parameters, optimizer state, epoch counter,
                 # shuffling RNG and history all describe the same last completed epoch.
                 with deferred_keyboard_interrupt():
-                    started = time.perf_counter()
+                    rng_state = self._rng.bit_generator.state
                     try:
+                        orders = (np.stack([self._rng.permutation(n) for _ in range(count)]) if shuffle
+                                  else np.empty((count, 0), dtype=np.int64))
+                        started = time.perf_counter()
                         losses, completed = self._backend.train_epochs(
                             Xc, Yc, batch_size, orders, lrs, -np.inf if target is None else target)
                     except BaseException:
@@ -364,6 +364,8 @@ class Trainer:
                                 if since_best >= patience:
                                     history.stop_reason = "early_stopping"
                                     break
+                    if callbacks:  # callbacks (and a trainer.save inside one) see the current state
+                        self._end(params)
                 if schedule_error is not None:
                     raise schedule_error
                 if any(bool(cb(self, history)) for cb in callbacks):
@@ -372,7 +374,8 @@ class Trainer:
                 # Next chunk: about CHUNK_SECONDS at the pace just measured, growing at most 8-fold a call.
                 chunk = int(max(1, min(max_chunk, chunk * 8, CHUNK_SECONDS / max(per_epoch, 1e-9))))
         finally:
-            self._end(params)
+            with deferred_keyboard_interrupt():  # never a half-copied model
+                self._end(params)
         if history.stop_reason == "early_stopping" and restore_best and best[1] is not None:
             self.model.set_flat_parameters(best[1])
             self.opt_state[...] = best[2]

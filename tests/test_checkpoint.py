@@ -260,3 +260,18 @@ def test_directory_and_missing_paths(tmp_path):
         fastbp.MLP([2, 3]).save(tmp_path)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         fastbp.Trainer.load(tmp_path / "missing.npz")
+
+
+def test_checkpoint_saved_from_a_callback_resumes_exactly(tmp_path):
+    """Callbacks see the current epoch's model and optimizer state, so a per-epoch checkpoint is consistent."""
+    X, y = problem()
+
+    def save_each_epoch(trainer, history):
+        trainer.save(tmp_path / f"epoch{trainer.epochs_done}.npz")
+
+    trainer = make_trainer()
+    trainer.fit(X, y, epochs=5, callbacks=[save_each_epoch])
+    resumed = fastbp.Trainer.load(tmp_path / "epoch3.npz")
+    assert resumed.epochs_done == 3 and len(resumed.history.loss) == 3
+    resumed.fit(X, y, epochs=2)
+    assert full_state(resumed, with_times=False) == full_state(trainer, with_times=False)
