@@ -377,9 +377,10 @@ class Trainer:
             with deferred_keyboard_interrupt():  # never a half-copied model
                 self._end(params)
         if history.stop_reason == "early_stopping" and restore_best and best[1] is not None:
-            self.model.set_flat_parameters(best[1])
-            self.opt_state[...] = best[2]
-            self.steps_done = best[3]
+            with deferred_keyboard_interrupt():
+                self.model.set_flat_parameters(best[1])
+                self.opt_state[...] = best[2]
+                self.steps_done = best[3]
         return history
 
     @staticmethod
