@@ -13,5 +13,5 @@ from .trainer import History, LearningRateSearch, NonFiniteLossError, Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["MLP", "Trainer", "History", "LearningRateSearch", "NonFiniteLossError", "CheckpointError", "Constant",
-           "ExponentialDecay", "StepDecay", "__version__"]
+__all__ = ["MLP", "Trainer", "History", "LearningRateSearch", "NonFiniteLossError", "CheckpointError",
+           "Constant", "ExponentialDecay", "StepDecay", "__version__"]
