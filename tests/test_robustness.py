@@ -402,10 +402,13 @@ THREADS_SCRIPT = textwrap.dedent("""
 
 def test_two_trainers_in_two_threads_default_layer():
     """numba picks a thread-safe layer (tbb or omp) here; both threads train at once, results unchanged."""
-    out = run_python(THREADS_SCRIPT.replace("EPOCHS", "8"), {})
-    assert out["numba_layer"] in ("omp", "tbb")
+    env = {"NUMBA_THREADING_LAYER": "default"}  # whatever the machine running the tests may have set
+    out = run_python(THREADS_SCRIPT.replace("EPOCHS", "8"), env)
     assert out["fastbp_layer"] == out["numba_layer"]
-    assert out["serialised"] is False
+    # On the project's machines (libgomp present) numba picks omp; only without tbb and OpenMP would it
+    # fall back to workqueue, and then fastbp serialises its calls.
+    assert out["numba_layer"] in ("omp", "tbb", "workqueue")
+    assert out["serialised"] is (out["numba_layer"] == "workqueue")
     assert out["both"] and out["same"]
 
 
