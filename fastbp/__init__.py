@@ -6,6 +6,7 @@
 
 Importing fastbp compiles nothing: kernels compile on first use and are cached on disk.
 """
+from .checkpoint import CheckpointError
 from .model import MLP
 from .progress import ProgressBar
 from .schedules import Constant, ExponentialDecay, StepDecay
@@ -13,5 +14,5 @@ from .trainer import History, LearningRateSearch, NonFiniteLossError, Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["MLP", "Trainer", "History", "LearningRateSearch", "NonFiniteLossError", "ProgressBar", "Constant",
-           "ExponentialDecay", "StepDecay", "__version__"]
+__all__ = ["MLP", "Trainer", "History", "LearningRateSearch", "NonFiniteLossError", "CheckpointError",
+           "ProgressBar", "Constant", "ExponentialDecay", "StepDecay", "__version__"]

@@ -13,10 +13,19 @@ def check_choice(name: str, value, choices) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, one of {sorted(choices)}; got {type(value).__name__} {value!r}")
     if value not in choices:
-        close = difflib.get_close_matches(value, list(choices), n=1)
+        # Case-insensitive first ("MSE" -> "mse"), then by spelling ("tahn" -> "tanh").
+        lowered = {str(c).lower(): c for c in choices}
+        close = [lowered[value.lower()]] if value.lower() in lowered else [
+            lowered[m] for m in difflib.get_close_matches(value.lower(), list(lowered), n=1)]
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"{name} must be one of {sorted(choices)}; got {value!r}.{hint}")
     return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def check_int(name: str, value, minimum: int | None = None, allow_none: bool = False):
@@ -57,28 +66,42 @@ def check_dtype(name: str, dtype) -> np.dtype:
 
 
 def as_float_matrix(name: str, array, dtype: np.dtype, n_columns: int | None = None,
-                    allow_vector: bool = False) -> np.ndarray:
+                    allow_vector: bool = False, columns_meaning: str | None = None) -> np.ndarray:
     """A C-contiguous (n, m) array of ``dtype`` (a copy only when needed), with every value finite.
 
-    ``allow_vector``: a 1-D array is taken as one column (targets of a single-output network).
+    Non-contiguous and Fortran-ordered arrays are accepted (copied). ``allow_vector``: a 1-D array is taken
+    as one column (targets of a single-output network). ``columns_meaning`` words the column-count error.
     """
     if hasattr(array, "__cuda_array_interface__") and not isinstance(array, np.ndarray):
         raise TypeError(f"{name} is a GPU array; the CPU device needs a host array (numpy)")
-    arr = np.asarray(array)
+    try:
+        arr = np.asarray(array)
+    except (ValueError, TypeError) as error:  # ragged nested lists and the like
+        raise ValueError(f"{name} must be a 2-D array of numbers; numpy cannot convert it ({error})") from None
     if arr.dtype.kind not in "fiu":  # rejects bool, complex, object, strings, dates
-        raise TypeError(f"{name} must hold real numbers (float or int); got dtype {arr.dtype}")
+        kind = {"b": "boolean", "c": "complex", "O": "object", "U": "string", "S": "bytes",
+                "M": "datetime", "m": "timedelta", "V": "structured"}.get(arr.dtype.kind, "non-numeric")
+        raise TypeError(f"{name} must hold real numbers (float or int); got {kind} dtype {arr.dtype}")
+    given_shape = arr.shape
     if arr.ndim == 1 and allow_vector:
         arr = arr.reshape(-1, 1)
     if arr.ndim != 2:
         expected = "(n_samples, n_features)" if not allow_vector else "(n_samples,) or (n_samples, n_outputs)"
-        raise ValueError(f"{name} must be a 2-D array of shape {expected}; got shape {arr.shape}")
+        hint = (" (use .reshape(-1, 1) for one feature, or .reshape(1, -1) for one sample)"
+                if arr.ndim == 1 else "")
+        raise ValueError(f"{name} must be a 2-D array of shape {expected}; got shape {given_shape}{hint}")
     if arr.shape[0] == 0:
-        raise ValueError(f"{name} is empty: it has 0 samples (shape {arr.shape})")
+        raise ValueError(f"{name} is empty: it has 0 samples (shape {given_shape})")
     if n_columns is not None and arr.shape[1] != n_columns:
-        raise ValueError(f"{name} must have {n_columns} columns (the network's "
-                         f"{'input' if 'X' in name else 'output'} size); got shape {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=dtype)
-    if not np.isfinite(arr).all():
+        meaning = columns_meaning or f"the network's {'input' if 'X' in name else 'output'} size"
+        raise ValueError(f"{name} must have {n_columns} columns ({meaning}); got shape {given_shape}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
-        raise ValueError(f"{name} must be finite; found {arr[tuple(bad)]} at index {tuple(int(i) for i in bad)}")
-    return arr
+        raise ValueError(f"{name} must be finite (no NaN or inf); found {arr[tuple(bad)]} at index "
+                         f"{tuple(int(i) for i in bad)}")
+    with np.errstate(over="ignore"):  # reported below, as an error
+        converted = np.ascontiguousarray(arr, dtype=dtype)
+    if not np.isfinite(converted).all():  # finite before the cast: too large for dtype
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(converted))[0])
+        raise ValueError(f"{name} has a value too large for {np.dtype(dtype).name}: {arr[bad]} at index {bad}")
+    return converted

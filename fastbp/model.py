@@ -62,7 +62,7 @@ class MLP:
         self.activations = [check_choice(f"activation[{i}]" if not isinstance(activation, str) else "activation",
                                          a, ACTIVATIONS) for i, a in enumerate(activations)]
         self.dtype = check_dtype("dtype", dtype)
-        self.seed = check_int("seed", seed, allow_none=True)
+        self.seed = check_int("seed", seed, minimum=0, allow_none=True)
         self.sizes = sizes
         self.layout = Layout.from_sizes(sizes)
         rng = np.random.default_rng(seed)
@@ -91,18 +91,32 @@ class MLP:
         return np.array([ACTIVATIONS[a] for a in self.activations] + [ACTIVATIONS["identity"]], dtype=np.int64)
 
     def check_parameters(self) -> None:
-        """Raise if a user replaced a weight or bias with an array of the wrong shape, dtype or with NaN/inf."""
+        """Raise if a user replaced a weight or bias with something the trainer cannot use: the wrong type,
+        shape or dtype, a read-only array, two parameters sharing memory, or NaN/inf values."""
+        arrays_seen = []
         for kind, arrays in (("weights", self.weights), ("biases", self.biases)):
-            if len(arrays) != len(self.sizes) - 1:
-                raise ValueError(f"model.{kind} must hold {len(self.sizes) - 1} arrays; it holds {len(arrays)}")
+            if not isinstance(arrays, (list, tuple)) or len(arrays) != len(self.sizes) - 1:
+                got = f"{len(arrays)} arrays" if isinstance(arrays, (list, tuple)) else type(arrays).__name__
+                raise ValueError(f"model.{kind} must be a list of {len(self.sizes) - 1} arrays; got {got}")
             for layer, arr in enumerate(arrays):
                 shape = ((self.sizes[layer], self.sizes[layer + 1]) if kind == "weights"
                          else (self.sizes[layer + 1],))
+                name = f"model.{kind}[{layer}]"
                 if not isinstance(arr, np.ndarray) or arr.shape != shape:
                     got = getattr(arr, "shape", type(arr).__name__)
-                    raise ValueError(f"model.{kind}[{layer}] must be an array of shape {shape}; got {got}")
+                    raise ValueError(f"{name} must be an array of shape {shape}; got {got}")
+                if arr.dtype != self.dtype:
+                    raise TypeError(f"{name} must have the model's dtype {self.dtype.name}; got {arr.dtype} "
+                                    f"(assign in place, {name}[...] = values, or use .astype({self.dtype.name}))")
+                if not arr.flags.writeable:
+                    raise ValueError(f"{name} is read-only; the trainer writes its results into it (use a copy)")
                 if not np.isfinite(arr).all():
-                    raise ValueError(f"model.{kind}[{layer}] contains NaN or inf")
+                    raise ValueError(f"{name} contains NaN or inf")
+                for other_name, other in arrays_seen:
+                    if np.shares_memory(arr, other):
+                        raise ValueError(f"{name} shares memory with {other_name}; every parameter needs its "
+                                         "own array (use a copy)")
+                arrays_seen.append((name, arr))
 
     def flat_parameters(self, out: np.ndarray | None = None) -> np.ndarray:
         """All parameters in one flat vector (W0, b0, W1, b1, ...), in the model's dtype."""
@@ -123,6 +137,21 @@ class MLP:
         clone.weights = [w.copy() for w in self.weights]
         clone.biases = [b.copy() for b in self.biases]
         return clone
+
+    def save(self, path) -> None:
+        """Write the architecture and parameters to one ``.npz`` file at ``path`` (atomically, no pickle).
+
+        See :mod:`fastbp.checkpoint` for the format; :meth:`MLP.load` reads it back bit for bit."""
+        from .checkpoint import save_model
+
+        save_model(self, path)
+
+    @classmethod
+    def load(cls, path) -> "MLP":
+        """Read a model written by :meth:`MLP.save` (or the model inside a :meth:`Trainer.save` file)."""
+        from .checkpoint import load_model
+
+        return load_model(path)
 
     def __repr__(self) -> str:
         acts = self.activations[0] if len(set(self.activations)) == 1 else self.activations

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import backends
-from ._validation import as_float_matrix, check_choice, check_float, check_int
+from ._interrupt import deferred_keyboard_interrupt
+from ._validation import as_float_matrix, check_bool, check_choice, check_float, check_int
 from .kernels.pointwise import (
     BINARY_CROSS_ENTROPY,
     H_BETA1,
@@ -29,6 +30,9 @@ from .schedules import Constant
 
 # Bound on the int64 sample orders generated for one compiled multi-epoch call (8 bytes each).
 MAX_ORDER_ENTRIES = 1 << 22
+# Target length of one compiled multi-epoch call: a compiled call cannot be interrupted, so this bounds how
+# long Ctrl-C waits (the interrupt is delivered after the call, once its epochs are recorded).
+CHUNK_SECONDS = 0.25
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -122,8 +126,7 @@ class Trainer:
         momentum = check_float("momentum", momentum, minimum=0.0)
         dampening = check_float("dampening", dampening, minimum=0.0, maximum=1.0)
         weight_decay = check_float("weight_decay", weight_decay, minimum=0.0)
-        if not isinstance(nesterov, (bool, np.bool_)):
-            raise TypeError(f"nesterov must be True or False; got {nesterov!r}")
+        check_bool("nesterov", nesterov)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening = 0 (as in torch.optim.SGD); "
                              f"got momentum={momentum}, dampening={dampening}")
@@ -134,7 +137,7 @@ class Trainer:
         eps = check_float("eps", eps, minimum=0.0, exclusive_minimum=True)
         self.batch_size = check_int("batch_size", batch_size, minimum=1, allow_none=True)
         self.device = backends.resolve_device(check_choice("device", device, backends.DEVICES))
-        self.seed = check_int("seed", seed, allow_none=True)
+        self.seed = check_int("seed", seed, minimum=0, allow_none=True)
         self.momentum, self.dampening, self.nesterov, self.weight_decay = momentum, dampening, bool(nesterov), weight_decay
         self.betas, self.eps = (beta1, beta2), eps
 
@@ -168,19 +171,28 @@ class Trainer:
     def n_outputs(self) -> int:
         return self.model.sizes[-1]
 
-    def _inputs(self, X, name: str = "X"):
-        return self._backend.as_input(as_float_matrix(name, X, self.model.dtype, n_columns=self.model.sizes[0]))
+    def _inputs(self, X, name: str = "X") -> np.ndarray:
+        """X checked and converted on the host: a C-contiguous (n, n_in) matrix of the model's dtype."""
+        return as_float_matrix(name, X, self.model.dtype, n_columns=self.model.sizes[0])
 
-    def _targets(self, y, n_samples: int, name: str = "y"):
-        """Targets as a (n, k) float matrix in the kernels' form (one-hot rows for class ids)."""
+    def _targets(self, y, n_samples: int, name: str = "y") -> np.ndarray:
+        """Targets checked on the host, as a (n, k) float matrix in the kernels' form (one-hot rows for
+        class ids)."""
         k = self.n_outputs
         if self.loss == "softmax_cross_entropy":
-            arr = np.asarray(y)
+            try:
+                arr = np.asarray(y)
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"{name} must be an array of class ids; numpy cannot convert it ({error})") from None
             if arr.ndim == 1:
-                if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:
-                    raise TypeError(f"{name} must hold integer class ids; got dtype {arr.dtype}")
-                if arr.dtype.kind == "f" and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
-                    raise ValueError(f"{name} must hold integer class ids in [0, {k}); got non-integer values")
+                if arr.dtype.kind not in "iuf":
+                    raise TypeError(f"{name} must hold integer class ids in [0, {k}); got dtype {arr.dtype}")
+                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                    raise ValueError(f"{name} must hold integer class ids in [0, {k}); got NaN or inf")
+                if arr.dtype.kind == "f" and not (arr == np.round(arr)).all():
+                    bad = arr[arr != np.round(arr)][0]
+                    raise ValueError(f"{name} must hold integer class ids in [0, {k}); got non-integer values "
+                                     f"such as {bad}")
                 if arr.shape[0] != n_samples:
                     raise ValueError(f"{name} has {arr.shape[0]} samples but X has {n_samples}")
                 if arr.size and (arr.min() < 0 or arr.max() >= k):
@@ -188,20 +200,36 @@ class Trainer:
                                      f"got values from {arr.min()} to {arr.max()}")
                 Y = np.zeros((n_samples, k), dtype=self.model.dtype)
                 Y[np.arange(n_samples), arr.astype(np.int64)] = 1
-                return self._backend.as_input(Y)
-        Y = as_float_matrix(name, y, self.model.dtype, n_columns=k, allow_vector=True)
+                return Y
+        meaning = (f"one-hot or class-probability rows for {k} classes; class ids go in a 1-D array"
+                   if self.loss == "softmax_cross_entropy" else "the network's output size")
+        Y = as_float_matrix(name, y, self.model.dtype, n_columns=k, allow_vector=True, columns_meaning=meaning)
         if Y.shape[0] != n_samples:
             raise ValueError(f"{name} has {Y.shape[0]} samples but X has {n_samples}")
         if self.loss == "binary_cross_entropy" and ((Y < 0) | (Y > 1)).any():
             raise ValueError(f"{name} must lie in [0, 1] for binary_cross_entropy; got values from "
                              f"{Y.min()} to {Y.max()}")
         if self.loss == "softmax_cross_entropy" and (Y < 0).any():
-            raise ValueError(f"{name} rows must be class probabilities (>= 0) for softmax_cross_entropy")
-        return self._backend.as_input(Y)
+            raise ValueError(f"{name} rows must be class probabilities (>= 0) for softmax_cross_entropy; "
+                             f"got values down to {Y.min()}")
+        return Y
+
+    def _check_data(self, X, y, prefix: str = ""):
+        """(X, Y) checked on the host; nothing is converted for the device yet."""
+        Xh = self._inputs(X, prefix + "X")
+        return Xh, self._targets(y, Xh.shape[0], prefix + "y")
 
     def _data(self, X, y, prefix: str = ""):
-        Xc = self._inputs(X, prefix + "X")
-        return Xc, self._targets(y, Xc.shape[0], prefix + "y")
+        """(X, Y) checked, then in the backend's form."""
+        Xh, Yh = self._check_data(X, y, prefix)
+        return self._backend.as_input(Xh), self._backend.as_input(Yh)
+
+    def _check_validation_data(self, validation_data):
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+            got = (f"a {type(validation_data).__name__} of length {len(validation_data)}"
+                   if isinstance(validation_data, (tuple, list)) else type(validation_data).__name__)
+            raise TypeError(f"validation_data must be a pair (X_val, y_val); got {got}")
+        return self._check_data(*validation_data, prefix="validation_data ")
 
     # -- state in and out of the backend ------------------------------------------------------------------
     def _begin(self):
@@ -247,14 +275,17 @@ class Trainer:
         epochs = check_int("epochs", epochs, minimum=0)
         target = check_float("target_loss", target_loss, allow_none=True)
         patience = check_int("patience", patience, minimum=1, allow_none=True)
+        restore_best = check_bool("restore_best", restore_best)
         check_choice("on_nonfinite", on_nonfinite, ("raise", "warn"))
         if patience is not None and validation_data is None:
             raise ValueError("patience (early stopping) needs validation_data=(X_val, y_val)")
-        callbacks = list(callbacks) if callbacks else []
-        for i, cb in enumerate(callbacks):
-            if not callable(cb):
-                raise TypeError(f"callbacks[{i}] must be callable; got {type(cb).__name__}")
-        Xc, Yc = self._data(X, y)
+        callbacks = self._check_callbacks(callbacks)
+        # Every argument is checked on the host before anything is converted, copied to a device or changed.
+        Xh, Yh = self._check_data(X, y)
+        validation = None if validation_data is None else self._check_validation_data(validation_data)
+        Xc, Yc = self._backend.as_input(Xh), self._backend.as_input(Yh)
+        if validation is not None:
+            validation = tuple(self._backend.as_input(a) for a in validation)
         progress = None
         if verbose:
             from .progress import ProgressBar
@@ -262,19 +293,14 @@ class Trainer:
             progress = ProgressBar(epochs, n_samples=Xc.shape[0], mode="lines" if verbose == 2 else "auto",
                                    every=1 if verbose == 2 else None)
             callbacks.append(progress)
-        validation = None
-        if validation_data is not None:
-            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                raise TypeError("validation_data must be a pair (X_val, y_val)")
-            validation = (self._data(*validation_data, prefix="validation_data "), validation_data[1])
         n = Xc.shape[0]
         batch_size = n if self.batch_size is None else min(self.batch_size, n)
         shuffle = batch_size < n  # a full batch's gradient does not depend on the order
         per_epoch_control = validation is not None or bool(callbacks)
-        if per_epoch_control or not shuffle:
-            chunk = 1 if per_epoch_control else max(1, epochs)
-        else:
-            chunk = max(1, min(epochs, MAX_ORDER_ENTRIES // n))
+        # Epochs per compiled call: one with per-epoch control; otherwise grown from 1 towards CHUNK_SECONDS
+        # a call (Ctrl-C waits at most about that long) within the memory bound on the sample orders.
+        max_chunk = 1 if per_epoch_control else (max(1, MAX_ORDER_ENTRIES // n) if shuffle else max(1, epochs))
+        chunk = 1
 
         history = History()
         best = (np.inf, None, None, 0, 0)  # val_loss, params, opt_state, steps, epoch
@@ -285,55 +311,103 @@ class Trainer:
             while remaining > 0:
                 count = min(chunk, remaining)
                 first = self.epochs_done
-                lrs = np.array([self._lr_at(first + e) for e in range(count)], dtype=np.float64)
-                orders = (np.stack([self._rng.permutation(n) for _ in range(count)]) if shuffle
-                          else np.empty((count, 0), dtype=np.int64))
-                started = time.perf_counter()
-                losses, completed = self._backend.train_epochs(
-                    Xc, Yc, batch_size, orders, lrs, -np.inf if target is None else target)
-                per_epoch = (time.perf_counter() - started) / max(1, len(losses))
-                for e in range(completed):
-                    self._record(history, first + e, losses[e], lrs[e], per_epoch)
-                self.epochs_done += completed
-                remaining -= completed
-                if completed < count and not np.isfinite(losses[-1]):
-                    history.stop_reason = "nonfinite"
-                    self._nonfinite(first + completed, losses[-1], lrs[completed], on_nonfinite)
-                    break
-                if target is not None and completed and losses[completed - 1] <= target:
-                    history.stop_reason = "target_loss"
-                    break
-                if validation is not None:
-                    (Xv, Yv), yv_raw = validation
-                    val_loss = self._backend.loss_value(Xv, Yv)
-                    history.val_loss.append(val_loss)
-                    self.history.val_loss.append(val_loss)
-                    if self.loss != "mse":
-                        acc = self._accuracy(self._backend.predict(Xv, self.n_outputs), Yv)
-                        history.val_accuracy.append(acc)
-                        self.history.val_accuracy.append(acc)
-                    if patience is not None:
-                        if val_loss < best[0]:
-                            snapshot = self._backend_snapshot(params)
-                            best = (val_loss, snapshot[0], snapshot[1], snapshot[2], self.epochs_done)
-                            since_best = 0
-                        else:
-                            since_best += 1
-                            if since_best >= patience:
-                                history.stop_reason = "early_stopping"
-                                break
+                # The schedule is asked once per epoch, just before its chunk (it may read state that
+                # callbacks change). A bad value stops fit at that epoch: the epochs before it still run,
+                # then the error is raised with the model at the end of the last good epoch.
+                lrs, schedule_error = [], None
+                for e in range(count):
+                    try:
+                        lrs.append(self._lr_at(first + e))
+                    except (TypeError, ValueError) as error:
+                        schedule_error = error
+                        break
+                if not lrs:
+                    raise schedule_error
+                count = len(lrs)
+                lrs = np.array(lrs, dtype=np.float64)
+                # The compiled call and the record of what it did form one step that Ctrl-C cannot split:
+                # an interrupt is delivered after it, when parameters, optimizer state, epoch counter,
+                # shuffling RNG and history all describe the same last completed epoch.
+                with deferred_keyboard_interrupt():
+                    rng_state = self._rng.bit_generator.state
+                    try:
+                        orders = (np.stack([self._rng.permutation(n) for _ in range(count)]) if shuffle
+                                  else np.empty((count, 0), dtype=np.int64))
+                        started = time.perf_counter()
+                        losses, completed = self._backend.train_epochs(
+                            Xc, Yc, batch_size, orders, lrs, -np.inf if target is None else target)
+                    except BaseException:
+                        self._rng.bit_generator.state = rng_state
+                        raise
+                    elapsed = time.perf_counter() - started
+                    per_epoch = elapsed / max(1, len(losses))
+                    for e in range(completed):
+                        self._record(history, first + e, losses[e], lrs[e], per_epoch)
+                    self.epochs_done += completed
+                    remaining -= completed
+                    if completed < count:  # the RNG advances only for epochs that were kept
+                        self._rng.bit_generator.state = rng_state
+                        for _ in range(completed if shuffle else 0):
+                            self._rng.permutation(n)
+                    if completed < count and not np.isfinite(losses[-1]):
+                        history.stop_reason = "nonfinite"
+                        self._nonfinite(first + completed, losses[-1], lrs[completed], on_nonfinite)
+                        break
+                    if target is not None and completed and losses[completed - 1] <= target:
+                        history.stop_reason = "target_loss"
+                        break
+                    if validation is not None:
+                        Xv, Yv = validation
+                        val_loss = self._backend.loss_value(Xv, Yv)
+                        acc = (self._accuracy(self._backend.predict(Xv, self.n_outputs), Yv)
+                               if self.loss != "mse" else None)
+                        for h in (history, self.history):
+                            h.val_loss.append(val_loss)
+                            if acc is not None:
+                                h.val_accuracy.append(acc)
+                        if patience is not None:
+                            if val_loss < best[0]:
+                                snapshot = self._backend_snapshot(params)
+                                best = (val_loss, snapshot[0], snapshot[1], snapshot[2], self.epochs_done)
+                                since_best = 0
+                            else:
+                                since_best += 1
+                                if since_best >= patience:
+                                    history.stop_reason = "early_stopping"
+                                    break
+                    if callbacks:  # callbacks (and a trainer.save inside one) see the current state
+                        self._end(params)
+                if schedule_error is not None:
+                    raise schedule_error
                 if any(bool(cb(self, history)) for cb in callbacks):
                     history.stop_reason = "callback"
                     break
+                # Next chunk: about CHUNK_SECONDS at the pace just measured, growing at most 8-fold a call.
+                chunk = int(max(1, min(max_chunk, chunk * 8, CHUNK_SECONDS / max(per_epoch, 1e-9))))
         finally:
-            self._end(params)
+            with deferred_keyboard_interrupt():  # never a half-copied model
+                self._end(params)
             if progress is not None:
                 progress.close(history)
         if history.stop_reason == "early_stopping" and restore_best and best[1] is not None:
-            self.model.set_flat_parameters(best[1])
-            self.opt_state[...] = best[2]
-            self.steps_done = best[3]
+            with deferred_keyboard_interrupt():
+                self.model.set_flat_parameters(best[1])
+                self.opt_state[...] = best[2]
+                self.steps_done = best[3]
         return history
+
+    @staticmethod
+    def _check_callbacks(callbacks) -> list:
+        if callbacks is None:
+            return []
+        if callable(callbacks) or isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
+            raise TypeError("callbacks must be a list of callables callback(trainer, history); got "
+                            f"{type(callbacks).__name__} {callbacks!r} (wrap a single callback in a list)")
+        callbacks = list(callbacks)
+        for i, cb in enumerate(callbacks):
+            if not callable(cb):
+                raise TypeError(f"callbacks[{i}] must be callable; got {type(cb).__name__}")
+        return callbacks
 
     def _backend_snapshot(self, params):
         """Copies of the backend's current params, optimizer state and step count (host arrays)."""
@@ -365,7 +439,7 @@ class Trainer:
     def predict(self, X) -> np.ndarray:
         """The network's transformed output for X (n, n_in): raw values (mse), sigmoid probabilities
         (binary_cross_entropy) or softmax probabilities (softmax_cross_entropy), shape (n, n_out)."""
-        Xc = self._inputs(X)
+        Xc = self._backend.as_input(self._inputs(X))
         params = self._begin()
         try:
             return np.asarray(self._backend.predict(Xc, self.n_outputs))
@@ -415,27 +489,32 @@ class Trainer:
         A candidate whose loss diverges scores inf. Returns a :class:`LearningRateSearch`; use its
         ``best_lr`` with ``trainer.set_lr(best_lr)`` or a new Trainer.
         """
+        if isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__iter__"):
+            raise TypeError(f"candidates must be a sequence of learning rates like (0.1, 0.01); got "
+                            f"{type(candidates).__name__} {candidates!r}")
         candidates = [check_float(f"candidates[{i}]", c, minimum=0.0, exclusive_minimum=True)
                       for i, c in enumerate(candidates)]
         if not candidates:
-            raise ValueError("candidates must name at least one learning rate")
+            raise ValueError("candidates must name at least one learning rate; got an empty sequence")
         epochs = check_int("epochs", epochs, minimum=1)
+        self.model.check_parameters()
+        # Check everything before any training: the data, then the validation set or the split.
+        Xh, Yh = self._check_data(X, y)
         if validation_data is None:
             fraction = check_float("validation_fraction", validation_fraction, minimum=0.0, maximum=1.0,
                                    exclusive_minimum=True, exclusive_maximum=True)
-            Xc = self._inputs(X)
-            y_arr = np.asarray(y)
-            n = Xc.shape[0]
+            n = Xh.shape[0]
             n_val = int(round(n * fraction))
             if n_val < 1 or n_val >= n:
                 raise ValueError(f"validation_fraction={fraction} of {n} samples leaves no training or no "
                                  "validation samples")
             order = np.random.default_rng(self.seed).permutation(n)
             train_idx, val_idx = order[:-n_val], order[-n_val:]
-            X_train, y_train = np.asarray(X)[train_idx], y_arr[train_idx]
-            validation_data = (np.asarray(X)[val_idx], y_arr[val_idx])
+            X_train, y_train = Xh[train_idx], Yh[train_idx]
+            validation_data = (Xh[val_idx], Yh[val_idx])
         else:
-            X_train, y_train = X, y
+            validation_data = self._check_validation_data(validation_data)
+            X_train, y_train = Xh, Yh
         table = []
         for lr in candidates:
             trial = self._clone(lr)
@@ -463,3 +542,26 @@ class Trainer:
         """Change the learning rate (a number or an ``epoch -> lr`` callable) for later epochs."""
         self._schedule = self._check_lr(lr)
         self.lr = lr
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write the model, optimizer state, schedule and its position, the shuffling RNG's state, the
+        hyper-parameters and the history to one ``.npz`` file (atomically, no pickle).
+
+        Loading it and training on gives exactly the weights an uninterrupted run would have. A custom
+        (user-written) lr callable cannot be stored: :meth:`Trainer.load` then needs ``lr=``."""
+        from .checkpoint import save_trainer
+
+        save_trainer(self, path)
+
+    @classmethod
+    def load(cls, path, *, lr=None, device: str | None = None) -> "Trainer":
+        """Read a trainer written by :meth:`Trainer.save`.
+
+        lr : number or callable, optional
+            Replaces the stored learning rate or schedule; required when the saved one was a custom callable.
+        device : {"cpu", "cuda", "auto"}, optional
+            Overrides the stored device (e.g. to resume a GPU run on a machine without one)."""
+        from .checkpoint import load_trainer
+
+        return load_trainer(path, lr=lr, device=device)

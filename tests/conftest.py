@@ -13,3 +13,17 @@ def dtype(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+# Hypothesis: modest example counts by default so the whole suite stays fast on two cores; no deadline (the
+# first example of a test may compile kernels). HYPOTHESIS_PROFILE=thorough runs many more.
+try:
+    import os
+
+    from hypothesis import settings
+
+    settings.register_profile("fastbp", max_examples=20, deadline=None, print_blob=True)
+    settings.register_profile("thorough", max_examples=300, deadline=None, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fastbp"))
+except ImportError:  # hypothesis is a test extra; the property tests skip themselves without it
+    pass

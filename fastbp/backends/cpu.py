@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._threads import guarded
 from ..kernels import cpu as kernels
 from ..kernels.pointwise import N_HYPER, loss_divisor as loss_divisor_host
 from ..layout import Layout
@@ -66,6 +67,7 @@ class CPUBackend:
         self._workspaces.clear()
 
     # -- training -----------------------------------------------------------------------------------------
+    @guarded
     def train_epochs(self, X, Y, batch_size: int, orders: np.ndarray, lrs: np.ndarray, target_loss: float):
         """Run len(lrs) epochs in one compiled call; returns (epoch_losses (completed,), completed)."""
         ws = self._workspace(batch_size, Y.shape[1])
@@ -81,6 +83,7 @@ class CPUBackend:
         return losses[:n_reported], int(completed)
 
     # -- inference and gradients --------------------------------------------------------------------------
+    @guarded
     def predict(self, X, n_outputs: int) -> np.ndarray:
         capacity = max(1, min(EVAL_CAPACITY, X.shape[0]))
         ws = self._workspace(capacity, n_outputs)
@@ -90,6 +93,7 @@ class CPUBackend:
                         layout.unit_offsets, self.act_codes, self.loss, capacity)
         return out
 
+    @guarded
     def loss_value(self, X, Y) -> float:
         capacity = max(1, min(EVAL_CAPACITY, X.shape[0]))
         ws = self._workspace(capacity, Y.shape[1])
@@ -105,6 +109,7 @@ class CPUBackend:
         return self.rows_grads(X, Y, divisor, grads), grads
 
     # -- one step at a time (for callers that must act between steps, e.g. an allreduce) --------------------
+    @guarded
     def rows_grads(self, X, Y, divisor: float, grads_out) -> float:
         """grads_out (P,) = gradient of (sum of the row losses of X, Y) / divisor; returns that loss value.
 
@@ -118,6 +123,7 @@ class CPUBackend:
                                            layout.unit_offsets, self.act_codes, self.loss, capacity,
                                            float(divisor)))
 
+    @guarded
     def apply_update(self, grads, lr: float) -> None:
         """One optimizer step of the params with the flat gradient grads (P,) (counts a step)."""
         self.steps_done[0] += 1
