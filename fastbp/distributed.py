@@ -131,6 +131,9 @@ class DataParallelTrainer(Trainer):
         P = model.n_params
         self._grads_host = np.zeros(P, dtype=model.dtype)  # the one buffer the Allreduce works on, in place
         self._grads = self._backend.as_input(self._grads_host)  # the backend's (device) gradient buffer
+        # Per completed epoch on this rank: wall time, time inside the gradient Allreduce (which includes
+        # waiting for slower ranks), optimizer steps.
+        self.timings = {"epoch_seconds": [], "allreduce_seconds": [], "steps": []}
 
     # -- agreement between ranks --------------------------------------------------------------------------
     @property
@@ -275,11 +278,14 @@ class DataParallelTrainer(Trainer):
                 Xd, Yd = self._backend.as_input(X_epoch), self._backend.as_input(Y_epoch)
                 steps0 = self._backend.store_state(backup[0], backup[1])
                 total = 0.0
+                comm_seconds = 0.0
                 for b, divisor in enumerate(divisors):
                     a, z = int(row_starts[b]), int(row_starts[b + 1])
                     part = self._backend.rows_grads(Xd[a:z], Yd[a:z], divisor, self._grads)
                     total += part * divisor  # the sum of this rank's row losses in this batch
+                    tick = time.perf_counter()
                     self._allreduce_grads()
+                    comm_seconds += time.perf_counter() - tick
                     self._backend.apply_update(self._grads, lr)
                 epoch_loss = float(self._allreduce_sum([total])[0]) / epoch_divisor
                 seconds = time.perf_counter() - started
@@ -291,6 +297,9 @@ class DataParallelTrainer(Trainer):
                     self._nonfinite(epoch, epoch_loss, lr, on_nonfinite)
                     break
                 self._record(history, epoch, epoch_loss, lr, seconds)
+                self.timings["epoch_seconds"].append(seconds)
+                self.timings["allreduce_seconds"].append(comm_seconds)
+                self.timings["steps"].append(len(divisors))
                 self.epochs_done += 1
                 if verbose and self.is_root:
                     print(f"epoch {epoch}: loss {epoch_loss:.6g} ({seconds:.3f} s, {self.size} ranks)", flush=True)
