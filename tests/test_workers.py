@@ -52,3 +52,16 @@ def test_import_fastbp_does_not_import_mpi4py():
     code = ("import sys, fastbp, fastbp.distributed; "
             "assert 'mpi4py' not in sys.modules, sorted(m for m in sys.modules if 'mpi' in m)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sweep_example_runs_on_loky_workers():
+    """examples/sweep.py: GridSearchCV(n_jobs=2) over fastbp.sklearn.MLPClassifier on loky workers."""
+    pytest.importorskip("fastbp.sklearn")
+    pytest.importorskip("sklearn")
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "sweep.py"
+    run = subprocess.run([sys.executable, str(script), "--n-jobs", "2", "--max-iter", "2"], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "best {" in run.stdout
