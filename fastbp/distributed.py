@@ -118,8 +118,8 @@ class DataParallelTrainer(Trainer):
     -----
     ``fit`` and ``evaluate`` are collective and global; ``predict`` and ``loss_and_grads`` are the
     inherited, local ones (this rank's rows). Where :class:`fastbp.Trainer` runs many epochs inside one
-    compiled call, this trainer returns to Python once per step (to call the Allreduce): about 0.1 ms per
-    step of host work, small against W3's compute per step.
+    compiled call, this trainer returns to Python once per step (to call the Allreduce): a few Python
+    calls per step, within measurement noise of the compiled loop on W3 (see the README).
     """
 
     def __init__(self, model, loss: str = "mse", optimizer: str = "sgd", lr=0.01, *, comm, on_error="abort",

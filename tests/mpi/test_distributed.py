@@ -197,3 +197,42 @@ def test_a_failing_rank_ends_the_job_instead_of_hanging(comm):
     assert "deliberate failure on rank 1" in output and "aborting all 2 ranks" in output
     assert "unreachable" not in output
     assert seconds < 120, f"the job took {seconds:.0f} s to fail"
+
+
+def test_nonfinite_loss_restores_and_raises_on_every_rank_like_one_process(comm):
+    X, y = _data(loss="mse", k=3)
+    X = X * 100
+    kw = dict(loss="mse", lr=5.0, batch_size=16, seed=0)
+    dist = DataParallelTrainer(fastbp.MLP([7, 6, 3], seed=0), comm=comm, **kw)
+    ref = fastbp.Trainer(fastbp.MLP([7, 6, 3], seed=0), **kw)
+    with pytest.raises(fastbp.NonFiniteLossError):
+        ref.fit(X, y, epochs=5)
+    with pytest.raises(fastbp.NonFiniteLossError):
+        dist.fit(*shard(X, y, comm), epochs=5)
+    assert dist.epochs_done == ref.epochs_done and dist.steps_done == ref.steps_done
+    for w, w_ref in zip(dist.model.weights, ref.model.weights):
+        np.testing.assert_allclose(w, w_ref, rtol=1e-3, atol=1e-3)
+        assert np.isfinite(w).all()
+    assert _same_on_all_ranks(comm, dist.model.flat_parameters())
+
+
+def test_stopping_rules_are_taken_together(comm):
+    X, y = _data()
+    kw = dict(loss="softmax_cross_entropy", lr=0.1, batch_size=16, seed=0)
+    dist = DataParallelTrainer(fastbp.MLP([7, 6, 3], seed=0), comm=comm, **kw)
+    # A callback that asks to stop on rank 1 only, after epoch 2: every rank stops there.
+    hist = dist.fit(*shard(X, y, comm), epochs=10,
+                    callbacks=[lambda trainer, h: comm.Get_rank() == 1 and len(h.loss) == 2])
+    assert (hist.stop_reason, len(hist.loss)) == ("callback", 2)
+    ref = fastbp.Trainer(fastbp.MLP([7, 6, 3], seed=0), **kw)
+    ref_hist = ref.fit(X, y, epochs=10, target_loss=0.95)
+    dist = DataParallelTrainer(fastbp.MLP([7, 6, 3], seed=0), comm=comm, **kw)
+    hist = dist.fit(*shard(X, y, comm), epochs=10, target_loss=0.95)
+    assert hist.stop_reason == ref_hist.stop_reason and len(hist.loss) == len(ref_hist.loss)
+    Xv, yv = _data(n=50, seed=3)
+    dist = DataParallelTrainer(fastbp.MLP([7, 6, 3], seed=0), comm=comm, **kw)
+    ref = fastbp.Trainer(fastbp.MLP([7, 6, 3], seed=0), **kw)
+    hist = dist.fit(*shard(X, y, comm), epochs=12, validation_data=shard(Xv, yv, comm), patience=2)
+    ref_hist = ref.fit(X, y, epochs=12, validation_data=(Xv, yv), patience=2)
+    assert hist.stop_reason == ref_hist.stop_reason and len(hist.loss) == len(ref_hist.loss)
+    np.testing.assert_allclose(dist.model.weights[0], ref.model.weights[0], rtol=1e-4, atol=1e-5)
