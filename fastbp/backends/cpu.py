@@ -115,7 +115,9 @@ class CPUBackend:
 
         With divisor = the global batch's loss divisor, the gradients of several shards of one batch add
         up to the batch's gradient."""
-        capacity = max(1, min(EVAL_CAPACITY, X.shape[0]))
+        # A power of two: callers whose row count varies per step (one rank's share of a global batch)
+        # reuse a few workspaces instead of building one per count.
+        capacity = min(EVAL_CAPACITY, 1 << max(0, X.shape[0] - 1).bit_length())
         ws = self._workspace(capacity, Y.shape[1])
         layout = self.layout
         return float(kernels.dataset_grads(grads_out, ws["grads_chunk"], ws["acts"], ws["deltas"], ws["row_losses"],

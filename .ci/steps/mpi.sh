@@ -1,0 +1,17 @@
+# Sourced by .ci/run (uses $root, $py, run_pytest). Data-parallel training over MPI on this machine:
+# installs the mpi extra (mpi4py + the mpich wheel: pip alone gives a working mpiexec), then runs the
+# tests under tests/mpi on 2 ranks. `python -m mpi4py` aborts every rank on an uncaught error instead of
+# leaving the others waiting in a collective.
+"$root/.venv/bin/pip" install -q -e '.[mpi]'
+mpiexec="$root/.venv/bin/mpiexec"
+# Each rank compiles into its own numba cache: two processes writing one cache at once can race
+# (numba #10128). PMI_RANK is set by MPICH's launcher for each rank.
+mpi_cache="$NUMBA_CACHE_DIR/mpi"
+# 1 numba thread per rank: 2 ranks on 2 cores, no oversubscription.
+run_pytest timeout 900 "$mpiexec" -n 2 env NUMBA_NUM_THREADS=1 \
+  sh -c 'NUMBA_CACHE_DIR="$0/rank$PMI_RANK" exec "$@"' "$mpi_cache" \
+  "$py" -m mpi4py -m pytest tests/mpi -q -p no:cacheprovider
+"$py" examples/distributed.py --help >/dev/null
+run_pytest timeout 300 "$mpiexec" -n 2 env NUMBA_NUM_THREADS=1 \
+  sh -c 'NUMBA_CACHE_DIR="$0/rank$PMI_RANK" exec "$@"' "$mpi_cache" \
+  "$py" -m mpi4py examples/distributed.py --samples 2000 --epochs 2
