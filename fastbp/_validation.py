@@ -56,13 +56,20 @@ def check_dtype(name: str, dtype) -> np.dtype:
     return dt
 
 
+def is_gpu_array(array) -> bool:
+    """True for arrays in GPU memory: numba device arrays and anything with ``__cuda_array_interface__``."""
+    if isinstance(array, np.ndarray):
+        return False
+    return hasattr(array, "__cuda_array_interface__") or bool(getattr(array, "__cuda_ndarray__", False))
+
+
 def as_float_matrix(name: str, array, dtype: np.dtype, n_columns: int | None = None,
                     allow_vector: bool = False) -> np.ndarray:
     """A C-contiguous (n, m) array of ``dtype`` (a copy only when needed), with every value finite.
 
     ``allow_vector``: a 1-D array is taken as one column (targets of a single-output network).
     """
-    if hasattr(array, "__cuda_array_interface__") and not isinstance(array, np.ndarray):
+    if is_gpu_array(array):
         raise TypeError(f"{name} is a GPU array; the CPU device needs a host array (numpy)")
     arr = np.asarray(array)
     if arr.dtype.kind not in "fiu":  # rejects bool, complex, object, strings, dates
