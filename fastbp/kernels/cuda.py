@@ -30,6 +30,7 @@ a GPU: change them only before the first launch in a process.
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -357,7 +358,7 @@ def _array_stats_kernel(stats, values):
     seen = False
     for r in range(t, values.shape[0], REDUCE_THREADS):
         v = values[r]
-        if v - v != zero:  # NaN or +-inf (v - v is NaN for both)
+        if math.isnan(v) or math.isinf(v):
             n_bad += values.dtype.type(1.0)
         elif not seen:
             lo = v
