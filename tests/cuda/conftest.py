@@ -11,6 +11,9 @@ import pytest
 HAVE_CUDA_EXTRA = importlib.util.find_spec("numba_cuda") is not None
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
 
+# Short on purpose (pytest -ra prints it per test group); cuda_reason() says the whole why.
+SKIP_REASON = "no usable GPU and no simulator (run with NUMBA_ENABLE_CUDASIM=1)"
+
 SMALL_LAUNCHES = dict(TILE=4, BLOCK_2D=(4, 3), BLOCK_1D=8, REDUCE_THREADS=8)
 
 
@@ -35,3 +38,9 @@ def small_launches():
 @pytest.fixture
 def cuda_kernels(small_launches):
     return small_launches
+
+
+def pytest_configure(config):
+    # CI and the GPU script set FASTBP_REQUIRE_CUDA=1: a run that would silently skip every CUDA test fails.
+    if os.environ.get("FASTBP_REQUIRE_CUDA") == "1" and cuda_reason() is not None:
+        pytest.exit(f"FASTBP_REQUIRE_CUDA=1 but the CUDA kernels cannot run: {cuda_reason()}", returncode=3)

@@ -8,9 +8,9 @@ from fastbp.kernels.pointwise import ACTIVATIONS, LOSSES, loss_divisor
 from .. import naive
 from ..conftest import TOLERANCES
 from ..test_cpu_kernels import _targets
-from .conftest import cuda_reason
+from .conftest import SKIP_REASON, cuda_reason
 
-pytestmark = pytest.mark.skipif(cuda_reason() is not None, reason=f"CUDA kernels cannot run: {cuda_reason()}")
+pytestmark = pytest.mark.skipif(cuda_reason() is not None, reason=SKIP_REASON)
 
 # With TILE = 4: one partial tile, several tiles with a partial one on every axis.
 SHAPES = [(1, 1, 1), (5, 7, 3), (9, 6, 10)]

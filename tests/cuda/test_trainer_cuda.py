@@ -13,9 +13,9 @@ import fastbp
 
 from .. import naive
 from ..test_trainer import make_problem
-from .conftest import SIMULATOR, cuda_reason
+from .conftest import SIMULATOR, SKIP_REASON, cuda_reason
 
-pytestmark = pytest.mark.skipif(cuda_reason() is not None, reason=f"CUDA kernels cannot run: {cuda_reason()}")
+pytestmark = pytest.mark.skipif(cuda_reason() is not None, reason=SKIP_REASON)
 
 PARITY = {np.float32: dict(rtol=1e-5, atol=1e-6) if SIMULATOR else dict(rtol=1e-4, atol=1e-5),
           np.float64: dict(rtol=1e-10, atol=1e-12)}
