@@ -91,6 +91,7 @@ class CUDABackend:
         self.opt_state = kernels.to_device(np.ascontiguousarray(opt_state, dtype=self.dtype))
         self.steps_done = int(steps_done)
         self._param_views = self._layer_views(self.params)
+        self._opt_rows = (self.opt_state[0], self.opt_state[1])  # views built once, not per step
 
     def store_state(self, params_out: np.ndarray, opt_state_out: np.ndarray) -> int:
         """Copy params and optimizer state back into host arrays; returns the step count."""
@@ -153,15 +154,17 @@ class CUDABackend:
         return self._workspaces[key]
 
     def release_workspaces(self) -> None:
+        """Free every device buffer except the parameters and optimizer state."""
         self._workspaces.clear()
+        for key in [k for k in vars(self) if k.startswith("_buf_")]:
+            setattr(self, key, None)
 
     # -- the launch sequence of one batch -----------------------------------------------------------------
     def _forward(self, acts, inputs):
         """Forward through every layer from ``inputs`` (n_rows, n_in); returns the logits view."""
         inp = inputs
         for layer, (weight, bias) in enumerate(self._param_views):
-            act = self.act_codes[layer] if layer < len(self.act_codes) else 0
-            kernels.dense_forward(acts[layer + 1], inp, weight, bias, act)
+            kernels.dense_forward(acts[layer + 1], inp, weight, bias, self.act_codes[layer])
             inp = acts[layer + 1]
         return inp
 
@@ -185,11 +188,11 @@ class CUDABackend:
         hyper = self.hyper
         if self.optimizer == ADAM:
             beta1, beta2 = hyper[H_BETA1], hyper[H_BETA2]
-            kernels.adam_update(self.params, self.opt_state[0], self.opt_state[1], grads, lr, beta1, beta2,
+            kernels.adam_update(self.params, self._opt_rows[0], self._opt_rows[1], grads, lr, beta1, beta2,
                                 hyper[H_EPS], hyper[H_WEIGHT_DECAY], lr / (1.0 - beta1 ** step),
                                 math.sqrt(1.0 - beta2 ** step))
         else:
-            kernels.sgd_update(self.params, self.opt_state[0], grads, lr, hyper[H_MOMENTUM], hyper[H_DAMPENING],
+            kernels.sgd_update(self.params, self._opt_rows[0], grads, lr, hyper[H_MOMENTUM], hyper[H_DAMPENING],
                                hyper[H_WEIGHT_DECAY], hyper[H_NESTEROV] != 0.0, step == 1)
 
     # -- training -----------------------------------------------------------------------------------------

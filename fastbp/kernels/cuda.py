@@ -35,6 +35,13 @@ import os
 import warnings
 
 import numpy as np
+
+# numba-cuda (the NVIDIA-maintained CUDA target that ``numba.cuda`` redirects to) must be installed: without
+# it numba's deprecated built-in target would answer instead. The error names the missing extra.
+try:
+    import numba_cuda  # noqa: F401
+except ModuleNotFoundError as error:
+    raise ModuleNotFoundError("numba-cuda is not installed", name="numba_cuda") from error
 from numba import config, cuda
 from numba import types as nbtypes
 from numba.core.errors import NumbaPerformanceWarning
@@ -53,6 +60,46 @@ FASTMATH = os.environ.get("FASTBP_CUDA_FASTMATH", "1").lower() not in ("0", "fal
 SIMULATOR = bool(config.ENABLE_CUDASIM)  # numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) is active
 
 kernel = cuda.jit(fastmath=FASTMATH)
+
+
+def _make_simulator_shared_arrays_thread_safe() -> None:
+    """Under the simulator, give each block ONE array per ``cuda.shared.array`` call site, whatever the timing.
+
+    numba-cuda 0.30's simulator runs a block's threads as Python threads and creates a shared array on the
+    first call from a source line without a lock: two threads that both find no array yet each create
+    one, and then write tiles the other never sees (garbage reads, rare and timing-dependent: seen as a
+    NaN loss on a loaded machine). Same lookup as the simulator's (by the caller's file and line), under a
+    lock. A GPU is unaffected."""
+    import sys
+    import threading
+
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    shared = kernelapi.FakeCUDAShared
+    if getattr(shared, "_fastbp_thread_safe", False):
+        return
+    original = shared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory / unsupported: as before
+            return original(self, shape, dtype, alignment)
+        frame = sys._getframe(1)
+        caller = (frame.f_code.co_filename, frame.f_lineno)
+        with lock:
+            res = self._allocations.get(caller)
+            if res is None:
+                res = np.empty(shape, numpy_support.as_dtype(dtype) if isinstance(dtype, nbtypes.Type) else dtype)
+                self._allocations[caller] = res
+        return res
+
+    shared.array = array
+    shared._fastbp_thread_safe = True
+
+
+if SIMULATOR:
+    _make_simulator_shared_arrays_thread_safe()
 
 
 def _shared_source(func):
@@ -77,7 +124,7 @@ def _blocks(n: int, per_block: int) -> int:
 # --- device handling (every use of the binding outside kernels goes through here) ------------------------
 def unavailable_reason() -> str | None:
     """None when CUDA kernels can run here (a GPU, or the simulator), otherwise why not and how to fix it."""
-    if getattr(cuda, "implementation", None) != "NVIDIA" and not SIMULATOR:
+    if getattr(cuda, "implementation", None) != "NVIDIA":
         return ("numba's built-in, deprecated CUDA target is active instead of numba-cuda; install it with: "
                 "pip install 'fastbp[cuda]'")
     try:

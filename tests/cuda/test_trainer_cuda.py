@@ -43,14 +43,15 @@ def test_fit_matches_cpu_step_for_step(small_launches, loss, optimizer, kwargs, 
     X, y, _ = make_problem(loss, 21, [5, 7, 3], rng, dtype)
     cpu, gpu = pair([5, 7, 6, 3], "tanh", dtype, loss=loss, optimizer=optimizer, lr=0.1,
                     batch_size=batch_size, **kwargs)
-    h_cpu, h_gpu = cpu.fit(X, y, epochs=3), gpu.fit(X, y, epochs=3)
+    h_cpu, h_gpu = cpu.fit(X, y, epochs=2), gpu.fit(X, y, epochs=2)
     np.testing.assert_allclose(h_gpu.loss, h_cpu.loss, **PARITY[dtype])
     assert gpu.steps_done == cpu.steps_done
     np.testing.assert_allclose(gpu.opt_state, cpu.opt_state, **PARITY[dtype])
     assert_same_params(cpu.model, gpu.model, PARITY[dtype])
     np.testing.assert_allclose(gpu.predict(X), cpu.predict(X), **PARITY[dtype])
+    scores = gpu.evaluate(X, y)
     for key, value in cpu.evaluate(X, y).items():
-        assert gpu.evaluate(X, y)[key] == pytest.approx(value, rel=PARITY[dtype]["rtol"])
+        assert scores[key] == pytest.approx(value, rel=PARITY[dtype]["rtol"])
 
 
 @pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "softmax_cross_entropy"])
@@ -120,10 +121,9 @@ def test_nonfinite_epoch_restores_the_epoch_start(small_launches, rng):
     X = (rng.normal(size=(12, 2)) * 10).astype(np.float32)
     y = (rng.normal(size=(12, 1)) * 100).astype(np.float32)
     cpu, gpu = pair([2, 4, 1], "relu", np.float32, loss="mse", lr=10.0, batch_size=None)
-    with np.errstate(all="ignore"):  # the simulator computes in numpy scalars: overflow warns there
-        for trainer in (cpu, gpu):
-            with pytest.raises(fastbp.NonFiniteLossError):
-                trainer.fit(X, y, epochs=30)
+    for trainer in (cpu, gpu):
+        with pytest.raises(fastbp.NonFiniteLossError):
+            trainer.fit(X, y, epochs=30)
     assert len(gpu.history.loss) == len(cpu.history.loss)
     assert all(np.isfinite(w).all() for w in gpu.model.weights)
     assert_same_params(cpu.model, gpu.model, PARITY[np.float32])
