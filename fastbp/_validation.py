@@ -65,6 +65,13 @@ def check_dtype(name: str, dtype) -> np.dtype:
     return dt
 
 
+def is_gpu_array(array) -> bool:
+    """True for arrays in GPU memory: numba device arrays and anything with ``__cuda_array_interface__``."""
+    if isinstance(array, np.ndarray):
+        return False
+    return hasattr(array, "__cuda_array_interface__") or bool(getattr(array, "__cuda_ndarray__", False))
+
+
 def as_float_matrix(name: str, array, dtype: np.dtype, n_columns: int | None = None,
                     allow_vector: bool = False, columns_meaning: str | None = None) -> np.ndarray:
     """A C-contiguous (n, m) array of ``dtype`` (a copy only when needed), with every value finite.
@@ -72,7 +79,7 @@ def as_float_matrix(name: str, array, dtype: np.dtype, n_columns: int | None = N
     Non-contiguous and Fortran-ordered arrays are accepted (copied). ``allow_vector``: a 1-D array is taken
     as one column (targets of a single-output network). ``columns_meaning`` words the column-count error.
     """
-    if hasattr(array, "__cuda_array_interface__") and not isinstance(array, np.ndarray):
+    if is_gpu_array(array):
         raise TypeError(f"{name} is a GPU array; the CPU device needs a host array (numpy)")
     try:
         arr = np.asarray(array)

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import backends
 from ._interrupt import deferred_keyboard_interrupt
-from ._validation import as_float_matrix, check_bool, check_choice, check_float, check_int
+from ._validation import as_float_matrix, check_bool, check_choice, check_float, check_int, is_gpu_array
 from .kernels.pointwise import (
     BINARY_CROSS_ENTROPY,
     H_BETA1,
@@ -171,14 +171,26 @@ class Trainer:
     def n_outputs(self) -> int:
         return self.model.sizes[-1]
 
-    def _inputs(self, X, name: str = "X") -> np.ndarray:
-        """X checked and converted on the host: a C-contiguous (n, n_in) matrix of the model's dtype."""
+    def _inputs(self, X, name: str = "X"):
+        """X checked: a host array becomes a C-contiguous (n, n_in) matrix of the model's dtype (not yet on the
+        device); a GPU array is checked on the device and used in place, without a copy."""
+        if is_gpu_array(X):
+            return self._backend.as_device_input(name, X, self.model.sizes[0])
         return as_float_matrix(name, X, self.model.dtype, n_columns=self.model.sizes[0])
 
     def _targets(self, y, n_samples: int, name: str = "y") -> np.ndarray:
         """Targets checked on the host, as a (n, k) float matrix in the kernels' form (one-hot rows for
         class ids)."""
         k = self.n_outputs
+        if is_gpu_array(y):
+            bounds = {"binary_cross_entropy": (0.0, 1.0), "softmax_cross_entropy": (0.0, np.inf)}.get(self.loss)
+            if self.loss == "softmax_cross_entropy" and len(y.shape) == 1 and k > 1:
+                raise TypeError(f"{name} is a GPU vector of class ids; on the GPU pass one-hot or class-probability "
+                                f"rows ({n_samples}, {k}) of the model's dtype")
+            Y = self._backend.as_device_input(name, y, k, allow_vector=True, bounds=bounds)
+            if Y.shape[0] != n_samples:
+                raise ValueError(f"{name} has {Y.shape[0]} samples but X has {n_samples}")
+            return Y
         if self.loss == "softmax_cross_entropy":
             try:
                 arr = np.asarray(y)
@@ -431,7 +443,7 @@ class Trainer:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _accuracy(self, predictions: np.ndarray, Y: np.ndarray) -> float:
-        Y = np.asarray(Y)
+        Y = self._backend.to_host(Y)
         if self.loss == "softmax_cross_entropy":
             return float(np.mean(predictions.argmax(axis=1) == Y.argmax(axis=1)))
         return float(np.mean((predictions > 0.5) == (Y > 0.5)))
@@ -453,8 +465,7 @@ class Trainer:
         try:
             scores = {"loss": self._backend.loss_value(Xc, Yc)}
             if self.loss != "mse":
-                scores["accuracy"] = self._accuracy(np.asarray(self._backend.predict(Xc, self.n_outputs)),
-                                                    np.asarray(Yc))
+                scores["accuracy"] = self._accuracy(np.asarray(self._backend.predict(Xc, self.n_outputs)), Yc)
             return scores
         finally:
             self._end(params)

@@ -48,6 +48,13 @@ class CPUBackend:
     def as_input(self, X) -> np.ndarray:
         return np.ascontiguousarray(X, dtype=self.dtype)
 
+    def as_device_input(self, name: str, X, n_columns: int, allow_vector: bool = False, bounds=None):
+        raise TypeError(f"{name} is a GPU array; the CPU device needs a host array (numpy): copy it to the "
+                        "host, or train with device='cuda'")
+
+    def to_host(self, X) -> np.ndarray:
+        return np.asarray(X)
+
     def _workspace(self, capacity: int, n_outputs: int):
         key = (capacity, n_outputs)
         if key not in self._workspaces:

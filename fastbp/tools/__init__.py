@@ -1,0 +1,1 @@
+"""Command-line tools: ``python -m fastbp.tools.compare_devices`` (CPU vs CUDA timings)."""

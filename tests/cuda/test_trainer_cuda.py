@@ -1,0 +1,139 @@
+"""Trainer(device="cuda") against Trainer(device="cpu") from the same initial weights and seed (the same
+mini-batch orders): losses, gradients and weights after a few epochs; on a GPU or in the simulator.
+
+Tolerance: float32 results agree to rtol 1e-5 (atol 1e-6) in the simulator, where both targets sum in the
+same order and differ only in rounding (exp/log evaluated in double then rounded, no fused multiply-add);
+on a GPU, fastmath (approximate exp/log/division, FMA) and a few epochs of SGD amplifying them are
+allowed rtol 1e-4 (atol 1e-5). float64: 1e-10 / 1e-12 everywhere (the same sums, in the same order).
+"""
+import numpy as np
+import pytest
+
+import fastbp
+
+from .. import naive
+from ..test_trainer import make_problem
+from .conftest import SIMULATOR, SKIP_REASON, cuda_reason
+
+pytestmark = pytest.mark.skipif(cuda_reason() is not None, reason=SKIP_REASON)
+
+PARITY = {np.float32: dict(rtol=1e-5, atol=1e-6) if SIMULATOR else dict(rtol=1e-4, atol=1e-5),
+          np.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+def pair(sizes, act, dtype, **trainer_kwargs):
+    """A CPU trainer and a CUDA trainer on two copies of one model."""
+    model = fastbp.MLP(sizes, act, dtype=dtype, seed=1)
+    return [fastbp.Trainer(m, device=device, seed=7, **trainer_kwargs)
+            for m, device in ((model, "cpu"), (model.copy(), "cuda"))]
+
+
+def assert_same_params(cpu_model, cuda_model, tol):
+    for a, b in zip(cpu_model.weights + cpu_model.biases, cuda_model.weights + cuda_model.biases):
+        np.testing.assert_allclose(b, a, **tol)
+
+
+@pytest.mark.parametrize("loss,optimizer,kwargs,batch_size", [
+    ("softmax_cross_entropy", "sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.01), 8),
+    ("binary_cross_entropy", "adam", dict(weight_decay=0.01), 6),
+    ("mse", "sgd", dict(momentum=0.5, dampening=0.1), None),
+])
+def test_fit_matches_cpu_step_for_step(small_launches, loss, optimizer, kwargs, batch_size, rng):
+    dtype = np.float32
+    X, y, _ = make_problem(loss, 21, [5, 7, 3], rng, dtype)
+    cpu, gpu = pair([5, 7, 6, 3], "tanh", dtype, loss=loss, optimizer=optimizer, lr=0.1,
+                    batch_size=batch_size, **kwargs)
+    h_cpu, h_gpu = cpu.fit(X, y, epochs=2), gpu.fit(X, y, epochs=2)
+    np.testing.assert_allclose(h_gpu.loss, h_cpu.loss, **PARITY[dtype])
+    assert gpu.steps_done == cpu.steps_done
+    np.testing.assert_allclose(gpu.opt_state, cpu.opt_state, **PARITY[dtype])
+    assert_same_params(cpu.model, gpu.model, PARITY[dtype])
+    np.testing.assert_allclose(gpu.predict(X), cpu.predict(X), **PARITY[dtype])
+    scores = gpu.evaluate(X, y)
+    for key, value in cpu.evaluate(X, y).items():
+        assert scores[key] == pytest.approx(value, rel=PARITY[dtype]["rtol"])
+
+
+@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "softmax_cross_entropy"])
+def test_loss_and_grads_match_cpu_and_reference(small_launches, loss, dtype, rng):
+    sizes = [4, 6, 3]
+    X, y, Y = make_problem(loss, 13, sizes, rng, dtype)
+    cpu, gpu = pair(sizes, "sigmoid", dtype, loss=loss)
+    value, dweights, dbiases = gpu.loss_and_grads(X, y)
+    value_cpu, dweights_cpu, dbiases_cpu = cpu.loss_and_grads(X, y)
+    assert value == pytest.approx(value_cpu, rel=PARITY[dtype]["rtol"])
+    for a, b in zip(dweights_cpu + dbiases_cpu, dweights + dbiases):
+        np.testing.assert_allclose(b, a, **PARITY[dtype])
+    ref_value, ref_dw, _ = naive.loss_and_grads(gpu.model.weights, gpu.model.biases, gpu.model.activations,
+                                                loss, X, Y)
+    assert value == pytest.approx(ref_value, rel=1e-5 if dtype == np.float32 else 1e-10)
+    np.testing.assert_allclose(dweights[0], ref_dw[0], rtol=2e-4 if dtype == np.float32 else 1e-9,
+                               atol=2e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_fit_float64_with_validation_matches_cpu(small_launches, rng):
+    X, y, _ = make_problem("softmax_cross_entropy", 17, [3, 5, 4], rng, np.float64)
+    Xv, yv, _ = make_problem("softmax_cross_entropy", 9, [3, 5, 4], rng, np.float64)
+    cpu, gpu = pair([3, 5, 4], "relu", np.float64, loss="softmax_cross_entropy", optimizer="adam", lr=0.05,
+                    batch_size=5)
+    h_cpu = cpu.fit(X, y, epochs=2, validation_data=(Xv, yv))
+    h_gpu = gpu.fit(X, y, epochs=2, validation_data=(Xv, yv))
+    tol = PARITY[np.float64]
+    np.testing.assert_allclose(h_gpu.loss, h_cpu.loss, **tol)
+    np.testing.assert_allclose(h_gpu.val_loss, h_cpu.val_loss, **tol)
+    assert h_gpu.val_accuracy == h_cpu.val_accuracy
+    assert_same_params(cpu.model, gpu.model, tol)
+
+
+def test_device_arrays_are_used_in_place(small_launches, rng):
+    kernels = small_launches
+    X, y, _ = make_problem("binary_cross_entropy", 12, [3, 4, 2], rng, np.float32)
+    cpu, gpu = pair([3, 4, 2], "relu", np.float32, loss="binary_cross_entropy", lr=0.5, batch_size=5)
+    X_dev, y_dev = kernels.to_device(X), kernels.to_device(y)
+    assert gpu._inputs(X_dev) is X_dev  # no copy, no conversion
+    h_cpu, h_gpu = cpu.fit(X, y, epochs=2), gpu.fit(X_dev, y_dev, epochs=2)
+    np.testing.assert_allclose(h_gpu.loss, h_cpu.loss, **PARITY[np.float32])
+    np.testing.assert_allclose(gpu.predict(X_dev), cpu.predict(X), **PARITY[np.float32])
+    assert gpu.evaluate(X_dev, y_dev)["accuracy"] == cpu.evaluate(X, y)["accuracy"]
+
+
+def test_device_arrays_are_checked_on_the_device(small_launches, rng):
+    kernels = small_launches
+    gpu = fastbp.Trainer(fastbp.MLP([3, 2], seed=0), loss="binary_cross_entropy", device="cuda")
+    X = rng.normal(size=(6, 3)).astype(np.float32)
+    y = rng.uniform(size=(6, 2)).astype(np.float32)
+    with pytest.raises(TypeError, match="dtype float64"):
+        gpu.fit(kernels.to_device(X.astype(np.float64)), y)
+    with pytest.raises(ValueError, match="3 columns"):
+        gpu.fit(kernels.to_device(X[:, :2].copy()), y)
+    bad = X.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        gpu.fit(kernels.to_device(bad), y)
+    with pytest.raises(ValueError, match=r"lie in \[0.0, 1.0\]"):
+        gpu.fit(X, kernels.to_device(y + 1))
+    with pytest.raises(TypeError, match="CPU device needs a host array"):
+        fastbp.Trainer(fastbp.MLP([3, 2], seed=0)).fit(kernels.to_device(X), y)
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in scalar:RuntimeWarning")
+def test_nonfinite_epoch_restores_the_epoch_start(small_launches, rng):
+    X = (rng.normal(size=(12, 2)) * 10).astype(np.float32)
+    y = (rng.normal(size=(12, 1)) * 100).astype(np.float32)
+    cpu, gpu = pair([2, 4, 1], "relu", np.float32, loss="mse", lr=10.0, batch_size=None)
+    for trainer in (cpu, gpu):
+        with pytest.raises(fastbp.NonFiniteLossError):
+            trainer.fit(X, y, epochs=30)
+    assert len(gpu.history.loss) == len(cpu.history.loss)
+    assert all(np.isfinite(w).all() for w in gpu.model.weights)
+    assert_same_params(cpu.model, gpu.model, PARITY[np.float32])
+
+
+def test_target_loss_and_auto_device(small_launches):
+    X = np.linspace(-1, 1, 16).reshape(-1, 1)
+    trainer = fastbp.Trainer(fastbp.MLP([1, 4, 1], "tanh", dtype=np.float64, seed=0), loss="mse", lr=0.3,
+                             batch_size=None, device="auto")
+    assert trainer.device == "cuda"  # the simulator or a GPU counts as usable
+    history = trainer.fit(X, 0.5 * X, epochs=200, target_loss=5e-3)
+    assert history.stop_reason == "target_loss"
+    assert history.loss[-1] <= 5e-3 < history.loss[-2]
