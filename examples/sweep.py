@@ -49,7 +49,7 @@ def main() -> None:
     try:
         from fastbp.sklearn import MLPClassifier
     except ImportError as error:
-        raise SystemExit(f"this example needs fastbp.sklearn (scikit-learn estimators): {error}")
+        raise SystemExit(f"this example needs fastbp.sklearn (scikit-learn estimators): {error}") from error
 
     X, y = load_digits(return_X_y=True)
     X_train, X_test, y_train, y_test = train_test_split(X / 16.0, y, test_size=0.25, random_state=0)

@@ -7,7 +7,6 @@ import textwrap
 import warnings
 
 import numpy as np
-import pytest
 
 import fastbp._jit
 

@@ -1,6 +1,5 @@
 """Training that goes wrong loses nothing; numerical extremes stay finite; results are reproducible across
 runs, thread counts and concurrent Python threads."""
-import hashlib
 import json
 import os
 import signal

@@ -437,7 +437,8 @@ def _array_stats_kernel(stats, values):
 
 # --- launchers: the CPU module's names and signatures ------------------------------------------------------
 def dense_forward_naive(out, inp, weight, bias, act):
-    """out = act(inp @ weight + bias), overwritten. inp (B, n_in), weight (n_in, n_out), bias (n_out,), out (B, n_out)."""
+    """out = act(inp @ weight + bias), overwritten.
+    inp (B, n_in), weight (n_in, n_out), bias (n_out,), out (B, n_out)."""
     bx, by = BLOCK_2D
     _dense_forward_naive_kernel[(_blocks(out.shape[1], bx), _blocks(out.shape[0], by)), (bx, by)](
         out, inp, weight, bias, act)
@@ -458,7 +459,8 @@ def dense_backward_input_naive(dinp, dout, weight, inp, inp_act):
 
 
 def dense_forward(out, inp, weight, bias, act):
-    """out = act(inp @ weight + bias), overwritten. inp (B, n_in), weight (n_in, n_out), bias (n_out,), out (B, n_out)."""
+    """out = act(inp @ weight + bias), overwritten.
+    inp (B, n_in), weight (n_in, n_out), bias (n_out,), out (B, n_out)."""
     _dense_forward_kernel[(_blocks(out.shape[1], TILE), _blocks(out.shape[0], TILE)), (TILE, TILE)](
         out, inp, weight, bias, act)
 

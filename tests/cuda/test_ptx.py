@@ -15,7 +15,8 @@ pytestmark = [
     pytest.mark.skipif(not HAVE_CUDA_EXTRA, reason="numba-cuda is not installed (pip install 'fastbp[ptx]')"),
     pytest.mark.skipif(SIMULATOR, reason="compile_ptx does not work in a simulator process"),
     pytest.mark.skipif(os.environ.get("FASTBP_PTX_CHECK") != "1",
-                       reason="the PTX check runs in its own process: FASTBP_PTX_CHECK=1 pytest tests/cuda/test_ptx.py"),
+                       reason="the PTX check runs in its own process: "
+                              "FASTBP_PTX_CHECK=1 pytest tests/cuda/test_ptx.py"),
 ]
 
 ARCHS = [(9, 0), (7, 5)]
