@@ -274,15 +274,14 @@ class Trainer:
             while remaining > 0:
                 count = min(chunk, remaining)
                 first = self.epochs_done
-                lrs = np.array([self._lr_at(first + e) for e in range(count)], dtype=np.float64)
+                lrs = self._lrs(first, count)
                 orders = (np.stack([self._rng.permutation(n) for _ in range(count)]) if shuffle
                           else np.empty((count, 0), dtype=np.int64))
                 started = time.perf_counter()
                 losses, completed = self._backend.train_epochs(
                     Xc, Yc, batch_size, orders, lrs, -np.inf if target is None else target)
                 per_epoch = (time.perf_counter() - started) / max(1, len(losses))
-                for e in range(completed):
-                    self._record(history, first + e, losses[e], lrs[e], per_epoch)
+                self._record_many(history, first, losses[:completed], lrs[:completed], per_epoch)
                 self.epochs_done += completed
                 remaining -= completed
                 if completed < count and not np.isfinite(losses[-1]):
@@ -328,6 +327,24 @@ class Trainer:
         s = np.empty_like(self.opt_state)
         steps = self._backend.store_state(p, s)
         return p, s, steps
+
+    def _lrs(self, first: int, count: int) -> np.ndarray:
+        """The learning rates of epochs first..first+count-1 (float64); a constant rate is checked once,
+        not once per epoch (per-epoch Python work dominated 1000-epoch fits of small networks)."""
+        if isinstance(self._schedule, Constant):
+            return np.full(count, self._lr_at(first), dtype=np.float64)
+        return np.array([self._lr_at(first + e) for e in range(count)], dtype=np.float64)
+
+    def _record_many(self, history: History, first: int, losses, lrs, seconds: float) -> None:
+        """_record for consecutive epochs, with list.extend (same content as calling _record per epoch)."""
+        epochs = range(first, first + len(losses))
+        losses = np.asarray(losses, dtype=np.float64).tolist()
+        lrs = np.asarray(lrs, dtype=np.float64).tolist()
+        for h in (history, self.history):
+            h.epoch.extend(epochs)
+            h.loss.extend(losses)
+            h.lr.extend(lrs)
+            h.time.extend([seconds] * len(losses))
 
     def _record(self, history: History, epoch: int, loss: float, lr: float, seconds: float) -> None:
         for h in (history, self.history):
