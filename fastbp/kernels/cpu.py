@@ -31,11 +31,14 @@ from numba import prange
 from .._jit import cpu_jit, inline
 from .pointwise import (
     ADAM,
+    BINARY_CROSS_ENTROPY,
     IDENTITY,
+    LEAKY_RELU,
     MSE,
     RELU,
     SIGMOID,
     SOFTMAX_CROSS_ENTROPY,
+    TANH,
     H_BETA1,
     H_BETA2,
     H_DAMPENING,
@@ -184,17 +187,8 @@ def dense_backward_input(dinp, dout, weight, inp, inp_act):
     """dinp = (dout @ weight.T) * act'(inp), overwritten: gradient w.r.t. the previous layer's
     pre-activation. dout (B, n_out), weight (n_in, n_out), inp (B, n_in) = previous layer's output.
     The product is the NT form (rows of dout against rows of weight, both contiguous): see _nt_tiles."""
-    n_rows = dout.shape[0]
-    if n_rows * weight.shape[0] * weight.shape[1] < PARALLEL_MIN_WORK:
-        _nt_rows(dinp, dout, weight, 0, n_rows)
-        _scale_by_activation_grad_rows(dinp, inp, inp_act, 0, n_rows)
-        return
-    n_blocks = (n_rows + GEMM_ROW_BLOCK - 1) // GEMM_ROW_BLOCK
-    for block in prange(n_blocks):
-        start = block * GEMM_ROW_BLOCK
-        stop = min(start + GEMM_ROW_BLOCK, n_rows)
-        _nt_rows(dinp, dout, weight, start, stop)
-        _scale_by_activation_grad_rows(dinp, inp, inp_act, start, stop)
+    matmul_nt(dinp, dout, weight)
+    _scale_by_activation_grad_rows(dinp, inp, inp_act, 0, dout.shape[0])
 
 
 @cpu_jit()
@@ -254,9 +248,9 @@ def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
                 total += t * (log_sum_exp - logits[i, j])
                 dlogits[i, j] = (dlogits[i, j] * scale - t) * inv_divisor
             row_losses[i] = total
-    else:
+    else:  # the constant code lets LLVM drop loss_grad_row's other branches (compile time)
         for i in range(n):
-            row_losses[i] = loss_grad_row(dlogits[i], logits[i], targets[i], loss, inv_divisor)
+            row_losses[i] = loss_grad_row(dlogits[i], logits[i], targets[i], BINARY_CROSS_ENTROPY, inv_divisor)
 
 
 @cpu_jit(**FAST)
@@ -268,31 +262,19 @@ def output_transform(out, logits, loss):
 
 @cpu_jit(**FAST)
 def sgd_update(params, velocity, grads, lr, momentum, dampening, weight_decay, nesterov, first_step):
-    """torch.optim.SGD step over flat vectors (P,), in place. Scalars in the parameters' dtype."""
-    n = params.shape[0]
-    if n < PARALLEL_MIN_WORK:
-        for i in range(n):
-            sgd_update_one(params, velocity, grads, i, lr, momentum, dampening, weight_decay, nesterov, first_step)
-        return
-    for block in prange((n + ELEMENT_BLOCK - 1) // ELEMENT_BLOCK):
-        for i in range(block * ELEMENT_BLOCK, min(block * ELEMENT_BLOCK + ELEMENT_BLOCK, n)):
-            sgd_update_one(params, velocity, grads, i, lr, momentum, dampening, weight_decay, nesterov, first_step)
+    """torch.optim.SGD step over flat vectors (P,), in place. Scalars in the parameters' dtype.
+    Serial: about 1 ns a parameter, ~1% of a W4 step; a parallel path cost a second of cold compile."""
+    for i in range(params.shape[0]):
+        sgd_update_one(params, velocity, grads, i, lr, momentum, dampening, weight_decay, nesterov, first_step)
 
 
 @cpu_jit(**FAST)
 def adam_update(params, exp_avg, exp_avg_sq, grads, lr, beta1, beta2, eps, weight_decay, step_size,
                 sqrt_bias_correction2):
-    """torch.optim.Adam step over flat vectors (P,), in place. Scalars in the parameters' dtype."""
-    n = params.shape[0]
-    if n < PARALLEL_MIN_WORK:
-        for i in range(n):
-            adam_update_one(params, exp_avg, exp_avg_sq, grads, i, lr, beta1, beta2, eps, weight_decay,
-                            step_size, sqrt_bias_correction2)
-        return
-    for block in prange((n + ELEMENT_BLOCK - 1) // ELEMENT_BLOCK):
-        for i in range(block * ELEMENT_BLOCK, min(block * ELEMENT_BLOCK + ELEMENT_BLOCK, n)):
-            adam_update_one(params, exp_avg, exp_avg_sq, grads, i, lr, beta1, beta2, eps, weight_decay,
-                            step_size, sqrt_bias_correction2)
+    """torch.optim.Adam step over flat vectors (P,), in place. Scalars in the parameters' dtype. Serial."""
+    for i in range(params.shape[0]):
+        adam_update_one(params, exp_avg, exp_avg_sq, grads, i, lr, beta1, beta2, eps, weight_decay,
+                        step_size, sqrt_bias_correction2)
 
 
 @cpu_jit()
@@ -378,28 +360,12 @@ def _nt_tiles(C, A, Bt, i0, i1, j0, j1):
             C[i + 3, j] = c3
             j += 1
         i += 4
-    while i < i1:  # the last 1-3 rows: 1x4 tiles, then single dot products
-        j = j0
-        while j + 4 <= j1:
-            c0 = c1 = c2 = c3 = zero
-            for k in range(K):
-                a = A[i, k]
-                c0 += a * Bt[j, k]
-                c1 += a * Bt[j + 1, k]
-                c2 += a * Bt[j + 2, k]
-                c3 += a * Bt[j + 3, k]
-            C[i, j] = c0
-            C[i, j + 1] = c1
-            C[i, j + 2] = c2
-            C[i, j + 3] = c3
-            j += 4
-        while j < j1:
+    for ii in range(i, i1):  # the last 1-3 rows: single dot products (one compiled loop less than 1x4 tiles)
+        for jj in range(j0, j1):
             c = zero
             for k in range(K):
-                c += A[i, k] * Bt[j, k]
-            C[i, j] = c
-            j += 1
-        i += 1
+                c += A[ii, k] * Bt[jj, k]
+            C[ii, jj] = c
 
 
 @inline
@@ -431,9 +397,12 @@ def _bias_activate_rows(out, bias, act, i0, i1):
     elif act == SIGMOID:
         for t in range(flat.shape[0]):
             flat[t] = sigmoid(flat[t])
+    elif act == TANH:  # each branch passes activate() a constant code, so only that case is compiled
+        for t in range(flat.shape[0]):
+            flat[t] = activate(flat[t], TANH)
     else:
         for t in range(flat.shape[0]):
-            flat[t] = activate(flat[t], act)
+            flat[t] = activate(flat[t], LEAKY_RELU)
 
 
 @inline
@@ -448,9 +417,25 @@ def _scale_by_activation_grad_rows(dinp, inp, act, i0, i1):
     if act == RELU:
         for t in range(flat.shape[0]):
             flat[t] = flat[t] if flat_inp[t] > zero else zero
+    elif act == SIGMOID:
+        for t in range(flat.shape[0]):
+            flat[t] *= activation_grad(flat_inp[t], SIGMOID)
+    elif act == TANH:
+        for t in range(flat.shape[0]):
+            flat[t] *= activation_grad(flat_inp[t], TANH)
     else:
         for t in range(flat.shape[0]):
-            flat[t] *= activation_grad(flat_inp[t], act)
+            flat[t] *= activation_grad(flat_inp[t], LEAKY_RELU)
+
+
+@cpu_jit(**FAST)
+def matmul_nt_rows(C, A, Bt, row_start, row_stop):
+    """Rows row_start..row_stop of C = A @ Bt.T, overwritten, on the calling thread (see matmul_nt).
+
+    The one compiled copy of the register-tiled loops: matmul_nt's serial path and every parallel task
+    call it, and the dense kernels call matmul_nt, so the large unrolled, vectorised tile code is compiled
+    once per dtype rather than once per caller and path (cold compile of a fit: 54 s -> see the README)."""
+    _nt_rows(C, A, Bt, row_start, row_stop)
 
 
 @cpu_jit(**FAST)
@@ -459,12 +444,14 @@ def matmul_nt(C, A, Bt):
     of C above PARALLEL_MIN_WORK multiply-adds (each task owns whole rows: no races)."""
     n_rows = A.shape[0]
     if n_rows * A.shape[1] * Bt.shape[0] < PARALLEL_MIN_WORK:
-        _nt_rows(C, A, Bt, 0, n_rows)
+        # A literal 0 here would be typed Literal[int] and compile a second copy of the tile code.
+        first_row = n_rows - n_rows
+        matmul_nt_rows(C, A, Bt, first_row, n_rows)
         return
     n_blocks = (n_rows + GEMM_ROW_BLOCK - 1) // GEMM_ROW_BLOCK
     for block in prange(n_blocks):
         start = block * GEMM_ROW_BLOCK
-        _nt_rows(C, A, Bt, start, min(start + GEMM_ROW_BLOCK, n_rows))
+        matmul_nt_rows(C, A, Bt, start, min(start + GEMM_ROW_BLOCK, n_rows))
 
 
 @inline
@@ -493,18 +480,11 @@ def transpose(out, inp):
 @cpu_jit(**FAST)
 def dense_forward_t(out, inp, weight_t, bias, act):
     """out = act(inp @ weight_t.T + bias), overwritten: dense_forward with the weight given TRANSPOSED, so
-    the product is the vectorised NT form. inp (B, n_in), weight_t (n_out, n_in), bias (n_out,), out (B, n_out)."""
-    n_rows = inp.shape[0]
-    if n_rows * weight_t.shape[0] * weight_t.shape[1] < PARALLEL_MIN_WORK:
-        _nt_rows(out, inp, weight_t, 0, n_rows)
-        _bias_activate_rows(out, bias, act, 0, n_rows)
-        return
-    n_blocks = (n_rows + GEMM_ROW_BLOCK - 1) // GEMM_ROW_BLOCK
-    for block in prange(n_blocks):
-        start = block * GEMM_ROW_BLOCK
-        stop = min(start + GEMM_ROW_BLOCK, n_rows)
-        _nt_rows(out, inp, weight_t, start, stop)
-        _bias_activate_rows(out, bias, act, start, stop)
+    the product is the vectorised NT form. inp (B, n_in), weight_t (n_out, n_in), bias (n_out,), out (B, n_out).
+    The bias and activation pass is serial: it touches B * n_out numbers once, n_in times less than the
+    product (and keeping it out of the parallel tasks keeps one compiled copy of it)."""
+    matmul_nt(out, inp, weight_t)
+    _bias_activate_rows(out, bias, act, 0, inp.shape[0])
 
 
 @cpu_jit(**FAST)
