@@ -256,3 +256,17 @@ def test_exp_fast_accuracy(dtype):
     assert rel.max() < (1e-6 if dtype == np.float32 else 1e-14)
     assert out[x == dtype(-1e4)][0] == 0 and np.isinf(out[x == dtype(1e4)][0])
     assert (out >= 0).all()
+
+
+def test_exp_fast_as_plain_python(dtype):
+    # The CUDA simulator runs pointwise helpers as Python on numpy scalars (and on the CUDA target
+    # math.floor returns a float, which exp_fast must turn into an int before shifting).
+    from fastbp.kernels.pointwise import exp_fast, sigmoid
+
+    for x in (-100.0, -20.5, -1.0, 0.0, 0.3, 5.0, 80.0):
+        value = exp_fast.py_func(dtype(x))
+        if np.exp(x) < np.finfo(dtype).tiny * 4:
+            assert value == 0 or value < np.finfo(dtype).tiny * 4
+        else:
+            np.testing.assert_allclose(value, np.exp(x), rtol=1e-6 if dtype == np.float32 else 1e-14)
+    np.testing.assert_allclose(sigmoid.py_func(dtype(-3.0)), 1 / (1 + np.exp(3.0)), rtol=1e-6)

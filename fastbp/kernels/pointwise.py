@@ -74,7 +74,8 @@ def exp_fast(x):
         hi = T(709.78)
         shift = 5
     xc = min(max(x, lo), hi)
-    n = math.floor(xc * T(1.4426950408889634) + T(0.5))
+    # int(): math.floor returns an int on the CPU target but a float on the CUDA target.
+    n = int(math.floor(xc * T(1.4426950408889634) + T(0.5)))
     nf = T(n)
     r = (xc - nf * T(0.693359375)) - nf * T(-2.12194440054690582e-4)
     if single:
