@@ -326,17 +326,10 @@ class Trainer:
                 # The schedule is asked once per epoch, just before its chunk (it may read state that
                 # callbacks change). A bad value stops fit at that epoch: the epochs before it still run,
                 # then the error is raised with the model at the end of the last good epoch.
-                lrs, schedule_error = [], None
-                for e in range(count):
-                    try:
-                        lrs.append(self._lr_at(first + e))
-                    except (TypeError, ValueError) as error:
-                        schedule_error = error
-                        break
-                if not lrs:
+                lrs, schedule_error = self._lrs(first, count)
+                if len(lrs) == 0:
                     raise schedule_error
                 count = len(lrs)
-                lrs = np.array(lrs, dtype=np.float64)
                 # The compiled call and the record of what it did form one step that Ctrl-C cannot split:
                 # an interrupt is delivered after it, when parameters, optimizer state, epoch counter,
                 # shuffling RNG and history all describe the same last completed epoch.
@@ -353,8 +346,7 @@ class Trainer:
                         raise
                     elapsed = time.perf_counter() - started
                     per_epoch = elapsed / max(1, len(losses))
-                    for e in range(completed):
-                        self._record(history, first + e, losses[e], lrs[e], per_epoch)
+                    self._record_many(history, first, losses[:completed], lrs[:completed], per_epoch)
                     self.epochs_done += completed
                     remaining -= completed
                     if completed < count:  # the RNG advances only for epochs that were kept
@@ -428,12 +420,33 @@ class Trainer:
         steps = self._backend.store_state(p, s)
         return p, s, steps
 
-    def _record(self, history: History, epoch: int, loss: float, lr: float, seconds: float) -> None:
+    def _lrs(self, first: int, count: int):
+        """(learning rates of epochs first..first+count-1 as float64, None), or the rates before the first
+        bad value and that value's error. A constant rate is checked once, not once per epoch (per-epoch
+        Python work dominated 1000-epoch fits of small networks)."""
+        if isinstance(self._schedule, Constant):
+            return np.full(count, self._lr_at(first), dtype=np.float64), None
+        lrs = []
+        for e in range(count):
+            try:
+                lrs.append(self._lr_at(first + e))
+            except (TypeError, ValueError) as error:
+                return np.array(lrs, dtype=np.float64), error
+        return np.array(lrs, dtype=np.float64), None
+
+    def _record_many(self, history: History, first: int, losses, lrs, seconds: float) -> None:
+        """_record for consecutive epochs, with list.extend (same content as calling _record per epoch)."""
+        epochs = range(first, first + len(losses))
+        losses = np.asarray(losses, dtype=np.float64).tolist()
+        lrs = np.asarray(lrs, dtype=np.float64).tolist()
         for h in (history, self.history):
-            h.epoch.append(epoch)
-            h.loss.append(float(loss))
-            h.lr.append(float(lr))
-            h.time.append(seconds)
+            h.epoch.extend(epochs)
+            h.loss.extend(losses)
+            h.lr.extend(lrs)
+            h.time.extend([seconds] * len(losses))
+
+    def _record(self, history: History, epoch: int, loss: float, lr: float, seconds: float) -> None:
+        self._record_many(history, epoch, [loss], [lr], seconds)
 
     def _nonfinite(self, epoch: int, loss: float, lr: float, on_nonfinite: str) -> None:
         message = (f"training loss became {loss} in epoch {epoch} (lr={lr:.4g}); the model was restored to the "

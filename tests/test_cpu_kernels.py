@@ -156,3 +156,117 @@ def test_gather_rows(dtype, rng):
     out = np.empty((4, 3), dtype)
     cpu.gather_rows(out, source, order, 5)
     np.testing.assert_array_equal(out, source[order[5:9]])
+
+
+# --- the fast kernels the training drivers use, against the naive references ----------------------------------
+# Sizes around the 4x4 register tile and the 64-row column block (63, 64, 65, 67), primes, and 1.
+FAST_SHAPES = [(1, 1, 1), (3, 5, 7), (4, 4, 4), (5, 1, 9), (13, 17, 11), (37, 64, 1), (61, 67, 65),
+               (130, 33, 70), (67, 129, 63)]
+
+
+@pytest.mark.parametrize("shape", FAST_SHAPES)
+def test_matmul_nt(shape, dtype, rng):
+    M, K, N = shape
+    A = rng.normal(size=(M, K)).astype(dtype)
+    Bt = rng.normal(size=(N, K)).astype(dtype)
+    C = np.full((M, N), np.nan, dtype)
+    cpu.matmul_nt(C, A, Bt)
+    np.testing.assert_allclose(C, A.astype(np.float64) @ Bt.T, **TOLERANCES[dtype])
+
+
+def test_matmul_nt_parallel_path(rng):
+    # Above PARALLEL_MIN_WORK the rows are split over threads: same result as the serial path.
+    M, K, N = 97, 130, 101
+    assert M * K * N >= cpu.PARALLEL_MIN_WORK
+    A = rng.normal(size=(M, K))
+    Bt = rng.normal(size=(N, K))
+    C = np.full((M, N), np.nan)
+    cpu.matmul_nt(C, A, Bt)
+    np.testing.assert_allclose(C, A @ Bt.T, **TOLERANCES[np.float64])
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (16, 16), (65, 130), (257, 1031)])
+def test_transpose(shape, dtype, rng):
+    inp = rng.normal(size=shape).astype(dtype)
+    out = np.full(shape[::-1], np.nan, dtype)
+    cpu.transpose(out, inp)
+    np.testing.assert_array_equal(out, inp.T)
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("shape", FAST_SHAPES)
+def test_dense_forward_t_matches_naive(shape, act, dtype, rng):
+    B, n_in, n_out = shape
+    inp = rng.normal(size=(B, n_in)).astype(dtype)
+    w = rng.normal(size=(n_in, n_out)).astype(dtype)
+    b = rng.normal(size=n_out).astype(dtype)
+    out = np.full((B, n_out), np.nan, dtype)
+    expected = np.full((B, n_out), np.nan, dtype)
+    cpu.dense_forward_t(out, inp, np.ascontiguousarray(w.T), b, ACTIVATIONS[act])
+    cpu.dense_forward_naive(expected, inp, w, b, ACTIVATIONS[act])
+    np.testing.assert_allclose(out, expected, **TOLERANCES[dtype])
+    np.testing.assert_allclose(out, naive.ACTIVATIONS[act](inp.astype(np.float64) @ w + b), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("shape", FAST_SHAPES)
+def test_dense_backward_params_t_matches_naive(shape, dtype, rng):
+    B, n_in, n_out = shape
+    inp = rng.normal(size=(B, n_in)).astype(dtype)
+    dout = rng.normal(size=(B, n_out)).astype(dtype)
+    dweight, dbias = np.full((n_in, n_out), np.nan, dtype), np.full(n_out, np.nan, dtype)
+    ref_w, ref_b = np.full((n_in, n_out), np.nan, dtype), np.full(n_out, np.nan, dtype)
+    cpu.dense_backward_params_t(dweight, dbias, np.ascontiguousarray(dout.T), np.ascontiguousarray(inp.T))
+    cpu.dense_backward_params_naive(ref_w, ref_b, dout, inp)
+    np.testing.assert_allclose(dweight, ref_w, **TOLERANCES[dtype])
+    np.testing.assert_allclose(dbias, ref_b, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("shape", FAST_SHAPES)
+def test_dense_backward_input_matches_naive(shape, act, dtype, rng):
+    B, n_in, n_out = shape
+    inp = naive.ACTIVATIONS[act](rng.normal(size=(B, n_in))).astype(dtype)
+    w = rng.normal(size=(n_in, n_out)).astype(dtype)
+    dout = rng.normal(size=(B, n_out)).astype(dtype)
+    fast, ref = np.full((B, n_in), np.nan, dtype), np.full((B, n_in), np.nan, dtype)
+    cpu.dense_backward_input(fast, dout, w, inp, ACTIVATIONS[act])
+    cpu.dense_backward_input_naive(ref, dout, w, inp, ACTIVATIONS[act])
+    np.testing.assert_allclose(fast, ref, **TOLERANCES[dtype])
+
+
+def test_exp_fast_accuracy(dtype):
+    from numba import njit
+
+    from fastbp.kernels.pointwise import exp_fast
+
+    @njit
+    def apply(out, x):
+        for i in range(x.shape[0]):
+            out[i] = exp_fast(x[i])
+
+    x = np.concatenate([np.linspace(-110, 100, 20001), np.linspace(-3, 3, 1001),
+                        [0.0, -0.0, 1e-9, -1e-9, -1e4, 1e4, -745.0, 709.0]]).astype(dtype)
+    out = np.empty_like(x)
+    apply(out, x)
+    with np.errstate(over="ignore", under="ignore"):
+        ref = np.exp(x.astype(np.float64))
+    info = np.finfo(dtype)
+    normal = (ref > info.tiny * 4) & (ref < info.max / 2)
+    rel = np.abs(out[normal] - ref[normal]) / ref[normal]
+    assert rel.max() < (1e-6 if dtype == np.float32 else 1e-14)
+    assert out[x == dtype(-1e4)][0] == 0 and np.isinf(out[x == dtype(1e4)][0])
+    assert (out >= 0).all()
+
+
+def test_exp_fast_as_plain_python(dtype):
+    # The CUDA simulator runs pointwise helpers as Python on numpy scalars (and on the CUDA target
+    # math.floor returns a float, which exp_fast must turn into an int before shifting).
+    from fastbp.kernels.pointwise import exp_fast, sigmoid
+
+    for x in (-100.0, -20.5, -1.0, 0.0, 0.3, 5.0, 80.0):
+        value = exp_fast.py_func(dtype(x))
+        if np.exp(x) < np.finfo(dtype).tiny * 4:
+            assert value == 0 or value < np.finfo(dtype).tiny * 4
+        else:
+            np.testing.assert_allclose(value, np.exp(x), rtol=1e-6 if dtype == np.float32 else 1e-14)
+    np.testing.assert_allclose(sigmoid.py_func(dtype(-3.0)), 1 / (1 + np.exp(3.0)), rtol=1e-6)

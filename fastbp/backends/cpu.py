@@ -67,6 +67,8 @@ class CPUBackend:
                 grads=np.empty(self.layout.n_params, self.dtype),
                 grads_chunk=np.empty(self.layout.n_params, self.dtype),
                 backup=np.empty((3, self.layout.n_params), self.dtype),
+                scratch=np.empty(kernels.scratch_size(self.layout.n_params, capacity,
+                                                      int(self.layout.unit_offsets[-1])), self.dtype),
             )
         return self._workspaces[key]
 
@@ -82,7 +84,7 @@ class CPUBackend:
         layout = self.layout
         completed = kernels.train_epochs(
             self.params, self.opt_state, self.steps_done, ws["grads"], ws["acts"], ws["deltas"],
-            ws["targets_batch"], ws["row_losses"], ws["backup"], X, Y, orders, lrs, losses,
+            ws["targets_batch"], ws["row_losses"], ws["backup"], ws["scratch"], X, Y, orders, lrs, losses,
             layout.sizes, layout.param_offsets, layout.unit_offsets, self.act_codes, self.loss,
             self.optimizer, self.hyper, batch_size, target_loss)
         # An epoch that went non-finite is reported (its loss is in losses[completed]) but not counted.
@@ -128,7 +130,7 @@ class CPUBackend:
         ws = self._workspace(capacity, Y.shape[1])
         layout = self.layout
         return float(kernels.dataset_grads(grads_out, ws["grads_chunk"], ws["acts"], ws["deltas"], ws["row_losses"],
-                                           X, Y, self.params, layout.sizes, layout.param_offsets,
+                                           ws["scratch"], X, Y, self.params, layout.sizes, layout.param_offsets,
                                            layout.unit_offsets, self.act_codes, self.loss, capacity,
                                            float(divisor)))
 

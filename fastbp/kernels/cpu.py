@@ -23,12 +23,22 @@ it, one buffer to allreduce, few kernel arguments.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import prange
 
 from .._jit import cpu_jit, inline
 from .pointwise import (
     ADAM,
+    BINARY_CROSS_ENTROPY,
+    IDENTITY,
+    LEAKY_RELU,
+    MSE,
+    RELU,
+    SIGMOID,
+    SOFTMAX_CROSS_ENTROPY,
+    TANH,
     H_BETA1,
     H_BETA2,
     H_DAMPENING,
@@ -39,17 +49,35 @@ from .pointwise import (
     activate,
     activation_grad,
     adam_update_one,
+    exp_fast,
     loss_divisor,
     loss_grad_row,
     output_transform_row,
     sgd_update_one,
+    sigmoid,
 )
 
 # Below this many multiply-adds a kernel runs on the calling thread: a prange launch costs microseconds,
-# more than small layers take (numba issues #3213, #6568).
-PARALLEL_MIN_WORK = 1 << 15
+# more than small layers take (numba issues #3213, #6568), and far more on a loaded machine, where the
+# second thread may wait a time slice to be scheduled. 2^20 multiply-adds take about 15 us on one core.
+PARALLEL_MIN_WORK = 1 << 20
 # Rows per parallel task (each task owns whole output rows: no races, no atomics).
 ROW_BLOCK = 16
+# The tiled products: rows of C per parallel task (a multiple of the 4-row register tile), and rows of Bt
+# per cache block (64 rows of Bt stay in L2 while every 4-row tile of the task streams past them).
+GEMM_ROW_BLOCK = 32
+GEMM_COL_BLOCK = 64
+# Elements per parallel task in the element-wise and copy loops.
+ELEMENT_BLOCK = 1 << 14
+# The floating-point freedoms the fast kernels compile with: reassociation lets LLVM split a dot product
+# into vector partial sums (without it no reduction loop vectorises: 8 GFLOP/s instead of 50 here),
+# contraction makes FMAs. Not "nnan"/"ninf": the drivers test losses with np.isfinite, which those flags
+# would let LLVM fold to True.
+FAST_MATH = {"reassoc", "contract", "nsz"}
+# error_model="numpy": a division by zero gives inf/nan instead of raising ZeroDivisionError. The check
+# numba's default ("python") puts before every division is a branch that stops loops from vectorising
+# (sigmoid's 1 / (1 + e): 10 ns per element instead of about 1).
+FAST = dict(fastmath=FAST_MATH, error_model="numpy")
 
 
 # --- reference kernels (serial, obviously right) -------------------------------------------------------------
@@ -154,30 +182,13 @@ def dense_backward_params(dweight, dbias, dout, inp):
             dbias[j] += dout[i, j]
 
 
-@inline
-def _dense_backward_input_rows(dinp, dout, weight, inp, inp_act, row_start, row_stop):
-    # dinp[i, k] = dot(dout[i, :], weight[k, :]) * act'(inp[i, k]): two unit-stride rows per dot product.
-    zero = dinp.dtype.type(0.0)
-    for i in range(row_start, row_stop):
-        for k in range(weight.shape[0]):
-            acc = zero
-            for j in range(weight.shape[1]):
-                acc += dout[i, j] * weight[k, j]
-            dinp[i, k] = acc * activation_grad(inp[i, k], inp_act)
-
-
-@cpu_jit()
+@cpu_jit(**FAST)
 def dense_backward_input(dinp, dout, weight, inp, inp_act):
     """dinp = (dout @ weight.T) * act'(inp), overwritten: gradient w.r.t. the previous layer's
-    pre-activation. dout (B, n_out), weight (n_in, n_out), inp (B, n_in) = previous layer's output."""
-    n_rows = dout.shape[0]
-    if n_rows * weight.shape[0] * weight.shape[1] < PARALLEL_MIN_WORK:
-        _dense_backward_input_rows(dinp, dout, weight, inp, inp_act, 0, n_rows)
-        return
-    n_blocks = (n_rows + ROW_BLOCK - 1) // ROW_BLOCK
-    for block in prange(n_blocks):
-        start = block * ROW_BLOCK
-        _dense_backward_input_rows(dinp, dout, weight, inp, inp_act, start, min(start + ROW_BLOCK, n_rows))
+    pre-activation. dout (B, n_out), weight (n_in, n_out), inp (B, n_in) = previous layer's output.
+    The product is the NT form (rows of dout against rows of weight, both contiguous): see _nt_tiles."""
+    matmul_nt(dinp, dout, weight)
+    _scale_by_activation_grad_rows(dinp, inp, inp_act, 0, dout.shape[0])
 
 
 @cpu_jit()
@@ -187,32 +198,80 @@ def dense_backward(dinp, dweight, dbias, dout, inp, weight, inp_act):
     dense_backward_input(dinp, dout, weight, inp, inp_act)
 
 
-@cpu_jit()
+@cpu_jit(**FAST)
 def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
     """Fused loss and gradient, overwritten: dlogits (B, k) = d mean-loss / d logits, row_losses (B,) each
-    row's summed loss. logits, targets (B, k); inv_divisor = 1 / loss_divisor(loss, n, k)."""
-    for i in range(logits.shape[0]):
-        row_losses[i] = loss_grad_row(dlogits[i], logits[i], targets[i], loss, inv_divisor)
+    row's summed loss. logits, targets (B, k); inv_divisor = 1 / loss_divisor(loss, n, k).
+
+    mse and softmax_cross_entropy are written out over the whole (B, k) block here (the same arithmetic as
+    pointwise.loss_grad_row): taking a row view per sample costs a reference-count round trip each, which
+    was 44 ns a row, more than the arithmetic, and softmax's exps then run as one vectorised loop over the
+    block instead of rows of 10. binary_cross_entropy goes row by row through loss_grad_row."""
+    n = logits.shape[0]
+    k = logits.shape[1]
+    zero = type(inv_divisor)(0.0)
+    if loss == MSE:
+        two_over = type(inv_divisor)(2.0) * inv_divisor
+        for i in range(n):
+            total = zero
+            for j in range(k):
+                diff = logits[i, j] - targets[i, j]
+                total += diff * diff
+                dlogits[i, j] = two_over * diff
+            row_losses[i] = total
+    elif loss == SOFTMAX_CROSS_ENTROPY:
+        # Pass 1: shift each row by its max (stability only); the max waits in row_losses.
+        for i in range(n):
+            zmax = logits[i, 0]
+            for j in range(1, k):
+                zmax = max(zmax, logits[i, j])
+            row_losses[i] = zmax
+            for j in range(k):
+                dlogits[i, j] = logits[i, j] - zmax
+        # Pass 2: the softmax numerators, one loop over the block.
+        flat = dlogits.reshape(n * k)
+        for t in range(n * k):
+            flat[t] = exp_fast(flat[t])
+        # Pass 3: sum_j t_j (logsumexp(z) - z_j) and (softmax * sum(t) - t) / divisor.
+        one = type(inv_divisor)(1.0)
+        for i in range(n):
+            sum_exp = zero
+            sum_target = zero
+            for j in range(k):
+                sum_exp += dlogits[i, j]
+                sum_target += targets[i, j]
+            log_sum_exp = row_losses[i] + math.log(sum_exp)
+            scale = one / sum_exp * sum_target
+            total = zero
+            for j in range(k):
+                t = targets[i, j]
+                total += t * (log_sum_exp - logits[i, j])
+                dlogits[i, j] = (dlogits[i, j] * scale - t) * inv_divisor
+            row_losses[i] = total
+    else:  # the constant code lets LLVM drop loss_grad_row's other branches (compile time)
+        for i in range(n):
+            row_losses[i] = loss_grad_row(dlogits[i], logits[i], targets[i], BINARY_CROSS_ENTROPY, inv_divisor)
 
 
-@cpu_jit()
+@cpu_jit(**FAST)
 def output_transform(out, logits, loss):
     """out (B, k) = the loss's output transform of logits (B, k): identity, sigmoid or softmax."""
     for i in range(logits.shape[0]):
         output_transform_row(out[i], logits[i], loss)
 
 
-@cpu_jit()
+@cpu_jit(**FAST)
 def sgd_update(params, velocity, grads, lr, momentum, dampening, weight_decay, nesterov, first_step):
-    """torch.optim.SGD step over flat vectors (P,), in place. Scalars in the parameters' dtype."""
+    """torch.optim.SGD step over flat vectors (P,), in place. Scalars in the parameters' dtype.
+    Serial: about 1 ns a parameter, ~1% of a W4 step; a parallel path cost a second of cold compile."""
     for i in range(params.shape[0]):
         sgd_update_one(params, velocity, grads, i, lr, momentum, dampening, weight_decay, nesterov, first_step)
 
 
-@cpu_jit()
+@cpu_jit(**FAST)
 def adam_update(params, exp_avg, exp_avg_sq, grads, lr, beta1, beta2, eps, weight_decay, step_size,
                 sqrt_bias_correction2):
-    """torch.optim.Adam step over flat vectors (P,), in place. Scalars in the parameters' dtype."""
+    """torch.optim.Adam step over flat vectors (P,), in place. Scalars in the parameters' dtype. Serial."""
     for i in range(params.shape[0]):
         adam_update_one(params, exp_avg, exp_avg_sq, grads, i, lr, beta1, beta2, eps, weight_decay,
                         step_size, sqrt_bias_correction2)
@@ -225,6 +284,226 @@ def gather_rows(out, source, order, start):
         src = order[start + r]
         for j in range(source.shape[1]):
             out[r, j] = source[src, j]
+
+
+# --- tiled products: C = A @ Bt.T with both operands contiguous along the summed axis ---------------------
+# The "NT" form is the one LLVM vectorises reliably: every one of the sixteen accumulators of a 4x4 tile is a
+# dot product over a contiguous k, so the k loop becomes packed FMAs (checked with inspect_asm) and the
+# accumulators stay in registers. The forms that vectorise over j (C[i, :] += a * B[k, :]) reached half of
+# this here, as they load and store C in every k iteration. The k loops run over range(K) from 0: with a
+# non-zero start numba cannot prove the index non-negative, keeps its wraparound select, and the loop runs
+# about 8x slower.
+@inline
+def _nt_tiles(C, A, Bt, i0, i1, j0, j1):
+    # C[i, j] = dot(A[i, :], Bt[j, :]) for i0 <= i < i1, j0 <= j < j1, overwritten. A (M, K), Bt (N, K).
+    K = A.shape[1]
+    zero = C.dtype.type(0.0)
+    i = i0
+    while i + 4 <= i1:
+        j = j0
+        while j + 4 <= j1:
+            c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = zero
+            c20 = c21 = c22 = c23 = c30 = c31 = c32 = c33 = zero
+            for k in range(K):
+                a0 = A[i, k]
+                a1 = A[i + 1, k]
+                a2 = A[i + 2, k]
+                a3 = A[i + 3, k]
+                b0 = Bt[j, k]
+                b1 = Bt[j + 1, k]
+                b2 = Bt[j + 2, k]
+                b3 = Bt[j + 3, k]
+                c00 += a0 * b0
+                c01 += a0 * b1
+                c02 += a0 * b2
+                c03 += a0 * b3
+                c10 += a1 * b0
+                c11 += a1 * b1
+                c12 += a1 * b2
+                c13 += a1 * b3
+                c20 += a2 * b0
+                c21 += a2 * b1
+                c22 += a2 * b2
+                c23 += a2 * b3
+                c30 += a3 * b0
+                c31 += a3 * b1
+                c32 += a3 * b2
+                c33 += a3 * b3
+            C[i, j] = c00
+            C[i, j + 1] = c01
+            C[i, j + 2] = c02
+            C[i, j + 3] = c03
+            C[i + 1, j] = c10
+            C[i + 1, j + 1] = c11
+            C[i + 1, j + 2] = c12
+            C[i + 1, j + 3] = c13
+            C[i + 2, j] = c20
+            C[i + 2, j + 1] = c21
+            C[i + 2, j + 2] = c22
+            C[i + 2, j + 3] = c23
+            C[i + 3, j] = c30
+            C[i + 3, j + 1] = c31
+            C[i + 3, j + 2] = c32
+            C[i + 3, j + 3] = c33
+            j += 4
+        while j < j1:  # the last 1-3 columns: 4x1 tiles
+            c0 = c1 = c2 = c3 = zero
+            for k in range(K):
+                b = Bt[j, k]
+                c0 += A[i, k] * b
+                c1 += A[i + 1, k] * b
+                c2 += A[i + 2, k] * b
+                c3 += A[i + 3, k] * b
+            C[i, j] = c0
+            C[i + 1, j] = c1
+            C[i + 2, j] = c2
+            C[i + 3, j] = c3
+            j += 1
+        i += 4
+    for ii in range(i, i1):  # the last 1-3 rows: single dot products (one compiled loop less than 1x4 tiles)
+        for jj in range(j0, j1):
+            c = zero
+            for k in range(K):
+                c += A[ii, k] * Bt[jj, k]
+            C[ii, jj] = c
+
+
+@inline
+def _nt_rows(C, A, Bt, i0, i1):
+    # Rows i0..i1 of C = A @ Bt.T, GEMM_COL_BLOCK rows of Bt at a time (they stay in cache for the task).
+    n = Bt.shape[0]
+    for j0 in range(0, n, GEMM_COL_BLOCK):
+        _nt_tiles(C, A, Bt, i0, i1, j0, min(j0 + GEMM_COL_BLOCK, n))
+
+
+@inline
+def _bias_activate_rows(out, bias, act, i0, i1):
+    # out[i, :] = act(out[i, :] + bias) for rows i0..i1. The bias is added row by row; the activation then
+    # runs as ONE loop over the rows' contiguous block: rows of 10-16 numbers are shorter than a vectorised
+    # loop's step (vector width x interleave), so a per-row loop would only ever run its scalar remainder.
+    # The branch on act sits outside the loops so each loop vectorises (sigmoid through exp_fast).
+    n = out.shape[1]
+    zero = out.dtype.type(0.0)
+    for i in range(i0, i1):
+        for j in range(n):
+            out[i, j] += bias[j]
+    if act == IDENTITY:
+        return
+    flat = out.reshape(out.shape[0] * n)[i0 * n:i1 * n]
+    if act == RELU:
+        for t in range(flat.shape[0]):
+            z = flat[t]
+            flat[t] = z if z > zero else zero
+    elif act == SIGMOID:
+        for t in range(flat.shape[0]):
+            flat[t] = sigmoid(flat[t])
+    elif act == TANH:  # each branch passes activate() a constant code, so only that case is compiled
+        for t in range(flat.shape[0]):
+            flat[t] = activate(flat[t], TANH)
+    else:
+        for t in range(flat.shape[0]):
+            flat[t] = activate(flat[t], LEAKY_RELU)
+
+
+@inline
+def _scale_by_activation_grad_rows(dinp, inp, act, i0, i1):
+    # dinp[i, :] *= act'(from the output inp[i, :]) for rows i0..i1, as one loop over the contiguous block.
+    n = dinp.shape[1]
+    zero = dinp.dtype.type(0.0)
+    if act == IDENTITY:
+        return
+    flat = dinp.reshape(dinp.shape[0] * n)[i0 * n:i1 * n]
+    flat_inp = inp.reshape(inp.shape[0] * n)[i0 * n:i1 * n]
+    if act == RELU:
+        for t in range(flat.shape[0]):
+            flat[t] = flat[t] if flat_inp[t] > zero else zero
+    elif act == SIGMOID:
+        for t in range(flat.shape[0]):
+            flat[t] *= activation_grad(flat_inp[t], SIGMOID)
+    elif act == TANH:
+        for t in range(flat.shape[0]):
+            flat[t] *= activation_grad(flat_inp[t], TANH)
+    else:
+        for t in range(flat.shape[0]):
+            flat[t] *= activation_grad(flat_inp[t], LEAKY_RELU)
+
+
+@cpu_jit(**FAST)
+def matmul_nt_rows(C, A, Bt, row_start, row_stop):
+    """Rows row_start..row_stop of C = A @ Bt.T, overwritten, on the calling thread (see matmul_nt).
+
+    The one compiled copy of the register-tiled loops: matmul_nt's serial path and every parallel task
+    call it, and the dense kernels call matmul_nt, so the large unrolled, vectorised tile code is compiled
+    once per dtype rather than once per caller and path (cold compile of a fit: 54 s -> see the README)."""
+    _nt_rows(C, A, Bt, row_start, row_stop)
+
+
+@cpu_jit(**FAST)
+def matmul_nt(C, A, Bt):
+    """C = A @ Bt.T, overwritten. A (M, K), Bt (N, K), C (M, N), all C-contiguous; parallel over row blocks
+    of C above PARALLEL_MIN_WORK multiply-adds (each task owns whole rows: no races)."""
+    n_rows = A.shape[0]
+    if n_rows * A.shape[1] * Bt.shape[0] < PARALLEL_MIN_WORK:
+        # A literal 0 here would be typed Literal[int] and compile a second copy of the tile code.
+        first_row = n_rows - n_rows
+        matmul_nt_rows(C, A, Bt, first_row, n_rows)
+        return
+    n_blocks = (n_rows + GEMM_ROW_BLOCK - 1) // GEMM_ROW_BLOCK
+    for block in prange(n_blocks):
+        start = block * GEMM_ROW_BLOCK
+        matmul_nt_rows(C, A, Bt, start, min(start + GEMM_ROW_BLOCK, n_rows))
+
+
+@inline
+def _transpose_rows(out, inp, i0, i1):
+    # out[:, i] = inp[i, :] for rows i0..i1, in 8 x 8 tiles: larger tiles touch rows 2-4 KiB apart that
+    # collide in L1 sets (32 x 32 ran at 2 GB/s, 8 x 8 at 5.5-13). Indices run as uint64 from the tile's
+    # start: with a signed, non-zero start numba keeps a negative-index wraparound select on every access.
+    n = inp.shape[1]
+    for ib in range(i0, i1, 8):
+        ie = min(ib + 8, i1)
+        for jb in range(0, n, 8):
+            je = min(jb + 8, n)
+            for i in range(np.uint64(ib), np.uint64(ie)):
+                for j in range(np.uint64(jb), np.uint64(je)):
+                    out[j, i] = inp[i, j]
+
+
+@cpu_jit(**FAST)
+def transpose(out, inp):
+    """out (n, m) = inp (m, n).T, overwritten; parallel over row blocks of inp for large arrays."""
+    m = inp.shape[0]
+    if m * inp.shape[1] < PARALLEL_MIN_WORK:
+        _transpose_rows(out, inp, 0, m)
+        return
+    n_blocks = (m + 63) // 64
+    for block in prange(n_blocks):
+        _transpose_rows(out, inp, block * 64, min(block * 64 + 64, m))
+
+
+@cpu_jit(**FAST)
+def dense_forward_t(out, inp, weight_t, bias, act):
+    """out = act(inp @ weight_t.T + bias), overwritten: dense_forward with the weight given TRANSPOSED, so
+    the product is the vectorised NT form. inp (B, n_in), weight_t (n_out, n_in), bias (n_out,), out (B, n_out).
+    The bias and activation pass is serial: it touches B * n_out numbers once, n_in times less than the
+    product (and keeping it out of the parallel tasks keeps one compiled copy of it)."""
+    matmul_nt(out, inp, weight_t)
+    _bias_activate_rows(out, bias, act, 0, inp.shape[0])
+
+
+@cpu_jit(**FAST)
+def dense_backward_params_t(dweight, dbias, dout_t, inp_t):
+    """dweight = inp_t @ dout_t.T and dbias = dout_t.sum(1), overwritten: dense_backward_params with both
+    operands given TRANSPOSED (batch along the contiguous axis), so the sums over the batch are contiguous
+    dot products. dout_t (n_out, B), inp_t (n_in, B), dweight (n_in, n_out), dbias (n_out,).
+    Sums run in a fixed order: results do not depend on the number of threads."""
+    matmul_nt(dweight, inp_t, dout_t)
+    zero = dbias.dtype.type(0.0)
+    for j in range(dout_t.shape[0]):
+        acc = zero
+        for i in range(dout_t.shape[1]):
+            acc += dout_t[j, i]
+        dbias[j] = acc
 
 
 # --- views into flat buffers ---------------------------------------------------------------------------------
@@ -247,6 +526,42 @@ def activation_view(buffer, sizes, unit_offsets, capacity, layer, n_rows):
     return buffer[start:start + n_rows * sizes[layer]].reshape((n_rows, sizes[layer]))
 
 
+@inline
+def activation_view_t(buffer, sizes, unit_offsets, capacity, layer, n_rows):
+    """Layer ``layer``'s slot of a workspace buffer, TRANSPOSED: (sizes[layer], n_rows)."""
+    start = capacity * unit_offsets[layer]
+    return buffer[start:start + n_rows * sizes[layer]].reshape((sizes[layer], n_rows))
+
+
+@inline
+def weight_t_view(params_t, sizes, param_offsets, layer):
+    """Layer ``layer``'s weight TRANSPOSED, (sizes[layer + 1], sizes[layer]), in a flat vector laid out
+    like the parameters."""
+    start = param_offsets[layer]
+    return params_t[start:start + sizes[layer] * sizes[layer + 1]].reshape((sizes[layer + 1], sizes[layer]))
+
+
+def scratch_size(n_params, capacity, n_units):
+    """Length of the ``scratch`` workspace of batch_grads / train_epochs / dataset_grads: the transposed
+    weights (P) and transposed copies of the activations and deltas (capacity * sum(sizes) each)."""
+    return n_params + 2 * capacity * n_units
+
+
+@inline
+def _copy_rows(out, source, start):
+    # out[r, :] = source[start + r, :]: explicit loops (a slice assignment in a parallel=True function is a
+    # parfor, i.e. a thread launch, which costs more than the copy for small batches).
+    for r in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[r, j] = source[start + r, j]
+
+
+@inline
+def _copy_vector(out, source):
+    for i in range(out.shape[0]):
+        out[i] = source[i]
+
+
 # --- drivers: a step, an epoch, many epochs in one compiled call ---------------------------------------------
 @cpu_jit()
 def forward_logits(acts, sizes, param_offsets, unit_offsets, capacity, act_codes, params, n_rows):
@@ -261,12 +576,27 @@ def forward_logits(acts, sizes, param_offsets, unit_offsets, capacity, act_codes
 
 
 @cpu_jit()
-def batch_grads(grads, acts, deltas, row_losses, params, targets, sizes, param_offsets, unit_offsets, capacity,
-                act_codes, loss, inv_divisor, n_rows):
+def batch_grads(grads, acts, deltas, row_losses, scratch, params, targets, sizes, param_offsets, unit_offsets,
+                capacity, act_codes, loss, inv_divisor, n_rows):
     """One forward and backward pass on the n_rows input rows in acts' layer-0 slot; grads (P,) overwritten
-    with d(sum of row losses * inv_divisor)/d params. Returns the float64 sum of the row losses."""
+    with d(sum of row losses * inv_divisor)/d params. Returns the float64 sum of the row losses.
+
+    scratch (scratch_size(P, capacity, sum(sizes)),): the transposed weights, then transposed activations
+    and deltas, so that every product is the vectorised NT form (see _nt_tiles):
+    forward Z = A @ (W^T)^T, dW = (A^T) @ (dZ^T)^T, dA = dZ @ W^T with W itself as the NT operand."""
     n_layers = sizes.shape[0] - 1
-    logits = forward_logits(acts, sizes, param_offsets, unit_offsets, capacity, act_codes, params, n_rows)
+    n_params = params.shape[0]
+    block = capacity * unit_offsets[n_layers + 1]
+    params_t = scratch[:n_params]
+    acts_t = scratch[n_params:n_params + block]
+    deltas_t = scratch[n_params + block:n_params + 2 * block]
+    for layer in range(n_layers):
+        inp = activation_view(acts, sizes, unit_offsets, capacity, layer, n_rows)
+        out = activation_view(acts, sizes, unit_offsets, capacity, layer + 1, n_rows)
+        weight_t = weight_t_view(params_t, sizes, param_offsets, layer)
+        transpose(weight_t, weight_view(params, sizes, param_offsets, layer))
+        dense_forward_t(out, inp, weight_t, bias_view(params, sizes, param_offsets, layer), act_codes[layer])
+    logits = activation_view(acts, sizes, unit_offsets, capacity, n_layers, n_rows)
     dlogits = activation_view(deltas, sizes, unit_offsets, capacity, n_layers, n_rows)
     loss_grad(dlogits, row_losses[:n_rows], logits, targets, loss, inv_divisor)
     total = 0.0
@@ -275,8 +605,12 @@ def batch_grads(grads, acts, deltas, row_losses, params, targets, sizes, param_o
     for layer in range(n_layers - 1, -1, -1):
         dout = activation_view(deltas, sizes, unit_offsets, capacity, layer + 1, n_rows)
         inp = activation_view(acts, sizes, unit_offsets, capacity, layer, n_rows)
-        dense_backward_params(weight_view(grads, sizes, param_offsets, layer),
-                              bias_view(grads, sizes, param_offsets, layer), dout, inp)
+        dout_t = activation_view_t(deltas_t, sizes, unit_offsets, capacity, layer + 1, n_rows)
+        inp_t = activation_view_t(acts_t, sizes, unit_offsets, capacity, layer, n_rows)
+        transpose(dout_t, dout)
+        transpose(inp_t, inp)
+        dense_backward_params_t(weight_view(grads, sizes, param_offsets, layer),
+                                bias_view(grads, sizes, param_offsets, layer), dout_t, inp_t)
         if layer > 0:  # the input layer's gradient is never needed
             dinp = activation_view(deltas, sizes, unit_offsets, capacity, layer, n_rows)
             dense_backward_input(dinp, dout, weight_view(params, sizes, param_offsets, layer), inp,
@@ -306,49 +640,55 @@ def optimizer_step(params, opt_state, grads, lr, optimizer, hyper, step):
 
 
 @cpu_jit()
-def train_epochs(params, opt_state, steps_done, grads, acts, deltas, targets_batch, row_losses, backup,
+def train_epochs(params, opt_state, steps_done, grads, acts, deltas, targets_batch, row_losses, backup, scratch,
                  X, Y, orders, lrs, epoch_losses,
                  sizes, param_offsets, unit_offsets, act_codes, loss, optimizer, hyper, batch_size, target_loss):
     """Train ``len(lrs)`` epochs in one call; returns how many completed.
 
     params (P,), opt_state (2, P), steps_done (1,) int64: updated in place. X (n, n_in), Y (n, k).
-    orders (E, n) int64: each epoch's sample order; an (E, 0) array means "in order, no copy" (full batch).
+    orders (E, n) int64: each epoch's sample order; an (E, 0) array means "in order" (full batch).
     lrs (E,) float64: each epoch's learning rate. epoch_losses (E,) float64: written, each epoch's mean loss
     over its samples (each sample's loss under the weights at the time its batch was processed).
     Workspace: grads (P,), acts and deltas (batch_size * sum(sizes),), targets_batch (batch_size, k),
-    row_losses (batch_size,), backup (3, P). Stops early after an epoch whose loss is not finite (params and
-    opt_state are then restored to that epoch's start, and the returned count excludes it) or whose loss
-    is <= target_loss.
+    row_losses (batch_size,), backup (3, P), scratch (scratch_size(P, batch_size, sum(sizes)),).
+    Stops early after an epoch whose loss is not finite (params and opt_state are then restored to that
+    epoch's start, and the returned count excludes it) or whose loss is <= target_loss.
+    No parallel region runs outside the kernels' own prange loops (explicit copies, see _copy_rows).
     """
     n = X.shape[0]
     k = Y.shape[1]
+    n_params = params.shape[0]
     capacity = batch_size
     in_order = orders.shape[1] == 0
     for epoch in range(lrs.shape[0]):
-        backup[0, :] = params
-        backup[1:, :] = opt_state
+        for i in range(n_params):
+            backup[0, i] = params[i]
+            backup[1, i] = opt_state[0, i]
+            backup[2, i] = opt_state[1, i]
         step0 = steps_done[0]
         total = 0.0
         for start in range(0, n, batch_size):
             n_rows = min(batch_size, n - start)
             inputs = activation_view(acts, sizes, unit_offsets, capacity, 0, n_rows)
             if in_order:
-                inputs[:, :] = X[start:start + n_rows]
+                _copy_rows(inputs, X, start)
                 batch_targets = Y[start:start + n_rows]
             else:
                 gather_rows(inputs, X, orders[epoch], start)
                 batch_targets = targets_batch[:n_rows]
                 gather_rows(batch_targets, Y, orders[epoch], start)
             inv_divisor = params.dtype.type(1.0 / loss_divisor(loss, n_rows, k))
-            total += batch_grads(grads, acts, deltas, row_losses, params, batch_targets, sizes, param_offsets,
-                                 unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows)
+            total += batch_grads(grads, acts, deltas, row_losses, scratch, params, batch_targets, sizes,
+                                 param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows)
             steps_done[0] += 1
             optimizer_step(params, opt_state, grads, lrs[epoch], optimizer, hyper, steps_done[0])
         epoch_loss = total / loss_divisor(loss, n, k)
         epoch_losses[epoch] = epoch_loss
         if not np.isfinite(epoch_loss):
-            params[:] = backup[0]
-            opt_state[:, :] = backup[1:]
+            for i in range(n_params):
+                params[i] = backup[0, i]
+                opt_state[0, i] = backup[1, i]
+                opt_state[1, i] = backup[2, i]
             steps_done[0] = step0
             return epoch
         if epoch_loss <= target_loss:
@@ -363,14 +703,14 @@ def predict(out, acts, X, params, sizes, param_offsets, unit_offsets, act_codes,
     for start in range(0, n, capacity):
         n_rows = min(capacity, n - start)
         inputs = activation_view(acts, sizes, unit_offsets, capacity, 0, n_rows)
-        inputs[:, :] = X[start:start + n_rows]
+        _copy_rows(inputs, X, start)
         logits = forward_logits(acts, sizes, param_offsets, unit_offsets, capacity, act_codes, params, n_rows)
         output_transform(out[start:start + n_rows], logits, loss)
 
 
 @cpu_jit()
-def dataset_grads(grads, grads_chunk, acts, deltas, row_losses, X, Y, params, sizes, param_offsets, unit_offsets,
-                  act_codes, loss, capacity, divisor):
+def dataset_grads(grads, grads_chunk, acts, deltas, row_losses, scratch, X, Y, params, sizes, param_offsets,
+                  unit_offsets, act_codes, loss, capacity, divisor):
     """Sum of the row losses of X (n, n_in), Y (n, k) divided by ``divisor``, and its exact gradient into
     grads (P,), overwritten. ``divisor`` is loss_divisor(loss, n, k) for the mean over this set, or the
     global batch's divisor when these rows are one process's share of it.
@@ -379,14 +719,15 @@ def dataset_grads(grads, grads_chunk, acts, deltas, row_losses, X, Y, params, si
     chunks add up to the whole set's gradient."""
     n = X.shape[0]
     inv_divisor = params.dtype.type(1.0 / divisor)
-    grads[:] = 0
+    for i in range(grads.shape[0]):
+        grads[i] = 0
     total = 0.0
     for start in range(0, n, capacity):
         n_rows = min(capacity, n - start)
         inputs = activation_view(acts, sizes, unit_offsets, capacity, 0, n_rows)
-        inputs[:, :] = X[start:start + n_rows]
-        total += batch_grads(grads_chunk, acts, deltas, row_losses, params, Y[start:start + n_rows], sizes,
-                             param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows)
+        _copy_rows(inputs, X, start)
+        total += batch_grads(grads_chunk, acts, deltas, row_losses, scratch, params, Y[start:start + n_rows],
+                             sizes, param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows)
         for i in range(grads.shape[0]):
             grads[i] += grads_chunk[i]
     return total / divisor
@@ -403,7 +744,7 @@ def dataset_loss(acts, deltas, row_losses, X, Y, params, sizes, param_offsets, u
     for start in range(0, n, capacity):
         n_rows = min(capacity, n - start)
         inputs = activation_view(acts, sizes, unit_offsets, capacity, 0, n_rows)
-        inputs[:, :] = X[start:start + n_rows]
+        _copy_rows(inputs, X, start)
         logits = forward_logits(acts, sizes, param_offsets, unit_offsets, capacity, act_codes, params, n_rows)
         dlogits = activation_view(deltas, sizes, unit_offsets, capacity, n_layers, n_rows)
         loss_grad(dlogits, row_losses[:n_rows], logits, Y[start:start + n_rows], loss, params.dtype.type(1.0))

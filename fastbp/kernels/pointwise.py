@@ -51,13 +51,80 @@ LOSS_NAMES = {code: name for name, code in LOSSES.items()}
 
 
 @inline
+def exp_fast(x):
+    """exp(x) written as plain arithmetic, so loops over it vectorise (the PyPI llvmlite has no SVML: math.exp
+    in a loop is a scalar libm call). Accurate to about 1 ulp: max relative error 3.5e-7 in float32, 4e-15
+    in float64 (the polynomial's degree follows the type); 0 below the smallest normal, inf above the
+    largest finite result.
+
+    x = n ln2 + r with |r| <= ln2/2 (Cody-Waite: ln2 in two parts), exp(r) by a Taylor polynomial, and 2^n
+    built exactly from an integer shift: 2^n = (2^q)^(2^s) * 2^(n - q 2^s) with q = n >> s, so every shift
+    stays below 64 bits (s = 2 for float32, 5 for float64).
+    """
+    T = type(x)
+    one = T(1.0)
+    # Folds to a constant when compiled: 1e-10 vanishes next to 1 in float32, not in float64.
+    single = one + T(1e-10) == one
+    if single:
+        lo = T(-87.33)
+        hi = T(88.72)
+        shift = 2
+    else:
+        lo = T(-708.39)
+        hi = T(709.78)
+        shift = 5
+    xc = min(max(x, lo), hi)
+    # int(): math.floor returns an int on the CPU target but a float on the CUDA target.
+    n = int(math.floor(xc * T(1.4426950408889634) + T(0.5)))
+    nf = T(n)
+    r = (xc - nf * T(0.693359375)) - nf * T(-2.12194440054690582e-4)
+    if single:
+        p = T(1.0 / 5040.0)
+        p = p * r + T(1.0 / 720.0)
+        p = p * r + T(1.0 / 120.0)
+        p = p * r + T(1.0 / 24.0)
+        p = p * r + T(1.0 / 6.0)
+        p = p * r + T(0.5)
+        p = p * r + one
+        p = p * r + one
+    else:
+        p = T(1.0 / 6227020800.0)
+        p = p * r + T(1.0 / 479001600.0)
+        p = p * r + T(1.0 / 39916800.0)
+        p = p * r + T(1.0 / 3628800.0)
+        p = p * r + T(1.0 / 362880.0)
+        p = p * r + T(1.0 / 40320.0)
+        p = p * r + T(1.0 / 5040.0)
+        p = p * r + T(1.0 / 720.0)
+        p = p * r + T(1.0 / 120.0)
+        p = p * r + T(1.0 / 24.0)
+        p = p * r + T(1.0 / 6.0)
+        p = p * r + T(0.5)
+        p = p * r + one
+        p = p * r + one
+    q = n >> shift
+    rem = n - (q << shift)
+    scale = T(1 << (-q if q < 0 else q))
+    if q < 0:
+        scale = one / scale
+    for _ in range(shift):
+        scale = scale * scale
+    result = p * scale * T(1 << rem)
+    if x < lo:
+        result = T(0.0)
+    if x > hi:
+        result = T(math.inf)
+    return result
+
+
+@inline
 def sigmoid(z):
-    """Logistic function without overflow: exp is only ever taken of a non-positive number."""
+    """Logistic function without overflow: exp is only ever taken of a non-positive number. Branch-free
+    apart from a final select, so loops over it vectorise."""
     one = type(z)(1.0)
-    if z >= 0:
-        return one / (one + math.exp(-z))
-    e = math.exp(z)
-    return e / (one + e)
+    e = exp_fast(-abs(z))
+    inv = one / (one + e)
+    return inv if z >= 0 else e * inv
 
 
 @inline
@@ -137,7 +204,7 @@ def loss_grad_row(dlogits, logits, target, loss, inv_divisor):
         sum_exp = zero
         sum_target = zero
         for j in range(k):
-            e = math.exp(logits[j] - zmax)
+            e = exp_fast(logits[j] - zmax)
             dlogits[j] = e  # staged: softmax numerators
             sum_exp += e
             sum_target += target[j]
@@ -166,7 +233,7 @@ def output_transform_row(out, logits, loss):
             zmax = max(zmax, logits[j])
         total = type(logits[0])(0.0)
         for j in range(k):
-            e = math.exp(logits[j] - zmax)
+            e = exp_fast(logits[j] - zmax)
             out[j] = e
             total += e
         inv_total = type(logits[0])(1.0) / total

@@ -1,0 +1,204 @@
+"""fastbp against PyTorch (eager) and JAX (whole epoch / whole training in one jitted loop) on W1-W4.
+
+Every implementation starts from the same initial weights (PyTorch's nn.Linear initialisation, drawn once
+and copied into each), uses the same hyper-parameters and float32, and runs in this one process; the
+implementations are timed alternately, round after round, and the table reports medians and the ratio of
+each peer's time to fastbp's (a ratio > 1 means fastbp is faster). A peer that is not installed is skipped.
+See fastbp/bench.py for the workload definitions. W1's unit is the whole 1000-epoch training, the others'
+one epoch. With the full sizes this takes a few minutes (W3, W4 dominate); --samples shrinks W2-W4.
+
+    python examples/compare_peers.py [--workloads W1,W2,W3,W4] [--rounds 3] [--samples N] [--threads 2]
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+
+import fastbp
+from fastbp.bench import WORKLOADS, NumpyMLP, linear_init, make_data, one_hot
+
+
+# --- implementations: each returns a callable that runs one timed unit ---------------------------------------
+def fastbp_runner(name, X, y, weights, biases):
+    spec = WORKLOADS[name]
+    model = fastbp.MLP(spec["sizes"], spec["activation"], seed=0)
+    for layer in range(len(weights)):
+        model.weights[layer][...] = weights[layer]
+        model.biases[layer][...] = biases[layer]
+    trainer = fastbp.Trainer(model, loss=spec["loss"], lr=spec["lr"], batch_size=spec["batch_size"], seed=0)
+    return lambda: trainer.fit(X, y, epochs=spec["epochs"])
+
+
+def numpy_runner(name, X, y, weights, biases):
+    spec = WORKLOADS[name]
+    net = NumpyMLP(spec["sizes"], spec["activation"], spec["loss"], weights, biases)
+    Y = y if spec["loss"] == "mse" else one_hot(y, spec["sizes"][-1])
+    rng = np.random.default_rng(0)
+    return lambda: net.train(X, Y, spec["batch_size"], spec["lr"], spec["epochs"], rng)
+
+
+def torch_runner(name, X, y, weights, biases):
+    import torch
+
+    spec = WORKLOADS[name]
+    layers = []
+    for layer, (w, b) in enumerate(zip(weights, biases)):
+        lin = torch.nn.Linear(*w.shape)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(w.T.copy()))
+            lin.bias.copy_(torch.from_numpy(b))
+        layers.append(lin)
+        if layer < len(weights) - 1:
+            layers.append(torch.nn.ReLU() if spec["activation"] == "relu" else torch.nn.Sigmoid())
+    net = torch.nn.Sequential(*layers)
+    opt = torch.optim.SGD(net.parameters(), lr=spec["lr"])
+    loss_fn = torch.nn.MSELoss() if spec["loss"] == "mse" else torch.nn.CrossEntropyLoss()
+    Xt = torch.from_numpy(X)
+    yt = torch.from_numpy(y)
+    n, batch = X.shape[0], spec["batch_size"] or X.shape[0]
+    gen = torch.Generator().manual_seed(0)
+
+    def run():
+        for _ in range(spec["epochs"]):
+            order = torch.randperm(n, generator=gen) if batch < n else None
+            for start in range(0, n, batch):
+                if order is None:
+                    xb, yb = Xt, yt
+                else:
+                    idx = order[start:start + batch]
+                    xb, yb = Xt[idx], yt[idx]
+                opt.zero_grad()
+                loss_fn(net(xb), yb).backward()
+                opt.step()
+    return run
+
+
+def jax_runner(name, X, y, weights, biases):
+    import jax
+    import jax.numpy as jnp
+
+    spec = WORKLOADS[name]
+    relu = spec["activation"] == "relu"
+    params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in zip(weights, biases)]
+    lr = spec["lr"]
+    k = spec["sizes"][-1]
+
+    def forward(params, xb):
+        h = xb
+        for layer, (w, b) in enumerate(params):
+            h = h @ w + b
+            if layer < len(params) - 1:
+                h = jax.nn.relu(h) if relu else jax.nn.sigmoid(h)
+        return h
+
+    def loss(params, xb, yb):
+        out = forward(params, xb)
+        if spec["loss"] == "mse":
+            return jnp.mean((out - yb) ** 2)
+        return -jnp.mean(jnp.sum(jax.nn.log_softmax(out) * jax.nn.one_hot(yb, k), axis=1))
+
+    def step(params, xb, yb):
+        grads = jax.grad(loss)(params, xb, yb)
+        return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads)
+
+    Xj, yj = jnp.asarray(X), jnp.asarray(y)
+    state = {"params": params, "key": jax.random.PRNGKey(0)}
+    if name == "W1":  # all 1000 epochs in one jitted lax.fori_loop
+        train = jax.jit(lambda p: jax.lax.fori_loop(0, spec["epochs"], lambda i, q: step(q, Xj, yj), p))
+
+        def run():
+            state["params"] = jax.block_until_ready(train(state["params"]))
+        return run
+
+    n, batch = X.shape[0], spec["batch_size"]
+    n_full = n // batch
+
+    @jax.jit
+    def epoch(params, key):  # the whole epoch in one jitted lax.scan (plus the last partial batch)
+        order = jax.random.permutation(key, n)
+        full = order[:n_full * batch].reshape(n_full, batch)
+        params, _ = jax.lax.scan(lambda p, idx: (step(p, Xj[idx], yj[idx]), None), params, full)
+        if n % batch:
+            rest = order[n_full * batch:]
+            params = step(params, Xj[rest], yj[rest])
+        return params
+
+    def run():
+        state["key"], sub = jax.random.split(state["key"])
+        state["params"] = jax.block_until_ready(epoch(state["params"], sub))
+    return run
+
+
+RUNNERS = {"fastbp": fastbp_runner, "pytorch": torch_runner, "jax": jax_runner, "numpy": numpy_runner}
+
+
+def available(peers):
+    out = ["fastbp"]
+    for peer in peers:
+        module = {"pytorch": "torch", "jax": "jax", "numpy": "numpy"}[peer]
+        try:
+            __import__(module)
+            out.append(peer)
+        except ImportError:
+            print(f"{peer}: not installed, skipped")
+    return out
+
+
+def compare(workloads, rounds, samples, peers):
+    """{workload: {implementation: [seconds per round]}} measured alternately in this process."""
+    impls = available(peers)
+    results = {}
+    for name in workloads:
+        X, y = make_data(name, None if name == "W1" else samples)
+        weights, biases = linear_init(WORKLOADS[name]["sizes"])
+        runners = {impl: RUNNERS[impl](name, X, y, weights, biases) for impl in impls}
+        for run in runners.values():
+            run()  # warm-up: compilation (numba, XLA, torch's first-call setup)
+        times = {impl: [] for impl in impls}
+        for r in range(rounds):
+            order = impls if r % 2 == 0 else impls[::-1]  # alternate: slow drifts of a shared machine cancel
+            for impl in order:
+                started = time.perf_counter()
+                runners[impl]()
+                times[impl].append(time.perf_counter() - started)
+        results[name] = times
+        print_workload(name, times, X.shape[0])
+    return results
+
+
+def print_workload(name, times, n):
+    unit = WORKLOADS[name]["unit"]
+    med = {impl: float(np.median(t)) for impl, t in times.items()}
+    # per-round ratios (peer / fastbp in the same round), then their median
+    ratios = {impl: float(np.median(np.array(t) / np.array(times["fastbp"]))) for impl, t in times.items()}
+    print(f"\n{name} ({n} samples, time per {unit}, median of {len(times['fastbp'])} rounds)")
+    for impl in times:
+        print(f"  {impl:<8} {med[impl] * 1e3:10.3f} ms   peer/fastbp {ratios[impl]:7.2f}x")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default="W1,W2,W3,W4")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=None, help="shrink W2-W4 to this many samples")
+    parser.add_argument("--peers", default="pytorch,jax,numpy")
+    parser.add_argument("--threads", type=int, default=None, help="threads for every implementation")
+    args = parser.parse_args(argv)
+    if args.threads:
+        import numba
+
+        numba.set_num_threads(args.threads)
+        try:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        except ImportError:
+            pass
+    print(f"machine: {os.cpu_count()} logical CPUs; fastbp {fastbp.__version__ if hasattr(fastbp, '__version__') else ''}")
+    return compare([w.strip().upper() for w in args.workloads.split(",")], args.rounds, args.samples,
+                   [p.strip() for p in args.peers.split(",") if p.strip()])
+
+
+if __name__ == "__main__":
+    main()
