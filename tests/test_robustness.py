@@ -336,15 +336,16 @@ DETERMINISM_SCRIPT = textwrap.dedent("""
     import numba, numpy as np, fastbp
     from fastbp.kernels import cpu
     rng = np.random.default_rng(0)
-    # Large enough that every dense kernel takes its parallel (prange) path: 64 * 64 * 96 > PARALLEL_MIN_WORK.
-    X = rng.normal(size=(256, 64)).astype(np.float32)
-    y = rng.integers(0, 10, size=256)
-    assert 64 * 64 * 96 >= cpu.PARALLEL_MIN_WORK
+    # Large enough that the hidden layers' products take their parallel (prange) path: batch * n_in * n_out
+    # >= PARALLEL_MIN_WORK for both (checked, so a change of the threshold cannot quietly test serial code).
+    X = rng.normal(size=(512, 128)).astype(np.float32)
+    y = rng.integers(0, 10, size=512)
+    assert min(128 * 128 * 192, 128 * 192 * 96) >= cpu.PARALLEL_MIN_WORK
     out = {"threads": numba.get_num_threads()}
     for optimizer in ("sgd", "adam"):
-        model = fastbp.MLP([64, 96, 10], "relu", seed=0)
+        model = fastbp.MLP([128, 192, 96, 10], "relu", seed=0)
         trainer = fastbp.Trainer(model, loss="softmax_cross_entropy", optimizer=optimizer, lr=0.01,
-                                 momentum=0.9 if optimizer == "sgd" else 0.0, batch_size=64, seed=0)
+                                 momentum=0.9 if optimizer == "sgd" else 0.0, batch_size=128, seed=0)
         trainer.fit(X, y, epochs=3)
         loss, dw, db = trainer.loss_and_grads(X, y)
         digest = hashlib.sha256(model.flat_parameters().tobytes() + trainer.predict(X).tobytes()

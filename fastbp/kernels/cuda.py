@@ -17,7 +17,8 @@ reduction: the epoch's loss is summed ON the device) and ``add_into`` (chunked g
 Every kernel OVERWRITES its outputs (except ``add_into``, which exists to accumulate) and allocates
 nothing. ``*_naive`` kernels (one thread per output element, serial dot product) are the references the
 tiled shared-memory kernels are tested against. Each thread owns its output elements: no atomics, and
-every sum runs in the same order as the CPU kernel's, so the two targets agree to rounding.
+each sum runs in a fixed order (plain k order; the CPU's vectorised products use partial sums), so runs
+are deterministic and the two targets agree to rounding.
 
 This is the ONE module that imports the CUDA binding (``numba.cuda``): switching to another binding is a
 change to this file. Decorators are lazy (no signatures): importing works without a GPU, and

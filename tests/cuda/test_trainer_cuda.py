@@ -1,10 +1,13 @@
 """Trainer(device="cuda") against Trainer(device="cpu") from the same initial weights and seed (the same
 mini-batch orders): losses, gradients and weights after a few epochs; on a GPU or in the simulator.
 
-Tolerance: float32 results agree to rtol 1e-5 (atol 1e-6) in the simulator, where both targets sum in the
-same order and differ only in rounding (exp/log evaluated in double then rounded, no fused multiply-add);
-on a GPU, fastmath (approximate exp/log/division, FMA) and a few epochs of SGD amplifying them are
-allowed rtol 1e-4 (atol 1e-5). float64: 1e-10 / 1e-12 everywhere (the same sums, in the same order).
+Tolerance: float32 results agree to rtol 1e-5 (atol 1e-6) in the simulator. The CPU's products sum in
+vectorised partial sums (fastmath reassociation), the CUDA kernels in plain order, so the two differ by
+rounding only; one step's gradients and SGD runs stay within 1e-5. Adam is the exception: its update
+m / sqrt(v) normalises each gradient, so where a gradient is near 0 an ulp-level difference becomes a
+visible one; after two epochs the measured gap is up to 9.7e-5 relative, and Adam runs get rtol 2e-4.
+On a GPU, fastmath (approximate exp/log/division, FMA) and a few epochs amplifying it are allowed rtol 1e-4
+(2e-4 for Adam). float64: 1e-10 / 1e-12 everywhere.
 """
 import numpy as np
 import pytest
@@ -19,6 +22,8 @@ pytestmark = pytest.mark.skipif(cuda_reason() is not None, reason=SKIP_REASON)
 
 PARITY = {np.float32: dict(rtol=1e-5, atol=1e-6) if SIMULATOR else dict(rtol=1e-4, atol=1e-5),
           np.float64: dict(rtol=1e-10, atol=1e-12)}
+# Adam amplifies rounding differences between the targets (see the module docstring).
+ADAM_PARITY = {np.float32: dict(rtol=2e-4, atol=1e-5), np.float64: PARITY[np.float64]}
 
 
 def pair(sizes, act, dtype, **trainer_kwargs):
@@ -44,14 +49,15 @@ def test_fit_matches_cpu_step_for_step(small_launches, loss, optimizer, kwargs, 
     cpu, gpu = pair([5, 7, 6, 3], "tanh", dtype, loss=loss, optimizer=optimizer, lr=0.1,
                     batch_size=batch_size, **kwargs)
     h_cpu, h_gpu = cpu.fit(X, y, epochs=2), gpu.fit(X, y, epochs=2)
-    np.testing.assert_allclose(h_gpu.loss, h_cpu.loss, **PARITY[dtype])
+    tol = (ADAM_PARITY if optimizer == "adam" else PARITY)[dtype]
+    np.testing.assert_allclose(h_gpu.loss, h_cpu.loss, **tol)
     assert gpu.steps_done == cpu.steps_done
-    np.testing.assert_allclose(gpu.opt_state, cpu.opt_state, **PARITY[dtype])
-    assert_same_params(cpu.model, gpu.model, PARITY[dtype])
-    np.testing.assert_allclose(gpu.predict(X), cpu.predict(X), **PARITY[dtype])
+    np.testing.assert_allclose(gpu.opt_state, cpu.opt_state, **tol)
+    assert_same_params(cpu.model, gpu.model, tol)
+    np.testing.assert_allclose(gpu.predict(X), cpu.predict(X), **tol)
     scores = gpu.evaluate(X, y)
     for key, value in cpu.evaluate(X, y).items():
-        assert scores[key] == pytest.approx(value, rel=PARITY[dtype]["rtol"])
+        assert scores[key] == pytest.approx(value, rel=tol["rtol"])
 
 
 @pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "softmax_cross_entropy"])
