@@ -195,7 +195,7 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
         except ImportError:
             pass
-    print(f"machine: {os.cpu_count()} logical CPUs; fastbp {fastbp.__version__ if hasattr(fastbp, '__version__') else ''}")
+    print(f"machine: {os.cpu_count()} logical CPUs; fastbp {fastbp.__version__}")
     return compare([w.strip().upper() for w in args.workloads.split(",")], args.rounds, args.samples,
                    [p.strip() for p in args.peers.split(",") if p.strip()])
 

@@ -233,7 +233,8 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads), 3.5), squeeze=False)
     for ax, name in zip(axes[0], workloads):
         for device in sorted({r["device"] for r in rows}):
-            pts = sorted((r["batch_size"], r["seconds"]) for r in rows if r["workload"] == name and r["device"] == device)
+            pts = sorted((r["batch_size"], r["seconds"]) for r in rows
+                         if r["workload"] == name and r["device"] == device)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=device)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

@@ -56,7 +56,7 @@ import numpy as np
 
 from ._validation import as_float_matrix, check_choice, check_float, check_int
 from .kernels.pointwise import LOSSES as LOSS_CODES, loss_divisor
-from .trainer import History, NonFiniteLossError, Trainer
+from .trainer import History, NonFiniteLossError, Trainer, _EarlyStopping
 
 __all__ = ["DataParallelTrainer", "shard", "shard_bounds", "MismatchError"]
 
@@ -265,8 +265,7 @@ class DataParallelTrainer(Trainer):
         local_pos = np.empty(n_local, dtype=np.int64)
 
         history = History()
-        best = (np.inf, None, None, 0, 0)
-        since_best = 0
+        early = _EarlyStopping(self, patience) if patience is not None else None
         params = self._begin()
         self._broadcast_state(params)
         self._backend.load_state(params, self.opt_state, self.steps_done)
@@ -325,16 +324,9 @@ class DataParallelTrainer(Trainer):
                         h.val_loss.append(val["loss"])
                         if "accuracy" in val:
                             h.val_accuracy.append(val["accuracy"])
-                    if patience is not None:
-                        if val["loss"] < best[0]:
-                            snapshot = self._backend_snapshot(params)
-                            best = (val["loss"], snapshot[0], snapshot[1], snapshot[2], self.epochs_done)
-                            since_best = 0
-                        else:
-                            since_best += 1
-                            if since_best >= patience:
-                                history.stop_reason = "early_stopping"
-                                break
+                    if early is not None and early.should_stop(val["loss"], params):
+                        history.stop_reason = "early_stopping"
+                        break
                 if callbacks:
                     stop = any(bool(cb(self, history)) for cb in callbacks)
                     if self._allreduce_sum([float(stop)])[0] > 0:  # one rank's stop stops everyone
@@ -348,10 +340,8 @@ class DataParallelTrainer(Trainer):
             raise
         finally:
             self._end(params)
-        if history.stop_reason == "early_stopping" and restore_best and best[1] is not None:
-            self.model.set_flat_parameters(best[1])
-            self.opt_state[...] = best[2]
-            self.steps_done = best[3]
+        if history.stop_reason == "early_stopping" and restore_best:
+            early.restore()
         return history
 
     def _host_data(self, X, y):

@@ -76,6 +76,36 @@ class LearningRateSearch:
         return "\n".join(lines)
 
 
+class _EarlyStopping:
+    """Early stopping on the validation loss: keeps a snapshot of the best epoch's state and counts the
+    epochs since; shared by Trainer.fit and DataParallelTrainer.fit."""
+
+    def __init__(self, trainer: "Trainer", patience: int):
+        self.trainer = trainer
+        self.patience = patience
+        self.best_loss = np.inf
+        self.best_state = None  # (flat params, optimizer state, steps done), host copies
+        self.since_best = 0
+
+    def should_stop(self, val_loss: float, params) -> bool:
+        """Record this epoch's validation loss; True once ``patience`` epochs passed without a new best."""
+        if val_loss < self.best_loss:
+            self.best_loss = val_loss
+            self.best_state = self.trainer._backend_snapshot(params)
+            self.since_best = 0
+            return False
+        self.since_best += 1
+        return self.since_best >= self.patience
+
+    def restore(self) -> None:
+        """Put the best epoch's parameters, optimizer state and step count back into the trainer."""
+        if self.best_state is not None:
+            params, opt_state, steps = self.best_state
+            self.trainer.model.set_flat_parameters(params)
+            self.trainer.opt_state[...] = opt_state
+            self.trainer.steps_done = steps
+
+
 class Trainer:
     """Trains an :class:`MLP` with a fused loss, an optimizer and a learning-rate schedule.
 
@@ -315,8 +345,7 @@ class Trainer:
         chunk = 1
 
         history = History()
-        best = (np.inf, None, None, 0, 0)  # val_loss, params, opt_state, steps, epoch
-        since_best = 0
+        early = _EarlyStopping(self, patience) if patience is not None else None
         params = self._begin()
         try:
             remaining = epochs
@@ -369,16 +398,9 @@ class Trainer:
                             h.val_loss.append(val_loss)
                             if acc is not None:
                                 h.val_accuracy.append(acc)
-                        if patience is not None:
-                            if val_loss < best[0]:
-                                snapshot = self._backend_snapshot(params)
-                                best = (val_loss, snapshot[0], snapshot[1], snapshot[2], self.epochs_done)
-                                since_best = 0
-                            else:
-                                since_best += 1
-                                if since_best >= patience:
-                                    history.stop_reason = "early_stopping"
-                                    break
+                        if early is not None and early.should_stop(val_loss, params):
+                            history.stop_reason = "early_stopping"
+                            break
                     if callbacks:  # callbacks (and a trainer.save inside one) see the current state
                         self._end(params)
                 if schedule_error is not None:
@@ -393,11 +415,9 @@ class Trainer:
                 self._end(params)
             if progress is not None:
                 progress.close(history)
-        if history.stop_reason == "early_stopping" and restore_best and best[1] is not None:
+        if history.stop_reason == "early_stopping" and restore_best:
             with deferred_keyboard_interrupt():
-                self.model.set_flat_parameters(best[1])
-                self.opt_state[...] = best[2]
-                self.steps_done = best[3]
+                early.restore()
         return history
 
     @staticmethod
