@@ -336,13 +336,14 @@ DETERMINISM_SCRIPT = textwrap.dedent("""
     import numba, numpy as np, fastbp
     from fastbp.kernels import cpu
     rng = np.random.default_rng(0)
-    # Large enough that every dense kernel takes its parallel (prange) path: 64 * 64 * 96 > PARALLEL_MIN_WORK.
-    X = rng.normal(size=(256, 64)).astype(np.float32)
-    y = rng.integers(0, 10, size=256)
-    assert 64 * 64 * 96 >= cpu.PARALLEL_MIN_WORK
+    # Large enough that every dense kernel takes its parallel (prange) path: batch 64 x 128 x 128 multiply-adds
+    # per layer >= PARALLEL_MIN_WORK (and wider than NARROW_MAX_WIDTH: the serial feature-major path is not it).
+    X = rng.normal(size=(256, 128)).astype(np.float32)
+    y = rng.integers(0, 128, size=256)
+    assert 64 * 128 * 128 >= cpu.PARALLEL_MIN_WORK and 128 > cpu.NARROW_MAX_WIDTH
     out = {"threads": numba.get_num_threads()}
     for optimizer in ("sgd", "adam"):
-        model = fastbp.MLP([64, 96, 10], "relu", seed=0)
+        model = fastbp.MLP([128, 128, 128, 128], "relu", seed=0)
         trainer = fastbp.Trainer(model, loss="softmax_cross_entropy", optimizer=optimizer, lr=0.01,
                                  momentum=0.9 if optimizer == "sgd" else 0.0, batch_size=64, seed=0)
         trainer.fit(X, y, epochs=3)

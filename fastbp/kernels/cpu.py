@@ -383,13 +383,20 @@ def _bias_activate_rows(out, bias, act, i0, i1):
     # loop's step (vector width x interleave), so a per-row loop would only ever run its scalar remainder.
     # The branch on act sits outside the loops so each loop vectorises (sigmoid through exp_fast).
     n = out.shape[1]
-    zero = out.dtype.type(0.0)
     for i in range(i0, i1):
         for j in range(n):
             out[i, j] += bias[j]
     if act == IDENTITY:
         return
-    flat = out.reshape(out.shape[0] * n)[i0 * n:i1 * n]
+    _activate_flat(out.reshape(out.shape[0] * n)[i0 * n:i1 * n], act)
+
+
+@inline
+def _activate_flat(flat, act):
+    # flat[t] = act(flat[t]) over a contiguous block, one vectorised loop per activation.
+    zero = flat.dtype.type(0.0)
+    if act == IDENTITY:
+        return
     if act == RELU:
         for t in range(flat.shape[0]):
             z = flat[t]
@@ -506,6 +513,59 @@ def dense_backward_params_t(dweight, dbias, dout_t, inp_t):
         dbias[j] = acc
 
 
+# --- feature-major kernels for narrow networks --------------------------------------------------------------
+# A network whose layers are all at most NARROW_MAX_WIDTH wide (W1: 1-16-1) runs its whole step on
+# TRANSPOSED activations and deltas, (units, batch): every inner loop then runs over the batch, the longest
+# contiguous axis there is, instead of over rows of 1-16 numbers (shorter than one vector step), and no
+# weight or activation is transposed inside the step (only the narrow input and output blocks).
+NARROW_MAX_WIDTH = 32
+
+
+@cpu_jit(**FAST)
+def dense_forward_fm(out_t, inp_t, weight, bias, act):
+    """out_t = act(weight.T @ inp_t + bias[:, None]), overwritten: dense_forward on feature-major
+    (transposed) activations. inp_t (n_in, B), weight (n_in, n_out), bias (n_out,), out_t (n_out, B).
+    Serial; each output sums over k in order (results do not depend on threads)."""
+    n_in = weight.shape[0]
+    n_out = weight.shape[1]
+    n = inp_t.shape[1]
+    for j in range(n_out):
+        b = bias[j]
+        for i in range(n):
+            out_t[j, i] = b
+        for k in range(n_in):
+            w = weight[k, j]
+            for i in range(n):
+                out_t[j, i] += w * inp_t[k, i]
+    _activate_flat(out_t.reshape(n_out * n), act)
+
+
+@cpu_jit(**FAST)
+def dense_backward_input_fm(dinp_t, dout_t, weight, inp_t, inp_act):
+    """dinp_t = (weight @ dout_t) * act'(inp_t), overwritten: dense_backward_input on feature-major
+    (transposed) arrays. dout_t (n_out, B), weight (n_in, n_out), inp_t and dinp_t (n_in, B). Serial."""
+    n_in = weight.shape[0]
+    n_out = weight.shape[1]
+    n = dout_t.shape[1]
+    zero = dinp_t.dtype.type(0.0)
+    for k in range(n_in):
+        for i in range(n):
+            dinp_t[k, i] = zero
+        for j in range(n_out):
+            w = weight[k, j]
+            for i in range(n):
+                dinp_t[k, i] += w * dout_t[j, i]
+    _scale_by_activation_grad_rows(dinp_t, inp_t, inp_act, 0, n_in)
+
+
+@inline
+def _transpose_small(out, inp):
+    # out (n, m) = inp (m, n).T for narrow blocks (plain loops: the tiled transpose's set-up costs more).
+    for i in range(inp.shape[0]):
+        for j in range(inp.shape[1]):
+            out[j, i] = inp[i, j]
+
+
 # --- views into flat buffers ---------------------------------------------------------------------------------
 @inline
 def weight_view(params, sizes, param_offsets, layer):
@@ -585,6 +645,12 @@ def batch_grads(grads, acts, deltas, row_losses, scratch, params, targets, sizes
     and deltas, so that every product is the vectorised NT form (see _nt_tiles):
     forward Z = A @ (W^T)^T, dW = (A^T) @ (dZ^T)^T, dA = dZ @ W^T with W itself as the NT operand."""
     n_layers = sizes.shape[0] - 1
+    widest = sizes[0]
+    for layer in range(n_layers):  # a loop, not sizes.max(): in a parallel=True function that is a parfor
+        widest = max(widest, sizes[layer + 1])
+    if widest <= NARROW_MAX_WIDTH:
+        return batch_grads_fm(grads, acts, deltas, row_losses, scratch, params, targets, sizes, param_offsets,
+                              unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows)
     n_params = params.shape[0]
     block = capacity * unit_offsets[n_layers + 1]
     params_t = scratch[:n_params]
@@ -615,6 +681,44 @@ def batch_grads(grads, acts, deltas, row_losses, scratch, params, targets, sizes
             dinp = activation_view(deltas, sizes, unit_offsets, capacity, layer, n_rows)
             dense_backward_input(dinp, dout, weight_view(params, sizes, param_offsets, layer), inp,
                                  act_codes[layer - 1])
+    return total
+
+
+@cpu_jit()
+def batch_grads_fm(grads, acts, deltas, row_losses, scratch, params, targets, sizes, param_offsets,
+                   unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows):
+    """batch_grads for narrow networks (see NARROW_MAX_WIDTH), same arguments and results: the step runs
+    on the feature-major copies in scratch; acts and deltas carry only the input, logits and their
+    gradient batch-major (for loss_grad)."""
+    n_layers = sizes.shape[0] - 1
+    n_params = params.shape[0]
+    block = capacity * unit_offsets[n_layers + 1]
+    acts_t = scratch[n_params:n_params + block]
+    deltas_t = scratch[n_params + block:n_params + 2 * block]
+    _transpose_small(activation_view_t(acts_t, sizes, unit_offsets, capacity, 0, n_rows),
+                     activation_view(acts, sizes, unit_offsets, capacity, 0, n_rows))
+    for layer in range(n_layers):
+        dense_forward_fm(activation_view_t(acts_t, sizes, unit_offsets, capacity, layer + 1, n_rows),
+                         activation_view_t(acts_t, sizes, unit_offsets, capacity, layer, n_rows),
+                         weight_view(params, sizes, param_offsets, layer),
+                         bias_view(params, sizes, param_offsets, layer), act_codes[layer])
+    logits = activation_view(acts, sizes, unit_offsets, capacity, n_layers, n_rows)
+    _transpose_small(logits, activation_view_t(acts_t, sizes, unit_offsets, capacity, n_layers, n_rows))
+    dlogits = activation_view(deltas, sizes, unit_offsets, capacity, n_layers, n_rows)
+    loss_grad(dlogits, row_losses[:n_rows], logits, targets, loss, inv_divisor)
+    total = 0.0
+    for i in range(n_rows):
+        total += row_losses[i]
+    _transpose_small(activation_view_t(deltas_t, sizes, unit_offsets, capacity, n_layers, n_rows), dlogits)
+    for layer in range(n_layers - 1, -1, -1):
+        dout_t = activation_view_t(deltas_t, sizes, unit_offsets, capacity, layer + 1, n_rows)
+        inp_t = activation_view_t(acts_t, sizes, unit_offsets, capacity, layer, n_rows)
+        dense_backward_params_t(weight_view(grads, sizes, param_offsets, layer),
+                                bias_view(grads, sizes, param_offsets, layer), dout_t, inp_t)
+        if layer > 0:
+            dense_backward_input_fm(activation_view_t(deltas_t, sizes, unit_offsets, capacity, layer, n_rows),
+                                    dout_t, weight_view(params, sizes, param_offsets, layer), inp_t,
+                                    act_codes[layer - 1])
     return total
 
 
