@@ -332,7 +332,8 @@ def test_batch_grads_matches_naive(sizes, n_rows, capacity, loss_name, dtype, rn
     scratch = np.full(cpu.scratch_size(layout.n_params, capacity, int(layout.unit_offsets[-1])), np.nan, dtype)
     inv = dtype(1.0 / loss_divisor(loss, n_rows, k))
     total = cpu.batch_grads(grads, acts_buf, deltas, np.empty(capacity, dtype), scratch, params, Y, layout.sizes,
-                            layout.param_offsets, layout.unit_offsets, capacity, codes, loss, inv, n_rows)
+                            layout.param_offsets, layout.unit_offsets, capacity, codes, loss, inv, n_rows,
+                            *cpu.path_flags(sizes))
     value, dws, dbs = naive.loss_and_grads(weights, biases, acts, loss_name, X, Y)
     np.testing.assert_allclose(total * inv, value, rtol=1e-3 if dtype == np.float32 else 1e-9)
     expected = layout.pack(dws, dbs, np.empty(layout.n_params))

@@ -531,6 +531,14 @@ def dense_backward_params_t(dweight, dbias, dout_t, inp_t):
 NARROW_MAX_WIDTH = 32
 
 
+def path_flags(sizes):
+    """The ``narrow, wide`` arguments of batch_grads / train_epochs / dataset_grads for layer widths
+    ``sizes``: (1, None) when every layer is at most NARROW_MAX_WIDTH wide (the feature-major step), else
+    (None, 1). The TYPES decide: numba prunes a branch on a None-typed argument at compile time, so a fit
+    compiles one path, not both (compiling both cost a cold first fit about 9 s here)."""
+    return (1, None) if int(max(sizes)) <= NARROW_MAX_WIDTH else (None, 1)
+
+
 @cpu_jit(**FAST)
 def dense_forward_fm(out_t, inp_t, weight, bias, act):
     """out_t = act(weight.T @ inp_t + bias[:, None]), overwritten: dense_forward on feature-major
@@ -647,20 +655,22 @@ def forward_logits(acts, sizes, param_offsets, unit_offsets, capacity, act_codes
 
 @cpu_jit()
 def batch_grads(grads, acts, deltas, row_losses, scratch, params, targets, sizes, param_offsets, unit_offsets,
-                capacity, act_codes, loss, inv_divisor, n_rows):
+                capacity, act_codes, loss, inv_divisor, n_rows, narrow, wide):
     """One forward and backward pass on the n_rows input rows in acts' layer-0 slot; grads (P,) overwritten
     with d(sum of row losses * inv_divisor)/d params. Returns the float64 sum of the row losses.
 
     scratch (scratch_size(P, capacity, sum(sizes)),): the transposed weights, then transposed activations
     and deltas, so that every product is the vectorised NT form (see _nt_tiles):
-    forward Z = A @ (W^T)^T, dW = (A^T) @ (dZ^T)^T, dA = dZ @ W^T with W itself as the NT operand."""
+    forward Z = A @ (W^T)^T, dW = (A^T) @ (dZ^T)^T, dA = dZ @ W^T with W itself as the NT operand.
+    narrow, wide: path_flags(sizes); narrow not None runs the feature-major step instead (batch_grads_fm)."""
     n_layers = sizes.shape[0] - 1
-    widest = sizes[0]
-    for layer in range(n_layers):  # a loop, not sizes.max(): in a parallel=True function that is a parfor
-        widest = max(widest, sizes[layer + 1])
-    if widest <= NARROW_MAX_WIDTH:
+    # narrow, wide = path_flags(sizes): numba prunes a branch on an argument only when it is None-typed, so
+    # each specialisation drops the other path at compile time (a fit compiles one path, not both).
+    if narrow is not None:
         return batch_grads_fm(grads, acts, deltas, row_losses, scratch, params, targets, sizes, param_offsets,
                               unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows)
+    if wide is None:  # not reached at run time (one of the two is None); makes the rest dead code when narrow
+        return 0.0
     n_params = params.shape[0]
     block = capacity * unit_offsets[n_layers + 1]
     params_t = scratch[:n_params]
@@ -756,7 +766,8 @@ def optimizer_step(params, opt_state, grads, lr, optimizer, hyper, step):
 @cpu_jit()
 def train_epochs(params, opt_state, steps_done, grads, acts, deltas, targets_batch, row_losses, backup, scratch,
                  X, Y, orders, lrs, epoch_losses,
-                 sizes, param_offsets, unit_offsets, act_codes, loss, optimizer, hyper, batch_size, target_loss):
+                 sizes, param_offsets, unit_offsets, act_codes, loss, optimizer, hyper, batch_size, target_loss, narrow,
+                 wide):
     """Train ``len(lrs)`` epochs in one call; returns how many completed.
 
     params (P,), opt_state (2, P), steps_done (1,) int64: updated in place. X (n, n_in), Y (n, k).
@@ -793,7 +804,8 @@ def train_epochs(params, opt_state, steps_done, grads, acts, deltas, targets_bat
                 gather_rows(batch_targets, Y, orders[epoch], start)
             inv_divisor = params.dtype.type(1.0 / loss_divisor(loss, n_rows, k))
             total += batch_grads(grads, acts, deltas, row_losses, scratch, params, batch_targets, sizes,
-                                 param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows)
+                                 param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows, narrow,
+                                 wide)
             steps_done[0] += 1
             optimizer_step(params, opt_state, grads, lrs[epoch], optimizer, hyper, steps_done[0])
         epoch_loss = total / loss_divisor(loss, n, k)
@@ -824,7 +836,7 @@ def predict(out, acts, X, params, sizes, param_offsets, unit_offsets, act_codes,
 
 @cpu_jit()
 def dataset_grads(grads, grads_chunk, acts, deltas, row_losses, scratch, X, Y, params, sizes, param_offsets,
-                  unit_offsets, act_codes, loss, capacity, divisor):
+                  unit_offsets, act_codes, loss, capacity, divisor, narrow, wide):
     """Sum of the row losses of X (n, n_in), Y (n, k) divided by ``divisor``, and its exact gradient into
     grads (P,), overwritten. ``divisor`` is loss_divisor(loss, n, k) for the mean over this set, or the
     global batch's divisor when these rows are one process's share of it.
@@ -841,7 +853,8 @@ def dataset_grads(grads, grads_chunk, acts, deltas, row_losses, scratch, X, Y, p
         inputs = activation_view(acts, sizes, unit_offsets, capacity, 0, n_rows)
         _copy_rows(inputs, X, start)
         total += batch_grads(grads_chunk, acts, deltas, row_losses, scratch, params, Y[start:start + n_rows],
-                             sizes, param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows)
+                             sizes, param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows,
+                             narrow, wide)
         for i in range(grads.shape[0]):
             grads[i] += grads_chunk[i]
     return total / divisor
