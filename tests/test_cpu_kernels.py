@@ -185,7 +185,7 @@ def test_matmul_nt_parallel_path(rng):
     np.testing.assert_allclose(C, A @ Bt.T, **TOLERANCES[np.float64])
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (16, 16), (65, 130), (257, 1031)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (16, 16), (65, 130), (128, 128), (127, 130), (257, 1031), (1031, 1031)])
 def test_transpose(shape, dtype, rng):
     inp = rng.normal(size=shape).astype(dtype)
     out = np.full(shape[::-1], np.nan, dtype)
@@ -270,3 +270,72 @@ def test_exp_fast_as_plain_python(dtype):
         else:
             np.testing.assert_allclose(value, np.exp(x), rtol=1e-6 if dtype == np.float32 else 1e-14)
     np.testing.assert_allclose(sigmoid.py_func(dtype(-3.0)), 1 / (1 + np.exp(3.0)), rtol=1e-6)
+
+
+# --- feature-major kernels (narrow networks) -------------------------------------------------------------------
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("shape", FAST_SHAPES)
+def test_dense_forward_fm_matches_naive(shape, act, dtype, rng):
+    B, n_in, n_out = shape
+    inp = rng.normal(size=(B, n_in)).astype(dtype)
+    w = rng.normal(size=(n_in, n_out)).astype(dtype)
+    b = rng.normal(size=n_out).astype(dtype)
+    out_t = np.full((n_out, B), np.nan, dtype)
+    expected = np.full((B, n_out), np.nan, dtype)
+    cpu.dense_forward_fm(out_t, np.ascontiguousarray(inp.T), w, b, ACTIVATIONS[act])
+    cpu.dense_forward_naive(expected, inp, w, b, ACTIVATIONS[act])
+    np.testing.assert_allclose(out_t.T, expected, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("shape", FAST_SHAPES)
+def test_dense_backward_input_fm_matches_naive(shape, act, dtype, rng):
+    B, n_in, n_out = shape
+    inp = naive.ACTIVATIONS[act](rng.normal(size=(B, n_in))).astype(dtype)
+    w = rng.normal(size=(n_in, n_out)).astype(dtype)
+    dout = rng.normal(size=(B, n_out)).astype(dtype)
+    fast_t, ref = np.full((n_in, B), np.nan, dtype), np.full((B, n_in), np.nan, dtype)
+    cpu.dense_backward_input_fm(fast_t, np.ascontiguousarray(dout.T), w, np.ascontiguousarray(inp.T),
+                                ACTIVATIONS[act])
+    cpu.dense_backward_input_naive(ref, dout, w, inp, ACTIVATIONS[act])
+    np.testing.assert_allclose(fast_t.T, ref, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("sizes", [[1, 16, 1], [3, 1, 2], [5, 32, 7, 3], [2, 33, 2], [64, 40, 10]],
+                         ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("n_rows,capacity", [(1, 1), (7, 9), (100, 100)])
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+def test_batch_grads_matches_naive(sizes, n_rows, capacity, loss_name, dtype, rng):
+    """batch_grads on both of its paths: feature-major (every layer <= NARROW_MAX_WIDTH) and transposed-NT."""
+    from fastbp.layout import Layout
+
+    loss = LOSSES[loss_name]
+
+    layout = Layout.from_sizes(sizes)
+    acts = ["sigmoid", "relu", "tanh"][:len(sizes) - 2]
+    codes = np.array([ACTIVATIONS[a] for a in acts] + [ACTIVATIONS["identity"]], np.int64)
+    weights = [rng.normal(size=(a, b)).astype(dtype) for a, b in zip(sizes[:-1], sizes[1:])]
+    biases = [rng.normal(size=b).astype(dtype) for b in sizes[1:]]
+    params = layout.pack(weights, biases, np.empty(layout.n_params, dtype))
+    X = rng.normal(size=(n_rows, sizes[0])).astype(dtype)
+    k = sizes[-1]
+    if loss == LOSSES["softmax_cross_entropy"]:
+        Y = naive.one_hot(rng.integers(0, k, n_rows), k).astype(dtype)
+    elif loss == LOSSES["binary_cross_entropy"]:
+        Y = rng.integers(0, 2, size=(n_rows, k)).astype(dtype)
+    else:
+        Y = rng.normal(size=(n_rows, k)).astype(dtype)
+    size = layout.workspace_size(capacity)
+    acts_buf, deltas = np.full(size, np.nan, dtype), np.full(size, np.nan, dtype)
+    acts_buf[:n_rows * sizes[0]] = X.ravel()
+    grads = np.full(layout.n_params, np.nan, dtype)
+    scratch = np.full(cpu.scratch_size(layout.n_params, capacity, int(layout.unit_offsets[-1])), np.nan, dtype)
+    inv = dtype(1.0 / loss_divisor(loss, n_rows, k))
+    total = cpu.batch_grads(grads, acts_buf, deltas, np.empty(capacity, dtype), scratch, params, Y, layout.sizes,
+                            layout.param_offsets, layout.unit_offsets, capacity, codes, loss, inv, n_rows,
+                            *cpu.path_flags(sizes))
+    value, dws, dbs = naive.loss_and_grads(weights, biases, acts, loss_name, X, Y)
+    np.testing.assert_allclose(total * inv, value, rtol=1e-3 if dtype == np.float32 else 1e-9)
+    expected = layout.pack(dws, dbs, np.empty(layout.n_params))
+    np.testing.assert_allclose(grads, expected, rtol=1e-3 if dtype == np.float32 else 1e-9,
+                               atol=1e-4 if dtype == np.float32 else 1e-11)

@@ -28,6 +28,7 @@ class CPUBackend:
         self.hyper = np.asarray(hyper, dtype=np.float64).reshape(N_HYPER)
         self.dtype = np.dtype(dtype)
         self._workspaces = {}
+        self._paths = kernels.path_flags(layout.sizes)
 
     # -- parameters and optimizer state ------------------------------------------------------------------
     def load_state(self, params: np.ndarray, opt_state: np.ndarray, steps_done: int) -> None:
@@ -86,7 +87,7 @@ class CPUBackend:
             self.params, self.opt_state, self.steps_done, ws["grads"], ws["acts"], ws["deltas"],
             ws["targets_batch"], ws["row_losses"], ws["backup"], ws["scratch"], X, Y, orders, lrs, losses,
             layout.sizes, layout.param_offsets, layout.unit_offsets, self.act_codes, self.loss,
-            self.optimizer, self.hyper, batch_size, target_loss)
+            self.optimizer, self.hyper, batch_size, target_loss, *self._paths)
         # An epoch that went non-finite is reported (its loss is in losses[completed]) but not counted.
         n_reported = min(completed + 1, len(lrs))
         return losses[:n_reported], int(completed)
@@ -132,7 +133,7 @@ class CPUBackend:
         return float(kernels.dataset_grads(grads_out, ws["grads_chunk"], ws["acts"], ws["deltas"], ws["row_losses"],
                                            ws["scratch"], X, Y, self.params, layout.sizes, layout.param_offsets,
                                            layout.unit_offsets, self.act_codes, self.loss, capacity,
-                                           float(divisor)))
+                                           float(divisor), *self._paths))
 
     @guarded
     def apply_update(self, grads, lr: float) -> None:

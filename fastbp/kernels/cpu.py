@@ -67,6 +67,8 @@ ROW_BLOCK = 16
 # per cache block (64 rows of Bt stay in L2 while every 4-row tile of the task streams past them).
 GEMM_ROW_BLOCK = 32
 GEMM_COL_BLOCK = 64
+# Up to this many elements (64 KiB of float32) transpose() runs as plain loops instead of 8 x 8 tiles.
+SMALL_TRANSPOSE = 1 << 14
 # Elements per parallel task in the element-wise and copy loops.
 ELEMENT_BLOCK = 1 << 14
 # The floating-point freedoms the fast kernels compile with: reassociation lets LLVM split a dot product
@@ -383,13 +385,20 @@ def _bias_activate_rows(out, bias, act, i0, i1):
     # loop's step (vector width x interleave), so a per-row loop would only ever run its scalar remainder.
     # The branch on act sits outside the loops so each loop vectorises (sigmoid through exp_fast).
     n = out.shape[1]
-    zero = out.dtype.type(0.0)
     for i in range(i0, i1):
         for j in range(n):
             out[i, j] += bias[j]
     if act == IDENTITY:
         return
-    flat = out.reshape(out.shape[0] * n)[i0 * n:i1 * n]
+    _activate_flat(out.reshape(out.shape[0] * n)[i0 * n:i1 * n], act)
+
+
+@inline
+def _activate_flat(flat, act):
+    # flat[t] = act(flat[t]) over a contiguous block, one vectorised loop per activation.
+    zero = flat.dtype.type(0.0)
+    if act == IDENTITY:
+        return
     if act == RELU:
         for t in range(flat.shape[0]):
             z = flat[t]
@@ -473,7 +482,15 @@ def _transpose_rows(out, inp, i0, i1):
 def transpose(out, inp):
     """out (n, m) = inp (m, n).T, overwritten; parallel over row blocks of inp for large arrays."""
     m = inp.shape[0]
-    if m * inp.shape[1] < PARALLEL_MIN_WORK:
+    n = inp.shape[1]
+    if m * n <= SMALL_TRANSPOSE:
+        # Small blocks stay in L1/L2: plain loops, each output row written contiguously, beat the 8 x 8
+        # tiles' set-up by 2-4x (64 x 128: 3.4 us against 9.3; 100 x 16: 0.5 against 1.8).
+        for j in range(n):
+            for i in range(m):
+                out[j, i] = inp[i, j]
+        return
+    if m * n < PARALLEL_MIN_WORK:
         _transpose_rows(out, inp, 0, m)
         return
     n_blocks = (m + 63) // 64
@@ -504,6 +521,67 @@ def dense_backward_params_t(dweight, dbias, dout_t, inp_t):
         for i in range(dout_t.shape[1]):
             acc += dout_t[j, i]
         dbias[j] = acc
+
+
+# --- feature-major kernels for narrow networks --------------------------------------------------------------
+# A network whose layers are all at most NARROW_MAX_WIDTH wide (W1: 1-16-1) runs its whole step on
+# TRANSPOSED activations and deltas, (units, batch): every inner loop then runs over the batch, the longest
+# contiguous axis there is, instead of over rows of 1-16 numbers (shorter than one vector step), and no
+# weight or activation is transposed inside the step (only the narrow input and output blocks).
+NARROW_MAX_WIDTH = 32
+
+
+def path_flags(sizes):
+    """The ``narrow, wide`` arguments of batch_grads / train_epochs / dataset_grads for layer widths
+    ``sizes``: (1, None) when every layer is at most NARROW_MAX_WIDTH wide (the feature-major step), else
+    (None, 1). The TYPES decide: numba prunes a branch on a None-typed argument at compile time, so a fit
+    compiles one path, not both (compiling both cost a cold first fit about 9 s here)."""
+    return (1, None) if int(max(sizes)) <= NARROW_MAX_WIDTH else (None, 1)
+
+
+@cpu_jit(**FAST)
+def dense_forward_fm(out_t, inp_t, weight, bias, act):
+    """out_t = act(weight.T @ inp_t + bias[:, None]), overwritten: dense_forward on feature-major
+    (transposed) activations. inp_t (n_in, B), weight (n_in, n_out), bias (n_out,), out_t (n_out, B).
+    Serial; each output sums over k in order (results do not depend on threads)."""
+    n_in = weight.shape[0]
+    n_out = weight.shape[1]
+    n = inp_t.shape[1]
+    for j in range(n_out):
+        b = bias[j]
+        for i in range(n):
+            out_t[j, i] = b
+        for k in range(n_in):
+            w = weight[k, j]
+            for i in range(n):
+                out_t[j, i] += w * inp_t[k, i]
+    _activate_flat(out_t.reshape(n_out * n), act)
+
+
+@cpu_jit(**FAST)
+def dense_backward_input_fm(dinp_t, dout_t, weight, inp_t, inp_act):
+    """dinp_t = (weight @ dout_t) * act'(inp_t), overwritten: dense_backward_input on feature-major
+    (transposed) arrays. dout_t (n_out, B), weight (n_in, n_out), inp_t and dinp_t (n_in, B). Serial."""
+    n_in = weight.shape[0]
+    n_out = weight.shape[1]
+    n = dout_t.shape[1]
+    zero = dinp_t.dtype.type(0.0)
+    for k in range(n_in):
+        for i in range(n):
+            dinp_t[k, i] = zero
+        for j in range(n_out):
+            w = weight[k, j]
+            for i in range(n):
+                dinp_t[k, i] += w * dout_t[j, i]
+    _scale_by_activation_grad_rows(dinp_t, inp_t, inp_act, 0, n_in)
+
+
+@inline
+def _transpose_small(out, inp):
+    # out (n, m) = inp (m, n).T for narrow blocks (plain loops: the tiled transpose's set-up costs more).
+    for j in range(inp.shape[1]):
+        for i in range(inp.shape[0]):
+            out[j, i] = inp[i, j]
 
 
 # --- views into flat buffers ---------------------------------------------------------------------------------
@@ -577,14 +655,22 @@ def forward_logits(acts, sizes, param_offsets, unit_offsets, capacity, act_codes
 
 @cpu_jit()
 def batch_grads(grads, acts, deltas, row_losses, scratch, params, targets, sizes, param_offsets, unit_offsets,
-                capacity, act_codes, loss, inv_divisor, n_rows):
+                capacity, act_codes, loss, inv_divisor, n_rows, narrow, wide):
     """One forward and backward pass on the n_rows input rows in acts' layer-0 slot; grads (P,) overwritten
     with d(sum of row losses * inv_divisor)/d params. Returns the float64 sum of the row losses.
 
     scratch (scratch_size(P, capacity, sum(sizes)),): the transposed weights, then transposed activations
     and deltas, so that every product is the vectorised NT form (see _nt_tiles):
-    forward Z = A @ (W^T)^T, dW = (A^T) @ (dZ^T)^T, dA = dZ @ W^T with W itself as the NT operand."""
+    forward Z = A @ (W^T)^T, dW = (A^T) @ (dZ^T)^T, dA = dZ @ W^T with W itself as the NT operand.
+    narrow, wide: path_flags(sizes); narrow not None runs the feature-major step instead (batch_grads_fm)."""
     n_layers = sizes.shape[0] - 1
+    # narrow, wide = path_flags(sizes): numba prunes a branch on an argument only when it is None-typed, so
+    # each specialisation drops the other path at compile time (a fit compiles one path, not both).
+    if narrow is not None:
+        return batch_grads_fm(grads, acts, deltas, row_losses, scratch, params, targets, sizes, param_offsets,
+                              unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows)
+    if wide is None:  # not reached at run time (one of the two is None); makes the rest dead code when narrow
+        return 0.0
     n_params = params.shape[0]
     block = capacity * unit_offsets[n_layers + 1]
     params_t = scratch[:n_params]
@@ -619,6 +705,44 @@ def batch_grads(grads, acts, deltas, row_losses, scratch, params, targets, sizes
 
 
 @cpu_jit()
+def batch_grads_fm(grads, acts, deltas, row_losses, scratch, params, targets, sizes, param_offsets,
+                   unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows):
+    """batch_grads for narrow networks (see NARROW_MAX_WIDTH), same arguments and results: the step runs
+    on the feature-major copies in scratch; acts and deltas carry only the input, logits and their
+    gradient batch-major (for loss_grad)."""
+    n_layers = sizes.shape[0] - 1
+    n_params = params.shape[0]
+    block = capacity * unit_offsets[n_layers + 1]
+    acts_t = scratch[n_params:n_params + block]
+    deltas_t = scratch[n_params + block:n_params + 2 * block]
+    _transpose_small(activation_view_t(acts_t, sizes, unit_offsets, capacity, 0, n_rows),
+                     activation_view(acts, sizes, unit_offsets, capacity, 0, n_rows))
+    for layer in range(n_layers):
+        dense_forward_fm(activation_view_t(acts_t, sizes, unit_offsets, capacity, layer + 1, n_rows),
+                         activation_view_t(acts_t, sizes, unit_offsets, capacity, layer, n_rows),
+                         weight_view(params, sizes, param_offsets, layer),
+                         bias_view(params, sizes, param_offsets, layer), act_codes[layer])
+    logits = activation_view(acts, sizes, unit_offsets, capacity, n_layers, n_rows)
+    _transpose_small(logits, activation_view_t(acts_t, sizes, unit_offsets, capacity, n_layers, n_rows))
+    dlogits = activation_view(deltas, sizes, unit_offsets, capacity, n_layers, n_rows)
+    loss_grad(dlogits, row_losses[:n_rows], logits, targets, loss, inv_divisor)
+    total = 0.0
+    for i in range(n_rows):
+        total += row_losses[i]
+    _transpose_small(activation_view_t(deltas_t, sizes, unit_offsets, capacity, n_layers, n_rows), dlogits)
+    for layer in range(n_layers - 1, -1, -1):
+        dout_t = activation_view_t(deltas_t, sizes, unit_offsets, capacity, layer + 1, n_rows)
+        inp_t = activation_view_t(acts_t, sizes, unit_offsets, capacity, layer, n_rows)
+        dense_backward_params_t(weight_view(grads, sizes, param_offsets, layer),
+                                bias_view(grads, sizes, param_offsets, layer), dout_t, inp_t)
+        if layer > 0:
+            dense_backward_input_fm(activation_view_t(deltas_t, sizes, unit_offsets, capacity, layer, n_rows),
+                                    dout_t, weight_view(params, sizes, param_offsets, layer), inp_t,
+                                    act_codes[layer - 1])
+    return total
+
+
+@cpu_jit()
 def optimizer_step(params, opt_state, grads, lr, optimizer, hyper, step):
     """One optimizer update of the flat params (P,) in place; ``step`` counts from 1 (torch's state['step']).
 
@@ -642,7 +766,8 @@ def optimizer_step(params, opt_state, grads, lr, optimizer, hyper, step):
 @cpu_jit()
 def train_epochs(params, opt_state, steps_done, grads, acts, deltas, targets_batch, row_losses, backup, scratch,
                  X, Y, orders, lrs, epoch_losses,
-                 sizes, param_offsets, unit_offsets, act_codes, loss, optimizer, hyper, batch_size, target_loss):
+                 sizes, param_offsets, unit_offsets, act_codes, loss, optimizer, hyper, batch_size, target_loss, narrow,
+                 wide):
     """Train ``len(lrs)`` epochs in one call; returns how many completed.
 
     params (P,), opt_state (2, P), steps_done (1,) int64: updated in place. X (n, n_in), Y (n, k).
@@ -679,7 +804,8 @@ def train_epochs(params, opt_state, steps_done, grads, acts, deltas, targets_bat
                 gather_rows(batch_targets, Y, orders[epoch], start)
             inv_divisor = params.dtype.type(1.0 / loss_divisor(loss, n_rows, k))
             total += batch_grads(grads, acts, deltas, row_losses, scratch, params, batch_targets, sizes,
-                                 param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows)
+                                 param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows, narrow,
+                                 wide)
             steps_done[0] += 1
             optimizer_step(params, opt_state, grads, lrs[epoch], optimizer, hyper, steps_done[0])
         epoch_loss = total / loss_divisor(loss, n, k)
@@ -710,7 +836,7 @@ def predict(out, acts, X, params, sizes, param_offsets, unit_offsets, act_codes,
 
 @cpu_jit()
 def dataset_grads(grads, grads_chunk, acts, deltas, row_losses, scratch, X, Y, params, sizes, param_offsets,
-                  unit_offsets, act_codes, loss, capacity, divisor):
+                  unit_offsets, act_codes, loss, capacity, divisor, narrow, wide):
     """Sum of the row losses of X (n, n_in), Y (n, k) divided by ``divisor``, and its exact gradient into
     grads (P,), overwritten. ``divisor`` is loss_divisor(loss, n, k) for the mean over this set, or the
     global batch's divisor when these rows are one process's share of it.
@@ -727,7 +853,8 @@ def dataset_grads(grads, grads_chunk, acts, deltas, row_losses, scratch, X, Y, p
         inputs = activation_view(acts, sizes, unit_offsets, capacity, 0, n_rows)
         _copy_rows(inputs, X, start)
         total += batch_grads(grads_chunk, acts, deltas, row_losses, scratch, params, Y[start:start + n_rows],
-                             sizes, param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows)
+                             sizes, param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows,
+                             narrow, wide)
         for i in range(grads.shape[0]):
             grads[i] += grads_chunk[i]
     return total / divisor
