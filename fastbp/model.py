@@ -141,7 +141,15 @@ class MLP:
     def save(self, path) -> None:
         """Write the architecture and parameters to one ``.npz`` file at ``path`` (atomically, no pickle).
 
-        See :mod:`fastbp.checkpoint` for the format; :meth:`MLP.load` reads it back bit for bit."""
+        See :mod:`fastbp.checkpoint` for the format; :meth:`MLP.load` reads it back bit for bit.
+
+        >>> import os, tempfile, numpy as np, fastbp
+        >>> model = fastbp.MLP([3, 4, 2], seed=0)
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.npz")
+        >>> model.save(path)
+        >>> bool(np.array_equal(fastbp.MLP.load(path).weights[0], model.weights[0]))
+        True
+        """
         from .checkpoint import save_model
 
         save_model(self, path)

@@ -10,7 +10,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Constant:
-    """lr(epoch) = lr."""
+    """lr(epoch) = lr.
+
+    >>> Constant(0.1)(7)
+    0.1
+    """
 
     lr: float
 
@@ -20,7 +24,11 @@ class Constant:
 
 @dataclass(frozen=True)
 class ExponentialDecay:
-    """lr(epoch) = initial_lr * gamma ** epoch (torch's ExponentialLR)."""
+    """lr(epoch) = initial_lr * gamma ** epoch (torch's ExponentialLR).
+
+    >>> [round(ExponentialDecay(0.1, gamma=0.5)(epoch), 4) for epoch in range(3)]
+    [0.1, 0.05, 0.025]
+    """
 
     initial_lr: float
     gamma: float
@@ -31,7 +39,11 @@ class ExponentialDecay:
 
 @dataclass(frozen=True)
 class StepDecay:
-    """lr(epoch) = initial_lr * gamma ** (epoch // step_size) (torch's StepLR)."""
+    """lr(epoch) = initial_lr * gamma ** (epoch // step_size) (torch's StepLR).
+
+    >>> [round(StepDecay(1.0, step_size=2, gamma=0.1)(epoch), 4) for epoch in range(5)]
+    [1.0, 1.0, 0.1, 0.1, 0.01]
+    """
 
     initial_lr: float
     step_size: int

@@ -483,7 +483,14 @@ class Trainer:
 
     def predict(self, X) -> np.ndarray:
         """The network's transformed output for X (n, n_in): raw values (mse), sigmoid probabilities
-        (binary_cross_entropy) or softmax probabilities (softmax_cross_entropy), shape (n, n_out)."""
+        (binary_cross_entropy) or softmax probabilities (softmax_cross_entropy), shape (n, n_out).
+
+        >>> import numpy as np, fastbp
+        >>> trainer = fastbp.Trainer(fastbp.MLP([4, 8, 3], seed=0), loss="softmax_cross_entropy")
+        >>> proba = trainer.predict(np.ones((5, 4)))
+        >>> proba.shape, bool(np.allclose(proba.sum(axis=1), 1))
+        ((5, 3), True)
+        """
         Xc = self._backend.as_input(self._inputs(X))
         params = self._begin()
         try:
@@ -492,7 +499,15 @@ class Trainer:
             self._end(params)
 
     def evaluate(self, X, y) -> dict:
-        """``{"loss": mean loss}``, plus ``"accuracy"`` for the classification losses."""
+        """``{"loss": mean loss}``, plus ``"accuracy"`` for the classification losses.
+
+        X (n, n_in); y as for :meth:`fit` (class ids (n,) or rows (n, n_out)).
+
+        >>> import numpy as np, fastbp
+        >>> trainer = fastbp.Trainer(fastbp.MLP([2, 4, 2], seed=0), loss="softmax_cross_entropy")
+        >>> sorted(trainer.evaluate(np.zeros((3, 2)), [0, 1, 1]))
+        ['accuracy', 'loss']
+        """
         Xc, Yc = self._data(X, y)
         params = self._begin()
         try:
@@ -506,7 +521,14 @@ class Trainer:
     def loss_and_grads(self, X, y):
         """The mean loss over X, y and its exact gradients, shaped like the parameters; no update.
 
-        Returns ``(loss, dweights, dbiases)`` with ``dweights[l].shape == model.weights[l].shape``.
+        Returns ``(loss, dweights, dbiases)`` with ``dweights[l].shape == model.weights[l].shape``
+        (n_in, n_out) and ``dbiases[l].shape == (n_out,)``.
+
+        >>> import numpy as np, fastbp
+        >>> trainer = fastbp.Trainer(fastbp.MLP([3, 5, 1], "tanh", seed=0), loss="mse")
+        >>> loss, dweights, dbiases = trainer.loss_and_grads(np.ones((4, 3)), np.zeros(4))
+        >>> [g.shape for g in dweights], [g.shape for g in dbiases]
+        ([(3, 5), (5, 1)], [(5,), (1,)])
         """
         Xc, Yc = self._data(X, y)
         params = self._begin()
@@ -532,6 +554,14 @@ class Trainer:
         ``validation_data``, the last ``validation_fraction`` of a seeded shuffle of X is held out.
         A candidate whose loss diverges scores inf. Returns a :class:`LearningRateSearch`; use its
         ``best_lr`` with ``trainer.set_lr(best_lr)`` or a new Trainer.
+
+        >>> import numpy as np, fastbp
+        >>> X = np.random.default_rng(0).normal(size=(200, 2)); y = (X[:, 0] > 0).astype(int)
+        >>> trainer = fastbp.Trainer(fastbp.MLP([2, 8, 2], seed=0), loss="softmax_cross_entropy", seed=0)
+        >>> search = trainer.choose_learning_rate(X, y, candidates=(0.3, 1e-4), epochs=3)
+        >>> search.best_lr, [row["lr"] for row in search.table]
+        (0.3, [0.3, 0.0001])
+        >>> trainer.set_lr(search.best_lr)
         """
         if isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__iter__"):
             raise TypeError(f"candidates must be a sequence of learning rates like (0.1, 0.01); got "
@@ -583,7 +613,12 @@ class Trainer:
                        seed=self.seed)
 
     def set_lr(self, lr) -> None:
-        """Change the learning rate (a number or an ``epoch -> lr`` callable) for later epochs."""
+        """Change the learning rate (a number or an ``epoch -> lr`` callable) for later epochs.
+
+        >>> import fastbp
+        >>> trainer = fastbp.Trainer(fastbp.MLP([2, 1]), loss="mse", lr=0.1)
+        >>> trainer.set_lr(fastbp.ExponentialDecay(0.1, gamma=0.9))
+        """
         self._schedule = self._check_lr(lr)
         self.lr = lr
 
@@ -593,7 +628,16 @@ class Trainer:
         hyper-parameters and the history to one ``.npz`` file (atomically, no pickle).
 
         Loading it and training on gives exactly the weights an uninterrupted run would have. A custom
-        (user-written) lr callable cannot be stored: :meth:`Trainer.load` then needs ``lr=``."""
+        (user-written) lr callable cannot be stored: :meth:`Trainer.load` then needs ``lr=``.
+
+        >>> import os, tempfile, numpy as np, fastbp
+        >>> trainer = fastbp.Trainer(fastbp.MLP([2, 3, 1], seed=0), loss="mse", lr=0.1, seed=0)
+        >>> history = trainer.fit(np.ones((8, 2)), np.zeros(8), epochs=2)
+        >>> path = os.path.join(tempfile.mkdtemp(), "run.npz")
+        >>> trainer.save(path)
+        >>> fastbp.Trainer.load(path).epochs_done
+        2
+        """
         from .checkpoint import save_trainer
 
         save_trainer(self, path)

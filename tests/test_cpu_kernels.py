@@ -185,7 +185,8 @@ def test_matmul_nt_parallel_path(rng):
     np.testing.assert_allclose(C, A @ Bt.T, **TOLERANCES[np.float64])
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (16, 16), (65, 130), (128, 128), (127, 130), (257, 1031), (1031, 1031)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (16, 16), (65, 130), (128, 128), (127, 130), (257, 1031),
+                                   (1031, 1031)])
 def test_transpose(shape, dtype, rng):
     inp = rng.normal(size=shape).astype(dtype)
     out = np.full(shape[::-1], np.nan, dtype)

@@ -1,4 +1,4 @@
-"""The examples in the docstrings of the sklearn, progress, plotting and info modules run as written."""
+"""The examples in the docstrings of the public modules run as written."""
 import doctest
 import importlib
 import warnings
@@ -6,7 +6,8 @@ import warnings
 import pytest
 
 
-@pytest.mark.parametrize("name", ["fastbp.progress", "fastbp.info", "fastbp.plotting", "fastbp.sklearn"])
+@pytest.mark.parametrize("name", ["fastbp", "fastbp.model", "fastbp.trainer", "fastbp.schedules",
+                                  "fastbp.progress", "fastbp.info", "fastbp.plotting", "fastbp.sklearn"])
 def test_docstring_examples(name):
     if name == "fastbp.plotting":
         pytest.importorskip("matplotlib")
