@@ -44,10 +44,16 @@ def cpu_jit(**options):
 
 
 # parallel=True on a function without prange (see cpu_jit) makes numba warn that nothing was parallelised.
-# That is expected for fastbp's kernels; the filter is scoped to fastbp's kernel files so a user's own
-# numba code keeps its warnings. (numba reports these with warn_explicit: ``module`` is the file path.)
-warnings.filterwarnings("ignore", message=r"(?s).*'parallel=True' was specified but no transformation",
-                        category=NumbaPerformanceWarning, module=r".*fastbp[/\\]kernels")
+# That is expected for fastbp's kernels. numba raises it from different places (its own typed_passes module,
+# or attributed to the kernel's file), so the filter keys on the message, which names the function's file:
+# only warnings about fastbp's kernel files are hidden, a user's own numba code keeps its warnings.
+def hide_expected_parallel_warnings() -> None:
+    warnings.filterwarnings(
+        "ignore", category=NumbaPerformanceWarning,
+        message=r"(?s).*'parallel=True' was specified but no transformation.*fastbp[/\\]kernels[/\\]")
+
+
+hide_expected_parallel_warnings()
 
 # Shared helpers that both targets compile: inlined into every caller (see shared toolchain notes: only
 # inline helpers compile to PTX without a GPU), so they are never compiled or cached on their own.

@@ -53,3 +53,35 @@ def test_uncacheable_function_falls_back_with_a_warning():
     assert compiled(np.arange(3.0)).tolist() == [1.0, 2.0, 3.0]
     if fastbp._jit.CACHE_ENABLED:
         assert any("compiling without a disk cache" in str(w.message) for w in caught)
+
+
+def test_cold_compile_does_not_warn_about_fastbp_kernels(tmp_path):
+    # Every fastbp CPU function is compiled parallel=True (numba #8578), so numba would warn "no
+    # transformation for parallel execution" for each one without prange; fastbp hides exactly those.
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), PYTHONWARNINGS="default")
+    code = textwrap.dedent("""
+        import numpy as np
+        import fastbp
+        X = np.linspace(-1, 1, 20).reshape(-1, 1)
+        trainer = fastbp.Trainer(fastbp.MLP([1, 4, 1], "sigmoid", seed=0), loss="mse", batch_size=None)
+        trainer.fit(X, 2 * X, epochs=2)
+        trainer.predict(X)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "NumbaPerformanceWarning" not in result.stderr, result.stderr[-2000:]
+
+
+def test_users_own_numba_code_keeps_its_warning():
+    import numba
+    from numba.core.errors import NumbaPerformanceWarning
+
+    @numba.njit(parallel=True)
+    def users_function(a):  # no prange: numba warns that nothing was parallelised
+        return a[0] + 1.0
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        fastbp._jit.hide_expected_parallel_warnings()  # in front of every other filter: it must let this pass
+        users_function(np.ones(2))
+    assert any(issubclass(w.category, NumbaPerformanceWarning) for w in caught)
