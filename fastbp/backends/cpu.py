@@ -73,9 +73,6 @@ class CPUBackend:
             )
         return self._workspaces[key]
 
-    def release_workspaces(self) -> None:
-        self._workspaces.clear()
-
     # -- training -----------------------------------------------------------------------------------------
     @guarded
     def train_epochs(self, X, Y, batch_size: int, orders: np.ndarray, lrs: np.ndarray, target_loss: float):

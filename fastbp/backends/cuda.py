@@ -156,12 +156,6 @@ class CUDABackend:
             self._workspaces[key] = _Workspace(self.layout, capacity, n_outputs, self.dtype)
         return self._workspaces[key]
 
-    def release_workspaces(self) -> None:
-        """Free every device buffer except the parameters and optimizer state."""
-        self._workspaces.clear()
-        for key in [k for k in vars(self) if k.startswith("_buf_")]:
-            setattr(self, key, None)
-
     # -- the launch sequence of one batch -----------------------------------------------------------------
     def _forward(self, acts, inputs):
         """Forward through every layer from ``inputs`` (n_rows, n_in); returns the logits view."""

@@ -229,7 +229,8 @@ def _dense_backward_input_naive_kernel(dinp, dout, weight, inp, inp_act):
 def _dense_forward_kernel(out, inp, weight, bias, act):
     # out (B, n_out) = act(inp (B, n_in) @ weight (n_in, n_out) + bias). Block (bx, by) owns a TILE x TILE
     # tile of out; each step stages inp[rows, k0:k0+TILE] and weight[k0:k0+TILE, cols] in shared memory
-    # (coalesced loads: threadIdx.x runs along each row). The sum runs over k in order, like the CPU's.
+    # (coalesced loads: threadIdx.x runs along each row). The sum runs over k in order (the CPU's vectorised
+    # products keep partial sums instead: the targets agree to rounding, not bit for bit).
     inp_tile = cuda.shared.array((TILE, TILE), dtype=inp.dtype)  # inp_tile[r, t] = inp[i0 + r, k0 + t]
     weight_tile = cuda.shared.array((TILE, TILE), dtype=inp.dtype)  # weight_tile[t, c] = weight[k0 + t, j0 + c]
     zero = out.dtype.type(0.0)
