@@ -634,12 +634,6 @@ def _copy_rows(out, source, start):
             out[r, j] = source[start + r, j]
 
 
-@inline
-def _copy_vector(out, source):
-    for i in range(out.shape[0]):
-        out[i] = source[i]
-
-
 # --- drivers: a step, an epoch, many epochs in one compiled call ---------------------------------------------
 @cpu_jit()
 def forward_logits(acts, sizes, param_offsets, unit_offsets, capacity, act_codes, params, n_rows):
