@@ -28,7 +28,7 @@ import math
 import numpy as np
 from numba import prange
 
-from .._jit import cpu_jit, inline
+from .._jit import cpu_jit, inline, prefer_wide_vectors
 from .pointwise import (
     ADAM,
     BINARY_CROSS_ENTROPY,
@@ -63,9 +63,13 @@ from .pointwise import (
 PARALLEL_MIN_WORK = 1 << 20
 # Rows per parallel task (each task owns whole output rows: no races, no atomics).
 ROW_BLOCK = 16
-# The tiled products: rows of C per parallel task (a multiple of the 4-row register tile), and rows of Bt
-# per cache block (64 rows of Bt stay in L2 while every 4-row tile of the task streams past them).
-GEMM_ROW_BLOCK = 32
+# The tiled products run in tasks of GEMM_TASK_ROWS x GEMM_TASK_COLS outputs (2-D, so that a product with
+# few rows still splits over both cores). Inside a task, GEMM_COL_BLOCK rows of Bt (a panel: 256 KiB at
+# K = 1024) stay in L2 while every 4-row tile of A streams past them, and the task's rows of A (512 KiB at
+# K = 1024) stay in L2 across panels. Tasks of 32 rows re-read all of Bt from L3 every 32 rows of C, which
+# cost the 512 x 1024 x 1024 product half its speed here.
+GEMM_TASK_ROWS = 128
+GEMM_TASK_COLS = 128
 GEMM_COL_BLOCK = 64
 # Up to this many elements (64 KiB of float32) transpose() runs as plain loops instead of 8 x 8 tiles.
 SMALL_TRANSPOSE = 1 << 14
@@ -289,48 +293,60 @@ def gather_rows(out, source, order, start):
 
 
 # --- tiled products: C = A @ Bt.T with both operands contiguous along the summed axis ---------------------
-# The "NT" form is the one LLVM vectorises reliably: every one of the sixteen accumulators of a 4x4 tile is a
-# dot product over a contiguous k, so the k loop becomes packed FMAs (checked with inspect_asm) and the
-# accumulators stay in registers. The forms that vectorise over j (C[i, :] += a * B[k, :]) reached half of
-# this here, as they load and store C in every k iteration. The k loops run over range(K) from 0: with a
-# non-zero start numba cannot prove the index non-negative, keeps its wraparound select, and the loop runs
-# about 8x slower.
+# The "NT" form is the one LLVM vectorises reliably: every one of the 24 accumulators of a 6x4 tile is a
+# dot product over a contiguous k, so the k loop becomes packed FMAs (checked with inspect_asm: 24 vfmadd on
+# zmm registers per 10 loads) and the accumulators stay in registers (24 of the 32 zmm registers). The forms
+# that vectorise over j (C[i, :] += a * B[k, :]) reached half of this here, as they load and store C in every
+# k iteration. 6x4 against the 4x4 tile (16 FMAs per 8 loads), one thread, zmm, GFLOP/s, medians of 5
+# alternating rounds: 76 vs 66 at 512x1024x1024, 72 vs 65 at 128x784x256, 55 vs 53 at 784x128x256 (OpenBLAS:
+# 90, 86, 88). The k loops run over range(K) from 0: with a non-zero start numba cannot prove the index
+# non-negative, keeps its wraparound select, and the loop runs about 8x slower.
 @inline
 def _nt_tiles(C, A, Bt, i0, i1, j0, j1):
     # C[i, j] = dot(A[i, :], Bt[j, :]) for i0 <= i < i1, j0 <= j < j1, overwritten. A (M, K), Bt (N, K).
     K = A.shape[1]
     zero = C.dtype.type(0.0)
     i = i0
-    while i + 4 <= i1:
+    while i + 6 <= i1:
         j = j0
         while j + 4 <= j1:
-            c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = zero
-            c20 = c21 = c22 = c23 = c30 = c31 = c32 = c33 = zero
+            c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = c20 = c21 = c22 = c23 = zero
+            c30 = c31 = c32 = c33 = c40 = c41 = c42 = c43 = c50 = c51 = c52 = c53 = zero
             for k in range(K):
-                a0 = A[i, k]
-                a1 = A[i + 1, k]
-                a2 = A[i + 2, k]
-                a3 = A[i + 3, k]
                 b0 = Bt[j, k]
                 b1 = Bt[j + 1, k]
                 b2 = Bt[j + 2, k]
                 b3 = Bt[j + 3, k]
-                c00 += a0 * b0
-                c01 += a0 * b1
-                c02 += a0 * b2
-                c03 += a0 * b3
-                c10 += a1 * b0
-                c11 += a1 * b1
-                c12 += a1 * b2
-                c13 += a1 * b3
-                c20 += a2 * b0
-                c21 += a2 * b1
-                c22 += a2 * b2
-                c23 += a2 * b3
-                c30 += a3 * b0
-                c31 += a3 * b1
-                c32 += a3 * b2
-                c33 += a3 * b3
+                a = A[i, k]
+                c00 += a * b0
+                c01 += a * b1
+                c02 += a * b2
+                c03 += a * b3
+                a = A[i + 1, k]
+                c10 += a * b0
+                c11 += a * b1
+                c12 += a * b2
+                c13 += a * b3
+                a = A[i + 2, k]
+                c20 += a * b0
+                c21 += a * b1
+                c22 += a * b2
+                c23 += a * b3
+                a = A[i + 3, k]
+                c30 += a * b0
+                c31 += a * b1
+                c32 += a * b2
+                c33 += a * b3
+                a = A[i + 4, k]
+                c40 += a * b0
+                c41 += a * b1
+                c42 += a * b2
+                c43 += a * b3
+                a = A[i + 5, k]
+                c50 += a * b0
+                c51 += a * b1
+                c52 += a * b2
+                c53 += a * b3
             C[i, j] = c00
             C[i, j + 1] = c01
             C[i, j + 2] = c02
@@ -347,35 +363,46 @@ def _nt_tiles(C, A, Bt, i0, i1, j0, j1):
             C[i + 3, j + 1] = c31
             C[i + 3, j + 2] = c32
             C[i + 3, j + 3] = c33
+            C[i + 4, j] = c40
+            C[i + 4, j + 1] = c41
+            C[i + 4, j + 2] = c42
+            C[i + 4, j + 3] = c43
+            C[i + 5, j] = c50
+            C[i + 5, j + 1] = c51
+            C[i + 5, j + 2] = c52
+            C[i + 5, j + 3] = c53
             j += 4
-        while j < j1:  # the last 1-3 columns: 4x1 tiles
+        i += 6
+    # What the 6x4 tiles left: the last 1-3 columns of the tiled rows, and the last 1-5 rows (all columns),
+    # as 1x4 tiles and single dot products (one compiled loop each; a few percent of a product's work).
+    for ii in range(i0, i1):
+        jj = j0 if ii >= i else j0 + (j1 - j0) // 4 * 4
+        while jj + 4 <= j1:
             c0 = c1 = c2 = c3 = zero
             for k in range(K):
-                b = Bt[j, k]
-                c0 += A[i, k] * b
-                c1 += A[i + 1, k] * b
-                c2 += A[i + 2, k] * b
-                c3 += A[i + 3, k] * b
-            C[i, j] = c0
-            C[i + 1, j] = c1
-            C[i + 2, j] = c2
-            C[i + 3, j] = c3
-            j += 1
-        i += 4
-    for ii in range(i, i1):  # the last 1-3 rows: single dot products (one compiled loop less than 1x4 tiles)
-        for jj in range(j0, j1):
+                a = A[ii, k]
+                c0 += a * Bt[jj, k]
+                c1 += a * Bt[jj + 1, k]
+                c2 += a * Bt[jj + 2, k]
+                c3 += a * Bt[jj + 3, k]
+            C[ii, jj] = c0
+            C[ii, jj + 1] = c1
+            C[ii, jj + 2] = c2
+            C[ii, jj + 3] = c3
+            jj += 4
+        while jj < j1:
             c = zero
             for k in range(K):
                 c += A[ii, k] * Bt[jj, k]
             C[ii, jj] = c
+            jj += 1
 
 
 @inline
-def _nt_rows(C, A, Bt, i0, i1):
-    # Rows i0..i1 of C = A @ Bt.T, GEMM_COL_BLOCK rows of Bt at a time (they stay in cache for the task).
-    n = Bt.shape[0]
-    for j0 in range(0, n, GEMM_COL_BLOCK):
-        _nt_tiles(C, A, Bt, i0, i1, j0, min(j0 + GEMM_COL_BLOCK, n))
+def _nt_block(C, A, Bt, i0, i1, j0, j1):
+    # C[i0:i1, j0:j1] of C = A @ Bt.T, GEMM_COL_BLOCK rows of Bt at a time (they stay in cache for the task).
+    for jb in range(j0, j1, GEMM_COL_BLOCK):
+        _nt_tiles(C, A, Bt, i0, i1, jb, min(jb + GEMM_COL_BLOCK, j1))
 
 
 @inline
@@ -438,29 +465,36 @@ def _scale_by_activation_grad_rows(dinp, inp, act, i0, i1):
 
 
 @cpu_jit(**FAST)
-def matmul_nt_rows(C, A, Bt, row_start, row_stop):
-    """Rows row_start..row_stop of C = A @ Bt.T, overwritten, on the calling thread (see matmul_nt).
+def matmul_nt_block(C, A, Bt, row_start, row_stop, col_start, col_stop):
+    """C[row_start:row_stop, col_start:col_stop] of C = A @ Bt.T, overwritten, on the calling thread.
 
     The one compiled copy of the register-tiled loops: matmul_nt's serial path and every parallel task
     call it, and the dense kernels call matmul_nt, so the large unrolled, vectorised tile code is compiled
-    once per dtype rather than once per caller and path (cold compile of a fit: 54 s -> see the README)."""
-    _nt_rows(C, A, Bt, row_start, row_stop)
+    once per dtype rather than once per caller and path (cold compile of a fit: 54 s -> see the README).
+    Vectorised with 512-bit registers where the CPU has them (see prefer_wide_vectors)."""
+    prefer_wide_vectors()
+    _nt_block(C, A, Bt, row_start, row_stop, col_start, col_stop)
 
 
 @cpu_jit(**FAST)
 def matmul_nt(C, A, Bt):
-    """C = A @ Bt.T, overwritten. A (M, K), Bt (N, K), C (M, N), all C-contiguous; parallel over row blocks
-    of C above PARALLEL_MIN_WORK multiply-adds (each task owns whole rows: no races)."""
+    """C = A @ Bt.T, overwritten. A (M, K), Bt (N, K), C (M, N), all C-contiguous; parallel over
+    GEMM_TASK_ROWS x GEMM_TASK_COLS blocks of C above PARALLEL_MIN_WORK multiply-adds (each task owns its
+    block of C, and sums over all of k: no races, and results do not depend on the number of threads)."""
     n_rows = A.shape[0]
-    if n_rows * A.shape[1] * Bt.shape[0] < PARALLEL_MIN_WORK:
-        # A literal 0 here would be typed Literal[int] and compile a second copy of the tile code.
-        first_row = n_rows - n_rows
-        matmul_nt_rows(C, A, Bt, first_row, n_rows)
+    n_cols = Bt.shape[0]
+    # A literal 0 would be typed Literal[int] and compile a second copy of the tile code.
+    zero = n_rows - n_rows
+    if n_rows * A.shape[1] * n_cols < PARALLEL_MIN_WORK:
+        matmul_nt_block(C, A, Bt, zero, n_rows, zero, n_cols)
         return
-    n_blocks = (n_rows + GEMM_ROW_BLOCK - 1) // GEMM_ROW_BLOCK
-    for block in prange(n_blocks):
-        start = block * GEMM_ROW_BLOCK
-        matmul_nt_rows(C, A, Bt, start, min(start + GEMM_ROW_BLOCK, n_rows))
+    row_blocks = (n_rows + GEMM_TASK_ROWS - 1) // GEMM_TASK_ROWS
+    col_blocks = (n_cols + GEMM_TASK_COLS - 1) // GEMM_TASK_COLS
+    for task in prange(row_blocks * col_blocks):
+        i0 = (task // col_blocks) * GEMM_TASK_ROWS
+        j0 = (task % col_blocks) * GEMM_TASK_COLS
+        matmul_nt_block(C, A, Bt, zero + i0, min(i0 + GEMM_TASK_ROWS, n_rows), zero + j0,
+                        min(j0 + GEMM_TASK_COLS, n_cols))
 
 
 @inline
