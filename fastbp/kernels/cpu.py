@@ -193,6 +193,7 @@ def dense_backward_input(dinp, dout, weight, inp, inp_act):
     """dinp = (dout @ weight.T) * act'(inp), overwritten: gradient w.r.t. the previous layer's
     pre-activation. dout (B, n_out), weight (n_in, n_out), inp (B, n_in) = previous layer's output.
     The product is the NT form (rows of dout against rows of weight, both contiguous): see _nt_tiles."""
+    prefer_wide_vectors()
     matmul_nt(dinp, dout, weight)
     _scale_by_activation_grad_rows(dinp, inp, inp_act, 0, dout.shape[0])
 
@@ -213,6 +214,7 @@ def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
     pointwise.loss_grad_row): taking a row view per sample costs a reference-count round trip each, which
     was 44 ns a row, more than the arithmetic, and softmax's exps then run as one vectorised loop over the
     block instead of rows of 10. binary_cross_entropy goes row by row through loss_grad_row."""
+    prefer_wide_vectors()
     n = logits.shape[0]
     k = logits.shape[1]
     zero = type(inv_divisor)(0.0)
@@ -262,6 +264,7 @@ def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
 @cpu_jit(**FAST)
 def output_transform(out, logits, loss):
     """out (B, k) = the loss's output transform of logits (B, k): identity, sigmoid or softmax."""
+    prefer_wide_vectors()
     for i in range(logits.shape[0]):
         output_transform_row(out[i], logits[i], loss)
 
@@ -270,6 +273,7 @@ def output_transform(out, logits, loss):
 def sgd_update(params, velocity, grads, lr, momentum, dampening, weight_decay, nesterov, first_step):
     """torch.optim.SGD step over flat vectors (P,), in place. Scalars in the parameters' dtype.
     Serial: about 1 ns a parameter, ~1% of a W4 step; a parallel path cost a second of cold compile."""
+    prefer_wide_vectors()
     for i in range(params.shape[0]):
         sgd_update_one(params, velocity, grads, i, lr, momentum, dampening, weight_decay, nesterov, first_step)
 
@@ -278,6 +282,7 @@ def sgd_update(params, velocity, grads, lr, momentum, dampening, weight_decay, n
 def adam_update(params, exp_avg, exp_avg_sq, grads, lr, beta1, beta2, eps, weight_decay, step_size,
                 sqrt_bias_correction2):
     """torch.optim.Adam step over flat vectors (P,), in place. Scalars in the parameters' dtype. Serial."""
+    prefer_wide_vectors()
     for i in range(params.shape[0]):
         adam_update_one(params, exp_avg, exp_avg_sq, grads, i, lr, beta1, beta2, eps, weight_decay,
                         step_size, sqrt_bias_correction2)
@@ -538,6 +543,7 @@ def dense_forward_t(out, inp, weight_t, bias, act):
     the product is the vectorised NT form. inp (B, n_in), weight_t (n_out, n_in), bias (n_out,), out (B, n_out).
     The bias and activation pass is serial: it touches B * n_out numbers once, n_in times less than the
     product (and keeping it out of the parallel tasks keeps one compiled copy of it)."""
+    prefer_wide_vectors()
     matmul_nt(out, inp, weight_t)
     _bias_activate_rows(out, bias, act, 0, inp.shape[0])
 
@@ -548,6 +554,7 @@ def dense_backward_params_t(dweight, dbias, dout_t, inp_t):
     operands given TRANSPOSED (batch along the contiguous axis), so the sums over the batch are contiguous
     dot products. dout_t (n_out, B), inp_t (n_in, B), dweight (n_in, n_out), dbias (n_out,).
     Sums run in a fixed order: results do not depend on the number of threads."""
+    prefer_wide_vectors()
     matmul_nt(dweight, inp_t, dout_t)
     zero = dbias.dtype.type(0.0)
     for j in range(dout_t.shape[0]):
@@ -578,6 +585,7 @@ def dense_forward_fm(out_t, inp_t, weight, bias, act):
     """out_t = act(weight.T @ inp_t + bias[:, None]), overwritten: dense_forward on feature-major
     (transposed) activations. inp_t (n_in, B), weight (n_in, n_out), bias (n_out,), out_t (n_out, B).
     Serial; each output sums over k in order (results do not depend on threads)."""
+    prefer_wide_vectors()
     n_in = weight.shape[0]
     n_out = weight.shape[1]
     n = inp_t.shape[1]
@@ -596,6 +604,7 @@ def dense_forward_fm(out_t, inp_t, weight, bias, act):
 def dense_backward_input_fm(dinp_t, dout_t, weight, inp_t, inp_act):
     """dinp_t = (weight @ dout_t) * act'(inp_t), overwritten: dense_backward_input on feature-major
     (transposed) arrays. dout_t (n_out, B), weight (n_in, n_out), inp_t and dinp_t (n_in, B). Serial."""
+    prefer_wide_vectors()
     n_in = weight.shape[0]
     n_out = weight.shape[1]
     n = dout_t.shape[1]
