@@ -66,8 +66,9 @@ inline = njit(inline="always")
 # prefer-256-bit: its vectorisers stop at 256-bit ymm registers even though zmm is available (the choice clang
 # exposes as -mprefer-vector-width=; LLVM's X86.td lists TuningPrefer256Bit for those CPUs, a guard against
 # the clock drop of 512-bit code on the early ones). For fastbp's product kernels, which are FMA-bound, that
-# halves the peak: measured here (Emerald Rapids, float32, one thread, 512x1024x1024) the 4x4 NT tile ran at
-# 60-70 GFLOP/s with ymm and 114-127 with zmm, against OpenBLAS's about 100. A function attribute is the
+# caps the peak: measured here (Emerald Rapids, float32, one thread, 512x1024x1024, medians of 5 alternating
+# rounds) the 6x4 NT tile ran at 60 GFLOP/s with ymm and 76 with zmm, against OpenBLAS's 90; with 2-D
+# parallel tasks the product on two threads went from about 110 to 145-190 GFLOP/s. A function attribute is the
 # per-function form of that choice, so it changes fastbp's own kernels only, never the user's numba code
 # (numba's process-wide alternative, NUMBA_CPU_FEATURES, would). On CPUs without AVX-512 the attribute asks for
 # nothing the target has, and LLVM keeps its usual widths.

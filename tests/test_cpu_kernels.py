@@ -159,9 +159,10 @@ def test_gather_rows(dtype, rng):
 
 
 # --- the fast kernels the training drivers use, against the naive references ----------------------------------
-# Sizes around the 4x4 register tile and the 64-row column block (63, 64, 65, 67), primes, and 1.
-FAST_SHAPES = [(1, 1, 1), (3, 5, 7), (4, 4, 4), (5, 1, 9), (13, 17, 11), (37, 64, 1), (61, 67, 65),
-               (130, 33, 70), (67, 129, 63)]
+# Sizes around the 6x4 register tile (rows 5-7 and 11-13, columns 3-5), the 64-row column block (63, 64,
+# 65, 67), primes, and 1.
+FAST_SHAPES = [(1, 1, 1), (3, 5, 7), (4, 4, 4), (5, 1, 9), (6, 8, 4), (7, 3, 5), (12, 2, 3), (13, 17, 11),
+               (37, 64, 1), (61, 67, 65), (130, 33, 70), (67, 129, 63)]
 
 
 @pytest.mark.parametrize("shape", FAST_SHAPES)
@@ -174,15 +175,38 @@ def test_matmul_nt(shape, dtype, rng):
     np.testing.assert_allclose(C, A.astype(np.float64) @ Bt.T, **TOLERANCES[dtype])
 
 
-def test_matmul_nt_parallel_path(rng):
-    # Above PARALLEL_MIN_WORK the rows are split over threads: same result as the serial path.
-    M, K, N = 97, 130, 101
+@pytest.mark.parametrize("shape", [(97, 130, 101), (261, 40, 259)])
+def test_matmul_nt_parallel_path(shape, rng):
+    # Above PARALLEL_MIN_WORK the output is split into GEMM_TASK_ROWS x GEMM_TASK_COLS tasks over threads:
+    # one task column, then 3 x 3 tasks with partial blocks at both edges.
+    M, K, N = shape
     assert M * K * N >= cpu.PARALLEL_MIN_WORK
     A = rng.normal(size=(M, K))
     Bt = rng.normal(size=(N, K))
     C = np.full((M, N), np.nan)
     cpu.matmul_nt(C, A, Bt)
     np.testing.assert_allclose(C, A @ Bt.T, **TOLERANCES[np.float64])
+
+
+def test_product_kernel_asks_for_512_bit_vectors():
+    # prefer_wide_vectors must reach LLVM as the function attribute, and on a CPU with AVX-512 the tile
+    # loop must then use zmm FMAs (without the attribute LLVM stops at ymm on Skylake-server-line CPUs).
+    import re
+
+    from numba import njit
+
+    from fastbp._jit import WIDE_VECTORS_ATTRIBUTE
+    from fastbp.kernels.cpu import FAST
+
+    fresh = njit(**FAST)(cpu.matmul_nt_block.py_func)  # a new, uncached compile, so it can be inspected
+    A = np.ones((8, 64), np.float32)
+    fresh(np.empty((8, 8), np.float32), A, A, 0, 8, 0, 8)
+    signature = fresh.signatures[0]
+    assert WIDE_VECTORS_ATTRIBUTE in fresh.inspect_llvm(signature)
+    from numba.core.codegen import get_host_cpu_features
+
+    if "+avx512f" in get_host_cpu_features().split(","):
+        assert re.search(r"vfmadd\w*ps\s+[^\n]*%zmm", fresh.inspect_asm(signature))
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 17), (16, 16), (65, 130), (128, 128), (127, 130), (257, 1031),
