@@ -19,6 +19,26 @@ import fastbp
 from fastbp.bench import WORKLOADS, NumpyMLP, linear_init, make_data, one_hot
 
 
+# Each round runs an implementation's unit back to back for at least this long and records the mean time per
+# unit. A single short unit (a W2 epoch is 2-5 ms) measured right after another library's run is dominated by
+# transients: that library's worker threads still spinning on the 2 cores, cores waking from idle (measured
+# here: fastbp's W2 epoch 2.5 ms back to back, 3.9 ms as one unit right after numpy's; sleeping 0.3 s before
+# each unit made every implementation slower still). The same rule applies to every implementation.
+MIN_ROUND_SECONDS = 0.5
+
+
+def time_unit(run):
+    """Mean seconds per call of run(), calling it back to back for at least MIN_ROUND_SECONDS."""
+    calls = 0
+    started = time.perf_counter()
+    while True:
+        run()
+        calls += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= MIN_ROUND_SECONDS:
+            return elapsed / calls
+
+
 # --- implementations: each returns a callable that runs one timed unit ---------------------------------------
 def fastbp_runner(name, X, y, weights, biases):
     spec = WORKLOADS[name]
@@ -159,9 +179,7 @@ def compare(workloads, rounds, samples, peers):
         for r in range(rounds):
             order = impls if r % 2 == 0 else impls[::-1]  # alternate: slow drifts of a shared machine cancel
             for impl in order:
-                started = time.perf_counter()
-                runners[impl]()
-                times[impl].append(time.perf_counter() - started)
+                times[impl].append(time_unit(runners[impl]))
         results[name] = times
         print_workload(name, times, X.shape[0])
     return results
