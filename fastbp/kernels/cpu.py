@@ -65,7 +65,7 @@ PARALLEL_MIN_WORK = 1 << 20
 ROW_BLOCK = 16
 # The tiled products run in tasks of GEMM_TASK_ROWS x GEMM_TASK_COLS outputs (2-D, so that a product with
 # few rows still splits over both cores). Inside a task, GEMM_COL_BLOCK rows of Bt (a panel: 256 KiB at
-# K = 1024) stay in L2 while every 4-row tile of A streams past them, and the task's rows of A (512 KiB at
+# K = 1024) stay in L2 while every 6-row tile of A streams past them, and the task's rows of A (512 KiB at
 # K = 1024) stay in L2 across panels. Tasks of 32 rows re-read all of Bt from L3 every 32 rows of C, which
 # cost the 512 x 1024 x 1024 product half its speed here.
 GEMM_TASK_ROWS = 128
