@@ -264,7 +264,8 @@ class _BaseMLP(BaseEstimator):
                     self._no_improvement_count = 0
                 if score > self.best_validation_score_:
                     self.best_validation_score_ = score
-                    best[0] = trainer._backend_snapshot(np.empty(trainer.model.n_params, trainer.model.dtype))[0]
+                    # Callbacks run on a model that fit has brought up to date (Trainer.fit's contract).
+                    best[0] = trainer.model.flat_parameters()
             else:
                 loss = self.loss_curve_[-1]
                 if loss > self.best_loss_ - self.tol:
@@ -374,8 +375,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         return Y
 
     def _validation_score(self, trainer, X_val, Y_val) -> float:
-        # Inside fit the parameters live in the backend; ask it directly (trainer.predict would reload them).
-        proba = np.asarray(trainer._backend.predict(trainer._inputs(X_val), trainer.n_outputs))
+        # Called from a fit callback, where the model is current: predict is exact (and O(parameters) of
+        # copying per epoch, small beside the epoch).
+        proba = trainer.predict(X_val)
         return float(accuracy_score(Y_val.argmax(axis=1), proba.argmax(axis=1)))
 
     def partial_fit(self, X, y, classes=None):
@@ -443,7 +445,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         return Y.astype(np.float32 if self.dtype == "float32" else np.float64)
 
     def _validation_score(self, trainer, X_val, Y_val) -> float:
-        pred = np.asarray(trainer._backend.predict(trainer._inputs(X_val), trainer.n_outputs))
+        pred = trainer.predict(X_val)
         return float(r2_score(Y_val, pred))
 
     def partial_fit(self, X, y):

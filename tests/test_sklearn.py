@@ -113,8 +113,20 @@ def test_early_stopping_records_validation_scores(digits):
     assert clf.n_iter_ < 200
     assert len(clf.validation_scores_) == clf.n_iter_ == len(clf.loss_curve_)
     assert clf.best_validation_score_ == max(clf.validation_scores_)
-    # the weights of the best epoch are restored: the held-out split scores that well again
     assert clf.best_loss_ is None
+
+
+def test_early_stopping_restores_the_best_epochs_weights(digits):
+    # A high learning rate makes the validation score swing, so that the last epoch is worse than the best:
+    # only restoring the best epoch's weights makes the held-out split (the same split the estimator drew)
+    # score best_validation_score_ again.
+    X_train, _, y_train, _ = digits
+    clf = MLPClassifier(hidden_layer_sizes=(32,), solver="sgd", learning_rate_init=0.3, early_stopping=True,
+                        n_iter_no_change=3, max_iter=200, random_state=1).fit(X_train, y_train)
+    assert clf.validation_scores_[-1] < clf.best_validation_score_  # the check below means something
+    _, X_val, _, y_val = train_test_split(X_train, y_train, random_state=clf._seed_,
+                                          test_size=clf.validation_fraction, stratify=y_train)
+    assert clf.score(X_val, y_val) == clf.best_validation_score_
 
 
 def test_labels_of_any_type_and_binary(digits):
