@@ -194,11 +194,20 @@ def _axpy_rows(C, A, B, i0, i1):
                 C[ii, j] += a * B[k, j]
 
 
-@inline
-def _dense_backward_weight_rows(dweight, dout, inp, k_start, k_stop):
-    # dweight[k, :] = sum_i inp[i, k] * dout[i, :] for k_start <= k < k_stop: each task owns whole rows of
-    # dweight (no atomics).
-    _axpy_rows(dweight, inp.T, dout, k_start, k_stop)
+@cpu_jit(**FAST)
+def matmul_axpy(C, A, B):
+    """C = A @ B, overwritten, in the axpy form (see _axpy_rows). A (M, K) in any layout (a transposed view
+    too), B (K, N) and C (M, N) C-contiguous; parallel over ROW_BLOCK-row blocks of C above PARALLEL_MIN_WORK
+    multiply-adds (each task owns whole rows of C: no races, no atomics)."""
+    prefer_wide_vectors()
+    n_rows = C.shape[0]
+    if n_rows * B.shape[0] * B.shape[1] < PARALLEL_MIN_WORK:
+        _axpy_rows(C, A, B, 0, n_rows)
+        return
+    n_blocks = (n_rows + ROW_BLOCK - 1) // ROW_BLOCK
+    for block in prange(n_blocks):
+        start = block * ROW_BLOCK
+        _axpy_rows(C, A, B, start, min(start + ROW_BLOCK, n_rows))
 
 
 @cpu_jit(**FAST)
@@ -207,14 +216,7 @@ def dense_backward_params(dweight, dbias, dout, inp):
     dweight (n_in, n_out), dbias (n_out,). Reductions run in a fixed order: results do not depend on threads.
     The axpy form (see _axpy_rows): the training step uses it when the batch, the summed axis, is short."""
     prefer_wide_vectors()
-    n_in = dweight.shape[0]
-    if dout.shape[0] * n_in * dout.shape[1] < PARALLEL_MIN_WORK:
-        _dense_backward_weight_rows(dweight, dout, inp, 0, n_in)
-    else:
-        n_blocks = (n_in + ROW_BLOCK - 1) // ROW_BLOCK
-        for block in prange(n_blocks):
-            start = block * ROW_BLOCK
-            _dense_backward_weight_rows(dweight, dout, inp, start, min(start + ROW_BLOCK, n_in))
+    matmul_axpy(dweight, inp.T, dout)
     for j in range(dbias.shape[0]):
         dbias[j] = 0
     for i in range(dout.shape[0]):
@@ -238,15 +240,8 @@ def dense_backward_input_t(dinp, dout, weight_t, inp, inp_act):
     * act'(inp), overwritten, as the axpy form (see _axpy_rows), for layers with few outputs (the summed
     axis): a 10-class output layer's 32 x 10 x 128 took 7 us as NT, 3 us this way."""
     prefer_wide_vectors()
-    n_rows = dout.shape[0]
-    if n_rows * dout.shape[1] * weight_t.shape[1] < PARALLEL_MIN_WORK:
-        _axpy_rows(dinp, dout, weight_t, 0, n_rows)
-    else:
-        n_blocks = (n_rows + ROW_BLOCK - 1) // ROW_BLOCK
-        for block in prange(n_blocks):
-            start = block * ROW_BLOCK
-            _axpy_rows(dinp, dout, weight_t, start, min(start + ROW_BLOCK, n_rows))
-    _scale_by_activation_grad_rows(dinp, inp, inp_act, 0, n_rows)
+    matmul_axpy(dinp, dout, weight_t)
+    _scale_by_activation_grad_rows(dinp, inp, inp_act, 0, dout.shape[0])
 
 
 @cpu_jit()
@@ -779,9 +774,10 @@ def batch_grads(grads, acts, deltas, row_losses, scratch, params, targets, sizes
         out = activation_view(acts, sizes, unit_offsets, capacity, layer + 1, n_rows)
         weight = weight_view(params, sizes, param_offsets, layer)
         weight_t = weight_t_view(params_t, sizes, param_offsets, layer)
-        # A short batch runs the forward in the axpy form on W as stored: the NT form would first transpose W,
-        # which costs a third of a 32-row product (W2: 2.7 us beside 10).
-        forward_axpy = n_rows < SHORT_K and sizes[layer + 1] >= AXPY_MIN_COLUMNS
+        # A short batch runs the forward in the axpy form on W as stored (the same test as for the weight
+        # gradient, which sums over the batch): the NT form would first transpose W, which costs a third of a
+        # 32-row product (W2: 2.7 us beside 10).
+        forward_axpy = _axpy_suits(n_rows, sizes[layer + 1])
         # W^T for the NT forward, or for the backward pass's axpy input gradient (see below).
         if not forward_axpy or (layer > 0 and _axpy_suits(sizes[layer + 1], sizes[layer])):
             transpose(weight_t, weight)
