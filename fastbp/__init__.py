@@ -6,13 +6,12 @@
 
 Importing fastbp compiles nothing: kernels compile on first use and are cached on disk.
 """
+from ._version import __version__
 from .checkpoint import CheckpointError
 from .model import MLP
 from .progress import ProgressBar
 from .schedules import Constant, ExponentialDecay, StepDecay
 from .trainer import History, LearningRateSearch, NonFiniteLossError, Trainer
-
-__version__ = "0.1.0"
 
 __all__ = ["MLP", "Trainer", "History", "LearningRateSearch", "NonFiniteLossError", "CheckpointError",
            "ProgressBar", "Constant", "ExponentialDecay", "StepDecay", "__version__"]

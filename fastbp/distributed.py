@@ -54,9 +54,8 @@ import traceback
 
 import numpy as np
 
-from ._validation import as_float_matrix, check_choice, check_float, check_int
-from .kernels.pointwise import LOSSES as LOSS_CODES, loss_divisor
-from .trainer import History, NonFiniteLossError, Trainer, _EarlyStopping
+from ._validation import check_choice
+from .trainer import NonFiniteLossError, Trainer
 
 __all__ = ["DataParallelTrainer", "shard", "shard_bounds", "MismatchError"]
 
@@ -122,6 +121,8 @@ class DataParallelTrainer(Trainer):
     calls per step, within measurement noise of the compiled loop on W3 (see the README).
     """
 
+    steps_need_python = True  # the gradient Allreduce runs between each step's gradient and its update
+
     def __init__(self, model, loss: str = "mse", optimizer: str = "sgd", lr=0.01, *, comm, on_error="abort",
                  **kwargs):
         if comm is None or not hasattr(comm, "Allreduce"):
@@ -141,12 +142,10 @@ class DataParallelTrainer(Trainer):
             seed = comm.bcast(int(np.random.SeedSequence().entropy % (1 << 63)) if self.rank == 0 else None, root=0)
             self._rng = np.random.default_rng(seed)
         self._check_same("model and training settings", self.fingerprint())
-        P = model.n_params
-        self._grads_host = np.zeros(P, dtype=model.dtype)  # the one buffer the Allreduce works on, in place
-        self._grads = self._backend.as_input(self._grads_host)  # the backend's (device) gradient buffer
         # Per completed epoch on this rank: wall time, time inside the gradient Allreduce (which includes
         # waiting for slower ranks), optimizer steps.
         self.timings = {"epoch_seconds": [], "allreduce_seconds": [], "steps": []}
+        self._allreduce_seconds = 0.0
 
     # -- agreement between ranks --------------------------------------------------------------------------
     @property
@@ -181,11 +180,6 @@ class DataParallelTrainer(Trainer):
             r, message = failed[0]
             raise RuntimeError(f"rank {r} failed while {what}: {message}")
 
-    def _allreduce_sum(self, values) -> np.ndarray:
-        buf = np.array(values, dtype=np.float64)
-        self.comm.Allreduce(_mpi().IN_PLACE, buf, op=_mpi().SUM)
-        return buf
-
     def _abort(self) -> None:
         traceback.print_exc()
         print(f"fastbp.distributed: rank {self.rank} failed inside the training loop; aborting all "
@@ -206,176 +200,91 @@ class DataParallelTrainer(Trainer):
         self._agree(error, f"running {getattr(function, '__name__', 'a function')} on rank 0")
         return result
 
-    # -- training -----------------------------------------------------------------------------------------
-    def _broadcast_state(self, params) -> None:
-        """Rank 0's parameters and optimizer state become everyone's (the model's arrays are updated)."""
-        self.comm.Bcast(params, root=0)
-        self.comm.Bcast(self.opt_state, root=0)
-        self.model.set_flat_parameters(params)
-
+    # -- training: Trainer.fit's loop, with the step hook filled in ---------------------------------------------
     def fit(self, X, y, epochs: int = 1, *, validation_data=None, target_loss: float | None = None,
             patience: int | None = None, restore_best: bool = True, callbacks=(), on_nonfinite: str = "raise",
-            verbose: bool = False):
+            verbose: bool | int = False):
         """Train on this rank's shard ``X, y`` (collective; the same arguments on every rank).
 
-        As :meth:`fastbp.Trainer.fit`, with the data and ``validation_data`` given as this rank's shards,
-        and ``verbose`` printing each epoch's global loss on rank 0. Returns the global :class:`History`.
+        As :meth:`fastbp.Trainer.fit`, with the data and ``validation_data`` given as this rank's shards, and
+        ``verbose`` showing progress on rank 0 only. Returns the global :class:`History`.
         """
         # 1. Check everything locally, then agree, so that a bad argument on one rank fails every rank.
-        error = None
+        plan, error = None, None
         try:
-            epochs = check_int("epochs", epochs, minimum=0)
-            target = check_float("target_loss", target_loss, allow_none=True)
-            patience = check_int("patience", patience, minimum=1, allow_none=True)
-            check_choice("on_nonfinite", on_nonfinite, ("raise", "warn"))
-            if patience is not None and validation_data is None:
-                raise ValueError("patience (early stopping) needs validation_data=(X_val, y_val)")
-            callbacks = list(callbacks) if callbacks else []
-            for i, cb in enumerate(callbacks):
-                if not callable(cb):
-                    raise TypeError(f"callbacks[{i}] must be callable; got {type(cb).__name__}")
-            Xh, Yh = self._host_data(X, y)
-            if Xh.shape[0] == 0:
+            plan = self._plan_fit(X, y, epochs, validation_data, target_loss, patience, restore_best, callbacks,
+                                  on_nonfinite, verbose)
+            if plan.X.shape[0] == 0:
                 raise ValueError("this rank's shard of X is empty: give every rank at least one row")
-            validation = None
-            if validation_data is not None:
-                if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                    raise TypeError("validation_data must be a pair (X_val, y_val)")
-                validation = self._data(*validation_data, prefix="validation_data ")
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
             error = exc
         self._agree(error, "checking the arguments of fit")
         self._check_same("arguments of fit", dict(
-            epochs=epochs, target_loss=target, patience=patience, restore_best=bool(restore_best),
-            on_nonfinite=on_nonfinite, n_callbacks=len(callbacks), validation=validation is not None,
+            epochs=plan.epochs, target_loss=plan.target, patience=plan.patience, restore_best=plan.restore_best,
+            on_nonfinite=plan.on_nonfinite, n_callbacks=len(plan.callbacks), validation=plan.validation is not None,
             fingerprint=self.fingerprint()))
-
-        counts = np.array(self.comm.allgather(int(Xh.shape[0])), dtype=np.int64)
-        offsets = np.concatenate(([0], np.cumsum(counts)))
-        lo, n_local, n = int(offsets[self.rank]), int(counts[self.rank]), int(offsets[-1])
-        k = self.n_outputs
-        batch_size = n if self.batch_size is None else min(self.batch_size, n)
-        shuffle = batch_size < n  # as Trainer.fit: a full batch's gradient does not depend on the order
-        batch_starts = np.arange(0, n, batch_size, dtype=np.int64)
-        divisors = [float(loss_divisor(LOSS_CODES[self.loss], int(min(batch_size, n - s)), k))
-                    for s in batch_starts]
-        epoch_divisor = float(loss_divisor(LOSS_CODES[self.loss], n, k))
-        # Buffers for one epoch's permuted shard (host, reused every epoch).
-        X_epoch, Y_epoch = (np.empty_like(Xh), np.empty_like(Yh)) if shuffle else (Xh, Yh)
-        local_pos = np.empty(n_local, dtype=np.int64)
-
-        history = History()
-        early = _EarlyStopping(self, patience) if patience is not None else None
-        params = self._begin()
-        self._broadcast_state(params)
-        self._backend.load_state(params, self.opt_state, self.steps_done)
-        backup = np.empty_like(params), np.empty_like(self.opt_state)
+        # 2. Train; an error on one rank ends the job (the others would wait in the Allreduce forever).
         try:
-            for _ in range(epochs):
-                epoch = self.epochs_done
-                lr = self._lr_at(epoch)
-                started = time.perf_counter()
-                # This rank's rows in the order the global permutation visits them, and where each global
-                # batch's share starts in that order (row_starts[b]:row_starts[b+1]).
-                if shuffle:
-                    order = self._rng.permutation(n)
-                    local = order - lo
-                    mine = np.flatnonzero((local >= 0) & (local < n_local))
-                    local_pos[:] = local[mine]
-                    row_starts = np.searchsorted(mine, np.append(batch_starts, n))
-                    np.take(Xh, local_pos, axis=0, out=X_epoch)
-                    np.take(Yh, local_pos, axis=0, out=Y_epoch)
-                else:
-                    row_starts = np.clip(np.append(batch_starts, n) - lo, 0, n_local)
-                Xd, Yd = self._backend.as_input(X_epoch), self._backend.as_input(Y_epoch)
-                steps0 = self._backend.store_state(backup[0], backup[1])
-                total = 0.0
-                comm_seconds = 0.0
-                for b, divisor in enumerate(divisors):
-                    a, z = int(row_starts[b]), int(row_starts[b + 1])
-                    part = self._backend.rows_grads(Xd[a:z], Yd[a:z], divisor, self._grads)
-                    total += part * divisor  # the sum of this rank's row losses in this batch
-                    tick = time.perf_counter()
-                    self._allreduce_grads()
-                    comm_seconds += time.perf_counter() - tick
-                    self._backend.apply_update(self._grads, lr)
-                epoch_loss = float(self._allreduce_sum([total])[0]) / epoch_divisor
-                seconds = time.perf_counter() - started
-                if not np.isfinite(epoch_loss):  # the same on every rank: restore the epoch's start
-                    params[...] = backup[0]
-                    self.opt_state[...] = backup[1]
-                    self._backend.load_state(params, self.opt_state, steps0)
-                    history.stop_reason = "nonfinite"
-                    self._nonfinite(epoch, epoch_loss, lr, on_nonfinite)
-                    break
-                self._record(history, epoch, epoch_loss, lr, seconds)
-                self.timings["epoch_seconds"].append(seconds)
-                self.timings["allreduce_seconds"].append(comm_seconds)
-                self.timings["steps"].append(len(divisors))
-                self.epochs_done += 1
-                if verbose and self.is_root:
-                    print(f"epoch {epoch}: loss {epoch_loss:.6g} ({seconds:.3f} s, {self.size} ranks)", flush=True)
-                if target is not None and epoch_loss <= target:
-                    history.stop_reason = "target_loss"
-                    break
-                if validation is not None:
-                    val = self._reduced_scores(*validation)
-                    for h in (history, self.history):
-                        h.val_loss.append(val["loss"])
-                        if "accuracy" in val:
-                            h.val_accuracy.append(val["accuracy"])
-                    if early is not None and early.should_stop(val["loss"], params):
-                        history.stop_reason = "early_stopping"
-                        break
-                if callbacks:
-                    stop = any(bool(cb(self, history)) for cb in callbacks)
-                    if self._allreduce_sum([float(stop)])[0] > 0:  # one rank's stop stops everyone
-                        history.stop_reason = "callback"
-                        break
+            self._broadcast_state()
+            return self._run_fit(plan)
         except NonFiniteLossError:
             raise  # decided from the reduced loss: every rank raises it together
         except BaseException:
             if self.on_error == "abort" and self.size > 1:
                 self._abort()
             raise
-        finally:
-            self._end(params)
-        if history.stop_reason == "early_stopping" and restore_best:
-            early.restore()
-        return history
 
-    def _host_data(self, X, y):
-        """X, Y as host arrays in the kernels' form (one-hot rows for class ids)."""
-        Xh = as_float_matrix("X", X, self.model.dtype, n_columns=self.model.sizes[0])
-        Yh = self._targets(y, Xh.shape[0])
-        if not isinstance(Yh, np.ndarray):  # a device array from a GPU backend's as_input
-            Yh = Yh.copy_to_host()
-        return (np.ascontiguousarray(Xh, dtype=self.model.dtype), np.ascontiguousarray(Yh, dtype=self.model.dtype))
+    def _broadcast_state(self) -> None:
+        """Rank 0's parameters and optimizer state become everyone's (the model's arrays are updated)."""
+        self.comm.Bcast(self.model._training_vector(), root=0)
+        self.model._after_training()
+        opt_state = np.ascontiguousarray(self.opt_state)
+        self.comm.Bcast(opt_state, root=0)
+        self._backend.set_optimizer_state(opt_state)
 
-    def _allreduce_grads(self) -> None:
-        """Sum the flat gradient over ranks, in place; through the host buffer when it lives on a device."""
+    def _rows_per_epoch(self, n_local: int) -> int:
+        counts = np.array(self.comm.allgather(int(n_local)), dtype=np.int64)
+        self._first_row = int(counts[:self.rank].sum())  # this shard's first row in the union
+        return int(counts.sum())
+
+    def _local_batches(self, order, n_local: int, batch_starts: np.ndarray, n: int):
+        """This rank's rows in the order the global permutation visits them, and where each global batch's share
+        starts in that order (rank r holds global rows first_row:first_row + n_local)."""
+        if order is None:  # in order (one full batch): this rank's rows of each global batch, as they are
+            return None, np.clip(np.append(batch_starts, n) - self._first_row, 0, n_local)
+        local = order - self._first_row
+        mine = np.flatnonzero((local >= 0) & (local < n_local))
+        return local[mine], np.searchsorted(mine, np.append(batch_starts, n))
+
+    def _reduce_gradient(self, grads: np.ndarray) -> None:
+        """Sum the flat gradient over ranks, in place: one Allreduce of P numbers."""
         MPI = _mpi()
-        if self._grads is self._grads_host:
-            self.comm.Allreduce(MPI.IN_PLACE, self._grads_host, op=MPI.SUM)
-        else:  # a device buffer (numba-cuda DeviceNDArray): 2 PCIe copies of 4 P bytes per step
-            self._grads.copy_to_host(self._grads_host)
-            self.comm.Allreduce(MPI.IN_PLACE, self._grads_host, op=MPI.SUM)
-            self._grads.copy_to_device(self._grads_host)
+        tick = time.perf_counter()
+        self.comm.Allreduce(MPI.IN_PLACE, grads, op=MPI.SUM)
+        self._allreduce_seconds += time.perf_counter() - tick
 
-    def _reduced_scores(self, Xc, Yc) -> dict:
-        """Loss (and accuracy) over the union of the ranks' shards Xc, Yc (backend inputs)."""
-        n_local = Xc.shape[0]
-        k = self.n_outputs
-        loss_sum = correct = 0.0
-        if n_local:
-            loss_sum = self._backend.loss_value(Xc, Yc) * float(loss_divisor(LOSS_CODES[self.loss], n_local, k))
-            if self.loss != "mse":
-                correct = self._accuracy(np.asarray(self._backend.predict(Xc, k)), np.asarray(Yc)) * n_local
-        loss_sum, correct, n = self._allreduce_sum([loss_sum, correct, n_local])
-        scores = {"loss": float(loss_sum / float(loss_divisor(LOSS_CODES[self.loss], int(n), k)))}
-        if self.loss != "mse":
-            scores["accuracy"] = float(correct / n)
-        return scores
+    def _reduce_sum(self, values) -> np.ndarray:
+        buf = np.array(values, dtype=np.float64)
+        self.comm.Allreduce(_mpi().IN_PLACE, buf, op=_mpi().SUM)
+        return buf
+
+    def _any_rank(self, flag: bool) -> bool:
+        return bool(self._reduce_sum([float(flag)])[0] > 0)  # one rank's stop stops everyone
+
+    def _prints(self) -> bool:
+        return self.is_root
+
+    def _epoch_done(self, seconds: float, steps: int) -> None:
+        self.timings["epoch_seconds"].append(seconds)
+        self.timings["allreduce_seconds"].append(self._allreduce_seconds)
+        self.timings["steps"].append(steps)
+        self._allreduce_seconds = 0.0
+
+    def _global_scores(self, loss: float, correct: int, n: int) -> dict:
+        """Loss (and accuracy) over the union of the ranks' rows, from this rank's mean loss over n rows."""
+        spec, k = self._loss_spec, self.n_outputs
+        loss_sum, correct, n = self._reduce_sum([loss * spec.divisor(n, k) if n else 0.0, correct, n])
+        return super()._global_scores(loss_sum / spec.divisor(int(n), k), int(correct), int(n))
 
     def evaluate(self, X, y) -> dict:
         """``{"loss"}`` (and ``"accuracy"``) over the union of every rank's ``X, y`` shard; collective."""
@@ -385,13 +294,9 @@ class DataParallelTrainer(Trainer):
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
             error = exc
         self._agree(error, "checking the arguments of evaluate")
-        params = self._begin()
-        try:
-            return self._reduced_scores(Xc, Yc)
-        finally:
-            self._end(params)
+        self._use_model_parameters(finite=False)
+        return self._scores(Xc, Yc)
 
     def _clone(self, lr):
         raise NotImplementedError("choose_learning_rate is not distributed: run it in one process, or run one "
                                   "candidate per rank with fastbp.Trainer and a split communicator")
-

@@ -5,9 +5,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from . import checkpoint
 from ._validation import check_choice, check_dtype, check_int
 from .kernels.pointwise import ACTIVATIONS, LEAKY_RELU_SLOPE
 from .layout import Layout
+
+# What _attach rebuilds; never pickled (see MLP.__getstate__).
+_PARAMETER_ATTRIBUTES = ("_flat", "_weight_views", "_bias_views", "weights", "biases")
+
+
+def _field(state: dict, key: str):
+    if not isinstance(state, dict) or key not in state:
+        raise ValueError(f"the state lacks the field {key!r}")
+    return state[key]
 
 
 class MLP:
@@ -31,8 +41,9 @@ class MLP:
     ----------
     weights : list of ndarray, ``weights[l]`` of shape ``(sizes[l], sizes[l + 1])``
     biases : list of ndarray, ``biases[l]`` of shape ``(sizes[l + 1],)``
-        Plain numpy arrays: read or overwrite them in place; every trainer call starts from their
-        current values and leaves its result in them.
+        Plain numpy arrays (views of one flat parameter vector): read or overwrite them in place; every
+        trainer call starts from their current values and leaves its result in them. An array may also be
+        replaced by another of the same shape and dtype; it then receives the results instead.
 
     Examples
     --------
@@ -65,9 +76,8 @@ class MLP:
         self.seed = check_int("seed", seed, minimum=0, allow_none=True)
         self.sizes = sizes
         self.layout = Layout.from_sizes(sizes)
+        self._attach(np.empty(self.layout.n_params, dtype=self.dtype))
         rng = np.random.default_rng(seed)
-        self.weights = []
-        self.biases = []
         for layer in range(len(sizes) - 1):
             fan_in, fan_out = sizes[layer], sizes[layer + 1]
             act = self.activations[layer] if layer < n_hidden else "identity"
@@ -78,8 +88,43 @@ class MLP:
             else:
                 bound = np.sqrt(6.0 / (fan_in + fan_out))
                 w = rng.uniform(-bound, bound, size=(fan_in, fan_out))
-            self.weights.append(w.astype(self.dtype))
-            self.biases.append(np.zeros(fan_out, dtype=self.dtype))
+            self.weights[layer][...] = w.astype(self.dtype)
+            self.biases[layer][...] = 0
+
+    # -- where the parameters live --------------------------------------------------------------------------------
+    # All parameters live in ONE flat vector (fastbp.layout: W0, b0, W1, b1, ...), and weights[l] / biases[l] are
+    # views of it. Trainers train that vector in place (the CPU) or copy it to and from their device, so a call
+    # copies nothing on the CPU and the user's in-place edits (model.weights[l][...] = values) are seen at once.
+    # A user may also REPLACE an array (model.weights[l] = new_array): such an array is copied into the vector
+    # before each call and receives the results after it (_training_vector / _after_training).
+    def _attach(self, flat: np.ndarray) -> None:
+        """Make ``flat`` (P,) the parameter memory: weights and biases become views of it."""
+        self._flat = flat
+        views = [self.layout.views(flat, layer) for layer in range(self.layout.n_layers)]
+        self._weight_views = [w for w, _ in views]
+        self._bias_views = [b for _, b in views]
+        self.weights = list(self._weight_views)
+        self.biases = list(self._bias_views)
+
+    def _replaced(self):
+        """(kind, layer, array, view) for every parameter array the user replaced by an array of their own."""
+        for kind, arrays, views in (("weights", self.weights, self._weight_views),
+                                    ("biases", self.biases, self._bias_views)):
+            for layer, (arr, view) in enumerate(zip(arrays, views)):
+                if arr is not view:
+                    yield kind, layer, arr, view
+
+    def _training_vector(self) -> np.ndarray:
+        """The flat vector (P,) trainers work on, holding the current values of every parameter (replaced
+        arrays are copied in). Call check_parameters first."""
+        for _, _, arr, view in self._replaced():
+            view[...] = arr
+        return self._flat
+
+    def _after_training(self) -> None:
+        """After a trainer wrote the flat vector: give replaced arrays their results (views already have them)."""
+        for _, _, arr, view in self._replaced():
+            arr[...] = view
 
     @property
     def n_params(self) -> int:
@@ -90,36 +135,54 @@ class MLP:
         """One code per layer: the hidden activations, then identity for the output (the loss transforms it)."""
         return np.array([ACTIVATIONS[a] for a in self.activations] + [ACTIVATIONS["identity"]], dtype=np.int64)
 
-    def check_parameters(self) -> None:
+    def check_parameters(self, finite: bool = True) -> None:
         """Raise if a user replaced a weight or bias with something the trainer cannot use: the wrong type,
-        shape or dtype, a read-only array, two parameters sharing memory, or NaN/inf values."""
-        arrays_seen = []
+        shape or dtype, a read-only array, two parameters sharing memory, or (``finite``) NaN/inf values.
+
+        The model's own arrays (views of its flat vector) always have the right shape, dtype and memory, so
+        only replaced arrays are inspected one by one; finiteness is checked over all parameters."""
+        n_layers = len(self.sizes) - 1
         for kind, arrays in (("weights", self.weights), ("biases", self.biases)):
-            if not isinstance(arrays, (list, tuple)) or len(arrays) != len(self.sizes) - 1:
+            if not isinstance(arrays, (list, tuple)) or len(arrays) != n_layers:
                 got = f"{len(arrays)} arrays" if isinstance(arrays, (list, tuple)) else type(arrays).__name__
-                raise ValueError(f"model.{kind} must be a list of {len(self.sizes) - 1} arrays; got {got}")
+                raise ValueError(f"model.{kind} must be a list of {n_layers} arrays; got {got}")
+        replaced = list(self._replaced())
+        for index, (kind, layer, arr, _) in enumerate(replaced):
+            shape = (self.sizes[layer], self.sizes[layer + 1]) if kind == "weights" else (self.sizes[layer + 1],)
+            name = f"model.{kind}[{layer}]"
+            if not isinstance(arr, np.ndarray) or arr.shape != shape:
+                got = getattr(arr, "shape", type(arr).__name__)
+                raise ValueError(f"{name} must be an array of shape {shape}; got {got}")
+            if arr.dtype != self.dtype:
+                raise TypeError(f"{name} must have the model's dtype {self.dtype.name}; got {arr.dtype} "
+                                f"(assign in place, {name}[...] = values, or use .astype({self.dtype.name}))")
+            if not arr.flags.writeable:
+                raise ValueError(f"{name} is read-only; the trainer writes its results into it (use a copy)")
+            others = [(f"model.{k}[{l}]", a) for k, l, a, _ in replaced[:index]]
+            others += [(f"model.{k}[{l}]", v) for k, views in (("weights", self._weight_views),
+                                                                ("biases", self._bias_views))
+                       for l, v in enumerate(views) if getattr(self, k)[l] is v]
+            for other_name, other in others:
+                if np.shares_memory(arr, other):
+                    raise ValueError(f"{name} shares memory with {other_name}; every parameter needs its "
+                                     "own array (use a copy)")
+        if finite:
+            self._check_finite(replaced)
+
+    def _check_finite(self, replaced) -> None:
+        # One float sum answers for all the model's own arrays at once: NaN or inf anywhere makes it non-finite
+        # (a sum of finite values can overflow, so a non-finite sum is then checked element by element).
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = self._flat.sum() + sum(arr.sum() for _, _, arr, _ in replaced)
+        if np.isfinite(total):
+            return
+        for kind, arrays in (("weights", self.weights), ("biases", self.biases)):
             for layer, arr in enumerate(arrays):
-                shape = ((self.sizes[layer], self.sizes[layer + 1]) if kind == "weights"
-                         else (self.sizes[layer + 1],))
-                name = f"model.{kind}[{layer}]"
-                if not isinstance(arr, np.ndarray) or arr.shape != shape:
-                    got = getattr(arr, "shape", type(arr).__name__)
-                    raise ValueError(f"{name} must be an array of shape {shape}; got {got}")
-                if arr.dtype != self.dtype:
-                    raise TypeError(f"{name} must have the model's dtype {self.dtype.name}; got {arr.dtype} "
-                                    f"(assign in place, {name}[...] = values, or use .astype({self.dtype.name}))")
-                if not arr.flags.writeable:
-                    raise ValueError(f"{name} is read-only; the trainer writes its results into it (use a copy)")
                 if not np.isfinite(arr).all():
-                    raise ValueError(f"{name} contains NaN or inf")
-                for other_name, other in arrays_seen:
-                    if np.shares_memory(arr, other):
-                        raise ValueError(f"{name} shares memory with {other_name}; every parameter needs its "
-                                         "own array (use a copy)")
-                arrays_seen.append((name, arr))
+                    raise ValueError(f"model.{kind}[{layer}] contains NaN or inf")
 
     def flat_parameters(self, out: np.ndarray | None = None) -> np.ndarray:
-        """All parameters in one flat vector (W0, b0, W1, b1, ...), in the model's dtype."""
+        """All parameters in one new flat vector (W0, b0, W1, b1, ...), in the model's dtype (or in ``out``)."""
         if out is None:
             out = np.empty(self.n_params, dtype=self.dtype)
         return self.layout.pack(self.weights, self.biases, out)
@@ -134,10 +197,73 @@ class MLP:
         clone.__dict__.update(self.__dict__)
         clone.sizes = list(self.sizes)
         clone.activations = list(self.activations)
-        clone.weights = [w.copy() for w in self.weights]
-        clone.biases = [b.copy() for b in self.biases]
+        clone._attach(self.flat_parameters())
         return clone
 
+    # Pickling keeps the parameter values, not which arrays the user had replaced (they cannot travel anyway):
+    # an unpickled model has its own flat vector and views again. np.array also makes a read-only buffer (a
+    # joblib memmap) writable.
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k not in _PARAMETER_ATTRIBUTES}
+        state["_flat"] = self.flat_parameters()
+        return state
+
+    def __setstate__(self, state):
+        flat = np.array(state.pop("_flat"))
+        self.__dict__.update(state)
+        self._attach(flat)
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything that defines the model, as plain values and copies of the arrays:
+        ``{"sizes", "activations", "dtype", "seed", "weights": [(n_in, n_out) ...], "biases": [(n_out,) ...]}``.
+
+        :meth:`MLP.from_state_dict` rebuilds the model; :meth:`load_state_dict` loads the parameters into a
+        model of the same architecture. ``fastbp.checkpoint`` writes this dict to a file."""
+        return {"sizes": [int(s) for s in self.sizes], "activations": list(self.activations),
+                "dtype": self.dtype.name, "seed": self.seed,
+                "weights": [np.array(w) for w in self.weights], "biases": [np.array(b) for b in self.biases]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load the parameters of a :meth:`state_dict` of the same architecture, in place. Everything is
+        checked first (architecture, each array's shape and dtype, finite values); a rejected state changes
+        nothing."""
+        for key in ("sizes", "activations", "dtype"):
+            value = _field(state, key)
+            mine = self.dtype.name if key == "dtype" else getattr(self, key)
+            if value != mine:
+                raise ValueError(f"the state's {key} {value!r} differ from this model's {mine!r}")
+        arrays = {}
+        for kind in ("weights", "biases"):
+            given = _field(state, kind)
+            if not isinstance(given, (list, tuple)) or len(given) != self.layout.n_layers:
+                raise ValueError(f"{kind} must be a list of {self.layout.n_layers} arrays; got {given!r:.80}")
+            for layer, arr in enumerate(given):
+                shape = getattr(self, kind)[layer].shape
+                arr = np.asarray(arr)
+                if arr.shape != shape or arr.dtype != self.dtype:
+                    raise ValueError(f"{kind}[{layer}] must have shape {shape} and dtype {self.dtype.name}; "
+                                     f"got shape {arr.shape} and dtype {arr.dtype}")
+                if not np.isfinite(arr).all():
+                    raise ValueError(f"{kind}[{layer}] contains NaN or inf")
+                arrays[kind, layer] = arr
+        for (kind, layer), arr in arrays.items():
+            getattr(self, kind)[layer][...] = arr
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "MLP":
+        """A new model built from a :meth:`state_dict` (architecture, seed and parameters)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from MLP.state_dict(); got {type(state).__name__}")
+        sizes, activations = _field(state, "sizes"), _field(state, "activations")
+        if not isinstance(sizes, list) or not isinstance(activations, list):
+            raise ValueError("sizes and activations must be lists")
+        dtype = check_choice("dtype", _field(state, "dtype"), ("float32", "float64"))
+        model = cls(sizes, activation=activations, dtype=np.dtype(dtype), seed=_field(state, "seed"))
+        model.load_state_dict(state)
+        return model
+
+    # -- files -----------------------------------------------------------------------------------------------------
     def save(self, path) -> None:
         """Write the architecture and parameters to one ``.npz`` file at ``path`` (atomically, no pickle).
 
@@ -150,16 +276,15 @@ class MLP:
         >>> bool(np.array_equal(fastbp.MLP.load(path).weights[0], model.weights[0]))
         True
         """
-        from .checkpoint import save_model
-
-        save_model(self, path)
+        self.check_parameters()
+        checkpoint.write(path, "model", {"model": self.state_dict()})
 
     @classmethod
     def load(cls, path) -> "MLP":
         """Read a model written by :meth:`MLP.save` (or the model inside a :meth:`Trainer.save` file)."""
-        from .checkpoint import load_model
-
-        return load_model(path)
+        _, state = checkpoint.read(path)
+        with checkpoint.reported_as_checkpoint_error("model"):
+            return cls.from_state_dict(state["model"])
 
     def __repr__(self) -> str:
         acts = self.activations[0] if len(set(self.activations)) == 1 else self.activations

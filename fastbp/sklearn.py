@@ -52,7 +52,6 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets, unique_labels
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
@@ -65,32 +64,86 @@ _ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "sigmoid": "sigmo
                 "relu": "relu", "leaky_relu": "leaky_relu"}
 
 
+class InvalidParameterError(ValueError, TypeError):
+    """A constructor parameter has a value the estimator cannot use (a ValueError and a TypeError, as
+    scikit-learn's own InvalidParameterError, which lives in a private module)."""
+
+
+def _real(low, high, closed):
+    """A check: a real number (not a bool) in the interval low..high, ``closed`` one of left/right/both/neither."""
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, Real):
+            return False
+        above = value >= low if closed in ("left", "both") else value > low
+        below = high is None or (value <= high if closed in ("right", "both") else value < high)
+        return above and below
+    left = "[" if closed in ("left", "both") else "("
+    right = "]" if closed in ("right", "both") and high is not None else ")"
+    return check, f"a float in the range {left}{low}, {'inf' if high is None else high}{right}"
+
+
+def _integer(low):
+    return (lambda value: isinstance(value, Integral) and not isinstance(value, bool) and value >= low,
+            f"an int in the range [{low}, inf)")
+
+
+def _options(*names):
+    return (lambda value: isinstance(value, str) and value in names, f"a str among {sorted(names)}")
+
+
+def _boolean():
+    return (lambda value: isinstance(value, (bool, np.bool_)), "an instance of 'bool'")
+
+
+def _hidden_layer_sizes(value):
+    if isinstance(value, Integral) and not isinstance(value, bool):
+        return value >= 1
+    return hasattr(value, "__len__") and not isinstance(value, str)
+
+
+def _random_state(value):
+    return value is None or (isinstance(value, Integral) and not isinstance(value, bool)) or \
+        isinstance(value, np.random.RandomState)
+
+
+# What each constructor parameter may be: (check, description) pairs, any of which may match.
+_PARAMETER_RULES = {
+    "hidden_layer_sizes": [(_hidden_layer_sizes, "an array-like or an int in the range [1, inf)")],
+    "activation": [_options(*_ACTIVATIONS)],
+    "solver": [_options("sgd", "adam")],
+    "alpha": [_real(0, None, "left")],
+    "batch_size": [_options("auto"), _integer(1)],
+    "learning_rate_init": [_real(0, None, "neither")],
+    "max_iter": [_integer(1)],
+    "random_state": [(_random_state, "an int, a numpy.random.RandomState instance or None")],
+    "tol": [_real(0, None, "left")],
+    "verbose": [(lambda v: isinstance(v, (bool, np.bool_, Integral)), "an int or a bool")],
+    "warm_start": [_boolean()],
+    "momentum": [_real(0, 1, "both")],
+    "nesterovs_momentum": [_boolean()],
+    "early_stopping": [_boolean()],
+    "validation_fraction": [_real(0, 1, "neither")],
+    "beta_1": [_real(0, 1, "left")],
+    "beta_2": [_real(0, 1, "left")],
+    "epsilon": [_real(0, None, "neither")],
+    "n_iter_no_change": [_integer(1)],
+    "device": [_options("cpu", "cuda", "auto")],
+    "dtype": [_options("float32", "float64")],
+}
+
+
 class _BaseMLP(BaseEstimator):
     """Shared fit machinery; see :class:`MLPClassifier` and :class:`MLPRegressor`."""
 
-    _parameter_constraints: dict = {
-        "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
-        "activation": [StrOptions(set(_ACTIVATIONS))],
-        "solver": [StrOptions({"sgd", "adam"})],
-        "alpha": [Interval(Real, 0, None, closed="left")],
-        "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
-        "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
-        "random_state": ["random_state"],
-        "tol": [Interval(Real, 0, None, closed="left")],
-        "verbose": ["verbose"],
-        "warm_start": ["boolean"],
-        "momentum": [Interval(Real, 0, 1, closed="both")],
-        "nesterovs_momentum": ["boolean"],
-        "early_stopping": ["boolean"],
-        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
-        "beta_1": [Interval(Real, 0, 1, closed="left")],
-        "beta_2": [Interval(Real, 0, 1, closed="left")],
-        "epsilon": [Interval(Real, 0, None, closed="neither")],
-        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
-        "device": [StrOptions({"cpu", "cuda", "auto"})],
-        "dtype": [StrOptions({"float32", "float64"})],
-    }
+    def _validate_params(self):
+        """Every constructor parameter checked against _PARAMETER_RULES, as scikit-learn's estimators do at fit:
+        an InvalidParameterError names the parameter, what it may be and what came."""
+        for name, value in self.get_params(deep=False).items():
+            rules = _PARAMETER_RULES[name]
+            if not any(check(value) for check, _ in rules):
+                expected = " or ".join(description for _, description in rules)
+                raise InvalidParameterError(f"The {name!r} parameter of {type(self).__name__} must be {expected}. "
+                                            f"Got {value!r} instead.")
 
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam", alpha=0.0001,
                  batch_size="auto", learning_rate_init=0.001, max_iter=200, random_state=None, tol=1e-4,
@@ -164,32 +217,25 @@ class _BaseMLP(BaseEstimator):
                        batch_size=batch, device=self.device, seed=seed)
 
     def _trainer(self) -> Trainer:
-        """The fitted trainer; rebuilt from the model and optimizer state after unpickling."""
+        """The fitted trainer; rebuilt from the model and the trainer's state after unpickling."""
         if getattr(self, "_trainer_", None) is None:
             trainer = self._make_trainer(self.model_, self._batch_size_, self._seed_)
-            trainer.opt_state[...] = self._opt_state_
-            trainer.steps_done = self._steps_done_
-            trainer.epochs_done = self._epochs_done_
+            trainer.load_state_dict(self._trainer_state_ | {"model": self.model_.state_dict()})
             self._trainer_ = trainer
         return self._trainer_
 
     def __getstate__(self):
         state = super().__getstate__().copy()
         trainer = state.pop("_trainer_", None)
-        if trainer is not None:  # keep what the trainer knows beyond the model: optimizer state, clocks
-            state["_opt_state_"] = trainer.opt_state.copy()
-            state["_steps_done_"] = trainer.steps_done
-            state["_epochs_done_"] = trainer.epochs_done
+        if trainer is not None:  # what the trainer knows beyond the model: optimizer state, clocks, shuffling RNG
+            trainer_state = trainer.state_dict()
+            del trainer_state["model"]  # pickled once, as model_
+            state["_trainer_state_"] = trainer_state
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._trainer_ = None
-        model = self.__dict__.get("model_")
-        if model is not None:  # joblib may hand back read-only memmaps: training writes in place
-            model.weights = [np.array(w) for w in model.weights]
-            model.biases = [np.array(b) for b in model.biases]
-            self._opt_state_ = np.array(self._opt_state_)
 
     @property
     def coefs_(self) -> list:

@@ -1,4 +1,15 @@
-"""The Trainer: a thin loop over epochs that dispatches to one target's backend, chosen once."""
+"""The Trainer: the one training loop, over a backend chosen once for the device.
+
+``Trainer.fit`` is the only implementation of epochs, validation, stopping rules, schedules, callbacks,
+progress, the non-finite restore, interrupt safety and the history. What runs the epochs is the backend
+(``fastbp.backends``): many epochs in one compiled call when nothing needs Python between steps, or step by
+step through the *step hook* below when something does (``DataParallelTrainer``'s gradient Allreduce).
+
+The Trainer owns its state: the model's parameters (trained where the backend keeps them, see
+``fastbp.backends.base``), the optimizer state (kept by the backend), the step and epoch counters, the
+shuffling RNG, the learning rate or schedule and the history. :meth:`Trainer.state_dict` lists all of it in
+one place; checkpoints write that dict.
+"""
 from __future__ import annotations
 
 import time
@@ -7,11 +18,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import backends
+from . import backends, checkpoint, schedules
 from ._interrupt import deferred_keyboard_interrupt
 from ._validation import as_float_matrix, check_bool, check_choice, check_float, check_int, is_gpu_array
 from .kernels.pointwise import (
-    BINARY_CROSS_ENTROPY,
     H_BETA1,
     H_BETA2,
     H_DAMPENING,
@@ -19,20 +29,22 @@ from .kernels.pointwise import (
     H_MOMENTUM,
     H_NESTEROV,
     H_WEIGHT_DECAY,
-    LOSSES,
-    MSE,
     N_HYPER,
     OPTIMIZERS,
-    SOFTMAX_CROSS_ENTROPY,
 )
+from .losses import LOSSES
 from .model import MLP
 from .schedules import Constant
 
-# Bound on the int64 sample orders generated for one compiled multi-epoch call (8 bytes each).
+# Bound on the int64 sample orders generated for one multi-epoch call (8 bytes each).
 MAX_ORDER_ENTRIES = 1 << 22
-# Target length of one compiled multi-epoch call: a compiled call cannot be interrupted, so this bounds how
-# long Ctrl-C waits (the interrupt is delivered after the call, once its epochs are recorded).
+# Target length of one multi-epoch call: a compiled call cannot be interrupted, so this bounds how long Ctrl-C
+# waits (the interrupt is delivered after the call, once its epochs are recorded).
 CHUNK_SECONDS = 0.25
+# The settings a Trainer is constructed with, as state_dict()["trainer"] lists them.
+SETTINGS = ("loss", "optimizer", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "batch_size",
+            "device", "seed")
+HISTORY_LISTS = ("epoch", "loss", "val_loss", "val_accuracy", "lr", "time")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -77,21 +89,21 @@ class LearningRateSearch:
 
 
 class _EarlyStopping:
-    """Early stopping on the validation loss: keeps a snapshot of the best epoch's state and counts the
-    epochs since; shared by Trainer.fit and DataParallelTrainer.fit."""
+    """Early stopping on the validation loss: keeps a snapshot of the best epoch's state (where the backend
+    keeps it) and counts the epochs since."""
 
     def __init__(self, trainer: "Trainer", patience: int):
         self.trainer = trainer
         self.patience = patience
         self.best_loss = np.inf
-        self.best_state = None  # (flat params, optimizer state, steps done), host copies
+        self.best_state = None  # (backend snapshot, steps done)
         self.since_best = 0
 
-    def should_stop(self, val_loss: float, params) -> bool:
+    def should_stop(self, val_loss: float) -> bool:
         """Record this epoch's validation loss; True once ``patience`` epochs passed without a new best."""
         if val_loss < self.best_loss:
             self.best_loss = val_loss
-            self.best_state = self.trainer._backend_snapshot(params)
+            self.best_state = self.trainer._backend.snapshot(), self.trainer.steps_done
             self.since_best = 0
             return False
         self.since_best += 1
@@ -100,10 +112,30 @@ class _EarlyStopping:
     def restore(self) -> None:
         """Put the best epoch's parameters, optimizer state and step count back into the trainer."""
         if self.best_state is not None:
-            params, opt_state, steps = self.best_state
-            self.trainer.model.set_flat_parameters(params)
-            self.trainer.opt_state[...] = opt_state
+            snapshot, steps = self.best_state
+            self.trainer._backend.restore(snapshot)
             self.trainer.steps_done = steps
+            self.trainer._publish_parameters()
+
+
+@dataclass
+class _FitPlan:
+    """Everything fit checked and converted, before anything changes."""
+
+    X: object  # (n_local, n_in), the backend's form
+    Y: object  # (n_local, k)
+    epochs: int
+    target: float | None
+    patience: int | None
+    restore_best: bool
+    callbacks: list
+    on_nonfinite: str
+    verbose: object
+    validation: tuple | None
+    # Set when the fit starts (collectively, in a distributed trainer):
+    n: int = 0  # rows per epoch over every process (the data's rows in one process)
+    batch_size: int = 0
+    shuffle: bool = False
 
 
 class Trainer:
@@ -150,6 +182,7 @@ class Trainer:
             raise TypeError(f"model must be a fastbp.MLP; got {type(model).__name__}")
         self.model = model
         self.loss = check_choice("loss", loss, LOSSES)
+        self._loss_spec = LOSSES[self.loss]
         self.optimizer = check_choice("optimizer", optimizer, OPTIMIZERS)
         self.lr = lr
         self._schedule = self._check_lr(lr)
@@ -168,20 +201,25 @@ class Trainer:
         self.batch_size = check_int("batch_size", batch_size, minimum=1, allow_none=True)
         self.device = backends.resolve_device(check_choice("device", device, backends.DEVICES))
         self.seed = check_int("seed", seed, minimum=0, allow_none=True)
-        self.momentum, self.dampening, self.nesterov, self.weight_decay = momentum, dampening, bool(nesterov), weight_decay
-        self.betas, self.eps = (beta1, beta2), eps
+        self.momentum, self.dampening, self.nesterov = momentum, dampening, bool(nesterov)
+        self.weight_decay, self.betas, self.eps = weight_decay, (beta1, beta2), eps
 
         hyper = np.zeros(N_HYPER)
         hyper[H_MOMENTUM], hyper[H_DAMPENING], hyper[H_WEIGHT_DECAY] = momentum, dampening, weight_decay
         hyper[H_NESTEROV], hyper[H_BETA1], hyper[H_BETA2], hyper[H_EPS] = float(nesterov), beta1, beta2, eps
         self._rng = np.random.default_rng(seed)
         self._backend = backends.create_backend(
-            self.device, layout=model.layout, act_codes=model.activation_codes(), loss=LOSSES[self.loss],
+            self.device, layout=model.layout, act_codes=model.activation_codes(), loss=self._loss_spec.code,
             optimizer=OPTIMIZERS[self.optimizer], hyper=hyper, dtype=model.dtype)
-        self.opt_state = np.zeros((2, model.n_params), dtype=model.dtype)
         self.steps_done = 0  # optimizer steps taken (torch's state["step"])
         self.epochs_done = 0  # epochs completed across fits: the schedule's clock
         self.history = History()  # every epoch of every fit
+
+    @property
+    def opt_state(self) -> np.ndarray:
+        """The optimizer state (2, n_params): SGD's momentum buffer in row 0, Adam's exp_avg and exp_avg_sq in
+        rows 0 and 1 (the backend's own array on the CPU, a host copy of the GPU's)."""
+        return self._backend.optimizer_state()
 
     # -- arguments ----------------------------------------------------------------------------------------
     @staticmethod
@@ -208,53 +246,16 @@ class Trainer:
             return self._backend.as_device_input(name, X, self.model.sizes[0])
         return as_float_matrix(name, X, self.model.dtype, n_columns=self.model.sizes[0])
 
-    def _targets(self, y, n_samples: int, name: str = "y") -> np.ndarray:
-        """Targets checked on the host, as a (n, k) float matrix in the kernels' form (one-hot rows for
-        class ids)."""
-        k = self.n_outputs
+    def _targets(self, y, n_samples: int, name: str = "y"):
+        """Targets checked (the loss table's rules), as a (n, k) float matrix in the kernels' form."""
+        spec, k = self._loss_spec, self.n_outputs
         if is_gpu_array(y):
-            bounds = {"binary_cross_entropy": (0.0, 1.0), "softmax_cross_entropy": (0.0, np.inf)}.get(self.loss)
-            if self.loss == "softmax_cross_entropy" and len(y.shape) == 1 and k > 1:
-                raise TypeError(f"{name} is a GPU vector of class ids; on the GPU pass one-hot or class-probability "
-                                f"rows ({n_samples}, {k}) of the model's dtype")
-            Y = self._backend.as_device_input(name, y, k, allow_vector=True, bounds=bounds)
+            spec.check_device_targets(tuple(y.shape), k, name)
+            Y = self._backend.as_device_input(name, y, k, allow_vector=True, bounds=spec.device_bounds)
             if Y.shape[0] != n_samples:
                 raise ValueError(f"{name} has {Y.shape[0]} samples but X has {n_samples}")
             return Y
-        if self.loss == "softmax_cross_entropy":
-            try:
-                arr = np.asarray(y)
-            except (ValueError, TypeError) as error:
-                raise ValueError(f"{name} must be an array of class ids; numpy cannot convert it ({error})") from None
-            if arr.ndim == 1:
-                if arr.dtype.kind not in "iuf":
-                    raise TypeError(f"{name} must hold integer class ids in [0, {k}); got dtype {arr.dtype}")
-                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                    raise ValueError(f"{name} must hold integer class ids in [0, {k}); got NaN or inf")
-                if arr.dtype.kind == "f" and not (arr == np.round(arr)).all():
-                    bad = arr[arr != np.round(arr)][0]
-                    raise ValueError(f"{name} must hold integer class ids in [0, {k}); got non-integer values "
-                                     f"such as {bad}")
-                if arr.shape[0] != n_samples:
-                    raise ValueError(f"{name} has {arr.shape[0]} samples but X has {n_samples}")
-                if arr.size and (arr.min() < 0 or arr.max() >= k):
-                    raise ValueError(f"{name} must hold class ids in [0, {k}) (the output size); "
-                                     f"got values from {arr.min()} to {arr.max()}")
-                Y = np.zeros((n_samples, k), dtype=self.model.dtype)
-                Y[np.arange(n_samples), arr.astype(np.int64)] = 1
-                return Y
-        meaning = (f"one-hot or class-probability rows for {k} classes; class ids go in a 1-D array"
-                   if self.loss == "softmax_cross_entropy" else "the network's output size")
-        Y = as_float_matrix(name, y, self.model.dtype, n_columns=k, allow_vector=True, columns_meaning=meaning)
-        if Y.shape[0] != n_samples:
-            raise ValueError(f"{name} has {Y.shape[0]} samples but X has {n_samples}")
-        if self.loss == "binary_cross_entropy" and ((Y < 0) | (Y > 1)).any():
-            raise ValueError(f"{name} must lie in [0, 1] for binary_cross_entropy; got values from "
-                             f"{Y.min()} to {Y.max()}")
-        if self.loss == "softmax_cross_entropy" and (Y < 0).any():
-            raise ValueError(f"{name} rows must be class probabilities (>= 0) for softmax_cross_entropy; "
-                             f"got values down to {Y.min()}")
-        return Y
+        return spec.targets(y, n_samples, k, self.model.dtype, name)
 
     def _check_data(self, X, y, prefix: str = ""):
         """(X, Y) checked on the host; nothing is converted for the device yet."""
@@ -273,19 +274,19 @@ class Trainer:
             raise TypeError(f"validation_data must be a pair (X_val, y_val); got {got}")
         return self._check_data(*validation_data, prefix="validation_data ")
 
-    # -- state in and out of the backend ------------------------------------------------------------------
-    def _begin(self):
-        self.model.check_parameters()
-        params = self.model.flat_parameters()
-        self._backend.load_state(params, self.opt_state.copy(), self.steps_done)
-        return params
+    # -- parameters in and out of the backend ---------------------------------------------------------------
+    def _use_model_parameters(self, finite: bool = True) -> None:
+        """Start of a public call: the backend's parameters become the model's current ones (the CPU trains the
+        model's own memory; a GPU uploads only what changed)."""
+        self.model.check_parameters(finite=finite)
+        self._backend.use_parameters(self.model._training_vector())
 
-    def _end(self, params):
-        """Bring the backend's parameters and optimizer state home, into the model's own arrays."""
-        self.steps_done = self._backend.store_state(params, self.opt_state)
-        self.model.set_flat_parameters(params)
+    def _publish_parameters(self) -> None:
+        """After training: the model's arrays hold the backend's parameters."""
+        self._backend.publish_parameters(self.model._flat)
+        self.model._after_training()
 
-    # -- public API ---------------------------------------------------------------------------------------
+    # -- the one training loop ------------------------------------------------------------------------------
     def fit(self, X, y, epochs: int = 1, *, validation_data=None, target_loss: float | None = None,
             patience: int | None = None, restore_best: bool = True, callbacks=(), on_nonfinite: str = "raise",
             verbose: bool | int = False):
@@ -314,6 +315,12 @@ class Trainer:
         Per-epoch control (validation, patience, callbacks) runs epochs one compiled call at a time;
         without it, many epochs run inside one call (the history is recorded all the same).
         """
+        return self._run_fit(self._plan_fit(X, y, epochs, validation_data, target_loss, patience, restore_best,
+                                            callbacks, on_nonfinite, verbose))
+
+    def _plan_fit(self, X, y, epochs, validation_data, target_loss, patience, restore_best, callbacks,
+                  on_nonfinite, verbose) -> _FitPlan:
+        """Every argument of fit checked on the host, then converted; nothing is changed."""
         epochs = check_int("epochs", epochs, minimum=0)
         target = check_float("target_loss", target_loss, allow_none=True)
         patience = check_int("patience", patience, minimum=1, allow_none=True)
@@ -322,103 +329,189 @@ class Trainer:
         if patience is not None and validation_data is None:
             raise ValueError("patience (early stopping) needs validation_data=(X_val, y_val)")
         callbacks = self._check_callbacks(callbacks)
-        # Every argument is checked on the host before anything is converted, copied to a device or changed.
         Xh, Yh = self._check_data(X, y)
         validation = None if validation_data is None else self._check_validation_data(validation_data)
-        Xc, Yc = self._backend.as_input(Xh), self._backend.as_input(Yh)
+        self.model.check_parameters()
         if validation is not None:
             validation = tuple(self._backend.as_input(a) for a in validation)
+        return _FitPlan(X=self._backend.as_input(Xh), Y=self._backend.as_input(Yh), epochs=epochs, target=target,
+                        patience=patience, restore_best=restore_best, callbacks=callbacks,
+                        on_nonfinite=on_nonfinite, verbose=verbose, validation=validation)
+
+    def _run_fit(self, plan: _FitPlan) -> "History":
+        plan.n = n = self._rows_per_epoch(plan.X.shape[0])
+        plan.batch_size = n if self.batch_size is None else min(self.batch_size, n)
+        plan.shuffle = plan.batch_size < n  # a full batch's gradient does not depend on the order
+        callbacks = list(plan.callbacks)
         progress = None
-        if verbose:
+        if plan.verbose and self._prints():
             from .progress import ProgressBar
 
-            progress = ProgressBar(epochs, n_samples=Xc.shape[0], mode="lines" if verbose == 2 else "auto",
-                                   every=1 if verbose == 2 else None)
+            progress = ProgressBar(plan.epochs, n_samples=plan.n, mode="lines" if plan.verbose == 2 else "auto",
+                                   every=1 if plan.verbose == 2 else None)
             callbacks.append(progress)
-        n = Xc.shape[0]
-        batch_size = n if self.batch_size is None else min(self.batch_size, n)
-        shuffle = batch_size < n  # a full batch's gradient does not depend on the order
-        per_epoch_control = validation is not None or bool(callbacks)
-        # Epochs per compiled call: one with per-epoch control; otherwise grown from 1 towards CHUNK_SECONDS
-        # a call (Ctrl-C waits at most about that long) within the memory bound on the sample orders.
-        max_chunk = 1 if per_epoch_control else (max(1, MAX_ORDER_ENTRIES // n) if shuffle else max(1, epochs))
+        # Epochs per call: one with per-epoch control; otherwise grown from 1 towards CHUNK_SECONDS a call
+        # (Ctrl-C waits at most about that long) within the memory bound on the sample orders.
+        per_epoch_control = plan.validation is not None or bool(callbacks)
+        max_chunk = 1 if per_epoch_control else (max(1, MAX_ORDER_ENTRIES // n) if plan.shuffle
+                                                 else max(1, plan.epochs))
         chunk = 1
-
         history = History()
-        early = _EarlyStopping(self, patience) if patience is not None else None
-        params = self._begin()
+        early = _EarlyStopping(self, plan.patience) if plan.patience is not None else None
+        self._use_model_parameters(finite=False)  # checked by _plan_fit
         try:
-            remaining = epochs
+            remaining = plan.epochs
             while remaining > 0:
                 count = min(chunk, remaining)
                 first = self.epochs_done
-                # The schedule is asked once per epoch, just before its chunk (it may read state that
-                # callbacks change). A bad value stops fit at that epoch: the epochs before it still run,
-                # then the error is raised with the model at the end of the last good epoch.
+                # The schedule is asked once per epoch, just before its chunk (it may read state that callbacks
+                # change). A bad value stops fit at that epoch: the epochs before it still run, then the error
+                # is raised with the model at the end of the last good epoch.
                 lrs, schedule_error = self._lrs(first, count)
                 if len(lrs) == 0:
                     raise schedule_error
                 count = len(lrs)
-                # The compiled call and the record of what it did form one step that Ctrl-C cannot split:
-                # an interrupt is delivered after it, when parameters, optimizer state, epoch counter,
-                # shuffling RNG and history all describe the same last completed epoch.
+                # The training call and the record of what it did form one step that Ctrl-C cannot split: an
+                # interrupt is delivered after it, when parameters, optimizer state, epoch counter, shuffling
+                # RNG and history all describe the same last completed epoch.
                 with deferred_keyboard_interrupt():
                     rng_state = self._rng.bit_generator.state
                     try:
-                        orders = (np.stack([self._rng.permutation(n) for _ in range(count)]) if shuffle
+                        orders = (np.stack([self._rng.permutation(n) for _ in range(count)]) if plan.shuffle
                                   else np.empty((count, 0), dtype=np.int64))
                         started = time.perf_counter()
-                        losses, completed = self._backend.train_epochs(
-                            Xc, Yc, batch_size, orders, lrs, -np.inf if target is None else target)
+                        losses, completed, steps = self._train_epochs(plan, orders, lrs)
                     except BaseException:
                         self._rng.bit_generator.state = rng_state
                         raise
-                    elapsed = time.perf_counter() - started
-                    per_epoch = elapsed / max(1, len(losses))
+                    per_epoch = (time.perf_counter() - started) / max(1, len(losses))
                     self._record_many(history, first, losses[:completed], lrs[:completed], per_epoch)
                     self.epochs_done += completed
+                    self.steps_done = steps
                     remaining -= completed
                     if completed < count:  # the RNG advances only for epochs that were kept
                         self._rng.bit_generator.state = rng_state
-                        for _ in range(completed if shuffle else 0):
+                        for _ in range(completed if plan.shuffle else 0):
                             self._rng.permutation(n)
                     if completed < count and not np.isfinite(losses[-1]):
                         history.stop_reason = "nonfinite"
-                        self._nonfinite(first + completed, losses[-1], lrs[completed], on_nonfinite)
+                        self._nonfinite(first + completed, losses[-1], lrs[completed], plan.on_nonfinite)
                         break
-                    if target is not None and completed and losses[completed - 1] <= target:
+                    if plan.target is not None and completed and losses[completed - 1] <= plan.target:
                         history.stop_reason = "target_loss"
                         break
-                    if validation is not None:
-                        Xv, Yv = validation
-                        val_loss = self._backend.loss_value(Xv, Yv)
-                        acc = (self._accuracy(self._backend.predict(Xv, self.n_outputs), Yv)
-                               if self.loss != "mse" else None)
+                    if plan.validation is not None:
+                        scores = self._scores(*plan.validation)
                         for h in (history, self.history):
-                            h.val_loss.append(val_loss)
-                            if acc is not None:
-                                h.val_accuracy.append(acc)
-                        if early is not None and early.should_stop(val_loss, params):
+                            h.val_loss.append(scores["loss"])
+                            if "accuracy" in scores:
+                                h.val_accuracy.append(scores["accuracy"])
+                        if early is not None and early.should_stop(scores["loss"]):
                             history.stop_reason = "early_stopping"
                             break
                     if callbacks:  # callbacks (and a trainer.save inside one) see the current state
-                        self._end(params)
+                        self._publish_parameters()
                 if schedule_error is not None:
                     raise schedule_error
-                if any(bool(cb(self, history)) for cb in callbacks):
+                if callbacks and self._any_rank(any(bool(cb(self, history)) for cb in callbacks)):
                     history.stop_reason = "callback"
                     break
                 # Next chunk: about CHUNK_SECONDS at the pace just measured, growing at most 8-fold a call.
                 chunk = int(max(1, min(max_chunk, chunk * 8, CHUNK_SECONDS / max(per_epoch, 1e-9))))
         finally:
             with deferred_keyboard_interrupt():  # never a half-copied model
-                self._end(params)
+                self._publish_parameters()
             if progress is not None:
                 progress.close(history)
-        if history.stop_reason == "early_stopping" and restore_best:
+        if history.stop_reason == "early_stopping" and plan.restore_best:
             with deferred_keyboard_interrupt():
                 early.restore()
         return history
+
+    def _train_epochs(self, plan: _FitPlan, orders: np.ndarray, lrs: np.ndarray):
+        """(losses, completed, steps_done) of len(lrs) epochs: the backend's many-epoch call, or step by step
+        when the step hook needs Python between a gradient and its update."""
+        target = -np.inf if plan.target is None else plan.target
+        if not self.steps_need_python:
+            return self._backend.train_epochs(plan.X, plan.Y, plan.batch_size, orders, lrs, target, self.steps_done)
+        return self._train_epochs_stepwise(plan, orders, lrs, target)
+
+    # -- the step hook ---------------------------------------------------------------------------------------
+    # A subclass that must act between each step's gradient and its update sets steps_need_python = True and
+    # overrides the methods below (fastbp.distributed.DataParallelTrainer: its data is one shard of the
+    # epoch's rows, the gradient is summed over processes, and so are losses and scores). fit then runs its
+    # epochs through _train_epochs_stepwise: per step, the backend's rows_grads, _reduce_gradient, then the
+    # backend's apply_update. Everything else in fit is the same code for every trainer.
+    steps_need_python = False
+
+    def _rows_per_epoch(self, n_local: int) -> int:
+        """Rows of one epoch over every process, given this one's (collective in a subclass)."""
+        return n_local
+
+    def _local_batches(self, order, n_local: int, batch_starts: np.ndarray, n: int):
+        """(rows, row_starts) of one epoch of n rows over every process: which of this process's rows it visits,
+        in order (None: all of them, in order), and where each global batch's share starts in that sequence
+        (row_starts[b]:row_starts[b+1])."""
+        return order, np.append(batch_starts, n)
+
+    def _reduce_gradient(self, grads: np.ndarray) -> None:
+        """Called with each step's gradient (P,) (host) before the update; may change it in place."""
+
+    def _reduce_sum(self, values) -> np.ndarray:
+        """The sums over every process of a few float64 values (here: the values)."""
+        return np.asarray(values, dtype=np.float64)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether any process says yes (here: this one)."""
+        return flag
+
+    def _prints(self) -> bool:
+        """Whether this process shows progress."""
+        return True
+
+    def _epoch_done(self, seconds: float, steps: int) -> None:
+        """Called after each step-by-step epoch (for a subclass's timings)."""
+
+    def _train_epochs_stepwise(self, plan: _FitPlan, orders: np.ndarray, lrs: np.ndarray, target: float):
+        """Backend.train_epochs' contract, one optimizer step at a time through the step hook."""
+        backend, spec, k = self._backend, self._loss_spec, self.n_outputs
+        n, batch_size, n_local = plan.n, plan.batch_size, plan.X.shape[0]
+        batch_starts = np.arange(0, n, batch_size, dtype=np.int64)
+        divisors = [float(spec.divisor(min(batch_size, n - start), k)) for start in batch_starts]
+        epoch_divisor = float(spec.divisor(n, k))
+        if getattr(self, "_step_grads", None) is None:
+            self._step_grads = np.zeros(self.model.n_params, dtype=self.model.dtype)  # the one gradient buffer
+        grads = self._step_grads
+        losses, completed, steps = [], 0, self.steps_done
+        shard = self._shard_buffers = getattr(self, "_shard_buffers", (None, None))
+        for epoch in range(len(lrs)):
+            started = time.perf_counter()
+            snapshot, step0 = backend.snapshot(), steps
+            rows, row_starts = self._local_batches(orders[epoch] if plan.shuffle else None, n_local, batch_starts, n)
+            if rows is None:
+                Xe, Ye = plan.X, plan.Y
+            else:
+                shard = (backend.take_rows(plan.X, rows, shard[0]), backend.take_rows(plan.Y, rows, shard[1]))
+                Xe, Ye = shard
+            total = 0.0
+            for b, divisor in enumerate(divisors):
+                a, z = int(row_starts[b]), int(row_starts[b + 1])
+                total += backend.rows_grads(Xe[a:z], Ye[a:z], divisor, grads) * divisor  # this process's rows
+                self._reduce_gradient(grads)
+                steps += 1
+                backend.apply_update(grads, float(lrs[epoch]), steps)
+            loss = float(self._reduce_sum([total])[0]) / epoch_divisor
+            losses.append(loss)
+            if not np.isfinite(loss):  # the same on every process: undo the epoch
+                backend.restore(snapshot)
+                steps = step0
+                break
+            completed += 1
+            self._epoch_done(time.perf_counter() - started, len(divisors))
+            if loss <= target:
+                break
+        self._shard_buffers = shard
+        return np.array(losses, dtype=np.float64), completed, steps
 
     @staticmethod
     def _check_callbacks(callbacks) -> list:
@@ -432,13 +525,6 @@ class Trainer:
             if not callable(cb):
                 raise TypeError(f"callbacks[{i}] must be callable; got {type(cb).__name__}")
         return callbacks
-
-    def _backend_snapshot(self, params):
-        """Copies of the backend's current params, optimizer state and step count (host arrays)."""
-        p = np.empty_like(params)
-        s = np.empty_like(self.opt_state)
-        steps = self._backend.store_state(p, s)
-        return p, s, steps
 
     def _lrs(self, first: int, count: int):
         """(learning rates of epochs first..first+count-1 as float64, None), or the rates before the first
@@ -454,8 +540,8 @@ class Trainer:
                 return np.array(lrs, dtype=np.float64), error
         return np.array(lrs, dtype=np.float64), None
 
-    def _record_many(self, history: History, first: int, losses, lrs, seconds: float) -> None:
-        """_record for consecutive epochs, with list.extend (same content as calling _record per epoch)."""
+    def _record_many(self, history: "History", first: int, losses, lrs, seconds: float) -> None:
+        """Append consecutive epochs to this fit's history and to the trainer's."""
         epochs = range(first, first + len(losses))
         losses = np.asarray(losses, dtype=np.float64).tolist()
         lrs = np.asarray(lrs, dtype=np.float64).tolist()
@@ -465,22 +551,31 @@ class Trainer:
             h.lr.extend(lrs)
             h.time.extend([seconds] * len(losses))
 
-    def _record(self, history: History, epoch: int, loss: float, lr: float, seconds: float) -> None:
-        self._record_many(history, epoch, [loss], [lr], seconds)
-
     def _nonfinite(self, epoch: int, loss: float, lr: float, on_nonfinite: str) -> None:
         message = (f"training loss became {loss} in epoch {epoch} (lr={lr:.4g}); the model was restored to the "
                    f"end of the last epoch with a finite loss. Try a lower learning rate.")
         if on_nonfinite == "raise":
             raise NonFiniteLossError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
-    def _accuracy(self, predictions: np.ndarray, Y: np.ndarray) -> float:
-        Y = self._backend.to_host(Y)
-        if self.loss == "softmax_cross_entropy":
-            return float(np.mean(predictions.argmax(axis=1) == Y.argmax(axis=1)))
-        return float(np.mean((predictions > 0.5) == (Y > 0.5)))
+    def _scores(self, Xc, Yc) -> dict:
+        """{"loss"} (and "accuracy" for the classification losses) over Xc, Yc (backend inputs), over every
+        process's rows (see _global_scores)."""
+        n = Xc.shape[0]
+        loss = self._backend.loss_value(Xc, Yc) if n else 0.0
+        correct = 0
+        if n and self._loss_spec.is_classification:
+            correct = self._loss_spec.n_correct(self._backend.predict(Xc, self.n_outputs), self._backend.to_host(Yc))
+        return self._global_scores(loss, correct, n)
 
+    def _global_scores(self, loss: float, correct: int, n: int) -> dict:
+        """Scores from this process's mean loss and correct count over n rows (a subclass reduces them)."""
+        scores = {"loss": float(loss)}
+        if self._loss_spec.is_classification:
+            scores["accuracy"] = float(correct / self._loss_spec.accuracy_terms(n, self.n_outputs))
+        return scores
+
+    # -- inference ------------------------------------------------------------------------------------------
     def predict(self, X) -> np.ndarray:
         """The network's transformed output for X (n, n_in): raw values (mse), sigmoid probabilities
         (binary_cross_entropy) or softmax probabilities (softmax_cross_entropy), shape (n, n_out).
@@ -492,11 +587,8 @@ class Trainer:
         ((5, 3), True)
         """
         Xc = self._backend.as_input(self._inputs(X))
-        params = self._begin()
-        try:
-            return np.asarray(self._backend.predict(Xc, self.n_outputs))
-        finally:
-            self._end(params)
+        self._use_model_parameters(finite=False)  # NaN parameters give NaN outputs: no O(P) check per call
+        return np.asarray(self._backend.predict(Xc, self.n_outputs))
 
     def evaluate(self, X, y) -> dict:
         """``{"loss": mean loss}``, plus ``"accuracy"`` for the classification losses.
@@ -509,14 +601,8 @@ class Trainer:
         ['accuracy', 'loss']
         """
         Xc, Yc = self._data(X, y)
-        params = self._begin()
-        try:
-            scores = {"loss": self._backend.loss_value(Xc, Yc)}
-            if self.loss != "mse":
-                scores["accuracy"] = self._accuracy(np.asarray(self._backend.predict(Xc, self.n_outputs)), Yc)
-            return scores
-        finally:
-            self._end(params)
+        self._use_model_parameters(finite=False)
+        return self._scores(Xc, Yc)
 
     def loss_and_grads(self, X, y):
         """The mean loss over X, y and its exact gradients, shaped like the parameters; no update.
@@ -531,12 +617,8 @@ class Trainer:
         ([(3, 5), (5, 1)], [(5,), (1,)])
         """
         Xc, Yc = self._data(X, y)
-        params = self._begin()
-        try:
-            loss, grads = self._backend.loss_and_grads(Xc, Yc)
-        finally:
-            self._end(params)
-        grads = np.asarray(grads)
+        self._use_model_parameters()
+        loss, grads = self._backend.loss_and_grads(Xc, Yc, self._loss_spec.divisor(Xc.shape[0], self.n_outputs))
         layout = self.model.layout
         dweights, dbiases = [], []
         for layer in range(layout.n_layers):
@@ -607,10 +689,10 @@ class Trainer:
 
     def _clone(self, lr) -> "Trainer":
         """A fresh trainer with the same settings on a copy of the model (optimizer state reset)."""
-        return Trainer(self.model.copy(), loss=self.loss, optimizer=self.optimizer, lr=lr, momentum=self.momentum,
-                       dampening=self.dampening, nesterov=self.nesterov, weight_decay=self.weight_decay,
-                       betas=self.betas, eps=self.eps, batch_size=self.batch_size, device=self.device,
-                       seed=self.seed)
+        return Trainer(self.model.copy(), lr=lr, **self._settings())
+
+    def _settings(self) -> dict:
+        return {name: getattr(self, name) for name in SETTINGS}
 
     def set_lr(self, lr) -> None:
         """Change the learning rate (a number or an ``epoch -> lr`` callable) for later epochs.
@@ -621,6 +703,104 @@ class Trainer:
         """
         self._schedule = self._check_lr(lr)
         self.lr = lr
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Every piece of training state, in one place, as plain values and copies of the arrays::
+
+            {"model": model.state_dict(),
+             "trainer": {loss, optimizer, momentum, dampening, nesterov, weight_decay, betas, eps, batch_size,
+                         device, seed, lr (the rate or schedule as data, see fastbp.schedules.to_spec),
+                         steps_done, epochs_done, rng_state (the shuffling RNG's state)},
+             "opt_state": (2, n_params) array,
+             "history": {epoch, loss, val_loss, val_accuracy, lr, time (lists), stop_reason}}
+
+        :meth:`Trainer.from_state_dict` builds an equal trainer from it, :meth:`load_state_dict` loads it into
+        this one, and :meth:`save` writes it to a file (``fastbp.checkpoint``)."""
+        trainer = self._settings() | {"betas": list(self.betas), "lr": schedules.to_spec(self.lr),
+                                      "steps_done": int(self.steps_done), "epochs_done": int(self.epochs_done),
+                                      "rng_state": self._rng.bit_generator.state}
+        return {"model": self.model.state_dict(), "trainer": trainer, "opt_state": np.array(self.opt_state),
+                "history": self.history.as_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a :meth:`state_dict`: the model's parameters, the optimizer state, the step and epoch counters,
+        the shuffling RNG, the history, and the learning rate when it is a number or a built-in schedule (a
+        custom schedule's state keeps this trainer's lr). The architecture and the optimizer must be this
+        trainer's; its other settings stay as they are. Everything is checked before anything changes."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from Trainer.state_dict(); got {type(state).__name__}")
+        for key in ("model", "trainer", "opt_state", "history"):
+            if key not in state:
+                raise ValueError(f"the state lacks the field {key!r}")
+        spec = state["trainer"]
+        if not isinstance(spec, dict):
+            raise ValueError("trainer: must be a dict")
+        get = lambda key: _field(spec, key)  # noqa: E731
+        if get("optimizer") != self.optimizer:
+            raise ValueError(f"trainer: the state's optimizer {get('optimizer')!r} is not this trainer's "
+                             f"{self.optimizer!r}")
+        lr_spec = get("lr")
+        lr = None if isinstance(lr_spec, dict) and lr_spec.get("type") == "custom" else schedules.from_spec(lr_spec)
+        steps = check_int("steps_done", get("steps_done"), minimum=0)
+        epochs = check_int("epochs_done", get("epochs_done"), minimum=0)
+        rng_state = get("rng_state")
+        if not isinstance(rng_state, dict) or rng_state.get("bit_generator") != "PCG64":
+            raise ValueError(f"rng_state must be a PCG64 state; got {rng_state!r:.100}")
+        rng = np.random.default_rng()
+        try:
+            rng.bit_generator.state = rng_state
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"invalid rng_state ({error})") from None
+        opt_state = np.asarray(state["opt_state"])
+        shape = (2, self.model.n_params)
+        if opt_state.shape != shape or opt_state.dtype != self.model.dtype:
+            raise ValueError(f"opt_state must have shape {shape} and dtype {self.model.dtype.name}; got shape "
+                             f"{opt_state.shape} and dtype {opt_state.dtype}")
+        if not np.isfinite(opt_state).all():
+            raise ValueError("opt_state contains NaN or inf")
+        history = _history_from(state["history"])
+        self.model.load_state_dict(state["model"])  # the only write that can fail: it checks first
+        self._backend.set_optimizer_state(opt_state)
+        self.steps_done, self.epochs_done = steps, epochs
+        self._rng.bit_generator.state = rng_state
+        self.history = history
+        if lr is not None:
+            self.set_lr(lr)
+
+    @classmethod
+    def from_state_dict(cls, state: dict, *, lr=None, device: str | None = None) -> "Trainer":
+        """A new trainer (on a new model) equal to the one whose :meth:`state_dict` this is.
+
+        lr : number or callable, optional
+            Replaces the stored learning rate or schedule; required when the stored one was a custom callable.
+        device : {"cpu", "cuda", "auto"}, optional
+            Overrides the stored device (e.g. to resume a GPU run on a machine without one)."""
+        if device is not None:
+            check_choice("device", device, backends.DEVICES)
+        if lr is not None:
+            cls._check_lr(lr)
+        if not isinstance(state, dict) or not isinstance(state.get("trainer"), dict) or "model" not in state:
+            raise TypeError("state must be a dict from Trainer.state_dict() with 'model' and 'trainer' entries")
+        try:
+            model = MLP.from_state_dict(state["model"])
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"model: {error}") from None
+        spec = state["trainer"]
+        try:
+            stored_lr = schedules.from_spec(_field(spec, "lr")) if lr is None else lr
+            settings = {name: _field(spec, name) for name in SETTINGS}
+            if not isinstance(settings["betas"], list):
+                raise ValueError(f"betas must be a list; got {settings['betas']!r}")
+            settings["betas"] = tuple(settings["betas"])
+            settings["device"] = device or settings["device"]
+            trainer = cls(model, lr=stored_lr, **settings)
+            trainer.load_state_dict(state)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"trainer: {error}") from None
+        if lr is not None:
+            trainer.set_lr(lr)
+        return trainer
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def save(self, path) -> None:
@@ -638,9 +818,8 @@ class Trainer:
         >>> fastbp.Trainer.load(path).epochs_done
         2
         """
-        from .checkpoint import save_trainer
-
-        save_trainer(self, path)
+        self.model.check_parameters()
+        checkpoint.write(path, "trainer", self.state_dict())
 
     @classmethod
     def load(cls, path, *, lr=None, device: str | None = None) -> "Trainer":
@@ -650,6 +829,49 @@ class Trainer:
             Replaces the stored learning rate or schedule; required when the saved one was a custom callable.
         device : {"cpu", "cuda", "auto"}, optional
             Overrides the stored device (e.g. to resume a GPU run on a machine without one)."""
-        from .checkpoint import load_trainer
+        if device is not None:
+            check_choice("device", device, backends.DEVICES)
+        if lr is not None:
+            cls._check_lr(lr)
+        kind, state = checkpoint.read(path)
+        if kind != "trainer":
+            raise checkpoint.CheckpointError(f"{checkpoint._as_path(path)!r} holds a model, not a trainer; read it "
+                                             "with fastbp.MLP.load")
+        try:
+            with checkpoint.reported_as_checkpoint_error():
+                return cls.from_state_dict(state, lr=lr, device=device)
+        except RuntimeError as error:  # a GPU run resumed where there is no usable GPU
+            raise RuntimeError(f"{error} To resume on the CPU: fastbp.Trainer.load(path, device='cpu').") from None
 
-        return load_trainer(path, lr=lr, device=device)
+
+def _field(section: dict, key: str):
+    if key not in section:
+        raise ValueError(f"lacks the field {key!r}")
+    return section[key]
+
+
+def _history_from(spec) -> History:
+    """A History from its as_dict() form, checked: every list of numbers, as many losses as epochs."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"history must be a dict; got {type(spec).__name__}")
+    history = History()
+    for name in HISTORY_LISTS:
+        if name in ("epoch", "loss") and name not in spec:
+            raise ValueError(f"history lacks the field {name!r}")
+        values = spec.get(name, [])
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in values):
+            raise ValueError(f"history {name} must be a list of numbers")
+        setattr(history, name, [int(v) for v in values] if name == "epoch" else [float(v) for v in values])
+    n_epochs = len(history.epoch)
+    for name in ("loss", "lr", "time"):
+        if len(history[name]) != n_epochs:
+            raise ValueError(f"history {name} has {len(history[name])} entries, epoch has {n_epochs}")
+    for name in ("val_loss", "val_accuracy"):
+        if len(history[name]) > n_epochs:
+            raise ValueError(f"history has more {name} entries than epochs")
+    stop_reason = spec.get("stop_reason", "epochs")
+    if not isinstance(stop_reason, str):
+        raise ValueError(f"stop_reason must be a string; got {stop_reason!r}")
+    history.stop_reason = stop_reason
+    return history

@@ -6,6 +6,8 @@ name what was expected). Before each call the test takes a snapshot of everythin
 biases, optimizer state, step and epoch counters, shuffling RNG, history, learning rate) and checks that
 the rejected call left all of it exactly as it was.
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -339,9 +341,13 @@ def test_bad_input_is_rejected_and_changes_nothing(case):
     before = snapshot(trainer)
     with pytest.raises(error, match=pattern) as info:
         call(trainer)
-    # Never a numba typing error or an error from deep inside numpy: the message is ours.
+    # Never a numba typing error or an error from deep inside numpy: the message, the error's class (a
+    # builtin or one of fastbp's) and the line that raised it are ours.
     assert "numba" not in str(info.value).lower()
-    assert type(info.value).__module__ == "builtins" or issubclass(type(info.value), (ValueError, TypeError))
+    module = type(info.value).__module__
+    assert module == "builtins" or module.split(".")[0] == "fastbp", module
+    raised_in = str(info.traceback[-1].path)
+    assert f"{os.sep}fastbp{os.sep}" in raised_in and f"{os.sep}tests{os.sep}" not in raised_in, raised_in
     assert_unchanged(before, snapshot(trainer))
 
 

@@ -64,10 +64,11 @@ def test_dense_backward_is_both_halves(dtype, rng):
     inp = rng.normal(size=(9, 5)).astype(dtype)
     w = rng.normal(size=(5, 4)).astype(dtype)
     dout = rng.normal(size=(9, 4)).astype(dtype)
-    dinp, dw, db = np.empty((9, 5), dtype), np.empty((5, 4), dtype), np.empty(4, dtype)
+    dinp, dw, db = np.full((9, 5), np.nan, dtype), np.full((5, 4), np.nan, dtype), np.full(4, np.nan, dtype)
     cpu.dense_backward(dinp, dw, db, dout, inp, w, ACTIVATIONS["identity"])
     np.testing.assert_allclose(dinp, dout.astype(np.float64) @ w.T, **TOLERANCES[dtype])
     np.testing.assert_allclose(dw, inp.astype(np.float64).T @ dout, **TOLERANCES[dtype])
+    np.testing.assert_allclose(db, dout.astype(np.float64).sum(0), **TOLERANCES[dtype])
 
 
 def _targets(loss, n, k, rng):

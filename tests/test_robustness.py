@@ -129,9 +129,9 @@ def test_compiled_calls_start_small_and_grow_gradually():
     counts = []
     original = trainer._backend.train_epochs
 
-    def counting(X, Y, batch_size, orders, lrs, target):
+    def counting(X, Y, batch_size, orders, lrs, target, steps_done):
         counts.append(len(lrs))
-        return original(X, Y, batch_size, orders, lrs, target)
+        return original(X, Y, batch_size, orders, lrs, target, steps_done)
 
     trainer._backend.train_epochs = counting
     trainer.fit(X, y, epochs=3000)

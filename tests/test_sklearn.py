@@ -96,6 +96,42 @@ def test_joblib_workers_and_pickle(digits):
     assert clone(clf).get_params() == clf.get_params()
 
 
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+def test_training_continued_after_unpickling_equals_training_continued_in_place(digits, solver):
+    """The pickle keeps everything the trainer holds: optimizer state, step and epoch counters and the
+    shuffling RNG, so the next epochs draw the same batches and take the same steps."""
+    X_train, _, y_train, _ = digits
+    clf = MLPClassifier(hidden_layer_sizes=(8,), solver=solver, max_iter=2, random_state=0).fit(X_train, y_train)
+    again = pickle.loads(pickle.dumps(clf))
+    for _ in range(2):
+        clf.partial_fit(X_train, y_train)
+        again.partial_fit(X_train, y_train)
+    for a, b in zip(clf.coefs_ + clf.intercepts_, again.coefs_ + again.intercepts_):
+        np.testing.assert_array_equal(a, b)
+    assert again.loss_curve_ == clf.loss_curve_
+
+
+def test_bad_parameters_raise_sklearns_exception_types():
+    from fastbp.sklearn import InvalidParameterError
+
+    X, y = np.zeros((4, 2)), [0, 1, 0, 1]
+    for params, name in ((dict(alpha=-1.0), "alpha"), (dict(batch_size=0), "batch_size"),
+                         (dict(activation="swish"), "activation"), (dict(early_stopping="yes"), "early_stopping"),
+                         (dict(validation_fraction=1.0), "validation_fraction"), (dict(max_iter=1.5), "max_iter")):
+        with pytest.raises(InvalidParameterError, match=rf"The '{name}' parameter of MLPClassifier must be"):
+            MLPClassifier(**params).fit(X, y)
+    assert issubclass(InvalidParameterError, ValueError) and issubclass(InvalidParameterError, TypeError)
+
+
+def test_no_private_sklearn_module_is_imported():
+    import inspect
+
+    import fastbp.sklearn
+
+    source = inspect.getsource(fastbp.sklearn)
+    assert "sklearn.utils._" not in source and "from sklearn._" not in source
+
+
 def test_parameter_names_follow_sklearn():
     from sklearn.neural_network import MLPClassifier as SklearnMLP
 

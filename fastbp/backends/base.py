@@ -95,8 +95,9 @@ class Backend(abc.ABC):
         """X as a host array (a copy when it lives on a device)."""
 
     @abc.abstractmethod
-    def take_rows(self, X, rows: np.ndarray):
-        """X[rows] for an int64 index vector, in the backend's form (gathered on the device for a device X)."""
+    def take_rows(self, X, rows: np.ndarray, out=None):
+        """X[rows] for an int64 index vector, in the backend's form (gathered on the device for a device X),
+        written into ``out`` when it is an earlier result of the same shape (no new buffer each epoch)."""
 
     # -- training ---------------------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -1,22 +1,24 @@
-"""The CPU target's host side: flat buffers in host memory, kernels from ``fastbp.kernels.cpu``."""
+"""The CPU target's host side: flat buffers in host memory, kernels from ``fastbp.kernels.cpu``.
+
+It trains the model's own flat parameter vector in place (``use_parameters`` keeps a reference, nothing is
+copied), and keeps the optimizer state between calls.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from .._threads import guarded
 from ..kernels import cpu as kernels
-from ..kernels.pointwise import N_HYPER, loss_divisor as loss_divisor_host
+from ..kernels.pointwise import N_HYPER
 from ..layout import Layout
+from .base import Backend
 
 # Rows per chunk when predicting or evaluating a whole data set: bounds the workspace, not the result.
 EVAL_CAPACITY = 4096
 
 
-class CPUBackend:
-    """Runs training and inference for one network on the CPU.
-
-    The flat parameter vector and optimizer state it is given are used in place (host arrays already).
-    """
+class CPUBackend(Backend):
+    """Runs training and inference for one network on the CPU (see :class:`fastbp.backends.base.Backend`)."""
 
     device = "cpu"
 
@@ -29,21 +31,30 @@ class CPUBackend:
         self.dtype = np.dtype(dtype)
         self._workspaces = {}
         self._paths = kernels.path_flags(layout.sizes)
+        self.params = np.zeros(layout.n_params, dtype=self.dtype)
+        self.opt_state = np.zeros((2, layout.n_params), dtype=self.dtype)
 
-    # -- parameters and optimizer state ------------------------------------------------------------------
-    def load_state(self, params: np.ndarray, opt_state: np.ndarray, steps_done: int) -> None:
-        """Take the flat params (P,), opt_state (2, P) and step count that training continues from."""
-        self.params = params
-        self.opt_state = opt_state
-        self.steps_done = np.array([steps_done], dtype=np.int64)
+    # -- training state -----------------------------------------------------------------------------------------
+    def use_parameters(self, params: np.ndarray) -> None:
+        self.params = params  # trained in place: the model's own memory
 
-    def store_state(self, params_out: np.ndarray, opt_state_out: np.ndarray) -> int:
-        """Copy params and optimizer state into host arrays (no-op copies when they are the same arrays)."""
-        if params_out is not self.params:
-            params_out[...] = self.params
-        if opt_state_out is not self.opt_state:
-            opt_state_out[...] = self.opt_state
-        return int(self.steps_done[0])
+    def publish_parameters(self, params: np.ndarray) -> None:
+        if params is not self.params:
+            params[...] = self.params
+
+    def optimizer_state(self) -> np.ndarray:
+        return self.opt_state
+
+    def set_optimizer_state(self, state: np.ndarray) -> None:
+        self.opt_state[...] = state
+
+    def snapshot(self):
+        return self.params.copy(), self.opt_state.copy()
+
+    def restore(self, snapshot) -> None:
+        params, opt_state = snapshot
+        self.params[...] = params
+        self.opt_state[...] = opt_state
 
     # -- data ---------------------------------------------------------------------------------------------
     def as_input(self, X) -> np.ndarray:
@@ -55,6 +66,11 @@ class CPUBackend:
 
     def to_host(self, X) -> np.ndarray:
         return np.asarray(X)
+
+    def take_rows(self, X, rows: np.ndarray, out=None) -> np.ndarray:
+        if out is None or out.shape != (len(rows),) + X.shape[1:]:
+            out = np.empty((len(rows),) + X.shape[1:], dtype=X.dtype)
+        return np.take(X, rows, axis=0, out=out)
 
     def _workspace(self, capacity: int, n_outputs: int):
         key = (capacity, n_outputs)
@@ -75,19 +91,21 @@ class CPUBackend:
 
     # -- training -----------------------------------------------------------------------------------------
     @guarded
-    def train_epochs(self, X, Y, batch_size: int, orders: np.ndarray, lrs: np.ndarray, target_loss: float):
-        """Run len(lrs) epochs in one compiled call; returns (epoch_losses (completed,), completed)."""
+    def train_epochs(self, X, Y, batch_size: int, orders: np.ndarray, lrs: np.ndarray, target_loss: float,
+                     steps_done: int):
+        """All len(lrs) epochs in one compiled call (see Backend.train_epochs)."""
         ws = self._workspace(batch_size, Y.shape[1])
         losses = np.empty(len(lrs), dtype=np.float64)
+        steps = np.array([steps_done], dtype=np.int64)
         layout = self.layout
         completed = kernels.train_epochs(
-            self.params, self.opt_state, self.steps_done, ws["grads"], ws["acts"], ws["deltas"],
+            self.params, self.opt_state, steps, ws["grads"], ws["acts"], ws["deltas"],
             ws["targets_batch"], ws["row_losses"], ws["backup"], ws["scratch"], X, Y, orders, lrs, losses,
             layout.sizes, layout.param_offsets, layout.unit_offsets, self.act_codes, self.loss,
             self.optimizer, self.hyper, batch_size, target_loss, *self._paths)
         # An epoch that went non-finite is reported (its loss is in losses[completed]) but not counted.
         n_reported = min(completed + 1, len(lrs))
-        return losses[:n_reported], int(completed)
+        return losses[:n_reported], int(completed), int(steps[0])
 
     # -- inference and gradients --------------------------------------------------------------------------
     @guarded
@@ -109,19 +127,10 @@ class CPUBackend:
                                           layout.sizes, layout.param_offsets, layout.unit_offsets,
                                           self.act_codes, self.loss, capacity))
 
-    def loss_and_grads(self, X, Y):
-        """(mean loss, flat gradient (P,) as a new host array) over all of X, Y: no update."""
-        grads = np.empty(self.layout.n_params, dtype=self.dtype)
-        divisor = loss_divisor_host(self.loss, X.shape[0], Y.shape[1])
-        return self.rows_grads(X, Y, divisor, grads), grads
-
     # -- one step at a time (for callers that must act between steps, e.g. an allreduce) --------------------
     @guarded
     def rows_grads(self, X, Y, divisor: float, grads_out) -> float:
-        """grads_out (P,) = gradient of (sum of the row losses of X, Y) / divisor; returns that loss value.
-
-        With divisor = the global batch's loss divisor, the gradients of several shards of one batch add
-        up to the batch's gradient."""
+        """grads_out (P,) = gradient of (sum of the row losses of X, Y) / divisor (see Backend.rows_grads)."""
         # A power of two: callers whose row count varies per step (one rank's share of a global batch)
         # reuse a few workspaces instead of building one per count.
         capacity = min(EVAL_CAPACITY, 1 << max(0, X.shape[0] - 1).bit_length())
@@ -133,8 +142,5 @@ class CPUBackend:
                                            float(divisor), *self._paths))
 
     @guarded
-    def apply_update(self, grads, lr: float) -> None:
-        """One optimizer step of the params with the flat gradient grads (P,) (counts a step)."""
-        self.steps_done[0] += 1
-        kernels.optimizer_step(self.params, self.opt_state, grads, float(lr), self.optimizer, self.hyper,
-                               int(self.steps_done[0]))
+    def apply_update(self, grads, lr: float, step: int) -> None:
+        kernels.optimizer_step(self.params, self.opt_state, grads, float(lr), self.optimizer, self.hyper, int(step))

@@ -2,7 +2,7 @@
 
 The same interface as ``cpu.CPUBackend``. Differences are where the data lives and who runs the loop:
 - parameters, optimizer state, workspaces and the training data stay on the device for a whole call;
-  ``store_state`` is the only copy back (the Trainer calls it when its public method returns);
+  ``publish_parameters`` is the only copy back (the Trainer calls it after a call that trained);
 - a training step is a Python-driven chain of kernel launches (gather, forward per layer, loss-gradient,
   backward per layer, optimizer update); every view into a flat buffer is built once per workspace;
 - each sample's loss lands in an epoch-long device buffer and is reduced on the device: ONE scalar per
@@ -30,6 +30,7 @@ from ..kernels.pointwise import (
     loss_divisor,
 )
 from ..layout import Layout
+from .base import Backend
 
 # Rows per chunk when predicting or evaluating a whole data set: bounds the workspace, not the result.
 EVAL_CAPACITY = 4096
@@ -69,7 +70,7 @@ class _Workspace:
         return self._views[n_rows]
 
 
-class CUDABackend:
+class CUDABackend(Backend):
     """Runs training and inference for one network on the GPU (or in numba's CUDA simulator)."""
 
     device = "cuda"
@@ -82,22 +83,41 @@ class CUDABackend:
         self.hyper = np.asarray(hyper, dtype=np.float64).reshape(N_HYPER)
         self.dtype = np.dtype(dtype)
         self._workspaces = {}
-        self.params = None
-
-    # -- parameters and optimizer state ------------------------------------------------------------------
-    def load_state(self, params: np.ndarray, opt_state: np.ndarray, steps_done: int) -> None:
-        """Upload the flat params (P,) and opt_state (2, P); they stay on the device until store_state."""
-        self.params = kernels.to_device(np.ascontiguousarray(params, dtype=self.dtype))
-        self.opt_state = kernels.to_device(np.ascontiguousarray(opt_state, dtype=self.dtype))
-        self.steps_done = int(steps_done)
+        self.params = kernels.device_zeros(layout.n_params, self.dtype)
+        self.opt_state = kernels.device_zeros((2, layout.n_params), self.dtype)
         self._param_views = self._layer_views(self.params)
         self._opt_rows = (self.opt_state[0], self.opt_state[1])  # views built once, not per step
+        self._uploaded = None  # host copy of the parameters as last uploaded or downloaded
 
-    def store_state(self, params_out: np.ndarray, opt_state_out: np.ndarray) -> int:
-        """Copy params and optimizer state back into host arrays; returns the step count."""
-        self.params.copy_to_host(params_out)
-        self.opt_state.copy_to_host(opt_state_out)
-        return self.steps_done
+    # -- training state -----------------------------------------------------------------------------------------
+    def use_parameters(self, params: np.ndarray) -> None:
+        """Upload the model's parameters, unless they equal what the device already holds (a host compare
+        of P numbers instead of a PCIe copy, and no optimizer-state traffic at all)."""
+        if self._uploaded is None or not np.array_equal(params, self._uploaded):
+            self.params.copy_to_device(np.ascontiguousarray(params, dtype=self.dtype))
+            self._uploaded = np.array(params, dtype=self.dtype)
+
+    def publish_parameters(self, params: np.ndarray) -> None:
+        self.params.copy_to_host(params)
+        self._uploaded = np.array(params)
+
+    def optimizer_state(self) -> np.ndarray:
+        return self.opt_state.copy_to_host()
+
+    def set_optimizer_state(self, state: np.ndarray) -> None:
+        self.opt_state.copy_to_device(np.ascontiguousarray(state, dtype=self.dtype))
+
+    def snapshot(self):
+        params = kernels.device_empty(self.layout.n_params, self.dtype)
+        opt_state = kernels.device_empty((2, self.layout.n_params), self.dtype)
+        params.copy_to_device(self.params)
+        opt_state.copy_to_device(self.opt_state)
+        return params, opt_state
+
+    def restore(self, snapshot) -> None:
+        params, opt_state = snapshot
+        self.params.copy_to_device(params)
+        self.opt_state.copy_to_device(opt_state)
 
     def _layer_views(self, flat):
         """[(weight (n_in, n_out), bias (n_out,))] views of a flat device vector, one pair per layer."""
@@ -150,6 +170,19 @@ class CUDABackend:
     def to_host(self, X) -> np.ndarray:
         return X.copy_to_host() if kernels.is_device_array(X) else np.asarray(X)
 
+    def take_rows(self, X, rows: np.ndarray, out=None):
+        """X[rows] on the device: gathered there when X lives there, else taken on the host and uploaded."""
+        shape = (len(rows),) + tuple(X.shape[1:])
+        if out is None or tuple(out.shape) != shape:
+            out = kernels.device_empty(shape, self.dtype)
+        if kernels.is_device_array(X):
+            if len(rows):
+                with kernels.quiet_launches():
+                    kernels.gather_rows(out, X, kernels.to_device(np.ascontiguousarray(rows, dtype=np.int64)), 0)
+        else:
+            out.copy_to_device(np.ascontiguousarray(np.take(X, rows, axis=0), dtype=self.dtype))
+        return out
+
     def _workspace(self, capacity: int, n_outputs: int) -> _Workspace:
         key = (capacity, n_outputs)
         if key not in self._workspaces:
@@ -193,8 +226,9 @@ class CUDABackend:
                                hyper[H_WEIGHT_DECAY], hyper[H_NESTEROV] != 0.0, step == 1)
 
     # -- training -----------------------------------------------------------------------------------------
-    def train_epochs(self, X, Y, batch_size: int, orders: np.ndarray, lrs: np.ndarray, target_loss: float):
-        """Run len(lrs) epochs; returns (epoch_losses (reported,), completed), as CPUBackend.train_epochs.
+    def train_epochs(self, X, Y, batch_size: int, orders: np.ndarray, lrs: np.ndarray, target_loss: float,
+                     steps_done: int):
+        """Run len(lrs) epochs; returns (epoch_losses (reported,), completed, steps_done) (Backend.train_epochs).
 
         X (n, n_in), Y (n, k) on the device; orders (E, n) int64 (uploaded once) or (E, 0) for in order
         (full batch: X and Y are used as the batch, no copy). After each epoch one scalar, the epoch's
@@ -216,6 +250,7 @@ class CUDABackend:
             n_rows = min(batch_size, n - start)
             batches.append((start, n_rows, 1.0 / loss_divisor(self.loss, n_rows, k), epoch_rows[start:start + n_rows]))
         divisor = loss_divisor(self.loss, n, k)
+        self.steps_done = int(steps_done)
         losses = np.empty(n_epochs, dtype=np.float64)
         completed = n_epochs
         with kernels.quiet_launches():
@@ -246,7 +281,7 @@ class CUDABackend:
                     completed = epoch + 1
                     break
         n_reported = min(completed + 1, n_epochs)
-        return losses[:n_reported], int(completed)
+        return losses[:n_reported], int(completed), self.steps_done
 
     def _buffer(self, name: str, shape):
         """A named device buffer kept between calls, reallocated only when its shape changes."""
@@ -296,17 +331,17 @@ class CUDABackend:
             kernels.sum_into(totals, 0, rows)
         return float(totals.copy_to_host()[0]) / loss_divisor(self.loss, n, k)
 
-    def loss_and_grads(self, X, Y):
-        """(mean loss, flat gradient (P,) as a new host array) over all of X, Y: no update."""
-        grads = np.empty(self.layout.n_params, dtype=self.dtype)
-        divisor = loss_divisor(self.loss, X.shape[0], Y.shape[1])
-        return self.rows_grads(X, Y, divisor, grads), grads
-
     # -- one step at a time (for callers that must act between steps, e.g. an allreduce) --------------------
     def rows_grads(self, X, Y, divisor: float, grads_out) -> float:
         """grads_out (P,) (host or device) = gradient of (sum of the row losses of X, Y) / divisor; returns
-        that loss value."""
+        that loss value; zeros for 0 rows (a rank's share of a batch may be empty)."""
         n, k = X.shape[0], Y.shape[1]
+        if n == 0:
+            if kernels.is_device_array(grads_out):
+                kernels.as_device_array(grads_out).copy_to_device(np.zeros(self.layout.n_params, self.dtype))
+            else:
+                grads_out[...] = 0
+            return 0.0
         capacity, chunks = self._chunks(n)
         ws = self._workspace(capacity, k)
         grads = self._grads()
@@ -329,9 +364,10 @@ class CUDABackend:
             grads.copy_to_host(grads_out)
         return float(totals.copy_to_host()[0]) / divisor
 
-    def apply_update(self, grads, lr: float) -> None:
-        """One optimizer step of the params with the flat gradient grads (P,) (host or device; counts a step)."""
+    def apply_update(self, grads, lr: float, step: int) -> None:
+        """One optimizer step of the params with the flat gradient grads (P,) (host or device)."""
         grads = kernels.as_device_array(grads) if kernels.is_device_array(grads) else \
             kernels.to_device(np.ascontiguousarray(grads, dtype=self.dtype))
+        self.steps_done = int(step) - 1
         with kernels.quiet_launches():
             self._optimizer_step(grads, float(lr))

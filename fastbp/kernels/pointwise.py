@@ -1,7 +1,10 @@
 """Pointwise math and the fused loss-gradient, written once and compiled for both targets.
 
 Every function here is ``@njit(inline="always")``: the CPU kernels (``@njit``) and the CUDA kernels
-(``@cuda.jit``) inline the same source, which is also the form that compiles to PTX without a GPU.
+(``@cuda.jit``) inline the same source, which is also the form that compiles to PTX without a GPU. One
+exception in how they are used: the CPU's ``loss_grad`` writes mse and softmax cross-entropy out over the
+whole batch block (the same arithmetic as ``loss_grad_row``, vectorised across rows) and calls
+``loss_grad_row`` only for binary cross-entropy; the CUDA kernel calls ``loss_grad_row`` for every loss.
 
 Rules that keep one source valid for float32 and float64 on both targets:
 - no bare float literals in arithmetic (``0.5 * x`` would promote float32 to float64): constants are
