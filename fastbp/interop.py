@@ -1,20 +1,28 @@
 """Weights other frameworks can load: safetensors files laid out like a PyTorch ``nn.Sequential``, and direct
 conversion to and from PyTorch modules.
 
+Use :meth:`fastbp.MLP.save_safetensors` / :meth:`fastbp.MLP.load_safetensors` and :meth:`fastbp.MLP.to_torch` /
+:meth:`fastbp.MLP.from_torch`. This module knows the file format and PyTorch's modules and nothing about models,
+as :mod:`fastbp.checkpoint` does: it converts between a file (or a module) and a **model state dict**, the dict
+``MLP.state_dict()`` returns and ``MLP.from_state_dict(state)`` takes: ``{"sizes": [int, ...], "activations":
+[hidden activation names], "dtype": "float32" | "float64", "seed": int | None, "weights": [arrays (n_in,
+n_out)], "biases": [arrays (n_out,)]}``. It checks what it can from the dict (field types, the dtype, shapes
+that connect, finite values), since a user may hand one over.
+
 fastbp's network ``MLP(sizes, activation)`` is the PyTorch module
 ``nn.Sequential(Linear(sizes[0], sizes[1]), act_0, Linear(sizes[1], sizes[2]), act_1, ..., Linear(.., sizes[-1]))``
 (no activation after the last Linear: fastbp's loss applies the output transform). This module writes and reads
 that correspondence:
 
-- :func:`save_safetensors` / :func:`load_safetensors`: a `safetensors <https://github.com/huggingface/safetensors>`_
+- :func:`write_safetensors` / :func:`read_safetensors`: a `safetensors <https://github.com/huggingface/safetensors>`_
   file, written and read by fastbp itself (no new dependency), whose tensors are that Sequential's
   ``state_dict``: ``"0.weight"`` of shape ``(sizes[1], sizes[0])`` (PyTorch's ``(out, in)``, the transpose of
-  ``model.weights[0]``), ``"0.bias"``, then ``"2.weight"``, ``"2.bias"``, ... (Linear ``l`` sits at index ``2 l``
-  because one parameter-free activation module sits between two Linears). So
+  ``state["weights"][0]``), ``"0.bias"``, then ``"2.weight"``, ``"2.bias"``, ... (Linear ``l`` sits at index
+  ``2 l`` because one parameter-free activation module sits between two Linears). So
   ``module.load_state_dict(safetensors.torch.load_file(path))`` loads a fastbp file into PyTorch, and a file
   written by ``safetensors.torch.save_file(module.state_dict(), path)`` loads into fastbp.
-- :func:`from_torch` / :func:`to_torch`: the same conversion in memory, when PyTorch is installed (imported
-  only inside those two functions: ``import fastbp.interop`` never imports torch).
+- :func:`state_from_torch` / :func:`state_to_torch`: the same conversion in memory, when PyTorch is installed
+  (imported only inside those two functions: ``import fastbp.interop`` never imports torch).
 
 File layout (the safetensors format): 8 bytes, the header's length ``n`` as a little-endian unsigned 64-bit
 integer; ``n`` bytes of UTF-8 JSON (padded with spaces to a multiple of 8 bytes so the data that follows is
@@ -45,17 +53,17 @@ import json
 import math
 import os
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ._validation import check_dtype
-from .checkpoint import CheckpointError, _as_path
+from ._validation import check_choice, check_dtype, check_int
+from ._version import __version__
+from .checkpoint import CheckpointError, _as_path, write_atomic
 from .kernels.pointwise import ACTIVATIONS, LEAKY_RELU_SLOPE
-from .model import MLP
 
-__all__ = ["save_safetensors", "load_safetensors", "from_torch", "to_torch", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["write_safetensors", "read_safetensors", "state_from_torch", "state_to_torch", "FORMAT",
+           "FORMAT_VERSION"]
 
 FORMAT = "fastbp-mlp"
 FORMAT_VERSION = 1
@@ -70,17 +78,68 @@ _DTYPES = {"F64": (8, "<f8"), "F32": (4, "<f4"), "F16": (2, "<f2"), "BF16": (2, 
 _KEY = re.compile(r"(0|[1-9][0-9]*)\.(weight|bias)")
 _SUPPORTED_MODULES = ("nn.Linear, nn.ReLU, nn.Sigmoid, nn.Tanh, nn.Identity and "
                       f"nn.LeakyReLU(negative_slope={LEAKY_RELU_SLOPE})")
+# The fields of a model state dict (fastbp.MLP.state_dict()).
+_STATE_FIELDS = ("sizes", "activations", "dtype", "seed", "weights", "biases")
+
+
+# -- the model state dict ---------------------------------------------------------------------------------------
+def _checked_state(state) -> dict:
+    """``state``, a model state dict, checked as far as it can be without building a model (a user may pass
+    a dict of their own): its fields, dtype, layer widths, activation names, each array's shape and dtype (so
+    the layers connect) and finite values. Returns the plain fields normalised (ints, a numpy dtype) and the
+    arrays as given."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a model state dict (fastbp.MLP.state_dict()); got {type(state).__name__}")
+    for key in _STATE_FIELDS:
+        if key not in state:
+            raise ValueError(f"the state lacks the field {key!r} (a model state dict has {list(_STATE_FIELDS)})")
+    sizes = state["sizes"]
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, (Sequence, np.ndarray)):
+        raise TypeError(f"state['sizes'] must be a list of layer widths like [64, 128, 10]; got {sizes!r:.80}")
+    sizes = [check_int(f"state['sizes'][{i}]", s, minimum=1) for i, s in enumerate(sizes)]
+    if len(sizes) < 2:
+        raise ValueError(f"state['sizes'] needs at least two layers (input and output); got {sizes}")
+    activations = state["activations"]
+    if isinstance(activations, (str, bytes)) or not isinstance(activations, Sequence):
+        raise TypeError(f"state['activations'] must be a list of names, one per hidden layer; got "
+                        f"{activations!r:.80}")
+    if len(activations) != len(sizes) - 2:
+        raise ValueError(f"state['activations'] must hold one name per hidden layer ({len(sizes) - 2}); got "
+                         f"{len(activations)} names")
+    activations = [check_choice(f"state['activations'][{i}]", a, ACTIVATIONS) for i, a in enumerate(activations)]
+    dtype = np.dtype(check_choice("state['dtype']", state["dtype"], ("float32", "float64")))
+    seed = check_int("state['seed']", state["seed"], minimum=0, allow_none=True)
+    arrays = {}
+    for kind in ("weights", "biases"):
+        given = state[kind]
+        if not isinstance(given, (list, tuple)) or len(given) != len(sizes) - 1:
+            raise ValueError(f"state[{kind!r}] must be a list of {len(sizes) - 1} arrays, one per layer; got "
+                             f"{given!r:.80}")
+        for layer, array in enumerate(given):
+            shape = (sizes[layer], sizes[layer + 1]) if kind == "weights" else (sizes[layer + 1],)
+            if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != dtype:
+                got = (f"shape {array.shape} and dtype {array.dtype}" if isinstance(array, np.ndarray)
+                       else type(array).__name__)
+                raise ValueError(f"state[{kind!r}][{layer}] must be an array of shape {shape} and dtype "
+                                 f"{dtype.name} (the state's sizes and dtype); got {got}")
+            if not np.isfinite(array).all():
+                raise ValueError(f"state[{kind!r}][{layer}] contains NaN or inf")
+        arrays[kind] = list(given)
+    return {"sizes": sizes, "activations": activations, "dtype": dtype, "seed": seed} | arrays
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
-def save_safetensors(model: MLP, path, *, metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``model``'s parameters to ``path`` as a safetensors file PyTorch loads into an ``nn.Sequential``.
+def write_safetensors(path, state: Mapping, *, metadata: Mapping[str, str] | None = None) -> None:
+    """Write the model state dict ``state`` to ``path`` as a safetensors file PyTorch loads into an
+    ``nn.Sequential``. Usually called as :meth:`fastbp.MLP.save_safetensors`.
 
     Parameters
     ----------
-    model : fastbp.MLP
     path : str, bytes or os.PathLike
         The file to write (usually ``*.safetensors``); replaced atomically if it exists.
+    state : dict
+        A model state dict, as ``fastbp.MLP.state_dict()`` returns. It is checked first (its fields, dtype,
+        shapes that connect, finite values): nothing is written unless fastbp could load it back.
     metadata : mapping of str to str, optional
         Extra entries for the file's ``__metadata__`` (a description, a licence...). Keys starting with
         ``"fastbp."`` are reserved for the architecture fastbp stores there.
@@ -88,30 +147,28 @@ def save_safetensors(model: MLP, path, *, metadata: Mapping[str, str] | None = N
     Notes
     -----
     The file holds, for each layer ``l``, ``"{2l}.weight"`` of shape ``(sizes[l + 1], sizes[l])`` (the transpose
-    of ``model.weights[l]``) and ``"{2l}.bias"`` of shape ``(sizes[l + 1],)``, in the model's dtype (``F32`` or
-    ``F64``): the ``state_dict`` of ``fastbp.interop.to_torch(model)``. :func:`load_safetensors` reads it back
-    bit for bit.
+    of ``state["weights"][l]``) and ``"{2l}.bias"`` of shape ``(sizes[l + 1],)``, in the state's dtype (``F32``
+    or ``F64``): the ``state_dict`` of ``fastbp.interop.state_to_torch(state)``. :func:`read_safetensors` reads
+    it back bit for bit.
 
     Examples
     --------
     >>> import os, tempfile, numpy as np, fastbp
-    >>> from fastbp.interop import save_safetensors, load_safetensors
+    >>> from fastbp.interop import write_safetensors, read_safetensors
     >>> model = fastbp.MLP([4, 8, 3], activation="tanh", seed=0)
     >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
-    >>> save_safetensors(model, path, metadata={"description": "a tiny example"})
-    >>> loaded = load_safetensors(path)  # the architecture comes from the file's metadata
-    >>> loaded.sizes, loaded.activations, bool(np.array_equal(loaded.weights[0], model.weights[0]))
+    >>> write_safetensors(path, model.state_dict(), metadata={"description": "a tiny example"})
+    >>> state = read_safetensors(path)  # the architecture comes from the file's metadata
+    >>> state["sizes"], state["activations"], bool(np.array_equal(state["weights"][0], model.weights[0]))
     ([4, 8, 3], ['tanh'], True)
     """
     path = _as_path(path)
-    if not isinstance(model, MLP):
-        raise TypeError(f"model must be a fastbp.MLP; got {type(model).__name__}")
-    model.check_parameters()  # wrong shapes, dtypes or NaN/inf never reach a file
-    entries = _user_metadata(metadata) | _architecture(model)
-    code = "F32" if model.dtype == np.float32 else "F64"
-    little = model.dtype.newbyteorder("<")  # the format is little-endian on every machine
+    state = _checked_state(state)  # wrong shapes, dtypes or NaN/inf never reach a file
+    entries = _user_metadata(metadata) | _architecture(state)
+    code = "F32" if state["dtype"] == np.float32 else "F64"
+    little = state["dtype"].newbyteorder("<")  # the format is little-endian on every machine
     tensors = []  # (name, array in the file's layout)
-    for layer, (weight, bias) in enumerate(zip(model.weights, model.biases)):
+    for layer, (weight, bias) in enumerate(zip(state["weights"], state["biases"])):
         tensors.append((f"{2 * layer}.weight", weight.T))  # PyTorch's Linear stores (out, in)
         tensors.append((f"{2 * layer}.bias", bias))
     header = {"__metadata__": entries}
@@ -128,10 +185,10 @@ def save_safetensors(model: MLP, path, *, metadata: Mapping[str, str] | None = N
         file.write(len(text).to_bytes(8, "little"))
         file.write(text)
         for _, array in tensors:
-            # One layer at a time: never a second copy of the whole model in memory.
+            # One layer at a time: the file's bytes are never assembled in memory.
             file.write(np.ascontiguousarray(array, dtype=little).data)
 
-    _write_atomic_with(path, write)
+    write_atomic(path, write)
 
 
 def _user_metadata(metadata) -> dict:
@@ -149,62 +206,23 @@ def _user_metadata(metadata) -> dict:
     return dict(metadata)
 
 
-def _architecture(model: MLP) -> dict:
-    from . import __version__
-
+def _architecture(state: dict) -> dict:
+    """The ``fastbp.`` metadata entries of a checked state."""
     p = METADATA_PREFIX
     return {f"{p}format": FORMAT, f"{p}format_version": str(FORMAT_VERSION), f"{p}version": __version__,
-            f"{p}sizes": json.dumps([int(s) for s in model.sizes]), f"{p}activations": json.dumps(model.activations),
-            f"{p}dtype": model.dtype.name, f"{p}seed": json.dumps(model.seed)}
-
-
-def _write_atomic_with(path: str, write) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync, then os.replace it over ``path``.
-
-    The same steps as fastbp.checkpoint._write_atomic, which cannot be called here: it is bound to np.savez
-    (it takes the arrays, not a writer). Once it takes a writer, this becomes a call to it.
-    """
-    target = os.path.abspath(path)
-    folder = os.path.dirname(target)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot save to {path!r}: the folder {folder!r} does not exist")
-    if os.path.isdir(target):
-        raise IsADirectoryError(f"cannot save to {path!r}: it is a folder")
-    temp = os.path.join(folder, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
-    # os.open applies the umask, so the final file gets the usual permissions (mkstemp would give 0600).
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable (best effort; not every platform can open a folder)
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+            f"{p}sizes": json.dumps(state["sizes"]), f"{p}activations": json.dumps(state["activations"]),
+            f"{p}dtype": state["dtype"].name, f"{p}seed": json.dumps(state["seed"])}
 
 
 # -- reading ----------------------------------------------------------------------------------------------------
-def load_safetensors(path, activation: str | Sequence[str] | None = None, *, dtype=None) -> MLP:
-    """A fastbp.MLP holding the ``nn.Sequential`` of Linear layers stored in the safetensors file ``path``.
+def read_safetensors(path, activation: str | Sequence[str] | None = None, *, dtype=None) -> dict:
+    """The model state dict of the ``nn.Sequential`` of Linear layers stored in the safetensors file ``path``.
+    Usually called as :meth:`fastbp.MLP.load_safetensors`, which builds the model from it.
 
     Parameters
     ----------
     path : str, bytes or os.PathLike
-        A file written by :func:`save_safetensors`, or by ``safetensors.torch.save_file(module.state_dict(),
+        A file written by :func:`write_safetensors`, or by ``safetensors.torch.save_file(module.state_dict(),
         path)`` for ``module = nn.Sequential(Linear, act, Linear, act, ..., Linear)``: tensors ``"0.weight"``
         ``(out, in)``, ``"0.bias"`` ``(out,)``, ``"2.weight"``, ``"2.bias"``, ...
     activation : str or sequence of str, optional
@@ -213,33 +231,42 @@ def load_safetensors(path, activation: str | Sequence[str] | None = None, *, dty
         say which modules sat between the Linears, so a file from elsewhere needs it (unless it has a single
         Linear). A file written by fastbp names its activations; if given, they must agree.
     dtype : numpy.float32 or numpy.float64, optional
-        The model's dtype. Default: the file's (float64 if any tensor is ``F64``, else float32; ``F16`` and
+        The state's dtype. Default: the file's (float64 if any tensor is ``F64``, else float32; ``F16`` and
         ``BF16`` tensors are widened exactly to float32). Narrowing ``F64`` to float32 rounds each value.
 
     Returns
     -------
-    fastbp.MLP
-        ``sizes = [in of "0.weight"] + [out of each weight]``, ``weights[l]`` the transpose of ``"{2l}.weight"``
-        (shape ``(sizes[l], sizes[l + 1])``), ``biases[l]`` = ``"{2l}.bias"`` (zeros where the Linear had no
-        bias). ``seed`` is the stored one for a fastbp file, None otherwise.
+    dict
+        A model state dict, as ``fastbp.MLP.state_dict()`` returns and ``fastbp.MLP.from_state_dict`` takes:
+        ``sizes = [in of "0.weight"] + [out of each weight]``, ``activations`` (one name per hidden layer),
+        ``dtype`` (``"float32"`` or ``"float64"``), ``weights[l]`` the transpose of ``"{2l}.weight"`` (a new
+        C-ordered array of shape ``(sizes[l], sizes[l + 1])``), ``biases[l]`` = ``"{2l}.bias"`` (zeros where
+        the Linear had no bias). ``seed`` is the stored one for a fastbp file, None otherwise.
 
     Raises
     ------
     fastbp.CheckpointError
         The file is not a safetensors file, is truncated or corrupt, does not hold the Linears of such a
         Sequential, holds non-float or non-finite values, or needs ``activation=``. The message says which.
+    ValueError, TypeError
+        ``activation`` or ``dtype`` is not valid, or disagrees with the file.
 
     Examples
     --------
     >>> import os, tempfile, fastbp
-    >>> from fastbp.interop import save_safetensors, load_safetensors
+    >>> from fastbp.interop import write_safetensors, read_safetensors
     >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
-    >>> save_safetensors(fastbp.MLP([4, 8, 8, 2], ["relu", "sigmoid"], seed=0), path)
-    >>> load_safetensors(path)
+    >>> write_safetensors(path, fastbp.MLP([4, 8, 8, 2], ["relu", "sigmoid"], seed=0).state_dict())
+    >>> state = read_safetensors(path)
+    >>> {key: state[key] for key in ("sizes", "activations", "dtype", "seed")}
+    {'sizes': [4, 8, 8, 2], 'activations': ['relu', 'sigmoid'], 'dtype': 'float32', 'seed': 0}
+    >>> [w.shape for w in state["weights"]], [b.shape for b in state["biases"]]
+    ([(4, 8), (8, 8), (8, 2)], [(8,), (8,), (2,)])
+    >>> fastbp.MLP.from_state_dict(state)
     MLP([4, 8, 8, 2], activation=['relu', 'sigmoid'], dtype=float32, n_params=130)
 
     A file saved from PyTorch, ``safetensors.torch.save_file(nn.Sequential(nn.Linear(4, 8), nn.ReLU(),
-    nn.Linear(8, 2)).state_dict(), path)``, loads with ``load_safetensors(path, activation="relu")``.
+    nn.Linear(8, 2)).state_dict(), path)``, loads with ``read_safetensors(path, activation="relu")``.
     """
     path = _as_path(path)
     if dtype is not None:
@@ -264,14 +291,19 @@ def load_safetensors(path, activation: str | Sequence[str] | None = None, *, dty
             activations, seed = _match_stored(stored, sizes, natural, activation, path)
         else:
             activations, seed = _foreign_activations(activation, n_hidden, path), None
-        model = MLP(sizes, activation=activations, dtype=dtype or natural, seed=seed)
-        for layer, (weight_name, bias_name) in enumerate(layers):
-            model.weights[layer][...] = _values(file, data_start, entries, weight_name, model.dtype, path).T
+        dtype = dtype or natural
+        weights, biases = [], []
+        for weight_name, bias_name in layers:
+            # The file holds (out, in); the state (n_in, n_out), in its own C-ordered memory.
+            weights.append(np.ascontiguousarray(_values(file, data_start, entries, weight_name, dtype, path).T))
             if bias_name is None:
-                model.biases[layer][...] = 0  # Linear(bias=False): a zero bias computes the same function
+                # Linear(bias=False): a zero bias computes the same function. Every bias is set here, so a
+                # model loading the state never keeps a bias of its own.
+                biases.append(np.zeros(entries[weight_name][1][0], dtype=dtype))
             else:
-                model.biases[layer][...] = _values(file, data_start, entries, bias_name, model.dtype, path)
-    return model
+                biases.append(_values(file, data_start, entries, bias_name, dtype, path))
+    return {"sizes": [int(s) for s in sizes], "activations": list(activations), "dtype": dtype.name, "seed": seed,
+            "weights": weights, "biases": biases}
 
 
 def _read_header(file, path: str) -> tuple[dict, dict, int]:
@@ -485,7 +517,8 @@ def _match_stored(stored: dict, sizes: list, natural: np.dtype, activation, path
     return stored["activations"], stored["seed"]
 
 
-def _foreign_activations(activation, n_hidden: int, path: str):
+def _foreign_activations(activation, n_hidden: int, path: str) -> list[str]:
+    """The hidden activations of a file fastbp did not write: ``activation``, one name per hidden layer."""
     if activation is None:
         if n_hidden == 0:
             return []
@@ -493,16 +526,17 @@ def _foreign_activations(activation, n_hidden: int, path: str):
             f"{path!r} was not written by fastbp (its metadata has no {METADATA_PREFIX!r} architecture), and a "
             "safetensors file does not say which activations sat between its Linear layers: pass them, e.g. "
             f"load_safetensors(path, activation='relu'), or a list with one name per hidden layer ({n_hidden})")
-    if isinstance(activation, str):
-        return activation
+    if isinstance(activation, str):  # checked as fastbp.MLP checks it, with the same messages
+        return [check_choice("activation", activation, ACTIVATIONS) for _ in range(n_hidden)]
     if len(activation) != n_hidden:
         raise ValueError(f"activation must be one name or a list with one name per hidden layer: the file holds "
                          f"{n_hidden + 1} Linear layers, so {n_hidden} hidden layer(s); got {len(activation)} names")
-    return list(activation)
+    return [check_choice(f"activation[{i}]", a, ACTIVATIONS) for i, a in enumerate(activation)]
 
 
 def _values(file, data_start: int, entries: dict, name: str, dtype: np.dtype, path: str) -> np.ndarray:
-    """Tensor ``name`` read from the file, checked finite, in ``dtype`` (the file's own layout: (out, in))."""
+    """Tensor ``name`` read from the file, checked finite, in ``dtype`` (a new array in the file's own layout:
+    (out, in))."""
     code, shape, begin, end = entries[name]
     file.seek(data_start + begin)
     raw = file.read(end - begin)
@@ -534,9 +568,9 @@ def _import_torch(caller: str):
     return torch
 
 
-def from_torch(module, *, dtype=None) -> MLP:
-    """A fastbp.MLP computing the same function as ``module``, an ``nn.Sequential`` of Linear and activation
-    modules (the weights are copied).
+def state_from_torch(module, *, dtype=None) -> dict:
+    """The model state dict of the network ``module`` computes, an ``nn.Sequential`` of Linear and activation
+    modules (the weights are copied). Usually called as :meth:`fastbp.MLP.from_torch`, which builds the model.
 
     Parameters
     ----------
@@ -551,9 +585,11 @@ def from_torch(module, *, dtype=None) -> MLP:
 
     Returns
     -------
-    fastbp.MLP
+    dict
+        A model state dict, as ``fastbp.MLP.state_dict()`` returns and ``fastbp.MLP.from_state_dict`` takes:
         ``sizes = [in_features of the first Linear] + [out_features of each Linear]``, ``weights[l]`` the
-        transpose of Linear ``l``'s weight, shape ``(in, out)``; ``seed`` None.
+        transpose of Linear ``l``'s weight, shape ``(in, out)`` (a numpy copy, never torch's memory), every
+        bias set (zeros for a Linear without one); ``seed`` None.
 
     Raises
     ------
@@ -565,15 +601,17 @@ def from_torch(module, *, dtype=None) -> MLP:
     Examples
     --------
     >>> import torch, fastbp
-    >>> from fastbp.interop import from_torch
+    >>> from fastbp.interop import state_from_torch
     >>> module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-    >>> model = from_torch(module)
-    >>> model
-    MLP([4, 8, 2], activation='tanh', dtype=float32, n_params=58)
-    >>> bool((torch.from_numpy(model.weights[0]) == module[0].weight.T).all())
+    >>> state = state_from_torch(module)
+    >>> state["sizes"], state["activations"], state["dtype"], state["seed"]
+    ([4, 8, 2], ['tanh'], 'float32', None)
+    >>> bool((torch.from_numpy(state["weights"][0]) == module[0].weight.T).all())
     True
+    >>> fastbp.MLP.from_state_dict(state)
+    MLP([4, 8, 2], activation='tanh', dtype=float32, n_params=58)
     """
-    torch = _import_torch("from_torch")
+    torch = _import_torch("state_from_torch")
     nn = torch.nn
     if dtype is not None:
         dtype = check_dtype("dtype", dtype)
@@ -613,6 +651,9 @@ def from_torch(module, *, dtype=None) -> MLP:
     for position, (index, layer) in enumerate(linears):
         weight = _tensor_values(torch, layer.weight, index, "weight")
         bias = None if layer.bias is None else _tensor_values(torch, layer.bias, index, "bias")
+        if min(weight.shape) < 1:
+            raise ValueError(f"module[{index}] is Linear({weight.shape[1]}, {weight.shape[0]}); every fastbp layer "
+                             "has at least one unit")
         if position > 0 and weight.shape[1] != arrays[-1][0].shape[0]:
             previous = linears[position - 1][0]
             raise ValueError(f"module[{index}] is Linear({weight.shape[1]}, {weight.shape[0]}), but the Linear before "
@@ -621,12 +662,15 @@ def from_torch(module, *, dtype=None) -> MLP:
             natural = np.dtype(np.float64)
         arrays.append((weight, bias))
     sizes = [int(arrays[0][0].shape[1])] + [int(w.shape[0]) for w, _ in arrays]
-    model = MLP(sizes, activation=activations, dtype=dtype or natural, seed=None)
-    for layer, (weight, bias) in enumerate(arrays):
-        index = linears[layer][0]
-        model.weights[layer][...] = _narrowed(weight, model.dtype, f"module[{index}].weight").T
-        model.biases[layer][...] = 0 if bias is None else _narrowed(bias, model.dtype, f"module[{index}].bias")
-    return model
+    dtype = dtype or natural
+    weights, biases = [], []
+    for (index, _), (weight, bias) in zip(linears, arrays):
+        weights.append(np.ascontiguousarray(_narrowed(weight, dtype, f"module[{index}].weight").T))
+        # Every bias set, zeros for Linear(bias=False): a model loading the state never keeps a bias of its own.
+        biases.append(np.zeros(weight.shape[0], dtype=dtype) if bias is None
+                      else _narrowed(bias, dtype, f"module[{index}].bias"))
+    return {"sizes": sizes, "activations": activations, "dtype": dtype.name, "seed": None, "weights": weights,
+            "biases": biases}
 
 
 def _activation_name(nn, layer, index: int) -> str:
@@ -676,57 +720,61 @@ def _narrowed(values: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
     return out
 
 
-def to_torch(model: MLP):
-    """The ``torch.nn.Sequential`` computing ``model``'s network, with copies of its weights in its dtype.
+def state_to_torch(state):
+    """The ``torch.nn.Sequential`` computing the network of the model state dict ``state``, with copies of its
+    weights in its dtype. Usually called as :meth:`fastbp.MLP.to_torch`.
 
     Parameters
     ----------
-    model : fastbp.MLP
+    state : dict
+        A model state dict, as ``fastbp.MLP.state_dict()`` returns; checked first (its fields, dtype, shapes
+        that connect, finite values).
 
     Returns
     -------
     torch.nn.Sequential
         ``Linear(sizes[0], sizes[1]), act_0, Linear(sizes[1], sizes[2]), ..., Linear(sizes[-2], sizes[-1])`` with
         every hidden activation a module (``nn.Identity`` for identity, ``nn.LeakyReLU(0.01)`` for leaky_relu),
-        so Linear ``l`` sits at index ``2 l`` and the ``state_dict`` has the keys of :func:`save_safetensors`.
-        Linear ``l``'s weight is ``model.weights[l].T``, shape ``(out, in)``; dtype torch.float32 or float64 as the
-        model's. Nothing follows the last Linear: apply the loss's output transform (sigmoid, softmax) yourself.
+        so Linear ``l`` sits at index ``2 l`` and the ``state_dict`` has the keys of :func:`write_safetensors`.
+        Linear ``l``'s weight is ``state["weights"][l].T``, shape ``(out, in)``; dtype torch.float32 or float64
+        as the state's. Nothing follows the last Linear: apply the loss's output transform (sigmoid, softmax)
+        yourself.
 
     Raises
     ------
     ImportError
         PyTorch is not installed.
+    TypeError, ValueError
+        ``state`` is not a valid model state dict; the message names the field.
 
     Examples
     --------
     >>> import numpy as np, torch, fastbp
-    >>> from fastbp.interop import to_torch
+    >>> from fastbp.interop import state_to_torch
     >>> model = fastbp.MLP([4, 8, 2], activation="leaky_relu", dtype=np.float64, seed=0)
-    >>> to_torch(model)
+    >>> state_to_torch(model.state_dict())
     Sequential(
       (0): Linear(in_features=4, out_features=8, bias=True)
       (1): LeakyReLU(negative_slope=0.01)
       (2): Linear(in_features=8, out_features=2, bias=True)
     )
-    >>> to_torch(model)[0].weight.dtype
+    >>> state_to_torch(model.state_dict())[0].weight.dtype
     torch.float64
     """
-    torch = _import_torch("to_torch")
+    torch = _import_torch("state_to_torch")
     nn = torch.nn
-    if not isinstance(model, MLP):
-        raise TypeError(f"model must be a fastbp.MLP; got {type(model).__name__}")
-    model.check_parameters()
-    dtype = torch.float64 if model.dtype == np.float64 else torch.float32
+    state = _checked_state(state)
+    dtype = torch.float64 if state["dtype"] == np.float64 else torch.float32
     modules = {"identity": nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU,
                "leaky_relu": lambda: nn.LeakyReLU(LEAKY_RELU_SLOPE)}
     layers = []
-    for layer, (weight, bias) in enumerate(zip(model.weights, model.biases)):
+    for layer, (weight, bias) in enumerate(zip(state["weights"], state["biases"])):
         if layer > 0:
-            layers.append(modules[model.activations[layer - 1]]())
+            layers.append(modules[state["activations"][layer - 1]]())
         # skip_init: no random initialisation that the copy below would overwrite at once.
         linear = nn.utils.skip_init(nn.Linear, weight.shape[0], weight.shape[1], dtype=dtype)
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight.T)))
-            linear.bias.copy_(torch.from_numpy(bias))
+            linear.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias)))
         layers.append(linear)
     return nn.Sequential(*layers)

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, interop
 from ._validation import check_choice, check_dtype, check_int
 from .kernels.pointwise import ACTIVATIONS, LEAKY_RELU_SLOPE
 from .layout import Layout
@@ -285,6 +285,41 @@ class MLP:
         _, state = checkpoint.read(path)
         with checkpoint.reported_as_checkpoint_error("model"):
             return cls.from_state_dict(state["model"])
+
+    # -- other frameworks (fastbp.interop) ------------------------------------------------------------------------
+    def save_safetensors(self, path, *, metadata=None) -> None:
+        """Write the parameters to ``path`` as a safetensors file that PyTorch loads into the matching
+        ``nn.Sequential(Linear, act, ..., Linear)``: ``"0.weight"`` of shape (out, in), ``"0.bias"``, ``"2.weight"``,
+        ... Atomic; the architecture goes in the file's metadata. See :func:`fastbp.interop.write_safetensors`.
+
+        >>> import os, tempfile, fastbp
+        >>> model = fastbp.MLP([3, 4, 2], activation="tanh", seed=0)
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+        >>> model.save_safetensors(path)
+        >>> fastbp.MLP.load_safetensors(path).activations
+        ['tanh']
+        """
+        self.check_parameters()  # wrong shapes, dtypes or NaN/inf never reach a file
+        interop.write_safetensors(path, self.state_dict(), metadata=metadata)
+
+    @classmethod
+    def load_safetensors(cls, path, activation=None, *, dtype=None) -> "MLP":
+        """Read a safetensors file holding an ``nn.Sequential`` of Linear layers: one written by
+        :meth:`save_safetensors` (architecture stored), or by ``safetensors.torch.save_file(module.state_dict())``
+        (pass ``activation=``). See :func:`fastbp.interop.read_safetensors`."""
+        return cls.from_state_dict(interop.read_safetensors(path, activation, dtype=dtype))
+
+    @classmethod
+    def from_torch(cls, module, *, dtype=None) -> "MLP":
+        """The model of a ``torch.nn.Sequential`` of ``nn.Linear`` and activation modules (weights copied).
+        See :func:`fastbp.interop.state_from_torch`."""
+        return cls.from_state_dict(interop.state_from_torch(module, dtype=dtype))
+
+    def to_torch(self):
+        """A ``torch.nn.Sequential`` computing this network, with copies of the weights in the model's dtype
+        (Linear ``l`` at index ``2 l``). See :func:`fastbp.interop.state_to_torch`."""
+        self.check_parameters()
+        return interop.state_to_torch(self.state_dict())
 
     def __repr__(self) -> str:
         acts = self.activations[0] if len(set(self.activations)) == 1 else self.activations

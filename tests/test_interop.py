@@ -1,10 +1,15 @@
-"""fastbp.interop: safetensors files laid out as a PyTorch nn.Sequential, and from_torch / to_torch.
+"""fastbp.interop: safetensors files laid out as a PyTorch nn.Sequential, and conversion to and from PyTorch.
+
+The public API is the MLP's methods (save_safetensors, load_safetensors, from_torch, to_torch); the format and its
+checks are also tested on the interop functions they call, which convert between a file (or a torch module) and
+a model state dict (MLP.state_dict()) and never import fastbp.model.
 
 PyTorch and the safetensors package are the references where installed: a fastbp file loaded by
 ``load_state_dict(safetensors.torch.load_file(path))`` computes what fastbp computes, and a file saved by
 ``safetensors.torch.save_file`` loads into fastbp. The format tests need neither: a small reader and writer here,
 independent of fastbp.interop, check and build the bytes (header length, JSON header, offsets, tensor data).
 """
+import ast
 import doctest
 import json
 import os
@@ -19,7 +24,7 @@ import pytest
 import fastbp
 from fastbp import interop
 from fastbp.checkpoint import CheckpointError
-from fastbp.interop import from_torch, load_safetensors, save_safetensors, to_torch
+from fastbp.interop import read_safetensors, state_from_torch, state_to_torch, write_safetensors
 
 ACTIVATIONS = ["identity", "sigmoid", "tanh", "relu", "leaky_relu"]
 # (sizes, hidden activations): no hidden layer, one, two, three with mixed activations.
@@ -54,6 +59,20 @@ def assert_same_model(loaded, model, seed=True):
         assert loaded.seed == model.seed
     for a, b in zip(loaded.weights + loaded.biases, model.weights + model.biases):
         assert same_bits(a, b)
+
+
+def assert_same_state(state, expected, seed=True):
+    """``state`` is a model state dict equal to ``expected`` (MLP.state_dict()): plain fields equal and of the
+    same types, every array bit for bit, C-ordered, writeable, no two sharing memory."""
+    assert set(state) == set(expected) == {"sizes", "activations", "dtype", "seed", "weights", "biases"}
+    for key in ("sizes", "activations", "dtype") + (("seed",) if seed else ()):
+        assert state[key] == expected[key] and type(state[key]) is type(expected[key]), key
+    assert all(type(s) is int for s in state["sizes"]) and all(type(a) is str for a in state["activations"])
+    assert len(state["weights"]) == len(expected["weights"]) and len(state["biases"]) == len(expected["biases"])
+    arrays = state["weights"] + state["biases"]
+    for a, b in zip(arrays, expected["weights"] + expected["biases"]):
+        assert same_bits(a, b) and a.flags.c_contiguous and a.flags.writeable
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(arrays) for b in arrays[:i])
 
 
 def fastbp_outputs(model, X):
@@ -119,23 +138,35 @@ def torch_layout(model):
 def test_round_trip_is_bit_exact(tmp_path, dtype, sizes, activations):
     model = make_model(sizes, activations, dtype)
     path = tmp_path / "model.safetensors"
-    save_safetensors(model, path)
-    assert_same_model(load_safetensors(path), model)
-    assert_same_model(load_safetensors(path, activation=activations), model)  # the stored names, repeated
+    model.save_safetensors(path)
+    assert_same_model(fastbp.MLP.load_safetensors(path), model)
+    assert_same_model(fastbp.MLP.load_safetensors(path, activation=activations), model)  # the stored names, repeated
+
+
+@pytest.mark.parametrize("sizes, activations", ARCHITECTURES, ids=ARCH_IDS)
+def test_read_safetensors_returns_the_state_dict_written(tmp_path, dtype, sizes, activations):
+    model = make_model(sizes, activations, dtype)
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, model.state_dict())
+    state = read_safetensors(path)
+    assert_same_state(state, model.state_dict())
+    assert_same_model(fastbp.MLP.from_state_dict(state), model)
+    model.save_safetensors(tmp_path / "b.safetensors")  # the method writes the same bytes
+    assert (tmp_path / "b.safetensors").read_bytes() == path.read_bytes()
 
 
 def test_every_activation_round_trips(tmp_path):
     path = tmp_path / "model.safetensors"
     for activation in ACTIVATIONS:
         model = make_model([3, 4, 4, 2], activation, np.float32)
-        save_safetensors(model, path)
-        assert_same_model(load_safetensors(path), model)
+        model.save_safetensors(path)
+        assert_same_model(fastbp.MLP.load_safetensors(path), model)
 
 
 def test_file_bytes_follow_the_format(tmp_path, dtype):
     model = make_model([5, 7, 6, 2], ["tanh", "leaky_relu"], dtype, seed=4)
     path = tmp_path / "model.safetensors"
-    save_safetensors(model, path, metadata={"description": "a test model", "licence": "MIT"})
+    model.save_safetensors(path, metadata={"description": "a test model", "licence": "MIT"})
     n, header, body = read_raw(path)
     assert n % 8 == 0 and os.path.getsize(path) == 8 + n + len(body)  # data 8-byte aligned, nothing after it
     code = "F32" if dtype == np.float32 else "F64"
@@ -160,14 +191,14 @@ def test_file_bytes_follow_the_format(tmp_path, dtype):
 def test_dtype_conversion_on_load(tmp_path):
     model = make_model([4, 6, 3], "relu", np.float64)
     path = tmp_path / "model.safetensors"
-    save_safetensors(model, path)
-    narrow = load_safetensors(path, dtype=np.float32)
+    model.save_safetensors(path)
+    narrow = fastbp.MLP.load_safetensors(path, dtype=np.float32)
     assert narrow.dtype == np.float32
     for a, b in zip(narrow.weights + narrow.biases, model.weights + model.biases):
         assert same_bits(a, b.astype(np.float32))
     single = make_model([4, 6, 3], "relu", np.float32)
-    save_safetensors(single, path)
-    wide = load_safetensors(path, dtype="float64")
+    single.save_safetensors(path)
+    wide = fastbp.MLP.load_safetensors(path, dtype="float64")
     for a, b in zip(wide.weights + wide.biases, single.weights + single.biases):
         assert same_bits(a, b.astype(np.float64))  # widening is exact
 
@@ -180,18 +211,18 @@ def test_half_precision_tensors_widen_exactly(tmp_path):
     b0, b2 = np.array([1.5, -2.0, 0.25], np.float32), np.array([0.5, -0.125], np.float32)
     path = tmp_path / "half.safetensors"
     write_raw(path, {"0.weight": ("F16", w0), "0.bias": ("F16", b0), "2.weight": ("BF16", w2), "2.bias": ("BF16", b2)})
-    model = load_safetensors(path, activation="tanh")
+    model = fastbp.MLP.load_safetensors(path, activation="tanh")
     assert model.dtype == np.float32 and model.sizes == [2, 3, 2]
     assert same_bits(model.weights[0], np.ascontiguousarray(w0.T)) and same_bits(model.weights[1], w2.T.copy())
     assert same_bits(model.biases[0], b0) and same_bits(model.biases[1], b2)
-    assert load_safetensors(path, activation="tanh", dtype=np.float64).weights[1].dtype == np.float64
+    assert fastbp.MLP.load_safetensors(path, activation="tanh", dtype=np.float64).weights[1].dtype == np.float64
 
 
 def test_mixed_f32_f64_file_loads_as_float64(tmp_path):
     path = tmp_path / "mixed.safetensors"
     w = np.arange(6, dtype=np.float64).reshape(3, 2) / 7
     write_raw(path, {"0.weight": ("F64", w), "0.bias": ("F32", np.ones(3))})
-    model = load_safetensors(path)  # a single Linear: no activation to name
+    model = fastbp.MLP.load_safetensors(path)  # a single Linear: no activation to name
     assert model.dtype == np.float64 and model.sizes == [2, 3] and same_bits(model.weights[0], w.T.copy())
 
 
@@ -199,36 +230,41 @@ def test_foreign_file_loads_with_activation(tmp_path):
     model = make_model([5, 7, 6, 2], ["sigmoid", "relu"], np.float64)
     path = tmp_path / "foreign.safetensors"
     write_raw(path, torch_layout(model), code="F64")  # no metadata, as safetensors.torch.save_file writes
-    loaded = load_safetensors(path, activation=["sigmoid", "relu"])
+    loaded = fastbp.MLP.load_safetensors(path, activation=["sigmoid", "relu"])
     assert_same_model(loaded, model, seed=False)
     assert loaded.seed is None
-    assert load_safetensors(path, activation="tanh").activations == ["tanh", "tanh"]
+    assert fastbp.MLP.load_safetensors(path, activation="tanh").activations == ["tanh", "tanh"]
     X = np.random.default_rng(0).normal(size=(4, 5))
     np.testing.assert_array_equal(fastbp_outputs(loaded, X), fastbp_outputs(model, X))
 
 
-class NonZeroBiases(fastbp.MLP):
-    """An MLP whose biases start at 7: loading must set every bias, not rely on the constructor's zeros."""
+def with_biases_7(state):
+    """A model of ``state``'s architecture whose biases are all 7: loading the state into it must set every
+    bias (zeros for a Linear without one), not leave the model's own."""
+    model = fastbp.MLP(state["sizes"], state["activations"], dtype=np.dtype(state["dtype"]), seed=0)
+    for b in model.biases:
+        b[...] = 7
+    model.load_state_dict(state)
+    return model
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for b in self.biases:
-            b[...] = 7
 
-
-def test_linear_without_bias_loads_with_zero_bias(tmp_path, monkeypatch):
-    monkeypatch.setattr(interop, "MLP", NonZeroBiases)
+def test_linear_without_bias_loads_with_zero_bias(tmp_path):
     rng = np.random.default_rng(0)
     w0, w2, b2 = rng.normal(size=(4, 3)), rng.normal(size=(2, 4)), rng.normal(size=2)
     path = tmp_path / "nobias.safetensors"
     write_raw(path, {"0.weight": w0, "2.weight": w2, "2.bias": b2}, code="F64")
-    model = load_safetensors(path, activation="relu")
+    state = read_safetensors(path, activation="relu")
+    assert len(state["biases"]) == 2 and same_bits(state["biases"][0], np.zeros(4))
+    assert same_bits(state["biases"][1], b2)
+    loaded = with_biases_7(state)
+    assert loaded.biases[0].tobytes() == np.zeros(4).tobytes() and same_bits(loaded.biases[1], b2)
+    model = fastbp.MLP.load_safetensors(path, activation="relu")
     assert model.biases[0].tobytes() == np.zeros(4).tobytes() and same_bits(model.biases[1], b2)
     X = rng.normal(size=(5, 3))
     expected = np.maximum(X @ w0.T, 0) @ w2.T + b2  # what Linear(bias=False), ReLU, Linear computes
     np.testing.assert_allclose(fastbp_outputs(model, X), expected, rtol=1e-13, atol=1e-14)
-    monkeypatch.undo()
-    save_safetensors(model, path)  # fastbp trains biases, so it writes them
+    np.testing.assert_array_equal(fastbp_outputs(loaded, X), fastbp_outputs(model, X))
+    model.save_safetensors(path)  # fastbp trains biases, so it writes them
     assert "0.bias" in read_raw(path)[1]
 
 
@@ -237,25 +273,25 @@ def test_key_order_in_the_header_does_not_matter(tmp_path):
     layout = torch_layout(model)
     path = tmp_path / "reordered.safetensors"
     write_raw(path, dict(reversed(list(layout.items()))))  # data stored last layer first
-    assert_same_model(load_safetensors(path, activation="relu"), model, seed=False)
+    assert_same_model(fastbp.MLP.load_safetensors(path, activation="relu"), model, seed=False)
 
 
 def test_path_types_overwrite_and_no_temporary_files(tmp_path):
     model = make_model([3, 4, 2], "tanh", np.float32)
-    save_safetensors(model, str(tmp_path / "a.safetensors"))
-    save_safetensors(model, pathlib.Path(tmp_path / "b.safetensors"))
-    save_safetensors(model, os.fsencode(tmp_path / "c.safetensors"))
+    model.save_safetensors(str(tmp_path / "a.safetensors"))
+    model.save_safetensors(pathlib.Path(tmp_path / "b.safetensors"))
+    model.save_safetensors(os.fsencode(tmp_path / "c.safetensors"))
     other = make_model([3, 5, 2], "relu", np.float64)
-    save_safetensors(other, tmp_path / "c.safetensors")  # replaces the file
+    other.save_safetensors(tmp_path / "c.safetensors")  # replaces the file
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors", "c.safetensors"]
-    assert_same_model(load_safetensors(os.fsencode(tmp_path / "a.safetensors")), model)
-    assert_same_model(load_safetensors(str(tmp_path / "c.safetensors")), other)
+    assert_same_model(fastbp.MLP.load_safetensors(os.fsencode(tmp_path / "a.safetensors")), model)
+    assert_same_model(fastbp.MLP.load_safetensors(str(tmp_path / "c.safetensors")), other)
 
 
 @pytest.mark.parametrize("failure", ["before-rename", "at-rename", "interrupt"])
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch, failure):
     path = tmp_path / "model.safetensors"
-    save_safetensors(make_model([3, 4, 2], "relu", np.float32), path)
+    make_model([3, 4, 2], "relu", np.float32).save_safetensors(path)
     good = path.read_bytes()
     error = KeyboardInterrupt if failure == "interrupt" else OSError
 
@@ -264,7 +300,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch, failure):
     # fsync runs once the whole file is written to the temporary file, os.replace after it.
     monkeypatch.setattr(interop.os, "replace" if failure == "at-rename" else "fsync", broken)
     with pytest.raises(error):
-        save_safetensors(make_model([3, 5, 2], "tanh", np.float64), path)
+        make_model([3, 5, 2], "tanh", np.float64).save_safetensors(path)
     monkeypatch.undo()
     assert path.read_bytes() == good
     assert os.listdir(tmp_path) == ["model.safetensors"]  # the temporary file was removed
@@ -273,40 +309,105 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch, failure):
 def test_save_rejects_bad_arguments(tmp_path):
     model = make_model([3, 4, 2], "relu", np.float32)
     path = tmp_path / "model.safetensors"
-    with pytest.raises(TypeError, match="model must be a fastbp.MLP; got dict"):
-        save_safetensors({}, path)
+    with pytest.raises(TypeError, match=r"state must be a model state dict \(fastbp.MLP.state_dict\(\)\); got MLP"):
+        write_safetensors(path, model)  # the model itself, not its state dict
     with pytest.raises(TypeError, match="metadata must be a mapping of str to str.*got list"):
-        save_safetensors(model, path, metadata=[("a", "b")])
+        model.save_safetensors(path, metadata=[("a", "b")])
     with pytest.raises(TypeError, match="metadata must map str to str.*'n': int 3"):
-        save_safetensors(model, path, metadata={"n": 3})
+        model.save_safetensors(path, metadata={"n": 3})
     with pytest.raises(ValueError, match="metadata key 'fastbp.sizes' is reserved"):
-        save_safetensors(model, path, metadata={"fastbp.sizes": "[1, 2]"})
+        model.save_safetensors(path, metadata={"fastbp.sizes": "[1, 2]"})
     with pytest.raises(FileNotFoundError, match="the folder .* does not exist"):
-        save_safetensors(model, tmp_path / "missing" / "model.safetensors")
+        model.save_safetensors(tmp_path / "missing" / "model.safetensors")
     with pytest.raises(IsADirectoryError, match="it is a folder"):
-        save_safetensors(model, tmp_path)
+        model.save_safetensors(tmp_path)
     with pytest.raises(TypeError, match="path must be a file name"):
-        save_safetensors(model, 3)
+        model.save_safetensors(3)
     model.weights[1][0, 0] = np.nan
     with pytest.raises(ValueError, match=r"model.weights\[1\] contains NaN or inf"):
-        save_safetensors(model, path)
+        model.save_safetensors(path)
+    with pytest.raises(ValueError, match=r"state\['weights'\]\[1\] contains NaN or inf"):
+        write_safetensors(path, model.state_dict())
+    model.weights[1][0, 0] = 0
+    model.weights[0] = model.weights[0].astype(np.float64)  # replaced by an array the model cannot train
+    with pytest.raises(TypeError, match=r"model.weights\[0\] must have the model's dtype float32; got float64"):
+        model.save_safetensors(path)
     assert os.listdir(tmp_path) == []  # nothing written
+
+
+def good_state():
+    return make_model([3, 4, 2], "relu", np.float32).state_dict()
+
+
+def changed(key, value, layer=None):
+    """A good state with ``state[key]`` (or ``state[key][layer]``) replaced; value None removes the field."""
+    state = good_state()
+    if layer is not None:
+        state[key][layer] = value
+    elif value is None:
+        del state[key]
+    else:
+        state[key] = value
+    return state
+
+
+BAD_STATES = [
+    ("not-a-dict", [1, 2], TypeError, r"state must be a model state dict \(fastbp.MLP.state_dict\(\)\); got list"),
+    ("no-biases", changed("biases", None), ValueError, r"the state lacks the field 'biases'"),
+    ("sizes-str", changed("sizes", "3,4,2"), TypeError, r"state\['sizes'\] must be a list of layer widths"),
+    ("sizes-zero", changed("sizes", [3, 0, 2]), ValueError, r"state\['sizes'\]\[1\] must be >= 1; got 0"),
+    ("sizes-float", changed("sizes", [3, 4.0, 2]), TypeError, r"state\['sizes'\]\[1\] must be an integer"),
+    ("one-layer", changed("sizes", [3]), ValueError, r"state\['sizes'\] needs at least two layers"),
+    ("activations-str", changed("activations", "relu"), TypeError,
+     r"state\['activations'\] must be a list of names, one per hidden layer"),
+    ("activations-count", changed("activations", ["relu", "tanh"]), ValueError,
+     r"state\['activations'\] must hold one name per hidden layer \(1\); got 2 names"),
+    ("activation-unknown", changed("activations", ["gelu"]), ValueError,
+     r"state\['activations'\]\[0\] must be one of .*got 'gelu'"),
+    ("dtype", changed("dtype", "float16"), ValueError, r"state\['dtype'\] must be one of \['float32', 'float64'\]"),
+    ("dtype-not-str", changed("dtype", np.float32), TypeError, r"state\['dtype'\] must be a string"),
+    ("seed", changed("seed", -1), ValueError, r"state\['seed'\] must be >= 0; got -1"),
+    ("weights-count", changed("weights", [np.zeros((3, 4), np.float32)]), ValueError,
+     r"state\['weights'\] must be a list of 2 arrays, one per layer"),
+    ("weights-do-not-connect", changed("weights", np.zeros((5, 2), np.float32), layer=1), ValueError,
+     r"state\['weights'\]\[1\] must be an array of shape \(4, 2\) and dtype float32 \(the state's sizes and "
+     r"dtype\); got shape \(5, 2\) and dtype float32"),
+    ("weights-dtype", changed("weights", np.zeros((3, 4)), layer=0), ValueError,
+     r"state\['weights'\]\[0\] must be an array of shape \(3, 4\) and dtype float32 .*dtype float64"),
+    ("bias-list", changed("biases", [0.0, 0.0], layer=1), ValueError,
+     r"state\['biases'\]\[1\] must be an array of shape \(2,\) .*got list"),
+    ("bias-inf", changed("biases", np.array([0, np.inf], np.float32), layer=1), ValueError,
+     r"state\['biases'\]\[1\] contains NaN or inf"),
+]
+
+
+@pytest.mark.parametrize("state, error, pattern", [c[1:] for c in BAD_STATES], ids=[c[0] for c in BAD_STATES])
+def test_write_safetensors_checks_the_state(tmp_path, state, error, pattern):
+    with pytest.raises(error, match=pattern):
+        write_safetensors(tmp_path / "model.safetensors", state)
+    assert os.listdir(tmp_path) == []  # nothing written
+    write_safetensors(tmp_path / "model.safetensors", good_state())  # the table's states differ by one defect
+    assert os.listdir(tmp_path) == ["model.safetensors"]
 
 
 def test_load_rejects_bad_arguments(tmp_path):
     path = tmp_path / "model.safetensors"
-    save_safetensors(make_model([3, 4, 2], "relu", np.float32), path)
+    make_model([3, 4, 2], "relu", np.float32).save_safetensors(path)
     with pytest.raises(FileNotFoundError, match="no safetensors file at"):
-        load_safetensors(tmp_path / "missing.safetensors")
+        fastbp.MLP.load_safetensors(tmp_path / "missing.safetensors")
     with pytest.raises(IsADirectoryError, match="is a folder"):
-        load_safetensors(tmp_path)
+        fastbp.MLP.load_safetensors(tmp_path)
     with pytest.raises(ValueError, match="dtype must be numpy.float32 or numpy.float64; got float16"):
-        load_safetensors(path, dtype=np.float16)
+        fastbp.MLP.load_safetensors(path, dtype=np.float16)
     with pytest.raises(TypeError, match="activation must be a name, a list of names .* or None; got 3"):
-        load_safetensors(path, activation=3)
+        fastbp.MLP.load_safetensors(path, activation=3)
     with pytest.raises(ValueError, match=r"activation='tanh' disagrees with the activations this fastbp file was "
                                          r"saved with, \['relu'\]"):
-        load_safetensors(path, activation="tanh")
+        fastbp.MLP.load_safetensors(path, activation="tanh")
+    with pytest.raises(ValueError, match=r"activation='tanh' disagrees"):
+        read_safetensors(path, activation="tanh")
+    with pytest.raises(TypeError, match="activation must be a name, a list of names .* or None; got 3"):
+        read_safetensors(path, activation=3)
 
 
 # -- files that must be refused -----------------------------------------------------------------------------------
@@ -424,21 +525,23 @@ BAD_FILES = [
 ]
 
 
+@pytest.mark.parametrize("load", [read_safetensors, fastbp.MLP.load_safetensors], ids=["read", "MLP.load"])
 @pytest.mark.parametrize("build, pattern", [case[1:] for case in BAD_FILES], ids=[case[0] for case in BAD_FILES])
-def test_bad_file_is_refused(tmp_path, build, pattern):
+def test_bad_file_is_refused(tmp_path, build, pattern, load):
     path = tmp_path / "bad.safetensors"
     build(path)
     with pytest.raises(CheckpointError, match=pattern) as info:
-        load_safetensors(path, activation="relu")  # the one thing a foreign file may need from the caller
+        load(path, activation="relu")  # the one thing a foreign file may need from the caller
     assert isinstance(info.value, ValueError) and repr(str(path)) in str(info.value)  # names the file
 
 
 def test_the_good_file_of_the_bad_file_table_loads(tmp_path):
     """The table's cases differ from this file by one defect each."""
     corrupt()(tmp_path / "a.safetensors")
-    assert load_safetensors(tmp_path / "a.safetensors", activation="relu").sizes == [2, 3, 2]
+    assert fastbp.MLP.load_safetensors(tmp_path / "a.safetensors", activation="relu").sizes == [2, 3, 2]
     tensors_file(GOOD)(tmp_path / "b.safetensors")
-    assert load_safetensors(tmp_path / "b.safetensors", activation="relu").sizes == [2, 3, 2]
+    assert fastbp.MLP.load_safetensors(tmp_path / "b.safetensors", activation="relu").sizes == [2, 3, 2]
+    assert read_safetensors(tmp_path / "b.safetensors", activation="relu")["sizes"] == [2, 3, 2]
 
 
 def test_too_large_for_float32_is_refused(tmp_path):
@@ -446,8 +549,8 @@ def test_too_large_for_float32_is_refused(tmp_path):
     write_raw(path, GOOD | {"0.bias": np.array([0, 1e300, 0])}, code="F64")
     with pytest.raises(CheckpointError, match=r"tensor '0.bias' holds 1e\+300 at index \(1,\), too large for "
                                               r"float32; load it with dtype=numpy.float64"):
-        load_safetensors(path, activation="relu", dtype=np.float32)
-    assert load_safetensors(path, activation="relu").biases[0][1] == 1e300
+        fastbp.MLP.load_safetensors(path, activation="relu", dtype=np.float32)
+    assert fastbp.MLP.load_safetensors(path, activation="relu").biases[0][1] == 1e300
 
 
 def test_foreign_file_needs_activations(tmp_path):
@@ -456,11 +559,19 @@ def test_foreign_file_needs_activations(tmp_path):
     with pytest.raises(CheckpointError, match=r"was not written by fastbp \(its metadata has no 'fastbp.' "
                                               r"architecture\).*pass them, e.g. load_safetensors\(path, "
                                               r"activation='relu'\), or a list with one name per hidden layer \(1\)"):
-        load_safetensors(path)
+        fastbp.MLP.load_safetensors(path)
     with pytest.raises(ValueError, match=r"the file holds 2 Linear layers, so 1 hidden layer\(s\); got 2 names"):
-        load_safetensors(path, activation=["relu", "tanh"])
+        fastbp.MLP.load_safetensors(path, activation=["relu", "tanh"])
     with pytest.raises(ValueError, match=r"activation must be one of .*got 'gelu'"):
-        load_safetensors(path, activation="gelu")
+        fastbp.MLP.load_safetensors(path, activation="gelu")
+    # read_safetensors checks the names itself (as fastbp.MLP does, same messages): its state is always valid.
+    with pytest.raises(ValueError, match=r"activation must be one of .*got 'gelu'"):
+        read_safetensors(path, activation="gelu")
+    with pytest.raises(ValueError, match=r"activation\[0\] must be one of .*got 'gelu'"):
+        read_safetensors(path, activation=["gelu"])
+    with pytest.raises(CheckpointError, match=r"pass them"):
+        read_safetensors(path)
+    assert read_safetensors(path, activation=["tanh"])["activations"] == ["tanh"]
 
 
 def rewrite_metadata(path, **changes):
@@ -500,21 +611,23 @@ BAD_METADATA = [
 @pytest.mark.parametrize("changes, pattern", [case[1:] for case in BAD_METADATA], ids=[c[0] for c in BAD_METADATA])
 def test_corrupt_fastbp_metadata_is_refused(tmp_path, changes, pattern):
     path = tmp_path / "model.safetensors"
-    save_safetensors(make_model([3, 4, 2], "relu", np.float32), path)
+    make_model([3, 4, 2], "relu", np.float32).save_safetensors(path)
     rewrite_metadata(path, **changes)
     with pytest.raises(CheckpointError, match=pattern):
-        load_safetensors(path)
+        fastbp.MLP.load_safetensors(path)
+    with pytest.raises(CheckpointError, match=pattern):
+        read_safetensors(path)
 
 
 def test_without_fastbp_metadata_a_fastbp_file_is_a_foreign_file(tmp_path):
     model = make_model([3, 4, 2], "sigmoid", np.float32)
     path = tmp_path / "model.safetensors"
-    save_safetensors(model, path, metadata={"note": "kept"})
+    model.save_safetensors(path, metadata={"note": "kept"})
     rewrite_metadata(path, **{k: None for k in ("format", "format_version", "version", "sizes", "activations",
                                                 "dtype", "seed")})
     with pytest.raises(CheckpointError, match="pass them"):
-        load_safetensors(path)
-    assert_same_model(load_safetensors(path, activation="sigmoid"), model, seed=False)
+        fastbp.MLP.load_safetensors(path)
+    assert_same_model(fastbp.MLP.load_safetensors(path, activation="sigmoid"), model, seed=False)
 
 
 # -- imports and the docstring examples -------------------------------------------------------------------------
@@ -527,18 +640,39 @@ def test_import_does_not_import_torch_or_safetensors():
     assert result.returncode == 0, result.stderr
 
 
+def test_interop_never_imports_fastbp_model():
+    """The file-format module converts state dicts: importing the model (at module level or in a function)
+    would make an import cycle, since fastbp.model imports it."""
+    tree = ast.parse(pathlib.Path(interop.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(("." * node.level) + (node.module or ""))
+            imported.update(f"{'.' * node.level}{node.module + '.' if node.module else ''}{a.name}"
+                            for a in node.names)
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+    assert ".checkpoint" in imported  # the walk sees the imports
+    assert not {name for name in imported if name in (".model", "fastbp.model") or name.endswith(".MLP")
+                or name == "MLP"}, imported
+
+
 def test_clear_import_error_without_torch(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
-    with pytest.raises(ImportError, match=r"fastbp.interop.to_torch needs PyTorch, which is not installed: "
+    with pytest.raises(ImportError, match=r"fastbp.interop.state_to_torch needs PyTorch, which is not installed: "
                                           r"pip install torch"):
-        to_torch(fastbp.MLP([2, 2], seed=0))
-    with pytest.raises(ImportError, match=r"fastbp.interop.from_torch needs PyTorch.*pip install torch"):
-        from_torch(object())
+        fastbp.MLP([2, 2], seed=0).to_torch()
+    with pytest.raises(ImportError, match=r"fastbp.interop.state_from_torch needs PyTorch.*pip install torch"):
+        fastbp.MLP.from_torch(object())
+    with pytest.raises(ImportError, match=r"fastbp.interop.state_to_torch needs PyTorch"):
+        state_to_torch(fastbp.MLP([2, 2], seed=0).state_dict())
+    with pytest.raises(ImportError, match=r"fastbp.interop.state_from_torch needs PyTorch"):
+        state_from_torch(object())
 
 
-@pytest.mark.parametrize("name", ["save_safetensors", "load_safetensors", "from_torch", "to_torch"])
+@pytest.mark.parametrize("name", ["write_safetensors", "read_safetensors", "state_from_torch", "state_to_torch"])
 def test_docstring_examples(name):
-    if name in ("from_torch", "to_torch"):
+    if name in ("state_from_torch", "state_to_torch"):
         pytest.importorskip("torch")
     tests = [t for t in doctest.DocTestFinder().find(interop) if t.name == f"fastbp.interop.{name}"]
     assert len(tests) == 1 and tests[0].examples
@@ -585,7 +719,7 @@ TORCH_IDS = ARCH_IDS + ACTIVATIONS
 def test_pytorch_loads_a_fastbp_file(tmp_path, torch, st, dtype, sizes, activations):
     model = make_model(sizes, activations, dtype)
     path = tmp_path / "model.safetensors"
-    save_safetensors(model, path)
+    model.save_safetensors(path)
     module = reference_module(torch, sizes, activations, dtype)
     module.load_state_dict(st.load_file(path))  # strict: exactly the Sequential's keys and shapes
     X = np.random.default_rng(0).normal(scale=2.0, size=(16, sizes[0])).astype(dtype)
@@ -601,7 +735,7 @@ def test_safetensors_reads_fastbp_metadata(tmp_path, st):
     from safetensors import safe_open
 
     path = tmp_path / "model.safetensors"
-    save_safetensors(make_model([3, 4, 2], "relu", np.float64, seed=5), path, metadata={"note": "été"})
+    make_model([3, 4, 2], "relu", np.float64, seed=5).save_safetensors(path, metadata={"note": "été"})
     with safe_open(str(path), framework="pt") as file:
         meta = file.metadata()
         assert sorted(file.keys()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
@@ -617,7 +751,7 @@ def test_a_pytorch_file_loads_into_fastbp(tmp_path, torch, st, dtype, sizes, act
             p.normal_()  # biases too, not PyTorch's small uniform start
     path = tmp_path / "torch.safetensors"
     st.save_file(module.state_dict(), path)
-    model = load_safetensors(path, activation=activations)
+    model = fastbp.MLP.load_safetensors(path, activation=activations)
     assert model.sizes == sizes and model.activations == activations and model.dtype == dtype
     X = np.random.default_rng(1).normal(size=(16, sizes[0])).astype(dtype)
     np.testing.assert_allclose(fastbp_outputs(model, X), torch_outputs(torch, module, X), **OUTPUT_TOLERANCES[dtype])
@@ -632,7 +766,7 @@ def test_a_pytorch_file_without_biases_and_in_half_precision(tmp_path, torch, st
     path = tmp_path / "torch.safetensors"
     for half in (torch.float16, torch.bfloat16):
         st.save_file(module.to(half).state_dict(), path)
-        model = load_safetensors(path, activation="tanh")
+        model = fastbp.MLP.load_safetensors(path, activation="tanh")
         assert model.dtype == np.float32 and model.biases[0].tobytes() == np.zeros(6, np.float32).tobytes()
         wide = module.float()
         assert same_bits(model.weights[0], wide[0].weight.detach().numpy().T.copy())
@@ -644,16 +778,23 @@ def test_a_pytorch_file_without_biases_and_in_half_precision(tmp_path, torch, st
 @pytest.mark.parametrize("sizes, activations", ARCHITECTURES, ids=ARCH_IDS)
 def test_to_torch_and_back_are_exact(torch, dtype, sizes, activations):
     model = make_model(sizes, activations, dtype)
-    module = to_torch(model)
+    module = model.to_torch()
     assert isinstance(module, torch.nn.Sequential)
     assert list(module.state_dict()) == list(torch_layout(model))  # the keys of a saved file
     for name, value in torch_layout(model).items():
         assert module.state_dict()[name].numpy().tobytes() == np.ascontiguousarray(value).tobytes()
     X = np.random.default_rng(0).normal(size=(16, sizes[0])).astype(dtype)
     np.testing.assert_allclose(torch_outputs(torch, module, X), fastbp_outputs(model, X), **OUTPUT_TOLERANCES[dtype])
-    back = from_torch(module)
+    back = fastbp.MLP.from_torch(module)
     assert_same_model(back, model, seed=False)
     assert back.seed is None
+    state = state_from_torch(module)
+    assert state["seed"] is None
+    assert_same_state(state, model.state_dict(), seed=False)
+    direct = state_to_torch(model.state_dict())
+    assert list(direct.state_dict()) == list(module.state_dict()) and repr(direct) == repr(module)
+    for name, value in module.state_dict().items():
+        assert direct.state_dict()[name].numpy().tobytes() == value.numpy().tobytes()
     with torch.no_grad():  # copies, both ways
         module[0].weight.add_(1.0)
     assert_same_model(back, model, seed=False)
@@ -663,7 +804,7 @@ def test_to_torch_and_back_are_exact(torch, dtype, sizes, activations):
 
 def test_to_torch_module_trains(torch):
     """Parameters, not buffers: PyTorch's optimizer can continue training a fastbp network."""
-    module = to_torch(make_model([3, 4, 2], "relu", np.float32))
+    module = make_model([3, 4, 2], "relu", np.float32).to_torch()
     assert all(p.requires_grad for p in module.parameters()) and len(list(module.parameters())) == 4
     before = module[0].weight.detach().clone()
     module(torch.ones(5, 3)).square().sum().backward()
@@ -671,16 +812,18 @@ def test_to_torch_module_trains(torch):
     assert not torch.equal(before, module[0].weight)
 
 
-def test_from_torch_accepts_identity_and_consecutive_linears(torch, monkeypatch):
-    monkeypatch.setattr(interop, "MLP", NonZeroBiases)
+def test_from_torch_accepts_identity_and_consecutive_linears(torch):
     nn = torch.nn
     relu = nn.ReLU(inplace=True)
     module = nn.Sequential(nn.Identity(), nn.Linear(3, 5), relu, nn.Identity(), nn.Linear(5, 4), nn.Linear(4, 4),
                            nn.LeakyReLU(0.01), nn.Linear(4, 6, bias=False), relu, nn.Linear(6, 2), nn.Identity())
-    model = from_torch(module)
+    model = fastbp.MLP.from_torch(module)
     assert model.sizes == [3, 5, 4, 4, 6, 2]
     assert model.activations == ["relu", "identity", "leaky_relu", "relu"]  # the shared ReLU counts twice
     assert model.biases[3].tobytes() == np.zeros(6, np.float32).tobytes()
+    state = state_from_torch(module)
+    assert len(state["biases"]) == 5 and same_bits(state["biases"][3], np.zeros(6, np.float32))
+    assert with_biases_7(state).biases[3].tobytes() == np.zeros(6, np.float32).tobytes()
     X = np.random.default_rng(3).normal(size=(8, 3)).astype(np.float32)
     np.testing.assert_allclose(fastbp_outputs(model, X), torch_outputs(torch, module, X), rtol=1e-5, atol=1e-6)
 
@@ -688,17 +831,17 @@ def test_from_torch_accepts_identity_and_consecutive_linears(torch, monkeypatch)
 def test_from_torch_dtypes(torch):
     nn = torch.nn
     module = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2))
-    assert from_torch(module).dtype == np.float32
-    wide = from_torch(module, dtype=np.float64)
+    assert fastbp.MLP.from_torch(module).dtype == np.float32
+    wide = fastbp.MLP.from_torch(module, dtype=np.float64)
     assert wide.dtype == np.float64 and same_bits(wide.weights[0], module[0].weight.detach().double().numpy().T.copy())
-    assert from_torch(module.double()).dtype == np.float64
-    narrow = from_torch(module, dtype="float32")
+    assert fastbp.MLP.from_torch(module.double()).dtype == np.float64
+    narrow = fastbp.MLP.from_torch(module, dtype="float32")
     assert same_bits(narrow.weights[1], module[2].weight.detach().float().numpy().T.copy())
     half = module.to(torch.bfloat16)
-    model = from_torch(half)
+    model = fastbp.MLP.from_torch(half)
     assert model.dtype == np.float32 and same_bits(model.weights[0], half[0].weight.detach().float().numpy().T.copy())
     mixed = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2).double())
-    assert from_torch(mixed).dtype == np.float64
+    assert fastbp.MLP.from_torch(mixed).dtype == np.float64
 
 
 BAD_MODULES = [
@@ -734,41 +877,53 @@ BAD_MODULES = [
     ("only-identity", lambda nn: nn.Sequential(nn.Identity()), ValueError, r"module holds no nn.Linear"),
     ("shapes", lambda nn: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(5, 2)), ValueError,
      r"module\[2\] is Linear\(5, 2\), but the Linear before it, module\[0\], has 4 outputs"),
+    ("zero-width", lambda nn: nn.Sequential(nn.Linear(3, 0)), ValueError,
+     r"module\[0\] is Linear\(3, 0\); every fastbp layer has at least one unit"),
 ]
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")  # nn.Linear(3, 0)
 @pytest.mark.parametrize("build, error, pattern", [c[1:] for c in BAD_MODULES], ids=[c[0] for c in BAD_MODULES])
 def test_from_torch_refuses(torch, build, error, pattern):
     with pytest.raises(error, match=pattern):
-        from_torch(build(torch.nn))
+        fastbp.MLP.from_torch(build(torch.nn))
+    with pytest.raises(error, match=pattern):
+        state_from_torch(build(torch.nn))
 
 
 def test_from_torch_refuses_bad_values(torch):
     nn = torch.nn
     module = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"dtype must be numpy.float32 or numpy.float64"):
-        from_torch(module, dtype=np.int32)
+        fastbp.MLP.from_torch(module, dtype=np.int32)
     with torch.no_grad():
         module[2].bias[1] = float("nan")
     with pytest.raises(ValueError, match=r"module\[2\].bias holds nan at index \(1,\); fastbp parameters must be "
                                          r"finite"):
-        from_torch(module)
+        fastbp.MLP.from_torch(module)
     big = nn.Sequential(nn.Linear(3, 4)).double()
     with torch.no_grad():
         big[0].weight[0, 1] = 1e300
     with pytest.raises(ValueError, match=r"module\[0\].weight holds 1e\+300 at index \(0, 1\), too large for "
                                          r"float32"):
-        from_torch(big, dtype=np.float32)
-    assert from_torch(big).weights[0][1, 0] == 1e300
+        fastbp.MLP.from_torch(big, dtype=np.float32)
+    assert fastbp.MLP.from_torch(big).weights[0][1, 0] == 1e300
     meta = nn.Sequential(nn.Linear(3, 4, device="meta"))
     with pytest.raises(ValueError, match=r"module\[0\].weight is on the meta device"):
-        from_torch(meta)
+        fastbp.MLP.from_torch(meta)
 
 
 def test_to_torch_refuses_bad_models(torch):
-    with pytest.raises(TypeError, match="model must be a fastbp.MLP; got Sequential"):
-        to_torch(torch.nn.Sequential())
+    with pytest.raises(TypeError, match=r"state must be a model state dict \(fastbp.MLP.state_dict\(\)\); got "
+                                        r"Sequential"):
+        state_to_torch(torch.nn.Sequential())
+    with pytest.raises(TypeError, match=r"state must be a model state dict .*got MLP"):
+        state_to_torch(fastbp.MLP([3, 4, 2], seed=0))  # the model itself, not its state dict
     model = fastbp.MLP([3, 4, 2], seed=0)
     model.biases[0][2] = np.inf
     with pytest.raises(ValueError, match=r"model.biases\[0\] contains NaN or inf"):
-        to_torch(model)
+        model.to_torch()
+    with pytest.raises(ValueError, match=r"state\['biases'\]\[0\] contains NaN or inf"):
+        state_to_torch(model.state_dict())
+    with pytest.raises(ValueError, match=r"state\['activations'\]\[0\] must be one of .*got 'gelu'"):
+        state_to_torch(changed("activations", ["gelu"]))
