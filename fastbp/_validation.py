@@ -72,6 +72,15 @@ def is_gpu_array(array) -> bool:
     return hasattr(array, "__cuda_array_interface__") or bool(getattr(array, "__cuda_ndarray__", False))
 
 
+def _all_finite(arr: np.ndarray) -> bool:
+    """Whether every value of a float array is finite: one sum answers for all of them (NaN or inf anywhere
+    makes it non-finite; a sum of finite values can overflow, so then the values are checked one by one)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(arr.sum()):
+            return True
+    return bool(np.isfinite(arr).all())
+
+
 def as_float_matrix(name: str, array, dtype: np.dtype, n_columns: int | None = None,
                     allow_vector: bool = False, columns_meaning: str | None = None) -> np.ndarray:
     """A C-contiguous (n, m) array of ``dtype`` (a copy only when needed), with every value finite.
@@ -79,6 +88,9 @@ def as_float_matrix(name: str, array, dtype: np.dtype, n_columns: int | None = N
     Non-contiguous and Fortran-ordered arrays are accepted (copied). ``allow_vector``: a 1-D array is taken
     as one column (targets of a single-output network). ``columns_meaning`` words the column-count error.
     """
+    if (type(array) is np.ndarray and array.dtype == dtype and array.ndim == 2 and array.flags.c_contiguous
+            and array.shape[0] and (n_columns is None or array.shape[1] == n_columns) and _all_finite(array)):
+        return array  # the common case, checked in a few microseconds: nothing to convert, nothing to copy
     if is_gpu_array(array):
         raise TypeError(f"{name} is a GPU array; the CPU device needs a host array (numpy)")
     try:

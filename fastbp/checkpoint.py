@@ -67,8 +67,10 @@ def _as_path(path) -> str:
     return path
 
 
-def _write_atomic(path: str, arrays: dict) -> None:
-    """np.savez into a temporary file beside ``path``, fsync, then os.replace it over ``path``."""
+def write_atomic(path: str, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, flush and fsync it, then os.replace it over
+    ``path``: a crash mid-write leaves the old file (or none), never a broken one. Used for every file fastbp
+    writes (checkpoints here, safetensors in fastbp.interop)."""
     target = os.path.abspath(path)
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):
@@ -80,7 +82,7 @@ def _write_atomic(path: str, arrays: dict) -> None:
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as file:
-            np.savez(file, **arrays)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, target)
@@ -189,7 +191,8 @@ def write(path, kind: str, state: dict) -> None:
         arrays["opt_state"] = np.ascontiguousarray(state["opt_state"])
         for name, values in history.items():
             arrays[f"history_{name}"] = np.asarray(values, dtype=np.int64 if name == "epoch" else np.float64)
-    _write_atomic(path, {"meta": _meta_bytes(meta)} | arrays)
+    arrays = {"meta": _meta_bytes(meta)} | arrays
+    write_atomic(path, lambda file: np.savez(file, **arrays))
 
 
 def read(path) -> tuple[str, dict]:
