@@ -1,6 +1,7 @@
 """The MLP: layer sizes, activations and the parameters (plain numpy arrays the user may read and edit)."""
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -106,13 +107,16 @@ class MLP:
         self.weights = list(self._weight_views)
         self.biases = list(self._bias_views)
 
-    def _replaced(self):
-        """(kind, layer, array, view) for every parameter array the user replaced by an array of their own."""
-        for kind, arrays, views in (("weights", self.weights, self._weight_views),
-                                    ("biases", self.biases, self._bias_views)):
-            for layer, (arr, view) in enumerate(zip(arrays, views)):
-                if arr is not view:
-                    yield kind, layer, arr, view
+    def _replaced(self) -> list:
+        """(kind, layer, array, view) for every parameter array the user replaced by an array of their own
+        (none, usually: that case costs one identity test per array)."""
+        if all(map(operator.is_, self.weights, self._weight_views)) and \
+                all(map(operator.is_, self.biases, self._bias_views)):
+            return []
+        return [(kind, layer, arr, view)
+                for kind, arrays, views in (("weights", self.weights, self._weight_views),
+                                            ("biases", self.biases, self._bias_views))
+                for layer, (arr, view) in enumerate(zip(arrays, views)) if arr is not view]
 
     def _training_vector(self) -> np.ndarray:
         """The flat vector (P,) trainers work on, holding the current values of every parameter (replaced
@@ -146,7 +150,7 @@ class MLP:
             if not isinstance(arrays, (list, tuple)) or len(arrays) != n_layers:
                 got = f"{len(arrays)} arrays" if isinstance(arrays, (list, tuple)) else type(arrays).__name__
                 raise ValueError(f"model.{kind} must be a list of {n_layers} arrays; got {got}")
-        replaced = list(self._replaced())
+        replaced = self._replaced()
         for index, (kind, layer, arr, _) in enumerate(replaced):
             shape = (self.sizes[layer], self.sizes[layer + 1]) if kind == "weights" else (self.sizes[layer + 1],)
             name = f"model.{kind}[{layer}]"
