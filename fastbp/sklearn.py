@@ -1,45 +1,98 @@
 """scikit-learn estimators backed by fastbp: :class:`MLPClassifier` and :class:`MLPRegressor`.
 
+A drop-in for scikit-learn 1.9's ``sklearn.neural_network.MLPClassifier`` / ``MLPRegressor``: the same
+constructor parameters (names, order, meanings, defaults), the same fitted attributes, methods, warnings,
+errors and printed lines; only the forward / backward passes and the optimizer steps run in fastbp's compiled
+kernels. Change the import and keep the code::
+
+    from fastbp.sklearn import MLPClassifier   # was: from sklearn.neural_network import MLPClassifier
+
 Needs the optional extra ``pip install 'fastbp[sklearn]'`` (``import fastbp`` alone never imports
-scikit-learn). The parameters carry the names of ``sklearn.neural_network.MLPClassifier`` /
-``MLPRegressor`` wherever they mean the same, and the fitted attributes too (``loss_curve_``,
-``validation_scores_``, ``best_validation_score_``, ``best_loss_``, ``classes_``, ``n_iter_``,
-``coefs_``, ``intercepts_``, ``n_features_in_``, ``n_outputs_``).
+scikit-learn). Two parameters are fastbp's own: ``device`` ("cpu", "cuda", "auto") and ``dtype`` (None: the
+training dtype follows the input as in scikit-learn; "float32" / "float64" force one).
 
-How scikit-learn's settings map onto :class:`fastbp.Trainer`
--------------------------------------------------------------
-* ``activation``: ``"logistic"`` is fastbp's ``"sigmoid"``; ``"identity"``, ``"tanh"``, ``"relu"`` are the
-  same (``"sigmoid"`` and ``"leaky_relu"`` are accepted too).
-* ``solver``: ``"sgd"`` is ``torch.optim.SGD(momentum=momentum, nesterov=nesterovs_momentum)`` with a
-  constant rate, which is exactly scikit-learn's constant-rate SGD with momentum; ``"adam"`` is
-  ``torch.optim.Adam(betas=(beta_1, beta_2), eps=epsilon)`` (scikit-learn adds epsilon after the bias
-  correction of the second moment, torch before: a difference of order epsilon). ``"lbfgs"`` is not
-  available and raises ValueError.
-* ``alpha``: scikit-learn minimises ``loss + alpha / (2 * n_batch) * sum ||W||^2`` (weights only), whose
-  gradient adds ``alpha / n_batch * W``. fastbp's ``weight_decay`` adds ``weight_decay * p`` to the gradient
-  of every parameter, biases included. We set ``weight_decay = alpha / batch_size`` (classifier) and
-  ``2 * alpha / batch_size`` (regressor, see below): the same pull on the weights as scikit-learn, and
-  in addition a pull of the same strength on the biases (tiny for the default ``alpha=1e-4``).
-  ``loss_curve_`` holds the data loss only (scikit-learn's includes the penalty term).
-* Regressor loss: fastbp's mse is ``mean((out - y)**2)``, scikit-learn's squared error is half of it, so
-  its gradient is twice scikit-learn's. With ``solver="sgd"`` the learning rate is halved
-  (``lr = learning_rate_init / 2``) so that the steps are the same; Adam is invariant to that scale.
-  ``loss_curve_`` (and the ``tol`` rule) use scikit-learn's units: half of fastbp's mse.
-* Classifier: softmax cross-entropy over ``len(classes_)`` outputs for every number of classes, two
-  included (a 2-output softmax is a reparametrised logistic output: same model family, same loss).
-  Labels of any type; ``predict_proba`` columns follow ``classes_``. Multilabel ``y`` is not supported.
-* Stopping: as scikit-learn. Without ``early_stopping``, training stops when the training loss has not
-  improved by ``tol`` for ``n_iter_no_change`` consecutive epochs; with it, a stratified (classifier)
-  ``validation_fraction`` of the data is held out, the validation score (accuracy / R^2) is recorded
-  in ``validation_scores_`` each epoch, training stops when it has not improved by ``tol`` for
-  ``n_iter_no_change`` epochs and the weights of the best epoch are put back. A ConvergenceWarning is
-  issued when ``max_iter`` is reached first.
-* ``batch_size="auto"`` is ``min(200, n_samples)``; samples are reshuffled every epoch (seeded by
-  ``random_state``). ``device`` is ``"cpu"``, ``"cuda"`` or ``"auto"``; ``dtype`` float32 or float64.
-* ``verbose``: passed to :meth:`fastbp.Trainer.fit` (a progress bar on a terminal).
+What is the same as scikit-learn
+--------------------------------
+* Solvers. ``"sgd"`` and ``"adam"`` run fastbp's Trainer (torch's SGD / Adam update rules, which are
+  scikit-learn's up to the Adam epsilon noted below); ``"lbfgs"`` is ``scipy.optimize.minimize(method=
+  "L-BFGS-B")`` with scikit-learn's options (``maxiter=max_iter``, ``maxfun=max_fun``, ``gtol=tol``) on
+  fastbp's compiled loss and gradient over the whole data (``Trainer.loss_and_grads``), with scikit-learn's
+  penalty ``alpha / (2 n) * sum ||W||^2`` (weights only) and its gradient added on the host.
+* Outputs and losses. Multiclass: softmax and log loss. Binary: ONE logistic output (``n_outputs_ == 1``,
+  ``out_activation_ == "logistic"``, ``coefs_[-1]`` of shape (h, 1)), ``predict_proba`` with two columns.
+  Multilabel (an indicator matrix): one logistic output per label. Regression: identity outputs, any
+  number of them, scikit-learn's half squared error. fastbp's losses are means over all output elements
+  (PyTorch's reduction="mean"); the estimators rescale losses, gradients, learning rates, weight decay and
+  Adam's epsilon so that every quantity is in scikit-learn's units (``loss_``, ``loss_curve_``, the ``tol``
+  rules, the steps taken). For multi-output regression that includes scikit-learn's convention of a loss
+  averaged over the outputs with a gradient summed over them (lbfgs sees exactly scikit-learn's pair).
+* Initial weights and the validation split. The weights are drawn exactly as scikit-learn draws them
+  (Glorot uniform, factor 2 for logistic, biases too) from ``check_random_state(random_state)``, and the
+  ``early_stopping`` split is ``train_test_split`` with that same random state afterwards. So for the same
+  ``random_state`` the initial ``coefs_`` and the held-out rows are scikit-learn's own (stratified only when
+  scikit-learn stratifies: single-output classification, i.e. binary targets; scikit-learn 1.9 does not
+  stratify multiclass or multilabel splits).
+* Stopping, schedules, messages: ``tol`` / ``n_iter_no_change`` (``np.inf`` runs ``max_iter`` epochs),
+  ``early_stopping`` (best weights restored), ``learning_rate="adaptive"`` (rate / 5, "Setting learning
+  rate to ..."), ``"invscaling"`` (scikit-learn changes the rate at the end of each epoch to
+  ``learning_rate_init / (t_ + 1) ** power_t``, ``t_`` the samples seen: a per-epoch rule, followed exactly),
+  ``verbose`` lines on stdout ("Iteration 1, loss = 0.69314718", "Validation score: ...", the "did not
+  improve" messages), the ConvergenceWarning texts (stochastic solvers and lbfgs), ``partial_fit`` (one
+  epoch; ``n_iter_`` is 1 after it, as in scikit-learn; the classifier's needs ``classes`` first and is
+  absent for lbfgs), ``warm_start`` (weights kept, optimizer state reset, as in scikit-learn),
+  ``shuffle=False`` (mini-batches in row order), ``batch_size="auto"`` = ``min(200, n_samples)``.
+* When the rate changes under momentum (invscaling, adaptive), scikit-learn's velocity keeps the old rate's
+  steps; torch's momentum buffer is multiplied by the new rate. The estimator rescales the buffer by
+  ``old_rate / new_rate`` at each change (through ``Trainer.state_dict`` / ``load_state_dict``), which makes
+  the two updates equal.
+* Inputs: dense arrays of any numeric dtype (float32 trains in float32, everything else in float64, as
+  scikit-learn), scipy.sparse CSR / CSC matrices, pandas DataFrames (``feature_names_in_``).
+* Attributes: ``coefs_``, ``intercepts_`` (readable, settable as a whole list or item by item, and editable
+  in place: they are the model's own arrays; shapes are checked), ``loss_``, ``best_loss_``,
+  ``loss_curve_``, ``validation_scores_``, ``best_validation_score_``, ``t_``, ``n_iter_``, ``n_layers_``,
+  ``n_outputs_``, ``out_activation_``, ``classes_``, ``n_features_in_``, ``feature_names_in_``. As in
+  scikit-learn, lbfgs fits set ``loss_`` and ``n_iter_`` but no ``loss_curve_``.
 
-Fitted estimators pickle (the trainer, which may hold GPU memory, is left out and rebuilt on demand;
-the Adam / momentum state is kept) and run in joblib worker processes.
+Where fastbp differs, and why
+-----------------------------
+* Shuffling. With ``shuffle=True`` the mini-batch orders come from fastbp's own random stream (seeded from
+  ``random_state``), not from scikit-learn's, so the batches differ from scikit-learn's run and results
+  agree statistically, not bit for bit. With ``shuffle=False`` the batches are scikit-learn's (row order),
+  and an sgd fit with ``alpha=0`` follows scikit-learn's trajectory to rounding (tests/test_sklearn_compat.py).
+  In-order training calls ``Trainer.fit`` once per mini-batch (the Trainer always shuffles a multi-batch
+  epoch): a little Python per batch, noticeable only for tiny batches.
+* Adam's epsilon. scikit-learn computes ``lr * sqrt(1 - beta_2^t) / (1 - beta_1^t) * m / (sqrt(v) + eps)``;
+  fastbp (torch) computes ``lr * m_hat / (sqrt(v_hat) + eps)``. They are the same update with
+  scikit-learn's eps being ``eps / sqrt(1 - beta_2^t)`` in torch's form: 32x larger at the first step,
+  within 1.1x after 2000 steps; it matters only where gradients are of order epsilon.
+* L2 penalty (``alpha``) in sgd / adam. fastbp's weight decay adds ``wd * p`` to the gradient of every
+  parameter; the estimators use ``wd = alpha / batch_size`` (in scikit-learn's units), the pull scikit-learn
+  puts on the weights, and the biases get the same pull (scikit-learn leaves them alone). The last, smaller
+  batch of an epoch gets ``alpha / batch_size`` rather than scikit-learn's ``alpha / n_last``. The penalty
+  term inside ``loss_curve_`` is computed from the weights at the start and end of each epoch (scikit-learn
+  sums it over the batches; with ``shuffle=False`` it is summed over the batches too). lbfgs is exact.
+* float32. The kernels sum in their own (fixed) order, so float32 results differ from scikit-learn's float32
+  results by rounding; prediction of float64 input by a float32-trained model is computed in float32 (and
+  returned as float64, as scikit-learn returns it).
+* lbfgs works in float64 (unless ``dtype="float32"``), which is what scikit-learn ends up doing too: its
+  lbfgs writes scipy's float64 vector into ``coefs_``. The flat parameter order is fastbp's
+  (W0, b0, W1, b1, ...) rather than scikit-learn's (all weights, then all biases); L-BFGS is invariant to a
+  permutation of the coordinates, so the iterates are the same up to rounding.
+* ``verbose >= 2`` also shows fastbp's progress line per epoch on stderr (stdout carries scikit-learn's
+  lines for any true ``verbose``).
+* ``activation`` also accepts fastbp's ``"sigmoid"`` (= logistic) and ``"leaky_relu"``.
+* The regressor's ``multi_output`` estimator tag is True (it supports several outputs; scikit-learn 1.9
+  leaves its tag False).
+* Not supported yet (raise NotImplementedError, before anything changes): ``sample_weight`` with unequal
+  weights (needs per-sample weights in ``fastbp.Trainer.fit``; equal weights are exact and supported: they
+  only rescale ``alpha``), and ``MLPRegressor(loss="poisson")`` (needs a Poisson loss with an exponential
+  output in fastbp's loss table).
+
+Memory: sparse input is converted to a dense array of the training dtype for ``fit`` (n_samples x
+n_features numbers); ``predict`` converts 4096 rows at a time.
+
+Fitted estimators pickle (the trainer, which may hold GPU memory, is left out and rebuilt on demand; the
+Adam / momentum state is kept) and run in joblib worker processes.
 """
 from __future__ import annotations
 
@@ -47,21 +100,36 @@ import warnings
 from numbers import Integral, Real
 
 import numpy as np
+import scipy.optimize
+import scipy.sparse
+from sklearn import config_context
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, is_classifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
-from sklearn.utils import check_random_state
-from sklearn.utils.multiclass import check_classification_targets, unique_labels
-from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
+from sklearn.preprocessing import LabelBinarizer
+from sklearn.utils import check_random_state, column_or_1d
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.multiclass import type_of_target, unique_labels
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .model import MLP
-from .trainer import Trainer
+from .progress import ProgressBar
+from .trainer import History, NonFiniteLossError, Trainer
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
 _ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "sigmoid": "sigmoid", "tanh": "tanh",
                 "relu": "relu", "leaky_relu": "leaky_relu"}
+_STOCHASTIC_SOLVERS = ("sgd", "adam")
+_FASTBP_LOSS = {"softmax": "softmax_cross_entropy", "logistic": "binary_cross_entropy", "identity": "mse"}
+_PREDICT_ROWS = 4096  # rows of a sparse input converted to dense at a time by predict
+_NON_FINITE = ("Solver produced non-finite parameter weights. The input data may contain large values and need to "
+               "be preprocessed.")
+_SAMPLE_WEIGHT_PENDING = (
+    "fastbp.sklearn supports sample_weight only when all weights are equal (that only rescales alpha); "
+    "unequal sample weights need per-sample weights in fastbp.Trainer.fit (Trainer.fit(sample_weight=...), "
+    "not available yet). Fit scikit-learn's estimator for weighted data until then.")
 
 
 class InvalidParameterError(ValueError, TypeError):
@@ -106,15 +174,25 @@ def _random_state(value):
         isinstance(value, np.random.RandomState)
 
 
-# What each constructor parameter may be: (check, description) pairs, any of which may match.
+def _dtype_option(value):
+    return value is None or (isinstance(value, str) and value in ("float32", "float64")) or \
+        value in (np.float32, np.float64)
+
+
+# What each constructor parameter may be: (check, description) pairs, any of which may match (scikit-learn
+# 1.9's _parameter_constraints, plus fastbp's device and dtype).
 _PARAMETER_RULES = {
+    "loss": [_options("squared_error", "poisson")],
     "hidden_layer_sizes": [(_hidden_layer_sizes, "an array-like or an int in the range [1, inf)")],
     "activation": [_options(*_ACTIVATIONS)],
-    "solver": [_options("sgd", "adam")],
+    "solver": [_options("lbfgs", "sgd", "adam")],
     "alpha": [_real(0, None, "left")],
     "batch_size": [_options("auto"), _integer(1)],
+    "learning_rate": [_options("constant", "invscaling", "adaptive")],
     "learning_rate_init": [_real(0, None, "neither")],
+    "power_t": [_real(0, None, "left")],
     "max_iter": [_integer(1)],
+    "shuffle": [_boolean()],
     "random_state": [(_random_state, "an int, a numpy.random.RandomState instance or None")],
     "tol": [_real(0, None, "left")],
     "verbose": [(lambda v: isinstance(v, (bool, np.bool_, Integral)), "an int or a bool")],
@@ -122,19 +200,93 @@ _PARAMETER_RULES = {
     "momentum": [_real(0, 1, "both")],
     "nesterovs_momentum": [_boolean()],
     "early_stopping": [_boolean()],
-    "validation_fraction": [_real(0, 1, "neither")],
+    "validation_fraction": [_real(0, 1, "left")],
     "beta_1": [_real(0, 1, "left")],
     "beta_2": [_real(0, 1, "left")],
     "epsilon": [_real(0, None, "neither")],
-    "n_iter_no_change": [_integer(1)],
+    "n_iter_no_change": [_integer(1), (lambda v: isinstance(v, Real) and not isinstance(v, bool) and v == np.inf,
+                                       "a float among {inf}")],
+    "max_fun": [_integer(1)],
     "device": [_options("cpu", "cuda", "auto")],
-    "dtype": [_options("float32", "float64")],
+    "dtype": [(_dtype_option, "None, 'float32' or 'float64'")],
 }
 
 
-class _BaseMLP(BaseEstimator):
-    """Shared fit machinery; see :class:`MLPClassifier` and :class:`MLPRegressor`."""
+def _check_sample_weight(sample_weight, n_samples: int):
+    """None, or the one value all weights share (scikit-learn's shape and value checks first). Unequal weights
+    raise NotImplementedError (see the module docstring)."""
+    if sample_weight is None:
+        return None
+    if isinstance(sample_weight, Real) and not isinstance(sample_weight, bool):
+        weights = np.full(n_samples, float(sample_weight))
+    else:
+        weights = np.asarray(sample_weight)
+        if weights.dtype.kind not in "biuf":
+            try:
+                weights = weights.astype(np.float64)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"sample_weight must be numeric ({error})") from None
+        weights = weights.astype(np.float64, copy=False)
+        if weights.ndim != 1:
+            raise ValueError("Sample weights must be 1D array or scalar")
+        if weights.shape != (n_samples,):
+            raise ValueError(f"sample_weight.shape == {weights.shape}, expected {(n_samples,)}!")
+    if not np.isfinite(weights).all():
+        raise ValueError("Input sample_weight contains NaN or infinity.")
+    if n_samples and not (weights == weights[0]).all():
+        raise NotImplementedError(_SAMPLE_WEIGHT_PENDING)
+    value = float(weights[0]) if n_samples else 1.0
+    if value == 0:
+        raise ValueError("Sample weights must contain at least one non-zero number.")
+    if value < 0:
+        raise ValueError("Negative values in data passed to sample_weight")
+    return value
 
+
+def _dense(X, dtype) -> np.ndarray:
+    """X (dense or scipy.sparse) as a C-contiguous array of dtype (a copy only where needed)."""
+    if scipy.sparse.issparse(X):
+        return np.ascontiguousarray(X.astype(dtype).toarray())
+    return np.ascontiguousarray(X, dtype=dtype)
+
+
+class _ParameterList(list):
+    """``coefs_`` / ``intercepts_``: the model's own arrays; ``est.coefs_[l] = array`` copies into them."""
+
+    def __init__(self, arrays, name: str):
+        super().__init__(arrays)
+        self._name = name
+
+    def __setitem__(self, index, value):
+        if isinstance(index, slice):
+            raise TypeError(f"assign {self._name} one array at a time, or the whole list")
+        target = list.__getitem__(self, index)
+        _copy_parameter(target, value, f"{self._name}[{index}]")
+
+
+def _copy_parameter(target: np.ndarray, value, name: str) -> None:
+    value = np.asarray(value)
+    if value.shape != target.shape:
+        raise ValueError(f"{name} must have shape {target.shape}; got {value.shape}")
+    if not np.isfinite(value).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    target[...] = value
+
+
+class _BaseMLP(BaseEstimator):
+    """Shared machinery; see :class:`MLPClassifier` and :class:`MLPRegressor`."""
+
+    # -- hooks of the subclasses ----------------------------------------------------------------------------
+    def _validate_input(self, X, y, incremental: bool, reset: bool):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _score_validation(self, pred, y_val) -> float:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _out_activation(self) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    # -- parameters ------------------------------------------------------------------------------------------
     def _validate_params(self):
         """Every constructor parameter checked against _PARAMETER_RULES, as scikit-learn's estimators do at fit:
         an InvalidParameterError names the parameter, what it may be and what came."""
@@ -145,83 +297,108 @@ class _BaseMLP(BaseEstimator):
                 raise InvalidParameterError(f"The {name!r} parameter of {type(self).__name__} must be {expected}. "
                                             f"Got {value!r} instead.")
 
-    def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam", alpha=0.0001,
-                 batch_size="auto", learning_rate_init=0.001, max_iter=200, random_state=None, tol=1e-4,
-                 verbose=False, warm_start=False, momentum=0.9, nesterovs_momentum=True, early_stopping=False,
-                 validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10,
-                 device="cpu", dtype="float32"):
-        self.hidden_layer_sizes = hidden_layer_sizes
-        self.activation = activation
-        self.solver = solver
-        self.alpha = alpha
-        self.batch_size = batch_size
-        self.learning_rate_init = learning_rate_init
-        self.max_iter = max_iter
-        self.random_state = random_state
-        self.tol = tol
-        self.verbose = verbose
-        self.warm_start = warm_start
-        self.momentum = momentum
-        self.nesterovs_momentum = nesterovs_momentum
-        self.early_stopping = early_stopping
-        self.validation_fraction = validation_fraction
-        self.beta_1 = beta_1
-        self.beta_2 = beta_2
-        self.epsilon = epsilon
-        self.n_iter_no_change = n_iter_no_change
-        self.device = device
-        self.dtype = dtype
-
-    # -- hooks of the subclasses ----------------------------------------------------------------------------
-    _loss = "mse"
-    _loss_scale = 1.0  # fastbp's loss gradient / scikit-learn's
-
-    def _encode_targets(self, y, *, first: bool, classes=None):  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def _validation_score(self, trainer, X_val, y_val) -> float:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    # -- building blocks ------------------------------------------------------------------------------------
     def _hidden_sizes(self) -> list:
         sizes = self.hidden_layer_sizes
-        if isinstance(sizes, (Integral, np.integer)):
+        if not hasattr(sizes, "__iter__"):
             sizes = [sizes]
-        sizes = [int(s) for s in sizes]
-        if any(s < 1 for s in sizes):
-            raise ValueError(f"hidden_layer_sizes must be > 0, got {self.hidden_layer_sizes}.")
-        return sizes
+        sizes = list(sizes)
+        if np.any(np.array(sizes) <= 0):
+            raise ValueError(f"hidden_layer_sizes must be > 0, got {sizes}.")
+        return [int(s) for s in sizes]
 
-    def _batch(self, n: int) -> int:
-        if self.batch_size == "auto":
-            return min(200, n)
-        if self.batch_size > n:
-            warnings.warn("Got `batch_size` less than 1 or larger than sample size. It is going to be clipped",
-                          UserWarning, stacklevel=3)
-        return max(1, min(int(self.batch_size), n))
+    def _training_dtype(self, X_dtype) -> np.dtype:
+        if self.dtype is not None:
+            return np.dtype(self.dtype)
+        return np.dtype(np.float64) if self.solver == "lbfgs" else np.dtype(X_dtype)
 
-    def _new_trainer(self, n_features: int, n_outputs: int, batch: int, seed: int) -> Trainer:
-        dtype = np.float32 if self.dtype == "float32" else np.float64
-        model = MLP([n_features, *self._hidden_sizes(), n_outputs], _ACTIVATIONS[self.activation], dtype=dtype,
-                    seed=seed)
-        return self._make_trainer(model, batch, seed)
+    # -- loss units ------------------------------------------------------------------------------------------
+    def _ratios(self) -> tuple:
+        """(loss ratio, gradient ratio): scikit-learn's loss and gradient over fastbp's for the same outputs."""
+        k = self.n_outputs_
+        if self.out_activation_ == "softmax":
+            return 1.0, 1.0
+        if self.out_activation_ == "logistic":
+            return float(k), float(k)
+        return 0.5, k / 2.0  # half squared error, averaged over outputs; its gradient summed over them
 
-    def _make_trainer(self, model: MLP, batch: int, seed: int | None) -> Trainer:
-        weight_decay = self._loss_scale * self.alpha / batch
-        if self.solver == "sgd":
-            return Trainer(model, loss=self._loss, optimizer="sgd", lr=self.learning_rate_init / self._loss_scale,
-                           momentum=self.momentum, nesterov=bool(self.nesterovs_momentum and self.momentum > 0),
-                           weight_decay=weight_decay, batch_size=batch, device=self.device, seed=seed)
-        return Trainer(model, loss=self._loss, optimizer="adam", lr=self.learning_rate_init,
-                       betas=(self.beta_1, self.beta_2), eps=self.epsilon, weight_decay=weight_decay,
-                       batch_size=batch, device=self.device, seed=seed)
+    # -- coefs_ and intercepts_ --------------------------------------------------------------------------------
+    @property
+    def coefs_(self) -> list:
+        """Weight matrices, ``coefs_[l]`` of shape ``(n_units[l], n_units[l + 1])``: the model's own arrays.
+        Edit them in place, assign ``coefs_[l] = array`` or ``coefs_ = [arrays]`` (copied in, shape checked)."""
+        check_is_fitted(self, "model_")
+        return _ParameterList(self.model_.weights, "coefs_")
 
+    @coefs_.setter
+    def coefs_(self, arrays):
+        self._set_parameters(arrays, "coefs_", self.model_.weights if hasattr(self, "model_") else None)
+
+    @property
+    def intercepts_(self) -> list:
+        """Bias vectors, ``intercepts_[l]`` of shape ``(n_units[l + 1],)`` (settable like ``coefs_``)."""
+        check_is_fitted(self, "model_")
+        return _ParameterList(self.model_.biases, "intercepts_")
+
+    @intercepts_.setter
+    def intercepts_(self, arrays):
+        self._set_parameters(arrays, "intercepts_", self.model_.biases if hasattr(self, "model_") else None)
+
+    def _set_parameters(self, arrays, name: str, targets) -> None:
+        if targets is None:
+            raise AttributeError(f"{name} can be set on a fitted {type(self).__name__} only (fit it first: the "
+                                 "architecture comes from the data)")
+        arrays = list(arrays)
+        if len(arrays) != len(targets):
+            raise ValueError(f"{name} must be a list of {len(targets)} arrays; got {len(arrays)}")
+        values = [np.asarray(a) for a in arrays]
+        for layer, (target, value) in enumerate(zip(targets, values)):  # check all before changing any
+            if value.shape != target.shape:
+                raise ValueError(f"{name}[{layer}] must have shape {target.shape}; got {value.shape}")
+        for layer, (target, value) in enumerate(zip(targets, values)):
+            _copy_parameter(target, value, f"{name}[{layer}]")
+
+    # -- the trainer -------------------------------------------------------------------------------------------
     def _trainer(self) -> Trainer:
         """The fitted trainer; rebuilt from the model and the trainer's state after unpickling."""
         if getattr(self, "_trainer_", None) is None:
-            trainer = self._make_trainer(self.model_, self._batch_size_, self._seed_)
-            trainer.load_state_dict(self._trainer_state_ | {"model": self.model_.state_dict()})
+            trainer = Trainer(self.model_, **self._trainer_settings_)
+            state = getattr(self, "_trainer_state_", None)
+            if state is not None:
+                trainer.load_state_dict(state | {"model": self.model_.state_dict()})
             self._trainer_ = trainer
+        return self._trainer_
+
+    def _settings(self, batch: int | None, seed: int | None, alpha: float) -> dict:
+        """Trainer settings giving scikit-learn's steps (see the module docstring for the units)."""
+        _, g = self._ratios()
+        loss = _FASTBP_LOSS[self.out_activation_]
+        if self.solver == "lbfgs":
+            return dict(loss=loss, optimizer="sgd", lr=1.0, batch_size=None, device=self.device, seed=seed)
+        weight_decay = alpha / (batch * g)
+        if self.solver == "sgd":
+            return dict(loss=loss, optimizer="sgd", lr=self._lr_ * g, momentum=float(self.momentum),
+                        nesterov=bool(self.nesterovs_momentum and self.momentum > 0), weight_decay=weight_decay,
+                        batch_size=batch, device=self.device, seed=seed)
+        return dict(loss=loss, optimizer="adam", lr=float(self.learning_rate_init),
+                    betas=(float(self.beta_1), float(self.beta_2)), eps=float(self.epsilon) / g,
+                    weight_decay=weight_decay, batch_size=batch, device=self.device, seed=seed)
+
+    def _use_trainer(self, settings: dict, *, fresh: bool) -> Trainer:
+        """The trainer for this fit: a new one (``fresh``: a new optimizer state, as scikit-learn makes a new
+        optimizer for every fit), or the current one, rebuilt with its state when a setting changed (the weight
+        decay follows the batch size and the sample weight of each partial_fit)."""
+        if fresh or getattr(self, "_trainer_settings_", {}).get("optimizer") != settings["optimizer"]:
+            self._trainer_settings_ = settings
+            self._trainer_ = Trainer(self.model_, **settings)
+            self._trainer_state_ = None
+            return self._trainer_
+        old = self._trainer()
+        settings = settings | {"seed": self._trainer_settings_["seed"], "lr": self._trainer_settings_["lr"]}
+        if settings != self._trainer_settings_:
+            state = old.state_dict()
+            trainer = Trainer(self.model_, **settings)
+            trainer.load_state_dict(state)
+            self._trainer_, self._trainer_settings_ = trainer, settings
         return self._trainer_
 
     def __getstate__(self):
@@ -237,156 +414,376 @@ class _BaseMLP(BaseEstimator):
         super().__setstate__(state)
         self._trainer_ = None
 
-    @property
-    def coefs_(self) -> list:
-        """Weight matrices, ``coefs_[l]`` of shape ``(n_units[l], n_units[l + 1])`` (as scikit-learn's)."""
-        check_is_fitted(self, "model_")
-        return self.model_.weights
-
-    @property
-    def intercepts_(self) -> list:
-        """Bias vectors, ``intercepts_[l]`` of shape ``(n_units[l + 1],)``."""
-        check_is_fitted(self, "model_")
-        return self.model_.biases
-
-    @property
-    def n_layers_(self) -> int:
-        check_is_fitted(self, "model_")
-        return len(self.model_.sizes)
-
-    # -- training -------------------------------------------------------------------------------------------
-    def _fit(self, X, y, *, incremental: bool, classes=None):
-        first = not ((incremental or self.warm_start) and hasattr(self, "model_"))
-        X, y = validate_data(self, X, y, reset=first, dtype=(np.float64, np.float32), multi_output=True,
-                             y_numeric=not is_classifier(self))
-        Y = self._encode_targets(y, first=first, classes=classes)
-        n = X.shape[0]
-        if first:
-            self._seed_ = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-            self._batch_size_ = self._batch(n)
-            self._trainer_ = self._new_trainer(X.shape[1], Y.shape[1] if Y.ndim == 2 else self.n_outputs_,
-                                               self._batch_size_, self._seed_)
-            self.model_ = self._trainer_.model
-            self.loss_curve_ = []
-            self.n_iter_ = 0
-            self.t_ = 0
-            self._no_improvement_count = 0
-            self.best_loss_ = np.inf
-            self.validation_scores_ = None
-            self.best_validation_score_ = None
-        trainer = self._trainer()
-        trainer.batch_size = self._batch_size_ = self._batch(n)
-
-        if incremental:
-            history = trainer.fit(X, Y, epochs=1, verbose=self.verbose)
-            self._after_epochs(history.loss, n)
-            if self.best_loss_ is not None:
-                self.best_loss_ = min(self.best_loss_, self.loss_curve_[-1])
-            return self
-
-        early = self.early_stopping
-        validation = None
-        if early:
-            stratify = y if is_classifier(self) else None
-            X, X_val, Y, y_val = train_test_split(X, Y, random_state=self._seed_, test_size=self.validation_fraction,
-                                                  stratify=stratify)
-            validation = (X_val, y_val)
-            if self.validation_scores_ is None:
-                self.validation_scores_ = []
-                self.best_validation_score_ = -np.inf
-            self.best_loss_ = None
-            best = [None]
-        self._no_improvement_count = 0
-
-        def stopping_rule(trainer, history) -> bool:
-            # scikit-learn's _update_no_improvement_count, called once per epoch.
-            self._after_epochs(history.loss[-1:], X.shape[0])
-            if early:
-                score = self._validation_score(trainer, *validation)
-                self.validation_scores_.append(score)
-                if score < self.best_validation_score_ + self.tol:
-                    self._no_improvement_count += 1
-                else:
-                    self._no_improvement_count = 0
-                if score > self.best_validation_score_:
-                    self.best_validation_score_ = score
-                    # Callbacks run on a model that fit has brought up to date (Trainer.fit's contract).
-                    best[0] = trainer.model.flat_parameters()
-            else:
-                loss = self.loss_curve_[-1]
-                if loss > self.best_loss_ - self.tol:
-                    self._no_improvement_count += 1
-                else:
-                    self._no_improvement_count = 0
-                self.best_loss_ = min(self.best_loss_, loss)
-            return self._no_improvement_count > self.n_iter_no_change
-
-        history = trainer.fit(X, Y, epochs=self.max_iter, callbacks=[stopping_rule], verbose=self.verbose)
-        if early and best[0] is not None:
-            trainer.model.set_flat_parameters(best[0])
-        if history.stop_reason == "epochs" and len(history.loss) == self.max_iter:
-            warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the "
-                          "optimization hasn't converged yet.", ConvergenceWarning, stacklevel=3)
+    # -- fit -------------------------------------------------------------------------------------------------
+    def _fit(self, X, y, sample_weight=None, incremental: bool = False):
+        hidden = self._hidden_sizes()
+        if getattr(self, "loss", None) == "poisson":
+            raise NotImplementedError("MLPRegressor(loss='poisson') needs a Poisson loss (exponential output) in "
+                                      "fastbp's loss table, which it does not have yet; use loss='squared_error'.")
+        rows = getattr(X, "shape", (None,))[0]
+        if sample_weight is not None and isinstance(rows, Integral):  # unequal weights refused before any change
+            _check_sample_weight(sample_weight, rows)
+        first_pass = not hasattr(self, "model_") or (not self.warm_start and not incremental)
+        X, y = self._validate_input(X, y, incremental, reset=first_pass)
+        weight = _check_sample_weight(sample_weight, X.shape[0])
+        alpha = float(self.alpha) if weight is None else float(self.alpha) / weight
+        if y.ndim == 1:
+            y = y.reshape((-1, 1))
+        if not first_pass and y.shape[1] != self.n_outputs_:
+            raise ValueError(f"y has {y.shape[1]} outputs; this estimator was fitted with {self.n_outputs_}")
+        self.n_outputs_ = y.shape[1]
+        layer_units = [X.shape[1], *hidden, self.n_outputs_]
+        random_state = check_random_state(self.random_state)
+        if first_pass:
+            self._initialize(layer_units, self._training_dtype(X.dtype), random_state)
+        if self.solver in _STOCHASTIC_SOLVERS:
+            self._fit_stochastic(X, y, alpha, incremental, random_state)
+        else:
+            self._fit_lbfgs(X, y, alpha)
+        if not np.isfinite(self.model_.flat_parameters()).all():
+            raise ValueError(_NON_FINITE)
         return self
 
-    def _after_epochs(self, losses, n: int) -> None:
-        for loss in losses:
-            self.loss_curve_.append(float(loss) / self._loss_scale)  # in scikit-learn's units
-            self.n_iter_ += 1
-            self.t_ += n
+    def _initialize(self, layer_units: list, dtype: np.dtype, random_state) -> None:
+        """scikit-learn's _initialize: counters, the output, and the initial weights drawn as scikit-learn
+        draws them (Glorot uniform for weights and biases, in layer order, from random_state)."""
+        self.n_iter_ = 0
+        self.t_ = 0
+        self.n_layers_ = len(layer_units)
+        self.out_activation_ = self._out_activation()
+        for stale in ("_trainer_", "_trainer_settings_", "_trainer_state_"):
+            self.__dict__.pop(stale, None)
+        model = MLP(layer_units, _ACTIVATIONS[self.activation], dtype=dtype)
+        factor = 2.0 if self.activation in ("logistic", "sigmoid") else 6.0
+        for layer in range(len(layer_units) - 1):
+            fan_in, fan_out = layer_units[layer], layer_units[layer + 1]
+            bound = np.sqrt(factor / (fan_in + fan_out))
+            model.weights[layer][...] = random_state.uniform(-bound, bound, (fan_in, fan_out))
+            model.biases[layer][...] = random_state.uniform(-bound, bound, fan_out)
+        self.model_ = model
+        self._best_parameters = model.flat_parameters()
+        if self.solver in _STOCHASTIC_SOLVERS:
+            self.loss_curve_ = []
+            self._no_improvement_count = 0
+            if self.early_stopping:
+                self.validation_scores_ = []
+                self.best_validation_score_ = -np.inf
+                self.best_loss_ = None
+            else:
+                self.best_loss_ = np.inf
+                self.validation_scores_ = None
+                self.best_validation_score_ = None
 
-    def _predict_raw(self, X) -> np.ndarray:
+    # -- lbfgs -----------------------------------------------------------------------------------------------
+    def _fit_lbfgs(self, X, y, alpha: float) -> None:
+        model = self.model_
+        trainer = self._use_trainer(self._settings(None, None, alpha), fresh=True)
+        X = _dense(X, model.dtype)
+        Y = np.ascontiguousarray(y, dtype=model.dtype)
+        n = X.shape[0]
+        r, g = self._ratios()
+        weight_mask = np.zeros(model.n_params)
+        for layer in range(model.layout.n_layers):
+            model.layout.views(weight_mask, layer)[0][...] = 1.0
+        grad = np.empty(model.n_params)
+
+        def loss_and_grad(x):
+            if not np.isfinite(x).all():
+                return np.inf, np.zeros_like(x)
+            model.set_flat_parameters(x)
+            loss, dweights, dbiases = trainer.loss_and_grads(X, Y)
+            model.layout.pack(dweights, dbiases, grad)
+            weights = x * weight_mask
+            value = r * loss + 0.5 * alpha * float(np.dot(weights, weights)) / n
+            return value, grad * g + (alpha / n) * weights
+
+        iprint = 1 if (self.verbose is True or self.verbose >= 1) else -1
+        old_scipy = tuple(int(p) for p in scipy.__version__.split(".")[:2]) < (1, 15)
+        options = {"maxfun": self.max_fun, "maxiter": self.max_iter, "gtol": self.tol}
+        if old_scipy:  # scikit-learn passes iprint only where scipy still takes it
+            options["iprint"] = iprint
+        result = scipy.optimize.minimize(loss_and_grad, model.flat_parameters().astype(np.float64),
+                                         method="L-BFGS-B", jac=True, options=options)
+        self.n_iter_ = _check_optimize_result(result, self.max_iter)
+        self.loss_ = np.float64(result.fun)
+        model.set_flat_parameters(result.x)
+
+    # -- sgd and adam ------------------------------------------------------------------------------------------
+    def _fit_stochastic(self, X, y, alpha: float, incremental: bool, random_state) -> None:
+        if self.early_stopping and incremental:
+            raise ValueError("partial_fit does not support early_stopping=True")
+        fresh = not incremental or not hasattr(self, "_lr_")
+        if fresh:
+            self._lr_ = float(self.learning_rate_init)  # the optimizer's current rate, scikit-learn's units
+        early = bool(self.early_stopping)
+        if early:
+            stratify = y if is_classifier(self) and self.n_outputs_ == 1 else None
+            with config_context(skip_parameter_validation=True):  # as inside scikit-learn's fit: its messages
+                X_train, X_val, y_train, y_val = train_test_split(X, y, random_state=random_state,
+                                                                  test_size=self.validation_fraction, stratify=stratify)
+            if X_val.shape[0] < 2:
+                raise ValueError("The validation set is too small. Increase 'validation_fraction' or the size of "
+                                 "your dataset.")
+            y_val = self._validation_targets(y_val)
+            if self.validation_scores_ is None:  # a warm start that turned early stopping on
+                self.validation_scores_, self.best_validation_score_ = [], -np.inf
+        else:
+            X_train, y_train, X_val, y_val = X, y, None, None
+        n = X_train.shape[0]
+        if self.batch_size == "auto":
+            batch = min(200, n)
+        else:
+            if self.batch_size > n:
+                warnings.warn("Got `batch_size` less than 1 or larger than sample size. It is going to be clipped",
+                              stacklevel=4)
+            batch = int(np.clip(self.batch_size, 1, n))
+        seed = int(random_state.randint(np.iinfo(np.int32).max))
+        trainer = self._use_trainer(self._settings(batch, seed, alpha), fresh=fresh)
+        trainer.batch_size = batch
+        dtype = self.model_.dtype
+        X_train = _dense(X_train, dtype)
+        Y_train = np.ascontiguousarray(y_train, dtype=dtype)
+        if early:
+            X_val = _dense(X_val, dtype)
+        loop = _Epochs(self, trainer, alpha, n, batch, incremental, X_val, y_val)
+        epochs = 1 if incremental else self.max_iter
+        try:
+            if self.shuffle and batch < n:
+                loop.run_shuffled(X_train, Y_train, epochs)
+            else:  # in order: one Trainer.fit per mini-batch (the Trainer shuffles any multi-batch epoch)
+                loop.run_in_order(X_train, Y_train, epochs)
+        except NonFiniteLossError:
+            raise ValueError(_NON_FINITE) from None
+        except KeyboardInterrupt:
+            warnings.warn("Training interrupted by user.", stacklevel=4)
+        finally:
+            loop.close()
+        if early:
+            self.model_.set_flat_parameters(self._best_parameters)
+
+    def _validation_targets(self, y_val):
+        return y_val
+
+    def _validation_score(self, trainer, X_val, y_val) -> float:
+        pred = np.asarray(trainer.predict(X_val), dtype=np.float64)
+        return self._score_validation(pred, y_val)
+
+    # -- predict ---------------------------------------------------------------------------------------------
+    def _forward(self, X) -> np.ndarray:
+        """The network's output for X (validated): (n, n_outputs_), float64 unless X and the model are float32."""
         check_is_fitted(self, "model_")
-        X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
-        return np.asarray(self._trainer().predict(X), dtype=np.float64)
+        X = validate_data(self, X, accept_sparse=["csr", "csc"], reset=False)
+        dtype = self.model_.dtype
+        out_dtype = np.result_type(X.dtype, dtype) if X.dtype.kind == "f" else np.dtype(np.float64)
+        trainer = self._trainer()
+        if scipy.sparse.issparse(X):
+            X = X.tocsr()
+            parts = [trainer.predict(_dense(X[a:a + _PREDICT_ROWS], dtype))
+                     for a in range(0, X.shape[0], _PREDICT_ROWS)]
+            out = np.concatenate(parts) if parts else np.empty((0, self.n_outputs_), dtype)
+        else:
+            out = trainer.predict(_dense(X, dtype))
+        out = np.asarray(out, dtype=out_dtype)
+        if self.out_activation_ == "softmax":  # the kernels' float32 softmax rows, renormalised
+            out /= out.sum(axis=1, keepdims=True)
+        return out
 
-    def fit(self, X, y):
-        """Fit the network to ``X`` (n_samples, n_features) and ``y`` (n_samples,) or (n_samples, n_outputs).
+    def fit(self, X, y, sample_weight=None):
+        """Fit the model to data matrix X and target(s) y.
 
-        Returns ``self``. Runs up to ``max_iter`` epochs; see the module docstring for the stopping rules.
+        Parameters
+        ----------
+        X : ndarray, sparse matrix or DataFrame of shape (n_samples, n_features)
+        y : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+        sample_weight : array-like of shape (n_samples,), default=None
+            Equal weights only, for now (see the module docstring).
+
+        Returns
+        -------
+        self
         """
         self._validate_params()
-        return self._fit(X, y, incremental=False)
+        return self._fit(X, y, sample_weight=sample_weight, incremental=False)
+
+    def _check_solver(self) -> bool:
+        if self.solver not in _STOCHASTIC_SOLVERS:
+            raise AttributeError(f"partial_fit is only available for stochastic optimizers. {self.solver} is not "
+                                 "stochastic.")
+        return True
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
+
+
+class _Epochs:
+    """scikit-learn's epoch loop (_fit_stochastic) over a fastbp Trainer: after each epoch, the loss in
+    scikit-learn's units, the verbose line, the no-improvement count (training loss or validation score), the
+    learning-rate rules, the stop decision and the ConvergenceWarning. Used as a Trainer.fit callback
+    (shuffled mini-batches) or from a Python loop over in-order mini-batches."""
+
+    def __init__(self, est: _BaseMLP, trainer: Trainer, alpha: float, n: int, batch: int, incremental: bool,
+                 X_val, y_val):
+        self.est, self.trainer, self.alpha, self.n, self.batch = est, trainer, alpha, n, batch
+        self.incremental = incremental
+        self.X_val, self.y_val = X_val, y_val
+        self.r, _ = est._ratios()
+        self.n_batches = -(-n // batch)
+        self.squares = self._weight_squares()
+        est.n_iter_ = 0
+        self.bar = None
+        if est.verbose is not True and est.verbose >= 2:
+            self.bar = ProgressBar(1 if incremental else est.max_iter, n_samples=n, mode="lines", every=1)
+
+    def _weight_squares(self) -> float:
+        return float(sum(np.dot(w.ravel().astype(np.float64), w.ravel().astype(np.float64))
+                         for w in self.est.model_.weights))
+
+    # -- the two ways of running epochs ----------------------------------------------------------------------
+    def run_shuffled(self, X, Y, epochs: int) -> None:
+        def callback(trainer, history) -> bool:
+            squares = self._weight_squares()
+            penalty = 0.5 * self.alpha * self.n_batches * (self.squares + squares) / 2 / self.n
+            self.squares = squares
+            return self.end_epoch(history.loss[-1], penalty, history)
+
+        self.trainer.fit(X, Y, epochs=epochs, callbacks=[callback])
+
+    def run_in_order(self, X, Y, epochs: int) -> None:
+        trainer, n, batch = self.trainer, self.n, self.batch
+        history = History()
+        for _ in range(epochs):
+            total, penalty = 0.0, 0.0
+            for start in range(0, n, batch):
+                stop = min(start + batch, n)
+                penalty += 0.5 * self.alpha * self._weight_squares() / n
+                trainer.batch_size = stop - start  # one step on exactly these rows
+                total += trainer.fit(X[start:stop], Y[start:stop], epochs=1).loss[0] * (stop - start)
+            trainer.batch_size = batch
+            history.loss.append(total / n)
+            history.epoch.append(len(history.epoch))
+            history.time.append(0.0)
+            history.lr.append(self.est._lr_)
+            if self.end_epoch(total / n, penalty, history):
+                break
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    # -- scikit-learn's end of an epoch -------------------------------------------------------------------------
+    def end_epoch(self, data_loss: float, penalty: float, history) -> bool:
+        est = self.est
+        if self.bar is not None:
+            self.bar(self.trainer, history)
+        est.n_iter_ += 1
+        est.loss_ = np.float64(self.r * data_loss + penalty)  # scikit-learn's type
+        est.t_ += self.n
+        est.loss_curve_.append(est.loss_)
+        if est.verbose:
+            print(f"Iteration {est.n_iter_:d}, loss = {est.loss_:.8f}")
+        self._update_no_improvement_count()
+        if est.solver == "sgd" and est.learning_rate == "invscaling":
+            self.set_lr(float(est.learning_rate_init) / (est.t_ + 1) ** est.power_t)
+        if est._no_improvement_count > est.n_iter_no_change:
+            if self.X_val is not None:
+                msg = (f"Validation score did not improve more than tol={est.tol:f} for "
+                       f"{est.n_iter_no_change:d} consecutive epochs.")
+            else:
+                msg = (f"Training loss did not improve more than tol={est.tol:f} for "
+                       f"{est.n_iter_no_change:d} consecutive epochs.")
+            if self._trigger_stopping(msg):
+                return True
+            est._no_improvement_count = 0
+        if self.incremental:
+            return True
+        if est.n_iter_ == est.max_iter:
+            warnings.warn(f"Stochastic Optimizer: Maximum iterations ({est.max_iter:d}) reached and the optimization "
+                          "hasn't converged yet.", ConvergenceWarning, stacklevel=2)
+        return False
+
+    def _update_no_improvement_count(self) -> None:
+        est = self.est
+        if self.X_val is not None:
+            score = est._validation_score(self.trainer, self.X_val, self.y_val)
+            est.validation_scores_.append(score)
+            if est.verbose:
+                print(f"Validation score: {est.validation_scores_[-1]:f}")
+            if score < est.best_validation_score_ + est.tol:
+                est._no_improvement_count += 1
+            else:
+                est._no_improvement_count = 0
+            if score > est.best_validation_score_:
+                est.best_validation_score_ = score
+                est._best_parameters = est.model_.flat_parameters()
+        else:
+            if est.loss_curve_[-1] > est.best_loss_ - est.tol:
+                est._no_improvement_count += 1
+            else:
+                est._no_improvement_count = 0
+            if est.loss_curve_[-1] < est.best_loss_:
+                est.best_loss_ = est.loss_curve_[-1]
+
+    def _trigger_stopping(self, msg: str) -> bool:
+        est = self.est
+        if est.solver != "sgd" or est.learning_rate != "adaptive":
+            if est.verbose:
+                print(msg + " Stopping.")
+            return True
+        if est._lr_ <= 1e-6:
+            if est.verbose:
+                print(msg + " Learning rate too small. Stopping.")
+            return True
+        self.set_lr(est._lr_ / 5.0)
+        if est.verbose:
+            print(f"{msg} Setting learning rate to {est._lr_:f}")
+        return False
+
+    def set_lr(self, lr: float) -> None:
+        """The optimizer's rate becomes lr (scikit-learn's units) from the next step on. Under momentum, torch's
+        buffer is rescaled by old / new so that the next steps are scikit-learn's (its velocity holds steps of
+        the old rate)."""
+        est, trainer = self.est, self.trainer
+        old = est._lr_
+        if lr == old:
+            return
+        if trainer.momentum > 0 and trainer.steps_done > 0:
+            state = trainer.state_dict()
+            state["opt_state"][0] *= old / lr
+            trainer.load_state_dict(state)
+        est._lr_ = lr
+        trainer.set_lr(lr * est._ratios()[1])
+
+
+def _check_optimize_result(result, max_iter: int) -> int:
+    """scikit-learn's check of an L-BFGS result: the iteration count, and its ConvergenceWarning text."""
+    n_iter = min(result.nit, max_iter)
+    if result.status != 0:
+        message = f"lbfgs failed to converge after {n_iter} iteration(s) (status={result.status}):\n{result.message}\n"
+        if n_iter == max_iter:
+            message += f"\nIncrease the number of iterations to improve the convergence (max_iter={max_iter})."
+        message += ("\nYou might also want to scale the data as shown in:\n"
+                    "    https://scikit-learn.org/stable/modules/preprocessing.html")
+        warnings.warn(message, ConvergenceWarning, stacklevel=4)
+    return n_iter
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):
-    """Multi-layer perceptron classifier trained by fastbp (softmax cross-entropy), scikit-learn's API.
+    """Multi-layer perceptron classifier trained by fastbp: scikit-learn's ``MLPClassifier``, compiled.
 
-    Parameters
-    ----------
-    hidden_layer_sizes : tuple of int, default (100,)
-        Widths of the hidden layers.
-    activation : {"identity", "logistic", "tanh", "relu"}, default "relu"
-        Hidden-layer activation ("sigmoid" and "leaky_relu" also accepted).
-    solver : {"adam", "sgd"}, default "adam"
-    alpha : float, default 1e-4
-        L2 strength, scikit-learn's meaning (see the module docstring for how it maps to weight decay).
-    batch_size : int or "auto", default "auto" (``min(200, n_samples)``)
-    learning_rate_init : float, default 1e-3
-    max_iter : int, default 200
-        Epochs at most.
-    random_state : int, RandomState or None
-        Seeds the initial weights, the shuffling and the validation split.
-    tol, n_iter_no_change, early_stopping, validation_fraction :
-        scikit-learn's stopping rules (see the module docstring).
-    verbose : bool or int, default False
-        Progress output of :meth:`fastbp.Trainer.fit` (``True``: a bar on a terminal, lines otherwise).
-    warm_start : bool, default False
-        Continue from the previous fit's weights and optimizer state.
-    momentum, nesterovs_momentum : SGD momentum (``solver="sgd"``).
-    beta_1, beta_2, epsilon : Adam's settings (``solver="adam"``).
+    Parameters are scikit-learn 1.9's (same names, order, defaults and meanings; see
+    ``sklearn.neural_network.MLPClassifier``), plus:
+
     device : {"cpu", "cuda", "auto"}, default "cpu"
-    dtype : {"float32", "float64"}, default "float32"
+    dtype : {None, "float32", "float64"}, default None
+        None: float32 input trains in float32 and anything else in float64 (lbfgs: float64), as scikit-learn.
 
-    Attributes
-    ----------
-    classes_ : ndarray (n_classes,)
-    loss_curve_ : list of float, the mean training loss of each epoch (cross-entropy, no penalty term)
-    validation_scores_ : list of float or None, held-out accuracy per epoch (``early_stopping`` only)
-    best_validation_score_ : float or None; best_loss_ : float or None
-    n_iter_ : int, epochs run; t_ : int, training samples seen
-    coefs_, intercepts_ : lists of ndarray, the weights ``(n_in, n_out)`` and biases of each layer
-    n_features_in_ : int; n_outputs_ : int (``n_classes``)
+    Binary targets get one logistic output, multiclass targets a softmax, a multilabel indicator matrix one
+    logistic output per label. Attributes as scikit-learn's (``classes_``, ``loss_``, ``best_loss_``,
+    ``loss_curve_``, ``validation_scores_``, ``best_validation_score_``, ``t_``, ``coefs_``, ``intercepts_``,
+    ``n_features_in_``, ``feature_names_in_``, ``n_iter_``, ``n_layers_``, ``n_outputs_``, ``out_activation_``).
+    See the module docstring for what differs.
 
     Examples
     --------
@@ -400,70 +797,138 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     True
     """
 
-    _loss = "softmax_cross_entropy"
-    _loss_scale = 1.0
+    loss = "log_loss"  # scikit-learn's (not a constructor parameter of the classifier)
 
-    def _encode_targets(self, y, *, first: bool, classes=None):
-        y = column_or_1d(y, warn=True)
-        check_classification_targets(y)
-        if first:
-            self.classes_ = unique_labels(y) if classes is None else unique_labels(np.asarray(classes))
-            self.n_outputs_ = len(self.classes_)
-        elif classes is not None and not np.array_equal(unique_labels(np.asarray(classes)), self.classes_):
-            raise ValueError(f"`classes={list(classes)}` is not the same as on the first call to partial_fit "
-                             f"({list(self.classes_)})")
-        unknown = np.setdiff1d(unique_labels(y), self.classes_)
-        if unknown.size:
-            raise ValueError(f"y has labels {list(unknown)} that are not in classes_ {list(self.classes_)}")
-        ids = np.searchsorted(self.classes_, y).astype(np.int64)
-        Y = np.zeros((len(ids), self.n_outputs_), dtype=np.float32 if self.dtype == "float32" else np.float64)
-        Y[np.arange(len(ids)), ids] = 1
-        return Y
+    def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam", alpha=0.0001,
+                 batch_size="auto", learning_rate="constant", learning_rate_init=0.001, power_t=0.5, max_iter=200,
+                 shuffle=True, random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
+                 nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999,
+                 epsilon=1e-8, n_iter_no_change=10, max_fun=15000, device="cpu", dtype=None):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
+        self.max_iter = max_iter
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.n_iter_no_change = n_iter_no_change
+        self.max_fun = max_fun
+        self.device = device
+        self.dtype = dtype
 
-    def _validation_score(self, trainer, X_val, Y_val) -> float:
-        # Called from a fit callback, where the model is current: predict is exact (and O(parameters) of
-        # copying per epoch, small beside the epoch).
-        proba = trainer.predict(X_val)
-        return float(accuracy_score(Y_val.argmax(axis=1), proba.argmax(axis=1)))
+    def _validate_input(self, X, y, incremental, reset):
+        X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True,
+                             dtype=(np.float64, np.float32), reset=reset)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        if not hasattr(self, "classes_") or (not self.warm_start and not incremental):
+            self._label_binarizer = LabelBinarizer()
+            self._label_binarizer.fit(y)
+            self.classes_ = self._label_binarizer.classes_
+        else:
+            classes = unique_labels(y)
+            if self.warm_start:
+                if set(classes) != set(self.classes_):
+                    raise ValueError("warm_start can only be used where `y` has the same classes as in the previous "
+                                     f"call to fit. Previously got {self.classes_}, `y` has {classes}")
+            elif len(np.setdiff1d(classes, self.classes_, assume_unique=True)):
+                raise ValueError(f"`y` has classes not in `self.classes_`. `self.classes_` has {self.classes_}. "
+                                 f"'y' has {classes}.")
+        y = self._label_binarizer.transform(y).astype(bool)
+        return X, y
 
-    def partial_fit(self, X, y, classes=None):
-        """One epoch over ``X``, ``y``; ``classes`` (all labels) is required on the first call."""
-        if not hasattr(self, "model_"):
-            self._validate_params()
-            if classes is None:
-                raise ValueError("classes must be passed on the first call to partial_fit.")
-            return self._fit(X, y, incremental=True, classes=classes)
-        return self._fit(X, y, incremental=True, classes=classes)
+    def _out_activation(self) -> str:
+        return "softmax" if self._label_binarizer.y_type_ == "multiclass" else "logistic"
 
-    def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities ``(n_samples, n_classes)``, columns in the order of ``classes_``."""
-        proba = self._predict_raw(X)
-        proba /= proba.sum(axis=1, keepdims=True)  # float32 softmax rows renormalised in float64
-        return proba
+    def _validation_targets(self, y_val):
+        return self._label_binarizer.inverse_transform(y_val)
 
-    def predict_log_proba(self, X) -> np.ndarray:
+    def _labels(self, out: np.ndarray):
+        if self.n_outputs_ == 1:
+            out = out.ravel()
+        return self._label_binarizer.inverse_transform(out)
+
+    def _score_validation(self, pred, y_val) -> float:
+        return float(accuracy_score(y_val, self._labels(pred)))
+
+    @available_if(lambda est: est._check_solver())
+    def partial_fit(self, X, y, sample_weight=None, classes=None):
+        """Update the model with a single epoch over X, y.
+
+        ``classes`` (all labels across calls) is required on the first call; y need not contain all of them.
+        """
+        self._validate_params()
+        if _check_partial_fit_first_call(self, classes):
+            self._label_binarizer = LabelBinarizer()
+            if type_of_target(y).startswith("multilabel"):
+                self._label_binarizer.fit(y)
+            else:
+                self._label_binarizer.fit(classes)
+        return self._fit(X, y, sample_weight=sample_weight, incremental=True)
+
+    def predict(self, X):
+        """The predicted classes, (n_samples,), or an indicator matrix (n_samples, n_classes) for multilabel."""
+        check_is_fitted(self)
+        return self._labels(self._forward(X))
+
+    def predict_proba(self, X):
+        """Class probabilities (n_samples, n_classes), columns in the order of ``classes_``."""
+        check_is_fitted(self)
+        out = self._forward(X)
+        if self.n_outputs_ == 1:
+            out = out.ravel()
+        if out.ndim == 1:
+            return np.vstack([1 - out, out]).T
+        return out
+
+    def predict_log_proba(self, X):
         """``log(predict_proba(X))``."""
+        proba = self.predict_proba(X)
         with np.errstate(divide="ignore"):
-            return np.log(self.predict_proba(X))
-
-    def predict(self, X) -> np.ndarray:
-        """The most probable class of each row of ``X``, shape ``(n_samples,)``, labels from ``classes_``."""
-        check_is_fitted(self, "model_")
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+            return np.log(proba, out=proba)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.classifier_tags.multi_label = False
+        tags.classifier_tags.multi_label = True
         return tags
 
 
-class MLPRegressor(RegressorMixin, _BaseMLP):
-    """Multi-layer perceptron regressor trained by fastbp (mean squared error), scikit-learn's API.
+def _check_partial_fit_first_call(clf, classes=None) -> bool:
+    """scikit-learn's check (a private helper there): True on the first partial_fit call (classes_ set)."""
+    if getattr(clf, "classes_", None) is None and classes is None:
+        raise ValueError("classes must be passed on the first call to partial_fit.")
+    if classes is not None:
+        if getattr(clf, "classes_", None) is not None:
+            if not np.array_equal(clf.classes_, unique_labels(classes)):
+                raise ValueError(f"`classes={classes!r}` is not the same as on last call to partial_fit, was: "
+                                 f"{clf.classes_!r}")
+        else:
+            clf.classes_ = unique_labels(classes)
+            return True
+    return False
 
-    Parameters are those of :class:`MLPClassifier`. ``y`` is ``(n_samples,)`` or ``(n_samples, n_outputs)``;
-    ``predict`` returns ``(n_samples,)`` when there is one output. With ``solver="sgd"`` the rate is
-    halved to match scikit-learn's half-squared-error steps (module docstring). ``loss_curve_`` holds
-    scikit-learn's squared error ``mean((out - y)**2) / 2``; ``validation_scores_`` holds R^2.
+
+class MLPRegressor(RegressorMixin, _BaseMLP):
+    """Multi-layer perceptron regressor trained by fastbp: scikit-learn's ``MLPRegressor``, compiled.
+
+    Parameters are scikit-learn 1.9's, in its order (``loss`` first: ``"squared_error"``; ``"poisson"`` is not
+    supported yet), plus ``device`` and ``dtype`` as in :class:`MLPClassifier`. ``y`` is (n_samples,) or
+    (n_samples, n_outputs); ``predict`` returns (n_samples,) for one output. ``loss_curve_`` holds scikit-learn's
+    half squared error (plus its penalty term); ``validation_scores_`` holds R^2.
 
     Examples
     --------
@@ -478,32 +943,65 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     True
     """
 
-    _loss = "mse"
-    _loss_scale = 2.0
+    def __init__(self, loss="squared_error", hidden_layer_sizes=(100,), activation="relu", *, solver="adam",
+                 alpha=0.0001, batch_size="auto", learning_rate="constant", learning_rate_init=0.001, power_t=0.5,
+                 max_iter=200, shuffle=True, random_state=None, tol=1e-4, verbose=False, warm_start=False,
+                 momentum=0.9, nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1, beta_1=0.9,
+                 beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000, device="cpu", dtype=None):
+        self.loss = loss
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
+        self.max_iter = max_iter
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.n_iter_no_change = n_iter_no_change
+        self.max_fun = max_fun
+        self.device = device
+        self.dtype = dtype
 
-    def _encode_targets(self, y, *, first: bool, classes=None):
-        y = np.asarray(y)
-        Y = y.reshape(-1, 1) if y.ndim == 1 else y
-        if first:
-            self.n_outputs_ = Y.shape[1]
-        elif Y.shape[1] != self.n_outputs_:
-            raise ValueError(f"y has {Y.shape[1]} outputs; this regressor was fitted with {self.n_outputs_}")
-        return Y.astype(np.float32 if self.dtype == "float32" else np.float64)
+    def _validate_input(self, X, y, incremental, reset):
+        X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True, y_numeric=True,
+                             dtype=(np.float64, np.float32), reset=reset)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        return X, y
 
-    def _validation_score(self, trainer, X_val, Y_val) -> float:
-        pred = trainer.predict(X_val)
-        return float(r2_score(Y_val, pred))
+    def _out_activation(self) -> str:
+        return "identity"
 
-    def partial_fit(self, X, y):
-        """One epoch over ``X``, ``y`` (the first call starts a new network)."""
-        if not hasattr(self, "model_"):
-            self._validate_params()
-        return self._fit(X, y, incremental=True)
+    def _score_validation(self, pred, y_val) -> float:
+        if not np.isfinite(pred).all():
+            return np.nan
+        return float(r2_score(y_val, pred.ravel() if pred.shape[1] == 1 else pred))
 
-    def predict(self, X) -> np.ndarray:
-        """Predictions ``(n_samples,)`` for one output, ``(n_samples, n_outputs)`` otherwise."""
-        pred = self._predict_raw(X)
-        return pred.ravel() if pred.shape[1] == 1 else pred
+    @available_if(lambda est: est._check_solver)  # scikit-learn's: always available (lbfgs then refits)
+    def partial_fit(self, X, y, sample_weight=None):
+        """Update the model with a single epoch over X, y (with lbfgs, as in scikit-learn: an lbfgs run from
+        the current weights)."""
+        self._validate_params()
+        return self._fit(X, y, sample_weight=sample_weight, incremental=True)
+
+    def predict(self, X):
+        """Predictions (n_samples,) for one output, (n_samples, n_outputs) otherwise."""
+        check_is_fitted(self)
+        out = self._forward(X)
+        return out.ravel() if out.shape[1] == 1 else out
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

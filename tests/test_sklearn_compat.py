@@ -1,0 +1,509 @@
+"""fastbp.sklearn as a drop-in for scikit-learn 1.9's MLPClassifier / MLPRegressor, with the real estimators
+as the reference: signatures, initial weights, in-order SGD trajectories (float64, to rounding), schedules,
+early stopping's split and scores, verbose lines, warnings and errors, lbfgs, attributes, inputs (sparse,
+pandas, dtypes), coefs_ assignment, partial_fit / warm_start bookkeeping. Small networks on a few hundred
+digits rows keep it fast."""
+import contextlib
+import inspect
+import io
+import warnings
+
+import numpy as np
+import pytest
+
+sklearn = pytest.importorskip("sklearn")
+scipy_sparse = pytest.importorskip("scipy.sparse")
+
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning, NotFittedError  # noqa: E402
+from sklearn.neural_network import MLPClassifier as SkClassifier  # noqa: E402
+from sklearn.neural_network import MLPRegressor as SkRegressor  # noqa: E402
+
+from fastbp.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
+
+pytestmark = [pytest.mark.skipif(tuple(int(p) for p in sklearn.__version__.split(".")[:2]) < (1, 9),
+                                 reason="the reference behaviour is scikit-learn 1.9's"),
+              pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")]  # pytest.warns still sees
+
+PAIRS = {"classifier": (SkClassifier, MLPClassifier), "regressor": (SkRegressor, MLPRegressor)}
+
+
+@pytest.fixture(scope="module")
+def data():
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:400] / 16.0, y[:400]
+    return {"multiclass": (X, y), "binary": (X, y > 4), "multilabel": (X, np.c_[y > 4, y % 2 == 0, y < 2].astype(int)),
+            "regression": (X, X[:, 10] + 0.5 * X[:, 20]), "multioutput": (X, np.c_[X[:, 10], 2 * X[:, 20]])}
+
+
+def _pair(target):
+    return PAIRS["regressor" if target in ("regression", "multioutput") else "classifier"]
+
+
+def _fit_both(target, data, **params):
+    """(scikit-learn's estimator, fastbp's), each fitted with params on the same data, warnings silenced."""
+    X, y = data[target]
+    theirs, ours = _pair(target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return theirs(**params).fit(X, y), ours(**params).fit(X, y)
+
+
+def _assert_same_parameters(a, b, atol):
+    assert [c.shape for c in a.coefs_] == [c.shape for c in b.coefs_]
+    assert [c.shape for c in a.intercepts_] == [c.shape for c in b.intercepts_]
+    for p, q in zip(a.coefs_ + a.intercepts_, b.coefs_ + b.intercepts_):
+        np.testing.assert_allclose(q, p, rtol=0, atol=atol)
+
+
+def _stdout_of(fit, *args):
+    """What fit(*args) prints."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fit(*args)
+    return out.getvalue()
+
+
+# -- the constructor ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["classifier", "regressor"])
+def test_constructor_signature_is_sklearns_plus_device_and_dtype(kind):
+    theirs, ours = PAIRS[kind]
+    reference = list(inspect.signature(theirs).parameters.values())
+    mine = list(inspect.signature(ours).parameters.values())
+    assert [p.name for p in mine] == [p.name for p in reference] + ["device", "dtype"]
+    for p, q in zip(reference, mine):
+        assert (q.kind, q.default) == (p.kind, p.default), p.name
+    assert ours().get_params()["dtype"] is None and ours().get_params()["device"] == "cpu"
+
+
+@pytest.mark.parametrize("kind", ["classifier", "regressor"])
+def test_estimator_tags_are_sklearns(kind):
+    theirs, ours = PAIRS[kind]
+    a, b = theirs().__sklearn_tags__(), ours().__sklearn_tags__()
+    assert a.input_tags == b.input_tags and a.classifier_tags == b.classifier_tags
+    assert a.estimator_type == b.estimator_type
+    # The regressor's multi_output tag says what it supports (scikit-learn 1.9 leaves it False).
+    assert b.target_tags.multi_output == (kind == "regressor")
+
+
+# -- the same steps as scikit-learn ---------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ["multiclass", "binary", "multilabel", "regression", "multioutput"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_in_order_sgd_follows_sklearns_trajectory(data, target, nesterov):
+    """Same initial weights (scikit-learn's draws), the same in-order mini-batches, the same loss units and
+    momentum rule: float64 results equal to rounding."""
+    lr = 0.01 if target in ("regression", "multioutput") else 0.1
+    a, b = _fit_both(target, data, hidden_layer_sizes=(8, 6), solver="sgd", shuffle=False, alpha=0.0,
+                     learning_rate_init=lr, nesterovs_momentum=nesterov, batch_size=64, max_iter=3, random_state=0)
+    _assert_same_parameters(a, b, atol=1e-10)
+    np.testing.assert_allclose(b.loss_curve_, a.loss_curve_, rtol=1e-10)
+    for name in ("n_iter_", "t_", "n_layers_", "n_outputs_", "out_activation_", "n_features_in_"):
+        assert getattr(b, name) == getattr(a, name), name
+    assert b.loss_ == pytest.approx(a.loss_, rel=1e-10)
+    X = data[target][0]
+    if target in ("regression", "multioutput"):
+        np.testing.assert_allclose(b.predict(X), a.predict(X), rtol=1e-10)
+    else:
+        np.testing.assert_array_equal(b.predict(X), a.predict(X))
+    if target in ("multiclass", "binary", "multilabel"):
+        np.testing.assert_allclose(b.predict_proba(X), a.predict_proba(X), atol=1e-10)
+        np.testing.assert_array_equal(b.classes_, a.classes_)
+
+
+def test_initial_weights_are_sklearns(data):
+    # One in-order epoch at a tiny rate stays within 1e-6 of the initial weights, for both estimators.
+    for activation in ("relu", "logistic"):
+        a, b = _fit_both("multiclass", data, hidden_layer_sizes=(5,), activation=activation, solver="sgd",
+                         shuffle=False, learning_rate_init=1e-9, max_iter=1, random_state=3)
+        _assert_same_parameters(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("schedule", [dict(learning_rate="invscaling", power_t=0.3, learning_rate_init=0.5),
+                                      dict(learning_rate="adaptive", tol=0.15, n_iter_no_change=1,
+                                           learning_rate_init=0.2)])
+def test_learning_rate_schedules_follow_sklearn_exactly(data, schedule):
+    """invscaling changes the rate after every epoch, adaptive divides it by 5 after stalls; under momentum the
+    buffer is rescaled so that the steps stay scikit-learn's. The verbose lines are the same too."""
+    X, y = data["multiclass"]
+    params = dict(hidden_layer_sizes=(8,), solver="sgd", shuffle=False, alpha=0.0, batch_size=50, max_iter=10,
+                  random_state=0, verbose=True, **schedule)
+    a, b = SkClassifier(**params), MLPClassifier(**params)
+    out_a, out_b = _stdout_of(a.fit, X, y), _stdout_of(b.fit, X, y)
+    assert out_b == out_a
+    _assert_same_parameters(a, b, atol=1e-10)
+    if schedule["learning_rate"] == "adaptive":
+        assert "Setting learning rate to" in out_b
+
+
+def test_early_stopping_split_scores_and_restored_weights_are_sklearns(data):
+    """The held-out rows are scikit-learn's (the same random state after the initial draws; stratified for
+    binary targets, not for multiclass), so with in-order SGD the validation scores, the stop and the restored
+    best weights are scikit-learn's."""
+    for target in ("multiclass", "binary"):
+        X, y = data[target]
+        params = dict(hidden_layer_sizes=(8,), solver="sgd", shuffle=False, alpha=0.0, learning_rate_init=0.3,
+                      early_stopping=True, validation_fraction=0.2, n_iter_no_change=2, max_iter=60,
+                      random_state=0, verbose=True)
+        a, b = SkClassifier(**params), MLPClassifier(**params)
+        out_a, out_b = _stdout_of(a.fit, X, y), _stdout_of(b.fit, X, y)
+        assert out_b == out_a and "Validation score did not improve" in out_b
+        assert b.validation_scores_ == a.validation_scores_
+        assert b.best_validation_score_ == a.best_validation_score_ and b.best_loss_ is a.best_loss_ is None
+        _assert_same_parameters(a, b, atol=1e-10)
+
+
+def test_penalty_enters_like_sklearns(data):
+    """alpha: the weights get scikit-learn's pull; fastbp also pulls the biases (module docstring), a small
+    difference at this alpha; loss_curve_ includes the penalty term like scikit-learn's."""
+    a, b = _fit_both("multiclass", data, hidden_layer_sizes=(8,), solver="sgd", shuffle=False, alpha=1e-2,
+                     learning_rate_init=0.1, max_iter=5, random_state=0)
+    np.testing.assert_allclose(b.loss_curve_, a.loss_curve_, rtol=1e-3)
+    for p, q in zip(a.coefs_, b.coefs_):
+        np.testing.assert_allclose(q, p, atol=1e-3)
+
+
+@pytest.mark.parametrize("target", ["multiclass", "binary", "regression"])
+def test_in_order_adam_is_close_to_sklearns(data, target):
+    """Adam differs only by where epsilon enters (module docstring): the losses agree closely."""
+    a, b = _fit_both(target, data, hidden_layer_sizes=(8,), solver="adam", shuffle=False, learning_rate_init=0.01,
+                     max_iter=5, random_state=0)
+    np.testing.assert_allclose(b.loss_curve_, a.loss_curve_, rtol=2e-3)
+
+
+@pytest.mark.parametrize("target", ["multiclass", "binary", "multilabel", "multioutput"])
+def test_lbfgs_reaches_sklearns_loss(data, target):
+    a, b = _fit_both(target, data, hidden_layer_sizes=(8,), solver="lbfgs", max_iter=25, random_state=0)
+    assert b.loss_ == pytest.approx(a.loss_, rel=1e-4)
+    assert b.n_iter_ == a.n_iter_ == 25
+    assert type(b.loss_) is type(a.loss_) is np.float64
+    assert not hasattr(b, "loss_curve_") and not hasattr(a, "loss_curve_") and b.t_ == a.t_ == 0
+    assert b.coefs_[0].dtype == a.coefs_[0].dtype == np.float64
+    X = data[target][0]
+    assert b.score(X, data[target][1]) == pytest.approx(a.score(X, data[target][1]), abs=0.02)
+
+
+def test_lbfgs_convergence_warning_is_sklearns(data):
+    X, y = data["multiclass"]
+    messages = []
+    for estimator in (SkClassifier, MLPClassifier):
+        with pytest.warns(ConvergenceWarning) as record:
+            estimator(hidden_layer_sizes=(4,), solver="lbfgs", max_iter=3, random_state=0).fit(X, y)
+        messages.append([str(w.message) for w in record if w.category is ConvergenceWarning])
+    assert messages[1] == messages[0] and "lbfgs failed to converge after 3 iteration(s)" in messages[1][0]
+
+
+def test_lbfgs_max_fun_and_tol_are_passed_as_sklearn_passes_them(data):
+    a, b = _fit_both("multiclass", data, hidden_layer_sizes=(4,), solver="lbfgs", max_fun=10, max_iter=200,
+                     random_state=0)
+    assert b.n_iter_ == a.n_iter_ <= 10
+    a, b = _fit_both("multiclass", data, hidden_layer_sizes=(4,), solver="lbfgs", tol=1.0, random_state=0)
+    assert b.n_iter_ == a.n_iter_
+
+
+# -- stopping, warnings, verbose ------------------------------------------------------------------------------
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+def test_stochastic_max_iter_warning_and_verbose_lines_are_sklearns(data, solver):
+    X, y = data["multiclass"]
+    out, caught = [], []
+    for estimator in (SkClassifier, MLPClassifier):
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer), pytest.warns(ConvergenceWarning) as record:
+            estimator(hidden_layer_sizes=(4,), solver=solver, max_iter=2, verbose=1, random_state=0).fit(X, y)
+        out.append(buffer.getvalue().splitlines())
+        caught.append([str(w.message) for w in record])
+    assert caught[1] == caught[0] == ["Stochastic Optimizer: Maximum iterations (2) reached and the optimization "
+                                      "hasn't converged yet."]
+    assert [line.split("=")[0] for line in out[1]] == [line.split("=")[0] for line in out[0]] == \
+        ["Iteration 1, loss ", "Iteration 2, loss "]
+    assert all(len(line.split("= ")[1].split(".")[1]) == 8 for line in out[1])  # "%.8f"
+
+
+def test_training_loss_stop_message_and_count_are_sklearns(data):
+    X, y = data["multiclass"]
+    params = dict(hidden_layer_sizes=(8,), solver="sgd", shuffle=False, alpha=0.0, tol=0.05, n_iter_no_change=2,
+                  max_iter=50, learning_rate_init=0.05, random_state=0, verbose=True)
+    a, b = SkClassifier(**params), MLPClassifier(**params)
+    out_a, out_b = _stdout_of(a.fit, X, y), _stdout_of(b.fit, X, y)
+    assert out_b == out_a
+    assert out_b.splitlines()[-1] == ("Training loss did not improve more than tol=0.050000 for 2 consecutive "
+                                      "epochs. Stopping.")
+    assert b.n_iter_ == a.n_iter_ < 50 and b.best_loss_ == pytest.approx(a.best_loss_, rel=1e-10)
+
+
+def test_n_iter_no_change_inf_runs_every_epoch(data):
+    X, y = data["multiclass"]
+    for estimator in (SkClassifier, MLPClassifier):
+        with pytest.warns(ConvergenceWarning):
+            clf = estimator(hidden_layer_sizes=(4,), tol=10.0, n_iter_no_change=np.inf, max_iter=7,
+                            random_state=0).fit(X, y)
+        assert clf.n_iter_ == 7 and len(clf.loss_curve_) == 7
+
+
+def test_shuffle_false_is_deterministic_and_shuffle_true_is_seeded(data):
+    X, y = data["multiclass"]
+    fit = lambda **kw: MLPClassifier(hidden_layer_sizes=(8,), max_iter=3, **kw).fit(X, y)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        _assert_same_parameters(fit(shuffle=False, random_state=0), fit(shuffle=False, random_state=0), atol=0)
+        _assert_same_parameters(fit(random_state=5), fit(random_state=5), atol=0)
+        first, other = fit(random_state=5), fit(random_state=6)
+    assert not np.array_equal(first.coefs_[0], other.coefs_[0])
+
+
+# -- partial_fit and warm_start -------------------------------------------------------------------------------
+def test_partial_fit_bookkeeping_is_sklearns(data):
+    X, y = data["multiclass"]
+    for estimator in (SkClassifier, MLPClassifier):
+        clf = estimator(hidden_layer_sizes=(4,), random_state=0)
+        clf.partial_fit(X[:100], y[:100], classes=np.arange(10))
+        clf.partial_fit(X[100:300], y[100:300])
+        assert (clf.n_iter_, clf.t_, len(clf.loss_curve_)) == (1, 300, 2)
+        with pytest.raises(ValueError, match="is not the same as on last call to partial_fit"):
+            clf.partial_fit(X, y, classes=np.arange(5))
+        with pytest.raises(ValueError, match="partial_fit does not support early_stopping=True"):
+            clf.set_params(early_stopping=True).partial_fit(X, y)
+    for estimator in (SkClassifier, MLPClassifier):
+        assert not hasattr(estimator(solver="lbfgs"), "partial_fit")
+    for estimator in (SkRegressor, MLPRegressor):  # scikit-learn's regressor keeps it (an lbfgs run)
+        assert hasattr(estimator(solver="lbfgs"), "partial_fit")
+    for estimator in (SkClassifier, MLPClassifier):
+        with pytest.raises(AttributeError, match="has no attribute 'partial_fit'"):
+            estimator(solver="lbfgs").partial_fit(np.zeros((2, 1)), [0, 1], classes=[0, 1])
+
+
+def test_partial_fit_multilabel_first_call_needs_no_classes_set(data):
+    X, Y = data["multilabel"]
+    for estimator in (SkClassifier, MLPClassifier):
+        clf = estimator(hidden_layer_sizes=(4,), random_state=0).partial_fit(X, Y, classes=[0, 1, 2])
+        assert clf.predict(X[:3]).shape == (3, 3)
+
+
+def test_warm_start_bookkeeping_and_class_check_are_sklearns(data):
+    X, y = data["multiclass"]
+    for estimator in (SkClassifier, MLPClassifier):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf = estimator(hidden_layer_sizes=(4,), max_iter=3, warm_start=True, random_state=0).fit(X, y)
+            coefs = [c.copy() for c in clf.coefs_]
+            clf.fit(X, y)
+        assert (clf.n_iter_, len(clf.loss_curve_), clf.t_) == (3, 6, 6 * len(X))
+        assert not np.array_equal(coefs[0], clf.coefs_[0])
+        with pytest.raises(ValueError, match="warm_start can only be used where `y` has the same classes"):
+            clf.fit(X[y < 5], y[y < 5])
+
+
+def test_partial_fit_continues_the_optimizer_and_warm_start_resets_it(data):
+    """scikit-learn keeps its optimizer across partial_fit calls and makes a new one for every fit: with
+    in-order SGD under momentum both bookkeepings give scikit-learn's weights."""
+    X, y = data["multiclass"]
+    params = dict(hidden_layer_sizes=(6,), solver="sgd", shuffle=False, alpha=0.0, learning_rate_init=0.1,
+                  max_iter=2, random_state=0)
+    models = []
+    for estimator in (SkClassifier, MLPClassifier):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            warm = estimator(warm_start=True, **params).fit(X, y).fit(X, y)
+        partial = estimator(**params)
+        partial.partial_fit(X, y, classes=np.arange(10)).partial_fit(X, y)
+        models.append((warm, partial))
+    _assert_same_parameters(models[0][0], models[1][0], atol=1e-10)
+    _assert_same_parameters(models[0][1], models[1][1], atol=1e-10)
+
+
+# -- errors ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["too_small_validation", "zero_fraction", "hidden_zero", "nan_X", "continuous_y",
+                                  "bad_solver", "n_iter_no_change_float", "features_mismatch", "multioutput_labels"])
+def test_errors_are_sklearns(data, case):
+    X, y = data["multiclass"]
+    fit = {
+        "too_small_validation": lambda E: E(early_stopping=True, max_iter=2).fit(X[:10], y[:10]),
+        "zero_fraction": lambda E: E(early_stopping=True, validation_fraction=0.0, max_iter=2).fit(X, y),
+        "hidden_zero": lambda E: E(hidden_layer_sizes=(3, 0), max_iter=2).fit(X, y),
+        "nan_X": lambda E: E(max_iter=2).fit(np.where(X == 0, np.nan, X), y),
+        "continuous_y": lambda E: E(max_iter=2).fit(X, X[:, 10] + 0.1),
+        "bad_solver": lambda E: E(solver="newton").fit(X, y),
+        "n_iter_no_change_float": lambda E: E(n_iter_no_change=2.5).fit(X, y),
+        "features_mismatch": lambda E: E(hidden_layer_sizes=(3,), max_iter=2).fit(X, y).predict(X[:, :10]),
+        "multioutput_labels": lambda E: E(max_iter=2).fit(X, np.c_[y, y]),
+    }[case]
+    errors = []
+    for estimator in (SkClassifier, MLPClassifier):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(Exception) as info:
+                fit(estimator)
+        errors.append(info.value)
+    theirs, ours = errors
+    assert isinstance(ours, ValueError) and isinstance(theirs, ValueError)
+    if case in ("bad_solver", "n_iter_no_change_float"):
+        assert isinstance(ours, TypeError) == isinstance(theirs, TypeError)  # InvalidParameterError
+        assert str(ours).split(" must be ")[0] == str(theirs).split(" must be ")[0]
+    else:
+        assert type(ours) is type(theirs) and str(ours) == str(theirs)
+
+
+def test_unfitted_and_clipped_batch(data):
+    X, y = data["multiclass"]
+    for estimator in (SkClassifier, MLPClassifier):
+        with pytest.raises(NotFittedError):
+            estimator().predict(X)
+        with pytest.warns(UserWarning, match="Got `batch_size` less than 1 or larger than sample size"):
+            estimator(hidden_layer_sizes=(3,), batch_size=1000, max_iter=1).fit(X, y)
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_sparse_input_trains_and_predicts_as_dense(data, fmt):
+    X, y = data["multiclass"]
+    Xs = scipy_sparse.csr_matrix(X) if fmt == "csr" else scipy_sparse.csc_matrix(X)
+    params = dict(hidden_layer_sizes=(8,), max_iter=3, random_state=0, early_stopping=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        dense, sparse = MLPClassifier(**params).fit(X, y), MLPClassifier(**params).fit(Xs, y)
+    _assert_same_parameters(dense, sparse, atol=0)
+    np.testing.assert_array_equal(sparse.predict_proba(Xs), dense.predict_proba(X))
+    np.testing.assert_array_equal(sparse.predict(scipy_sparse.csr_array(X)), dense.predict(X))
+
+
+def test_pandas_frames_keep_feature_names(data):
+    pd = pytest.importorskip("pandas")
+    X, y = data["regression"]
+    frame = pd.DataFrame(X[:, :12], columns=[f"pixel{i}" for i in range(12)])
+    a, b = SkRegressor(hidden_layer_sizes=(4,), max_iter=2), MLPRegressor(hidden_layer_sizes=(4,), max_iter=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a.fit(frame, pd.Series(y)), b.fit(frame, pd.Series(y))
+    np.testing.assert_array_equal(b.feature_names_in_, a.feature_names_in_)
+    for estimator in (a, b):
+        with pytest.warns(UserWarning, match="X does not have valid feature names"):
+            estimator.predict(frame.to_numpy())
+        with pytest.raises(ValueError, match="The feature names should match those that were passed during fit"):
+            estimator.predict(frame.rename(columns={"pixel0": "other"}))
+
+
+def test_dtypes_follow_the_input_as_in_sklearn(data):
+    X, y = data["multiclass"]
+    for dtype in (np.float32, np.float64, np.int64):
+        a, b = _fit_both("multiclass", {"multiclass": (X.astype(dtype) if dtype != np.int64
+                                                       else (X * 16).astype(dtype), y)},
+                         hidden_layer_sizes=(4,), max_iter=2, random_state=0)
+        assert b.coefs_[0].dtype == a.coefs_[0].dtype
+        for query in (X.astype(np.float32), X):
+            assert b.predict_proba(query).dtype == a.predict_proba(query).dtype
+    forced = MLPClassifier(hidden_layer_sizes=(4,), max_iter=1, dtype="float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        assert forced.fit(X, y).coefs_[0].dtype == np.float32
+
+
+# -- attributes -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("early_stopping", [False, True])
+@pytest.mark.parametrize("target", ["multiclass", "binary", "multilabel", "multioutput"])
+def test_fitted_attributes_have_sklearns_types_and_shapes(data, target, early_stopping):
+    a, b = _fit_both(target, data, hidden_layer_sizes=(5, 3), max_iter=3, early_stopping=early_stopping,
+                     random_state=0)
+    names = ["loss_", "best_loss_", "loss_curve_", "validation_scores_", "best_validation_score_", "t_", "n_iter_",
+             "n_layers_", "n_outputs_", "out_activation_", "n_features_in_", "coefs_", "intercepts_"]
+    if target != "multioutput":
+        names.append("classes_")
+    for name in names:
+        theirs, ours = getattr(a, name), getattr(b, name)
+        assert isinstance(ours, type(theirs)) or (theirs is None and ours is None), name
+        if isinstance(theirs, list):
+            assert len(ours) == len(theirs), name
+            assert [np.shape(v) for v in ours] == [np.shape(v) for v in theirs], name
+            assert all(isinstance(v, type(w)) for v, w in zip(ours, theirs)), name
+        if isinstance(theirs, np.ndarray):
+            assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, name
+    X = data[target][0]
+    assert b.predict(X).shape == a.predict(X).shape and b.predict(X).dtype == a.predict(X).dtype
+    if target != "multioutput":
+        assert b.predict_proba(X).shape == a.predict_proba(X).shape
+        assert b.predict_log_proba(X).shape == a.predict_log_proba(X).shape
+
+
+def test_setting_coefs_changes_the_model(data):
+    """coefs_ / intercepts_ are settable like scikit-learn's attributes: scikit-learn's fitted weights put into
+    a fastbp estimator give scikit-learn's predictions."""
+    X, y = data["multiclass"]
+    a, b = _fit_both("multiclass", data, hidden_layer_sizes=(6,), max_iter=5, random_state=0)
+    b2 = MLPClassifier(hidden_layer_sizes=(6,), max_iter=5, random_state=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        b2.fit(X, y)
+    b2.coefs_ = a.coefs_
+    b2.intercepts_ = [i.tolist() for i in a.intercepts_]
+    np.testing.assert_allclose(b2.predict_proba(X), a.predict_proba(X), atol=1e-12)
+    b.coefs_[1] = np.zeros_like(a.coefs_[1])  # item assignment reaches the model
+    b.intercepts_[1][...] = np.log(np.arange(1, 11))  # and so do in-place edits
+    np.testing.assert_allclose(b.predict_proba(X[:2]), np.tile(np.arange(1, 11) / 55, (2, 1)), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"coefs_\[0\] must have shape \(64, 6\)"):
+        b.coefs_ = [np.zeros((6, 64)), np.zeros((6, 10))]
+    with pytest.raises(ValueError, match="must have shape"):
+        b.coefs_[1] = np.zeros(3)
+    with pytest.raises(ValueError, match="list of 2 arrays"):
+        b.intercepts_ = [np.zeros(6)]
+    with pytest.raises(AttributeError, match="fitted"):
+        MLPClassifier().coefs_ = a.coefs_
+
+
+# -- not supported yet ----------------------------------------------------------------------------------------
+def test_equal_sample_weights_are_exact_and_unequal_ones_raise(data):
+    X, y = data["multiclass"]
+    params = dict(hidden_layer_sizes=(6,), max_iter=3, random_state=0, alpha=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        weighted = MLPClassifier(**params).fit(X, y, sample_weight=np.full(len(X), 4.0))
+        rescaled = MLPClassifier(**(params | {"alpha": 1e-2 / 4})).fit(X, y)
+        a, b = _fit_both("multiclass", data, solver="lbfgs", max_iter=10, hidden_layer_sizes=(4,), random_state=0)
+        b_weighted = MLPClassifier(solver="lbfgs", max_iter=10, hidden_layer_sizes=(4,), random_state=0).fit(
+            X, y, sample_weight=[3.0] * len(X))
+        a_weighted = SkClassifier(solver="lbfgs", max_iter=10, hidden_layer_sizes=(4,), random_state=0).fit(
+            X, y, sample_weight=[3.0] * len(X))
+    _assert_same_parameters(weighted, rescaled, atol=0)
+    assert b_weighted.loss_ == pytest.approx(a_weighted.loss_, rel=1e-4)
+    clf = MLPClassifier(**params)
+    with pytest.raises(NotImplementedError, match=r"Trainer.fit\(sample_weight="):
+        clf.fit(X, y, sample_weight=np.arange(len(X)))
+    assert not hasattr(clf, "classes_")  # refused before anything changed
+    for bad, message in ((np.ones(3), "sample_weight.shape"), (np.zeros(len(X)), "at least one non-zero")):
+        with pytest.raises(ValueError, match=message):
+            MLPClassifier(**params).fit(X, y, sample_weight=bad)
+
+
+_PENDING = "unequal sample_weight needs Trainer.fit(sample_weight=), not available yet"
+
+
+@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=_PENDING)
+@pytest.mark.parametrize("solver", ["sgd", "lbfgs"])
+def test_unequal_sample_weights_match_sklearn(data, solver):
+    X, y = data["multiclass"]
+    weights = np.random.default_rng(0).uniform(0.2, 2.0, len(X))
+    params = dict(hidden_layer_sizes=(6,), solver=solver, shuffle=False, alpha=0.0, learning_rate_init=0.1,
+                  max_iter=3, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a = SkClassifier(**params).fit(X, y, sample_weight=weights)
+        b = MLPClassifier(**params).fit(X, y, sample_weight=weights)
+    _assert_same_parameters(a, b, atol=1e-8)
+
+
+@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=_PENDING)
+def test_unequal_sample_weights_in_partial_fit_match_sklearn(data):
+    X, y = data["regression"]
+    weights = np.random.default_rng(0).uniform(0.2, 2.0, len(X))
+    params = dict(hidden_layer_sizes=(6,), solver="sgd", shuffle=False, alpha=0.0, learning_rate_init=0.01,
+                  random_state=0)
+    a = SkRegressor(**params).partial_fit(X, y, sample_weight=weights)
+    b = MLPRegressor(**params).partial_fit(X, y, sample_weight=weights)
+    _assert_same_parameters(a, b, atol=1e-8)
+
+
+@pytest.mark.xfail(strict=True, raises=NotImplementedError,
+                   reason="loss='poisson' needs a Poisson loss (exp output) in fastbp's loss table")
+def test_poisson_loss_matches_sklearn(data):
+    X, y = data["regression"]
+    params = dict(loss="poisson", hidden_layer_sizes=(6,), solver="lbfgs", max_iter=10, random_state=0)
+    a, b = SkRegressor(**params).fit(X, y), MLPRegressor(**params).fit(X, y)
+    assert b.loss_ == pytest.approx(a.loss_, rel=1e-4) and b.out_activation_ == a.out_activation_ == "exp"
