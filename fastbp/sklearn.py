@@ -60,7 +60,8 @@ Where fastbp differs, and why
   agree statistically, not bit for bit. With ``shuffle=False`` the batches are scikit-learn's (row order),
   and an sgd fit with ``alpha=0`` follows scikit-learn's trajectory to rounding (tests/test_sklearn_compat.py).
   In-order training calls ``Trainer.fit`` once per mini-batch (the Trainer always shuffles a multi-batch
-  epoch): a little Python per batch, noticeable only for tiny batches.
+  epoch): about 0.2 ms of Python per mini-batch (digits, 100 hidden units: 8.7 instead of 6.2 ms an epoch
+  at batch 200, 20 instead of 7 ms at batch 32).
 * Adam's epsilon. scikit-learn computes ``lr * sqrt(1 - beta_2^t) / (1 - beta_1^t) * m / (sqrt(v) + eps)``;
   fastbp (torch) computes ``lr * m_hat / (sqrt(v_hat) + eps)``. They are the same update with
   scikit-learn's eps being ``eps / sqrt(1 - beta_2^t)`` in torch's form: 32x larger at the first step,
