@@ -40,6 +40,7 @@ cached (a cached kernel of another width would disagree with workspace_size).
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import numba
@@ -51,7 +52,7 @@ from numba.extending import intrinsic
 from .. import _jit
 from .._jit import inline
 from . import simd
-from .pointwise import IDENTITY, LEAKY_RELU, LEAKY_RELU_SLOPE, RELU, SIGMOID, TANH, activate, activation_grad
+from .pointwise import IDENTITY, LEAKY_RELU, LEAKY_RELU_SLOPE, RELU, SIGMOID, TANH, activate, activation_grad, sigmoid
 from .pointwise import sgd_update_one
 
 # --- the tile shape, from the vector width ---------------------------------------------------------------------
@@ -93,21 +94,6 @@ def _thread_count(typingctx):
         return builder.call(function, [])
 
     return types.intp(), codegen
-
-
-@intrinsic
-def _inline_into_callers(typingctx):
-    """Call first thing in a compiled helper: LLVM inlines it into every caller (the ``alwaysinline``
-    attribute). numba links a called dispatcher's code into the caller's module, where LLVM may inline it,
-    but it declined for the epilogues (12 calls of an 80-line function per tile); numba's own
-    ``inline="always"`` does it in numba's IR instead, and deep-copies that IR per call site: the forward's
-    tile loop took 100 s to compile that way, 9 s with real functions."""
-
-    def codegen(context, builder, signature, args):
-        builder.function.attributes.add("alwaysinline")
-        return context.get_dummy_value()
-
-    return types.none(), codegen
 
 
 def engine_jit(parallel=False):
@@ -175,9 +161,8 @@ def _check_vector(a):
 # C tile = sum over k of (column k of the A tile) x (row k of a B panel). A's element (t, k) is at
 # rows[t] + k * a_step (a_step 1: rows of A as stored; TILE_ROWS: a packed panel); the panel's row k is the
 # NR elements from p_off + k * NR. Accumulators start at zero and stay in registers for all k_count terms.
-@engine_jit()
+@inline
 def _kernel_4x3(A, rows, a_step, P, p_off, k_count):
-    _inline_into_callers()
     L = simd.lanes(P)
     a0, a1, a2, a3 = rows
     c00 = c01 = c02 = c10 = c11 = c12 = c20 = c21 = c22 = c30 = c31 = c32 = simd.zero(P)
@@ -210,9 +195,8 @@ def _kernel_4x3(A, rows, a_step, P, p_off, k_count):
     return ((c00, c01, c02), (c10, c11, c12), (c20, c21, c22), (c30, c31, c32))
 
 
-@engine_jit()
+@inline
 def _kernel_6x4(A, rows, a_step, P, p_off, k_count):
-    _inline_into_callers()
     L = simd.lanes(P)
     a0, a1, a2, a3, a4, a5 = rows
     c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = c20 = c21 = c22 = c23 = simd.zero(P)
@@ -304,13 +288,12 @@ def _packed_rows_6(base):
 
 
 # --- epilogues --------------------------------------------------------------------------------------------------
-@engine_jit()
+@inline
 def _finish_vector(kind, act, out, offset, acc, count, aux, aux_offset, hyper):
     # One vector of a finished tile: the first ``count`` lanes (1..lanes) go to out's elements from offset.
     # aux: the bias (kind _FORWARD, element aux_offset), the previous layer's output y (_INPUT_GRAD, laid out
     # like out), the momentum buffer (_SGD, laid out like out). hyper: _SGD's (lr, momentum, dampening,
     # weight_decay, nesterov, first_step) in out's dtype (the bools as bools).
-    _inline_into_callers()
     L = simd.lanes(out)
     full = count >= L
     zero = simd.zero(out)
@@ -366,68 +349,47 @@ def _finish_vector(kind, act, out, offset, acc, count, aux, aux_offset, hyper):
         simd.store_partial(out, offset, value, count)
 
 
-@engine_jit()
+@inline
 def _activate_row(out, row, col, count, act):
-    # sigmoid / tanh on out[row, col:col + count], just stored and still in L1: pointwise.activate, scalar
-    # (its exp is plain arithmetic that LLVM vectorises over the loop; tanh is libm's).
-    _inline_into_callers()
+    # sigmoid / tanh on out[row, col:col + count], just stored and still in L1: pointwise.activate's two
+    # branches, called directly (inlining all of activate twice cost compile time), scalar code (sigmoid's exp
+    # is plain arithmetic that LLVM vectorises over the loop; tanh is libm's).
     if act == SIGMOID:
         for j in range(col, col + count):
-            out[row, j] = activate(out[row, j], SIGMOID)
+            out[row, j] = sigmoid(out[row, j])
     elif act == TANH:
         for j in range(col, col + count):
-            out[row, j] = activate(out[row, j], TANH)
+            out[row, j] = math.tanh(out[row, j])
 
 
-@engine_jit()
-def _finish_row(kind, act, out, ld_out, row, col, n_cols, accs, aux, ld_aux, hyper):
-    # Row ``row`` of a tile: its vectors (a tuple) to columns col, col + lanes, ... that lie below n_cols.
-    _inline_into_callers()
+@inline
+def _finish_tile(kind, act, out, ld_out, row0, n_rows, col, n_cols, accs, aux, ld_aux, hyper):
+    # A finished tile (accs: TILE_ROWS tuples of TILE_VECTORS vectors) to out's rows row0.. below n_rows (the
+    # others repeated a valid row of A: never stored) and columns col.. below n_cols (the last vector masked).
+    # Written as loops, so that numba types and lowers _finish_vector ONCE (LLVM unrolls them): the same
+    # epilogue written out per accumulator, inlined by numba 12 times, took 100 s to compile (numba deep-copies
+    # the inlined IR per call site), and as separate compiled functions 9 s, LLVM re-optimising each one in
+    # every library that links it.
     L = simd.lanes(out)
-    offset = row * ld_out + col
-    aux_offset = col if kind == _FORWARD else row * ld_aux + col
-    for v in range(len(accs)):  # unrolled: accs is a tuple
-        count = min(L, n_cols - (col + v * L))
-        if count > 0:
-            _finish_vector(kind, act, out, offset + v * L, accs[v], count, aux, aux_offset + v * L, hyper)
-    if kind == _FORWARD and (act == SIGMOID or act == TANH):
-        _activate_row(out, row, col, min(len(accs) * L, n_cols - col), act)
-
-
-@engine_jit()
-def _finish_tile_4(kind, act, out, ld_out, row0, n_rows, col, n_cols, accs, aux, ld_aux, hyper):
-    # The tile's rows row0.. that lie below n_rows (the rest repeated a valid row of A: never stored).
-    _inline_into_callers()
-    _finish_row(kind, act, out, ld_out, row0, col, n_cols, accs[0], aux, ld_aux, hyper)
-    if row0 + 1 < n_rows:
-        _finish_row(kind, act, out, ld_out, row0 + 1, col, n_cols, accs[1], aux, ld_aux, hyper)
-    if row0 + 2 < n_rows:
-        _finish_row(kind, act, out, ld_out, row0 + 2, col, n_cols, accs[2], aux, ld_aux, hyper)
-    if row0 + 3 < n_rows:
-        _finish_row(kind, act, out, ld_out, row0 + 3, col, n_cols, accs[3], aux, ld_aux, hyper)
-
-
-@engine_jit()
-def _finish_tile_6(kind, act, out, ld_out, row0, n_rows, col, n_cols, accs, aux, ld_aux, hyper):
-    _inline_into_callers()
-    _finish_row(kind, act, out, ld_out, row0, col, n_cols, accs[0], aux, ld_aux, hyper)
-    if row0 + 1 < n_rows:
-        _finish_row(kind, act, out, ld_out, row0 + 1, col, n_cols, accs[1], aux, ld_aux, hyper)
-    if row0 + 2 < n_rows:
-        _finish_row(kind, act, out, ld_out, row0 + 2, col, n_cols, accs[2], aux, ld_aux, hyper)
-    if row0 + 3 < n_rows:
-        _finish_row(kind, act, out, ld_out, row0 + 3, col, n_cols, accs[3], aux, ld_aux, hyper)
-    if row0 + 4 < n_rows:
-        _finish_row(kind, act, out, ld_out, row0 + 4, col, n_cols, accs[4], aux, ld_aux, hyper)
-    if row0 + 5 < n_rows:
-        _finish_row(kind, act, out, ld_out, row0 + 5, col, n_cols, accs[5], aux, ld_aux, hyper)
+    for t in range(TILE_ROWS):
+        row = row0 + t
+        if row < n_rows:
+            row_accs = accs[t]
+            offset = row * ld_out + col
+            aux_offset = col if kind == _FORWARD else row * ld_aux + col
+            for v in range(TILE_VECTORS):
+                count = min(L, n_cols - (col + v * L))
+                if count > 0:
+                    _finish_vector(kind, act, out, offset + v * L, row_accs[v], count, aux, aux_offset + v * L,
+                                   hyper)
+            if kind == _FORWARD and (act == SIGMOID or act == TANH):
+                _activate_row(out, row, col, min(TILE_VECTORS * L, n_cols - col), act)
 
 
 # The shape's functions, chosen once here (numba then compiles only that shape).
 _kernel = _kernel_6x4 if WIDE else _kernel_4x3
 _rows = _rows_6 if WIDE else _rows_4
 _packed_rows = _packed_rows_6 if WIDE else _packed_rows_4
-_finish_tile = _finish_tile_6 if WIDE else _finish_tile_4
 
 
 # --- packing ----------------------------------------------------------------------------------------------------
@@ -513,9 +475,12 @@ def _pack_broadcast_panels(panels, base, inp, n_rows, n_cols, order, start, grou
 
 # --- tile workers -------------------------
 @engine_jit()
-def _forward_tiles(out, inp, order, start, panels, bias, act, depth, tile_lo, tile_hi, panel_lo, panel_hi):
-    """act(inp @ W + bias) for row tiles tile_lo..tile_hi and panels panel_lo..panel_hi of out (B, n_out), W
-    packed in panels (depth = n_in rows per panel), rows of inp (n, n_in) through ``order`` when given."""
+def _forward_task(out, inp, order, start, weight, panels, bias, act, tile_lo, tile_hi, panel_lo, panel_hi, pack_lo,
+                  pack_hi):
+    """One task of dense_forward: packs panels pack_lo..pack_hi of the weight (those only this task reads),
+    then act(inp @ weight + bias) for row tiles tile_lo..tile_hi and panels panel_lo..panel_hi of out."""
+    depth = weight.shape[0]
+    _pack_rows(panels, depth - depth, weight, depth, weight.shape[1], pack_lo, pack_hi, None)
     n_rows = out.shape[0]
     n_cols = out.shape[1]
     NR = TILE_VECTORS * simd.lanes(out)
@@ -533,14 +498,20 @@ def _forward_tiles(out, inp, order, start, panels, bias, act, depth, tile_lo, ti
 
 
 @engine_jit()
-def _weight_grad_tiles(out, velocity, panels, a_base, depth, hyper, tile_lo, tile_hi, panel_lo, panel_hi):
-    """inp^T @ dout for row tiles tile_lo..tile_hi and panels panel_lo..panel_hi of out (n_in, n_out), with
-    dout packed in panels from 0 and inp^T from a_base (depth = batch rows). hyper None: out = the gradient;
-    hyper = (lr, momentum, dampening, weight_decay, nesterov, first_step): out (the weights) and velocity
-    take an SGD step with it instead."""
+def _weight_grad_task(out, velocity, sums, dout, inp, order, start, panels, hyper, tile_lo, tile_hi, panel_lo,
+                      panel_hi, pack_tile_lo, pack_tile_hi, pack_lo, pack_hi):
+    """One task of the weight gradient: packs panels pack_lo..pack_hi of dout (with their column sums into
+    ``sums``) and inp^T's groups pack_tile_lo..pack_tile_hi (the parts only this task reads), then inp^T @ dout
+    for row tiles tile_lo..tile_hi and panels panel_lo..panel_hi of out (n_in, n_out). dout's panels lie in
+    panels from 0, inp^T's after them. hyper None: out = the gradient; hyper = (lr, momentum, dampening,
+    weight_decay, nesterov, first_step): out (the weights) and velocity take an SGD step with it instead."""
+    depth = dout.shape[0]
+    NR = TILE_VECTORS * simd.lanes(out)
+    a_base = depth * ((out.shape[1] + NR - 1) // NR) * NR
+    _pack_rows(panels, depth - depth, dout, depth, out.shape[1], pack_lo, pack_hi, sums)
+    _pack_broadcast_panels(panels, a_base, inp, depth, out.shape[0], order, start, pack_tile_lo, pack_tile_hi)
     n_rows = out.shape[0]
     n_cols = out.shape[1]
-    NR = TILE_VECTORS * simd.lanes(out)
     ld_out = _leading(out)
     ld_velocity = _leading(velocity)
     panel_group = _panel_group(depth, NR, out.itemsize)
@@ -556,9 +527,12 @@ def _weight_grad_tiles(out, velocity, panels, a_base, depth, hyper, tile_lo, til
 
 
 @engine_jit()
-def _input_grad_tiles(dinp, dout, panels, y, act, depth, tile_lo, tile_hi, panel_lo, panel_hi):
-    """(dout @ W^T) * act'(y) for row tiles tile_lo..tile_hi and panels panel_lo..panel_hi of dinp (B, n_in),
-    W^T packed in panels (depth = n_out rows per panel), y (B, n_in) the previous layer's output."""
+def _input_grad_task(dinp, dout, weight, panels, y, act, tile_lo, tile_hi, panel_lo, panel_hi, pack_lo, pack_hi):
+    """One task of dense_backward_input: packs panels pack_lo..pack_hi of weight^T (those only this task
+    reads), then (dout @ weight^T) * act'(y) for row tiles tile_lo..tile_hi and panels panel_lo..panel_hi of
+    dinp (B, n_in); y (B, n_in) is the previous layer's output."""
+    depth = weight.shape[1]
+    _pack_columns(panels, depth - depth, weight, weight.shape[0], depth, pack_lo, pack_hi)
     n_rows = dinp.shape[0]
     n_cols = dinp.shape[1]
     NR = TILE_VECTORS * simd.lanes(dinp)
@@ -647,21 +621,24 @@ def dense_forward(out, inp, weight, bias, act, panels, order=None, start=0):
     if n_rows == 0 or n_out == 0:
         return
     n_tiles = (n_rows + TILE_ROWS - 1) // TILE_ROWS
-    zero = n_rows - n_rows  # a variable 0: a literal would compile a second specialisation of the workers
+    zero = n_rows - n_rows  # a variable 0: a literal would compile a second specialisation of the worker
     n_threads = _thread_count()
     if n_threads == 1 or n_rows * n_in * n_out < PARALLEL_MIN_WORK:
-        _pack_rows(panels, zero, weight, n_in, n_out, zero, n_panels, None)
-        _forward_tiles(out, inp, order, start, panels, bias, act, n_in, zero, n_tiles, zero, n_panels)
+        _forward_task(out, inp, order, start, weight, panels, bias, act, zero, n_tiles, zero, n_panels, zero,
+                      n_panels)
         return
-    for task in prange(n_threads):
-        _pack_rows(panels, zero, weight, n_in, n_out, task * n_panels // n_threads,
-                        (task + 1) * n_panels // n_threads, None)
     row_tasks, col_tasks = _task_grid(n_tiles, n_panels, n_threads, n_rows * n_in, n_in * n_out)
+    shared = row_tasks > 1  # tasks share panels: pack them all first, here (1/B of the product's work)
+    if shared:
+        _pack_rows(panels, zero, weight, n_in, n_out, zero, n_panels, None)
+    # ONE parallel loop (each numba prange is a separately compiled function that links the whole worker)
     for task in prange(row_tasks * col_tasks):
         r = task // col_tasks
         c = task % col_tasks
-        _forward_tiles(out, inp, order, start, panels, bias, act, n_in, r * n_tiles // row_tasks,
-                       (r + 1) * n_tiles // row_tasks, c * n_panels // col_tasks, (c + 1) * n_panels // col_tasks)
+        panel_lo = c * n_panels // col_tasks
+        panel_hi = (c + 1) * n_panels // col_tasks
+        _forward_task(out, inp, order, start, weight, panels, bias, act, r * n_tiles // row_tasks,
+                      (r + 1) * n_tiles // row_tasks, panel_lo, panel_hi, panel_lo, panel_lo if shared else panel_hi)
 
 
 @engine_jit(parallel=True)
@@ -674,25 +651,29 @@ def _weight_grad(dweight, velocity, sums, dout, inp, panels, order, start, hyper
     NR = TILE_VECTORS * simd.lanes(dweight)
     n_panels = (n_out + NR - 1) // NR
     n_tiles = (n_in + TILE_ROWS - 1) // TILE_ROWS
-    a_base = batch * n_panels * NR
     zero = batch - batch
     n_threads = _thread_count()
     if n_threads == 1 or batch * n_in * n_out < PARALLEL_MIN_WORK:
-        _pack_rows(panels, zero, dout, batch, n_out, zero, n_panels, sums)
-        _pack_broadcast_panels(panels, a_base, inp, batch, n_in, order, start, zero, n_tiles)
-        _weight_grad_tiles(dweight, velocity, panels, a_base, batch, hyper, zero, n_tiles, zero, n_panels)
+        _weight_grad_task(dweight, velocity, sums, dout, inp, order, start, panels, hyper, zero, n_tiles, zero,
+                          n_panels, zero, n_tiles, zero, n_panels)
         return
-    for task in prange(n_threads):
-        _pack_rows(panels, zero, dout, batch, n_out, task * n_panels // n_threads,
-                        (task + 1) * n_panels // n_threads, sums)
-        _pack_broadcast_panels(panels, a_base, inp, batch, n_in, order, start, task * n_tiles // n_threads,
-                             (task + 1) * n_tiles // n_threads)
     row_tasks, col_tasks = _task_grid(n_tiles, n_panels, n_threads, batch * n_in, batch * n_out)
+    shared_b = row_tasks > 1  # tasks share dout's panels: pack them first, here
+    shared_a = col_tasks > 1  # tasks share inp^T's groups
+    if shared_b:
+        _pack_rows(panels, zero, dout, batch, n_out, zero, n_panels, sums)
+    if shared_a:
+        _pack_broadcast_panels(panels, batch * n_panels * NR, inp, batch, n_in, order, start, zero, n_tiles)
     for task in prange(row_tasks * col_tasks):
         r = task // col_tasks
         c = task % col_tasks
-        _weight_grad_tiles(dweight, velocity, panels, a_base, batch, hyper, r * n_tiles // row_tasks,
-                           (r + 1) * n_tiles // row_tasks, c * n_panels // col_tasks, (c + 1) * n_panels // col_tasks)
+        tile_lo = r * n_tiles // row_tasks
+        tile_hi = (r + 1) * n_tiles // row_tasks
+        panel_lo = c * n_panels // col_tasks
+        panel_hi = (c + 1) * n_panels // col_tasks
+        _weight_grad_task(dweight, velocity, sums, dout, inp, order, start, panels, hyper, tile_lo, tile_hi, panel_lo,
+                          panel_hi, tile_lo, tile_lo if shared_a else tile_hi, panel_lo,
+                          panel_lo if shared_b else panel_hi)
 
 
 @inline
@@ -811,18 +792,19 @@ def dense_backward_input(dinp, dout, weight, inp, inp_act, panels):
     zero = batch - batch
     n_threads = _thread_count()
     if n_threads == 1 or batch * n_in * n_out < PARALLEL_MIN_WORK:
-        _pack_columns(panels, zero, weight, n_in, n_out, zero, n_panels)
-        _input_grad_tiles(dinp, dout, panels, inp, inp_act, n_out, zero, n_tiles, zero, n_panels)
+        _input_grad_task(dinp, dout, weight, panels, inp, inp_act, zero, n_tiles, zero, n_panels, zero, n_panels)
         return
-    for task in prange(n_threads):
-        _pack_columns(panels, zero, weight, n_in, n_out, task * n_panels // n_threads,
-                           (task + 1) * n_panels // n_threads)
     row_tasks, col_tasks = _task_grid(n_tiles, n_panels, n_threads, batch * n_out, n_in * n_out)
+    shared = row_tasks > 1
+    if shared:
+        _pack_columns(panels, zero, weight, n_in, n_out, zero, n_panels)
     for task in prange(row_tasks * col_tasks):
         r = task // col_tasks
         c = task % col_tasks
-        _input_grad_tiles(dinp, dout, panels, inp, inp_act, n_out, r * n_tiles // row_tasks,
-                          (r + 1) * n_tiles // row_tasks, c * n_panels // col_tasks, (c + 1) * n_panels // col_tasks)
+        panel_lo = c * n_panels // col_tasks
+        panel_hi = (c + 1) * n_panels // col_tasks
+        _input_grad_task(dinp, dout, weight, panels, inp, inp_act, r * n_tiles // row_tasks,
+                         (r + 1) * n_tiles // row_tasks, panel_lo, panel_hi, panel_lo, panel_lo if shared else panel_hi)
 
 
 # --- references (serial, obviously right; no fast-math) ------------------------------------------------------------
