@@ -66,6 +66,13 @@ def _two_d(out, a, row, col):
     simd.store(out, row * out.shape[1] + col, simd.load(a, row * a.shape[1] + col))
 
 
+@njit
+def _transposed(out, a, offset, stride):
+    columns = simd.load_transposed(a, offset, stride)
+    for k in range(simd.lanes(a)):
+        simd.store(out, k * simd.lanes(a), columns[k])
+
+
 def _pairwise_sum(values):
     # The fixed order hsum promises: lanes t and t + n/2 added, then again on the halves.
     v = np.asarray(values)
@@ -126,6 +133,12 @@ def check_all_operations(dtype):
     assert last == a[L - 1]
     assert total == _pairwise_sum(a[:L])  # exactly this order, in the dtype (numpy adds dtype arrays in it)
     np.testing.assert_allclose(total, a[:L].astype(np.float64).sum(), rtol=1e-5)
+
+    # load_transposed: an L x L block of a wider matrix, from an offset that is not a multiple of L
+    wide = rng.normal(size=(L + 2, L + 5)).astype(dtype)
+    out = np.full(L * L, np.nan, dtype)
+    _transposed(out, wide, 1 * (L + 5) + 3, L + 5)
+    np.testing.assert_array_equal(out.reshape(L, L), wide[1:1 + L, 3:3 + L].T)
 
     m = rng.normal(size=(3, 2 * L + 1)).astype(dtype)
     out = np.full_like(m, np.nan)

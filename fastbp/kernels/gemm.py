@@ -440,21 +440,33 @@ def _pack_rows(panels, base, B, n_rows, n_cols, panel_lo, panel_hi, sums):
 
 @engine_jit()
 def _pack_columns(panels, base, W, n_rows, n_cols, panel_lo, panel_hi):
-    # Panels panel_lo..panel_hi of W^T (n_cols x n_rows) into panels[base:]: panel p's row k holds
-    # W[p*NR + t, k] for t < NR (0 past n_rows) at base + (p * n_cols + k) * NR. The transposing copy the input
-    # gradient needs (its B operand is W^T); each panel reads NR rows of W, each row contiguously.
-    NR = TILE_VECTORS * simd.lanes(panels)
+    """Panels panel_lo..panel_hi of W^T (n_cols x n_rows) into panels[base:]: panel p's row k holds
+    W[p*NR + t, k] for t < NR (0 past n_rows) at base + (p * n_cols + k) * NR. The transposing copy the input
+    gradient needs (its B operand is W^T): lanes x lanes blocks of W loaded by rows and transposed in
+    registers (simd.load_transposed), scalar copies at the edges. 1024 x 1024 float32 on a Zen 3 core:
+    2.25 ms as scalar copies (blocked or not), against 0.84 for the same amount of contiguous copying."""
+    L = simd.lanes(panels)
+    NR = TILE_VECTORS * L
+    ld_w = _leading(W)
     zero = panels.dtype.type(0.0)
+    full_cols = n_cols // L * L
     for p in range(panel_lo, panel_hi):
         dst = base + p * n_cols * NR
-        for t in range(NR):
-            row = p * NR + t
-            if row < n_rows:
+        for block in range(TILE_VECTORS):
+            row0 = p * NR + block * L
+            if row0 + L <= n_rows:  # L whole rows of W: transposed L x L blocks, then the last columns
+                for k0 in range(0, full_cols, L):
+                    columns = simd.load_transposed(W, row0 * ld_w + k0, ld_w)
+                    for kk in range(L):
+                        simd.store(panels, dst + (k0 + kk) * NR + block * L, columns[kk])
+                for k in range(full_cols, n_cols):
+                    for t in range(L):
+                        panels[dst + k * NR + block * L + t] = W[row0 + t, k]
+            else:  # the panel's last rows (zeros past n_rows)
                 for k in range(n_cols):
-                    panels[dst + k * NR + t] = W[row, k]
-            else:
-                for k in range(n_cols):
-                    panels[dst + k * NR + t] = zero
+                    for t in range(L):
+                        row = row0 + t
+                        panels[dst + k * NR + block * L + t] = W[row, k] if row < n_rows else zero
 
 
 @engine_jit()

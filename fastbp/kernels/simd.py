@@ -40,6 +40,9 @@ The operations (compiled code only; ``x`` an array, a float or a vector gives th
     select_gt(x, y, a, b)             a where x > y, else b (lane by lane; b where either is nan)
     hsum(v)                           sum of the lanes, as a pairwise tree in a fixed order (deterministic)
     extract(v, i)                     lane i (i a compile-time constant or a variable)
+    load_transposed(a, offset, stride) the lanes x lanes block whose row t is a's elements from
+                                      offset + t * stride, transposed: a tuple whose vector k holds
+                                      element k of every row (log2(lanes) rounds of shuffles)
 
 Memory contract: ``offset`` counts ELEMENTS from the array's first element as laid out in memory (for a
 C-contiguous 2-D array ``a[i, j]`` is at ``i * a.shape[1] + j``; for a row-contiguous view, at
@@ -459,3 +462,41 @@ def extract(typingctx, vector, index):
         return builder.extract_element(args[0], context.cast(builder, args[1], signature.args[1], types.intp))
 
     return vector.dtype(vector, index), codegen
+
+
+@intrinsic
+def load_transposed(typingctx, array, offset, stride):
+    """A tuple of ``lanes`` vectors: vector k, lane t = array's element offset + t * stride + k (a lanes x
+    lanes block loaded by rows and transposed in registers, for transposing copies). Unchecked, like load."""
+    _check_array("load_transposed", array, offset)
+    _require(isinstance(stride, types.Integer), f"load_transposed() needs an integer stride, not {stride}")
+    vec = vector_type(array.dtype)
+    result = types.UniTuple(vec, vec.lanes)
+
+    def codegen(context, builder, signature, args):
+        lanes = vec.lanes
+        i32 = ir.IntType(32)
+        llvm_vec = _llvm_vector(vec)
+        array_value = context.make_array(signature.args[0])(context, builder, args[0])
+        offset_value = context.cast(builder, args[1], signature.args[1], types.intp)
+        stride_value = context.cast(builder, args[2], signature.args[2], types.intp)
+        rows = []
+        for t in range(lanes):
+            start = builder.add(offset_value, builder.mul(stride_value, context.get_constant(types.intp, t)))
+            pointer = builder.bitcast(builder.gep(array_value.data, [start]), llvm_vec.as_pointer())
+            rows.append(builder.load(pointer, align=array.dtype.bitwidth // 8))
+        # Swap the off-diagonal h x h blocks of every 2h x 2h block, h = lanes/2, ..., 1: the transpose.
+        half = lanes // 2
+        while half >= 1:
+            low = [lane if (lane // half) % 2 == 0 else lanes + lane - half for lane in range(lanes)]
+            high = [lane + half if (lane // half) % 2 == 0 else lanes + lane for lane in range(lanes)]
+            for i in range(lanes):
+                if i & half:
+                    continue
+                a, b = rows[i], rows[i + half]
+                rows[i] = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, lanes), low))
+                rows[i + half] = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, lanes), high))
+            half //= 2
+        return context.make_tuple(builder, result, rows)
+
+    return result(array, offset, stride), codegen
