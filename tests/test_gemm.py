@@ -189,7 +189,8 @@ def _all_kernels(dtype, rng, B, n_in, n_out):
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
-@pytest.mark.parametrize("shape", [(130, 97, 257), (MR * 40 + 1, 300, NR32 * 5 + 3), (3, 1100, 700)], ids=str)
+@pytest.mark.parametrize("shape", [(130, 97, 257), (MR * 40 + 1, 300, NR32 * 5 + 3), (3, 1100, 700), (515, 301, 10)],
+                         ids=str)
 def test_one_and_two_threads_bit_identical(shape, dtype):
     B, n_in, n_out = shape
     assert B * n_in * n_out >= gemm.PARALLEL_MIN_WORK  # the parallel path runs on 2 threads

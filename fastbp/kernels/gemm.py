@@ -59,6 +59,7 @@ from .pointwise import sgd_update_one
 WIDE = simd.VECTOR_BITS >= 512
 TILE_ROWS = 6 if WIDE else 4  # MR: rows of C per tile (broadcasts of A per k)
 TILE_VECTORS = 4 if WIDE else 3  # vectors of C per tile row (loads of B per k)
+NARROW_ROWS = 6  # rows of the narrow kernel (6 x 2 vectors) used for a last panel of <= 2 vectors
 
 # Below this many multiply-adds a product runs on the calling thread (a parallel launch costs microseconds,
 # and far more when the second core is busy; see cpu.PARALLEL_MIN_WORK, the same figure).
@@ -249,6 +250,54 @@ def _kernel_6x4(A, rows, a_step, P, p_off, k_count):
 
 
 @inline
+def _kernel_narrow(A, rows, a_step, P, p_off, k_count):
+    # NARROW_ROWS x 2 vectors, for a layer's last panel when it has at most 2 vectors of columns (a 10-unit
+    # output layer, or 1024 = 42 x 24 + 16): the TILE_VECTORS-wide kernel would compute 24 columns for 10
+    # there. 6 x 2 vectors: 12 accumulators, the BLIS Haswell shape. Reads P's rows at the panel stride.
+    L = simd.lanes(P)
+    NR = TILE_VECTORS * L
+    a0, a1, a2, a3, a4, a5 = rows
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = simd.zero(P)
+    b = p_off
+    for _ in range(k_count):
+        b0 = simd.load(P, b)
+        b1 = simd.load(P, b + L)
+        x = simd.broadcast_load(A, a0)
+        c00 = simd.fma(x, b0, c00)
+        c01 = simd.fma(x, b1, c01)
+        x = simd.broadcast_load(A, a1)
+        c10 = simd.fma(x, b0, c10)
+        c11 = simd.fma(x, b1, c11)
+        x = simd.broadcast_load(A, a2)
+        c20 = simd.fma(x, b0, c20)
+        c21 = simd.fma(x, b1, c21)
+        x = simd.broadcast_load(A, a3)
+        c30 = simd.fma(x, b0, c30)
+        c31 = simd.fma(x, b1, c31)
+        x = simd.broadcast_load(A, a4)
+        c40 = simd.fma(x, b0, c40)
+        c41 = simd.fma(x, b1, c41)
+        x = simd.broadcast_load(A, a5)
+        c50 = simd.fma(x, b0, c50)
+        c51 = simd.fma(x, b1, c51)
+        a0 += a_step
+        a1 += a_step
+        a2 += a_step
+        a3 += a_step
+        a4 += a_step
+        a5 += a_step
+        b += NR
+    return ((c00, c01), (c10, c11), (c20, c21), (c30, c31), (c40, c41), (c50, c51))
+
+
+@inline
+def _narrow_last_panel(n_cols, NR, L, panel_hi):
+    # Whether the layer's last panel (index panel_hi - 1, if this task has it) has at most 2 vectors of columns.
+    n_panels = (n_cols + NR - 1) // NR
+    return panel_hi == n_panels and n_cols - (n_panels - 1) * NR <= 2 * L
+
+
+@inline
 def _rows_4(first, n_rows, ld, order, start):
     # Offsets of the 4 tile rows of A from row ``first`` (rows past n_rows repeat the last one; their results
     # are never stored). With ``order``, tile row r is row order[start + r] of A (a shuffled mini-batch).
@@ -364,26 +413,26 @@ def _activate_row(out, row, col, count, act):
 
 @inline
 def _finish_tile(kind, act, out, ld_out, row0, n_rows, col, n_cols, accs, aux, ld_aux, hyper):
-    # A finished tile (accs: TILE_ROWS tuples of TILE_VECTORS vectors) to out's rows row0.. below n_rows (the
+    # A finished tile (accs: a tuple of rows, each a tuple of vectors) to out's rows row0.. below n_rows (the
     # others repeated a valid row of A: never stored) and columns col.. below n_cols (the last vector masked).
     # Written as loops, so that numba types and lowers _finish_vector ONCE (LLVM unrolls them): the same
     # epilogue written out per accumulator, inlined by numba 12 times, took 100 s to compile (numba deep-copies
     # the inlined IR per call site), and as separate compiled functions 9 s, LLVM re-optimising each one in
     # every library that links it.
     L = simd.lanes(out)
-    for t in range(TILE_ROWS):
+    for t in range(len(accs)):
         row = row0 + t
         if row < n_rows:
             row_accs = accs[t]
             offset = row * ld_out + col
             aux_offset = col if kind == _FORWARD else row * ld_aux + col
-            for v in range(TILE_VECTORS):
+            for v in range(len(row_accs)):
                 count = min(L, n_cols - (col + v * L))
                 if count > 0:
                     _finish_vector(kind, act, out, offset + v * L, row_accs[v], count, aux, aux_offset + v * L,
                                    hyper)
             if kind == _FORWARD and (act == SIGMOID or act == TANH):
-                _activate_row(out, row, col, min(TILE_VECTORS * L, n_cols - col), act)
+                _activate_row(out, row, col, min(len(row_accs) * L, n_cols - col), act)
 
 
 # The shape's functions, chosen once here (numba then compiles only that shape).
@@ -499,19 +548,27 @@ def _forward_task(out, inp, order, start, weight, panels, bias, act, tile_lo, ti
     ld_out = _leading(out)
     ld_inp = _leading(inp)
     panel_group = _panel_group(depth, NR, out.itemsize)
-    for group in range(panel_lo, panel_hi, panel_group):
-        group_end = min(group + panel_group, panel_hi)
+    narrow = _narrow_last_panel(n_cols, NR, simd.lanes(out), panel_hi)
+    wide_hi = panel_hi - 1 if narrow else panel_hi
+    for group in range(panel_lo, wide_hi, panel_group):
+        group_end = min(group + panel_group, wide_hi)
         for tile in range(tile_lo, tile_hi):
             row0 = tile * TILE_ROWS
             rows = _rows(row0, n_rows, ld_inp, order, start)
             for p in range(group, group_end):
                 accs = _kernel(inp, rows, 1, panels, p * depth * NR, depth)
                 _finish_tile(_FORWARD, act, out, ld_out, row0, n_rows, p * NR, n_cols, accs, bias, 0, None)
+    if narrow and wide_hi >= panel_lo:
+        row_end = min(tile_hi * TILE_ROWS, n_rows)  # this task's rows only
+        for row0 in range(tile_lo * TILE_ROWS, row_end, NARROW_ROWS):
+            rows = _rows_6(row0, row_end, ld_inp, order, start)
+            accs = _kernel_narrow(inp, rows, 1, panels, wide_hi * depth * NR, depth)
+            _finish_tile(_FORWARD, act, out, ld_out, row0, row_end, wide_hi * NR, n_cols, accs, bias, 0, None)
 
 
 @engine_jit()
-def _weight_grad_task(out, velocity, sums, dout, inp, order, start, panels, hyper, tile_lo, tile_hi, panel_lo,
-                      panel_hi, pack_tile_lo, pack_tile_hi, pack_lo, pack_hi):
+def _weight_grad_task(out, velocity, sums, dout, inp, order, start, panels, hyper, a_packed, tile_lo, tile_hi,
+                      panel_lo, panel_hi, pack_tile_lo, pack_tile_hi, pack_lo, pack_hi):
     """One task of the weight gradient: packs panels pack_lo..pack_hi of dout (with their column sums into
     ``sums``) and inp^T's groups pack_tile_lo..pack_tile_hi (the parts only this task reads), then inp^T @ dout
     for row tiles tile_lo..tile_hi and panels panel_lo..panel_hi of out (n_in, n_out). dout's panels lie in
@@ -527,15 +584,35 @@ def _weight_grad_task(out, velocity, sums, dout, inp, order, start, panels, hype
     ld_out = _leading(out)
     ld_velocity = _leading(velocity)
     panel_group = _panel_group(depth, NR, out.itemsize)
-    for group in range(panel_lo, panel_hi, panel_group):
-        group_end = min(group + panel_group, panel_hi)
+    if a_packed:
+        for group in range(panel_lo, panel_hi, panel_group):
+            group_end = min(group + panel_group, panel_hi)
+            for tile in range(tile_lo, tile_hi):
+                row0 = tile * TILE_ROWS
+                rows = _packed_rows(a_base + tile * depth * TILE_ROWS)
+                for p in range(group, group_end):
+                    accs = _kernel(panels, rows, TILE_ROWS, panels, p * depth * NR, depth)
+                    _finish_tile(_STORE, IDENTITY, out, ld_out, row0, n_rows, p * NR, n_cols, accs, velocity,
+                                 ld_velocity, hyper)
+        return
+    # inp as stored (one or two panels of dout, see _weight_grad): tile row t broadcasts inp[k, row0 + t]
+    ld_inp = _leading(inp)
+    narrow = _narrow_last_panel(n_cols, NR, simd.lanes(out), panel_hi)
+    wide_hi = panel_hi - 1 if narrow else panel_hi
+    for p in range(panel_lo, wide_hi):
         for tile in range(tile_lo, tile_hi):
             row0 = tile * TILE_ROWS
-            rows = _packed_rows(a_base + tile * depth * TILE_ROWS)
-            for p in range(group, group_end):
-                accs = _kernel(panels, rows, TILE_ROWS, panels, p * depth * NR, depth)
-                _finish_tile(_STORE, IDENTITY, out, ld_out, row0, n_rows, p * NR, n_cols, accs, velocity,
-                             ld_velocity, hyper)
+            rows = _rows(row0, n_rows, 1, None, 0)
+            accs = _kernel(inp, rows, ld_inp, panels, p * depth * NR, depth)
+            _finish_tile(_STORE, IDENTITY, out, ld_out, row0, n_rows, p * NR, n_cols, accs, velocity, ld_velocity,
+                         hyper)
+    if narrow and wide_hi >= panel_lo:
+        row_end = min(tile_hi * TILE_ROWS, n_rows)
+        for row0 in range(tile_lo * TILE_ROWS, row_end, NARROW_ROWS):
+            rows = _rows_6(row0, row_end, 1, None, 0)
+            accs = _kernel_narrow(inp, rows, ld_inp, panels, wide_hi * depth * NR, depth)
+            _finish_tile(_STORE, IDENTITY, out, ld_out, row0, row_end, wide_hi * NR, n_cols, accs, velocity,
+                         ld_velocity, hyper)
 
 
 @engine_jit()
@@ -552,14 +629,22 @@ def _input_grad_task(dinp, dout, weight, panels, y, act, tile_lo, tile_hi, panel
     ld_dinp = _leading(dinp)
     ld_dout = _leading(dout)
     ld_y = _leading(y)
-    for group in range(panel_lo, panel_hi, panel_group):
-        group_end = min(group + panel_group, panel_hi)
+    narrow = _narrow_last_panel(n_cols, NR, simd.lanes(dinp), panel_hi)
+    wide_hi = panel_hi - 1 if narrow else panel_hi
+    for group in range(panel_lo, wide_hi, panel_group):
+        group_end = min(group + panel_group, wide_hi)
         for tile in range(tile_lo, tile_hi):
             row0 = tile * TILE_ROWS
             rows = _rows(row0, n_rows, ld_dout, None, 0)
             for p in range(group, group_end):
                 accs = _kernel(dout, rows, 1, panels, p * depth * NR, depth)
                 _finish_tile(_INPUT_GRAD, act, dinp, ld_dinp, row0, n_rows, p * NR, n_cols, accs, y, ld_y, None)
+    if narrow and wide_hi >= panel_lo:
+        row_end = min(tile_hi * TILE_ROWS, n_rows)
+        for row0 in range(tile_lo * TILE_ROWS, row_end, NARROW_ROWS):
+            rows = _rows_6(row0, row_end, ld_dout, None, 0)
+            accs = _kernel_narrow(dout, rows, 1, panels, wide_hi * depth * NR, depth)
+            _finish_tile(_INPUT_GRAD, act, dinp, ld_dinp, row0, row_end, wide_hi * NR, n_cols, accs, y, ld_y, None)
 
 
 @inline
@@ -664,14 +749,19 @@ def _weight_grad(dweight, velocity, sums, dout, inp, panels, order, start, hyper
     n_panels = (n_out + NR - 1) // NR
     n_tiles = (n_in + TILE_ROWS - 1) // TILE_ROWS
     zero = batch - batch
+    # inp^T is packed (TILE_ROWS numbers per k, contiguous) when many panels of dout reuse it, or to read rows
+    # through ``order``; for one or two panels (a 10-unit output layer) packing it cost more than the product:
+    # 1024 -> 10 at batch 512 ran at 0.36x OpenBLAS packed. Then tile row t broadcasts inp[k, row0 + t].
+    a_packed = order is not None or n_panels > 2
+    n_a_tiles = n_tiles if a_packed else zero
     n_threads = _thread_count()
     if n_threads == 1 or batch * n_in * n_out < PARALLEL_MIN_WORK:
-        _weight_grad_task(dweight, velocity, sums, dout, inp, order, start, panels, hyper, zero, n_tiles, zero,
-                          n_panels, zero, n_tiles, zero, n_panels)
+        _weight_grad_task(dweight, velocity, sums, dout, inp, order, start, panels, hyper, a_packed, zero, n_tiles,
+                          zero, n_panels, zero, n_a_tiles, zero, n_panels)
         return
     row_tasks, col_tasks = _task_grid(n_tiles, n_panels, n_threads, batch * n_in, batch * n_out)
     shared_b = row_tasks > 1  # tasks share dout's panels: pack them first, here
-    shared_a = col_tasks > 1  # tasks share inp^T's groups
+    shared_a = col_tasks > 1 and a_packed  # tasks share inp^T's groups
     if shared_b:
         _pack_rows(panels, zero, dout, batch, n_out, zero, n_panels, sums)
     if shared_a:
@@ -683,8 +773,8 @@ def _weight_grad(dweight, velocity, sums, dout, inp, panels, order, start, hyper
         tile_hi = (r + 1) * n_tiles // row_tasks
         panel_lo = c * n_panels // col_tasks
         panel_hi = (c + 1) * n_panels // col_tasks
-        _weight_grad_task(dweight, velocity, sums, dout, inp, order, start, panels, hyper, tile_lo, tile_hi, panel_lo,
-                          panel_hi, tile_lo, tile_lo if shared_a else tile_hi, panel_lo,
+        _weight_grad_task(dweight, velocity, sums, dout, inp, order, start, panels, hyper, a_packed, tile_lo, tile_hi,
+                          panel_lo, panel_hi, tile_lo, tile_lo if shared_a or not a_packed else tile_hi, panel_lo,
                           panel_lo if shared_b else panel_hi)
 
 
