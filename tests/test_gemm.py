@@ -79,7 +79,11 @@ def test_forward_reads_weights_from_flat_parameters(rng):
     np.testing.assert_allclose(out, _forward_reference(inp, w, b, "relu"), **TOLERANCES[np.float32])
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+# The weight gradient packs inp^T for a long batch or rows a page apart, and reads it as stored otherwise.
+PACKED_A_SHAPES = [(gemm.PACK_BROADCAST_MIN_BATCH + 5, 9, 2 * NR32 + 5), (7, 1031, 3 * NR32)]
+
+
+@pytest.mark.parametrize("shape", SHAPES + PACKED_A_SHAPES, ids=str)
 def test_dense_backward_params(shape, dtype, rng):
     B, n_in, n_out = shape
     inp, dout = _data(rng, dtype, B, n_in), _data(rng, dtype, B, n_out)
@@ -118,7 +122,8 @@ SGD_SETTINGS = [  # (momentum, dampening, weight_decay, nesterov, first_step)
 
 
 @pytest.mark.parametrize("setting", SGD_SETTINGS, ids=str)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 2 * MR + 1, NR32 + 5), (13, 64, 10)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 2 * MR + 1, NR32 + 5), (13, 64, 10)] + PACKED_A_SHAPES[:1],
+                         ids=str)
 def test_dense_backward_params_sgd(shape, setting, dtype, rng):
     momentum, dampening, weight_decay, nesterov, first_step = setting
     B, n_in, n_out = shape
