@@ -370,41 +370,44 @@ def _finish_vector(kind, act, out, offset, acc, count, aux, aux_offset, hyper):
             value = simd.mul(acc, simd.sub(one, simd.mul(y, y)))
         else:
             value = acc
-    elif hyper is None:  # the weight gradient itself
+    elif hyper is None:  # (forward and input gradient: hyper None prunes the branch below when compiling)
         value = acc
     else:
-        # An SGD step with gradient acc: pointwise.sgd_update_one lane by lane, in its order of operations
-        # (torch.optim.SGD, foreach=False). hyper being a tuple (its type) selects this branch when compiling.
-        lr, momentum, dampening, weight_decay, nesterov, first_step = hyper
-        p = simd.load(out, offset) if full else simd.load_partial(out, offset, count)
-        g = simd.add(acc, simd.mul(simd.broadcast(weight_decay), p))
-        if momentum != 0:
-            if first_step:
-                buf = g
-            else:
-                v = simd.load(aux, aux_offset) if full else simd.load_partial(aux, aux_offset, count)
-                buf = simd.add(simd.mul(simd.broadcast(momentum), v),
-                               simd.mul(simd.broadcast(out.dtype.type(1.0) - dampening), g))
-            if full:
-                simd.store(aux, aux_offset, buf)
-            else:
-                simd.store_partial(aux, aux_offset, buf, count)
-            if nesterov:
-                g = simd.add(g, simd.mul(simd.broadcast(momentum), buf))
-            else:
-                g = buf
-        value = simd.sub(p, simd.mul(simd.broadcast(lr), g))
+        lr, momentum, dampening, weight_decay, nesterov, first_step, apply_sgd = hyper
+        value = acc  # the weight gradient itself, unless apply_sgd:
+        if apply_sgd:
+            # An SGD step with gradient acc: pointwise.sgd_update_one lane by lane, in its order of operations
+            # (torch.optim.SGD, foreach=False).
+            p = simd.load(out, offset) if full else simd.load_partial(out, offset, count)
+            g = simd.add(acc, simd.mul(simd.broadcast(weight_decay), p))
+            if momentum != 0:
+                if first_step:
+                    buf = g
+                else:
+                    v = simd.load(aux, aux_offset) if full else simd.load_partial(aux, aux_offset, count)
+                    buf = simd.add(simd.mul(simd.broadcast(momentum), v),
+                                   simd.mul(simd.broadcast(out.dtype.type(1.0) - dampening), g))
+                if full:
+                    simd.store(aux, aux_offset, buf)
+                else:
+                    simd.store_partial(aux, aux_offset, buf, count)
+                if nesterov:
+                    g = simd.add(g, simd.mul(simd.broadcast(momentum), buf))
+                else:
+                    g = buf
+            value = simd.sub(p, simd.mul(simd.broadcast(lr), g))
     if full:
         simd.store(out, offset, value)
     else:
         simd.store_partial(out, offset, value, count)
 
 
-@inline
+@engine_jit()
 def _activate_row(out, row, col, count, act):
-    # sigmoid / tanh on out[row, col:col + count], just stored and still in L1: pointwise.activate's two
-    # branches, called directly (inlining all of activate twice cost compile time), scalar code (sigmoid's exp
-    # is plain arithmetic that LLVM vectorises over the loop; tanh is libm's).
+    """sigmoid / tanh on out[row, col:col + count], just stored and still in L1: pointwise.activate's two
+    branches, called directly, as scalar code (sigmoid's exp is plain arithmetic that LLVM vectorises over the
+    loop; tanh is libm's). A compiled function of its own, called once per tile row: inlined into the tile
+    epilogues it cost about 2 s of the forward's cold compile."""
     if act == SIGMOID:
         for j in range(col, col + count):
             out[row, j] = sigmoid(out[row, j])
@@ -590,8 +593,10 @@ def _weight_grad_task(out, velocity, sums, dout, inp, order, start, panels, hype
     """One task of the weight gradient: packs panels pack_lo..pack_hi of dout (with their column sums into
     ``sums``) and inp^T's groups pack_tile_lo..pack_tile_hi (the parts only this task reads), then inp^T @ dout
     for row tiles tile_lo..tile_hi and panels panel_lo..panel_hi of out (n_in, n_out). dout's panels lie in
-    panels from 0, inp^T's after them. hyper None: out = the gradient; hyper = (lr, momentum, dampening,
-    weight_decay, nesterov, first_step): out (the weights) and velocity take an SGD step with it instead."""
+    panels from 0, inp^T's after them. hyper = (lr, momentum, dampening, weight_decay, nesterov, first_step,
+    apply): with apply False out = the gradient, with apply True out (the weights) and velocity take an SGD
+    step with it instead (one compiled worker for both: a runtime branch per vector costs nothing measurable,
+    a second compiled worker about 8 s of cold compile)."""
     depth = dout.shape[0]
     NR = TILE_VECTORS * simd.lanes(out)
     a_base = depth * ((out.shape[1] + NR - 1) // NR) * NR
@@ -602,33 +607,31 @@ def _weight_grad_task(out, velocity, sums, dout, inp, order, start, panels, hype
     ld_out = _leading(out)
     ld_velocity = _leading(velocity)
     panel_group = _panel_group(depth, NR, out.itemsize)
+    # A: inp^T's packed groups (TILE_ROWS numbers per k) or inp as stored (tile row t broadcasts
+    # inp[k, row0 + t], a_step = inp's row stride); one 2-D array either way, so one kernel call site.
     if a_packed:
-        for group in range(panel_lo, panel_hi, panel_group):
-            group_end = min(group + panel_group, panel_hi)
-            for tile in range(tile_lo, tile_hi):
-                row0 = tile * TILE_ROWS
-                rows = _packed_rows(a_base + tile * depth * TILE_ROWS)
-                for p in range(group, group_end):
-                    accs = _kernel(panels, rows, TILE_ROWS, panels, p * depth * NR, depth)
-                    _finish_tile(_STORE, IDENTITY, out, ld_out, row0, n_rows, p * NR, n_cols, accs, velocity,
-                                 ld_velocity, hyper)
-        return
-    # inp as stored (one or two panels of dout, see _weight_grad): tile row t broadcasts inp[k, row0 + t]
-    ld_inp = _leading(inp)
-    narrow = _narrow_last_panel(n_cols, NR, simd.lanes(out), panel_hi)
+        n_groups = (n_rows + TILE_ROWS - 1) // TILE_ROWS
+        A = panels[a_base:a_base + n_groups * depth * TILE_ROWS].reshape((n_groups * depth, TILE_ROWS))
+        a_step = TILE_ROWS
+    else:
+        A = inp
+        a_step = _leading(inp)
+    narrow = (not a_packed) and _narrow_last_panel(n_cols, NR, simd.lanes(out), panel_hi)
     wide_hi = panel_hi - 1 if narrow else panel_hi
-    for p in range(panel_lo, wide_hi):
+    for group in range(panel_lo, wide_hi, panel_group):
+        group_end = min(group + panel_group, wide_hi)
         for tile in range(tile_lo, tile_hi):
             row0 = tile * TILE_ROWS
-            rows = _rows(row0, n_rows, 1, None, 0)
-            accs = _kernel(inp, rows, ld_inp, panels, p * depth * NR, depth)
-            _finish_tile(_STORE, IDENTITY, out, ld_out, row0, n_rows, p * NR, n_cols, accs, velocity, ld_velocity,
-                         hyper)
+            rows = _packed_rows(tile * depth * TILE_ROWS) if a_packed else _rows(row0, n_rows, 1, None, 0)
+            for p in range(group, group_end):
+                accs = _kernel(A, rows, a_step, panels, p * depth * NR, depth)
+                _finish_tile(_STORE, IDENTITY, out, ld_out, row0, n_rows, p * NR, n_cols, accs, velocity,
+                             ld_velocity, hyper)
     if narrow and wide_hi >= panel_lo:
         row_end = min(tile_hi * TILE_ROWS, n_rows)
         for row0 in range(tile_lo * TILE_ROWS, row_end, NARROW_ROWS):
             rows = _rows_6(row0, row_end, 1, None, 0)
-            accs = _kernel_narrow(inp, rows, ld_inp, panels, wide_hi * depth * NR, depth)
+            accs = _kernel_narrow(A, rows, a_step, panels, wide_hi * depth * NR, depth)
             _finish_tile(_STORE, IDENTITY, out, ld_out, row0, row_end, wide_hi * NR, n_cols, accs, velocity,
                          ld_velocity, hyper)
 
@@ -739,7 +742,7 @@ def dense_forward(out, inp, weight, bias, act, panels, order=None, start=0):
     zero = n_rows - n_rows  # a variable 0: a literal would compile a second specialisation of the worker
     n_threads = _thread_count()
     if n_threads == 1 or n_rows * n_in * n_out < PARALLEL_MIN_WORK:
-        _forward_task(out, inp, order, start, weight, panels, bias, act, zero, n_tiles, zero, n_panels, zero,
+        _forward_task(out, inp, order, start + zero, weight, panels, bias, act, zero, n_tiles, zero, n_panels, zero,
                       n_panels)
         return
     row_tasks, col_tasks = _task_grid(n_tiles, n_panels, n_threads, n_rows * n_in, n_in * n_out)
@@ -752,13 +755,13 @@ def dense_forward(out, inp, weight, bias, act, panels, order=None, start=0):
         c = task % col_tasks
         panel_lo = c * n_panels // col_tasks
         panel_hi = (c + 1) * n_panels // col_tasks
-        _forward_task(out, inp, order, start, weight, panels, bias, act, r * n_tiles // row_tasks,
+        _forward_task(out, inp, order, start + zero, weight, panels, bias, act, r * n_tiles // row_tasks,
                       (r + 1) * n_tiles // row_tasks, panel_lo, panel_hi, panel_lo, panel_lo if shared else panel_hi)
 
 
 @engine_jit(parallel=True)
 def _weight_grad(dweight, velocity, sums, dout, inp, panels, order, start, hyper):
-    # The weight gradient, or its SGD step (hyper not None), with the bias gradient into ``sums``. Layout of
+    # The weight gradient, or its SGD step (hyper's last entry True), with the bias gradient into ``sums``. Layout of
     # panels: dout's panels (batch x NR-padded n_out) from 0, then inp^T's TILE_ROWS-wide panels.
     n_in = dweight.shape[0]
     n_out = dweight.shape[1]
@@ -838,7 +841,10 @@ def dense_backward_params(dweight, dbias, dout, inp, panels, order=None, start=0
     _check_weight_grad(dweight, dbias, dout, inp, order, panels)
     if dweight.shape[0] == 0 or dweight.shape[1] == 0:
         return
-    _weight_grad(dweight, dweight, dbias, dout, inp, panels, order, start, None)
+    T = dweight.dtype.type
+    off = dweight.shape[0] < 0  # a runtime False: a literal would type the tuple differently (a second compile)
+    no_step = (T(0.0), T(0.0), T(0.0), T(0.0), off, off, off)  # see _weight_grad_task: apply = False
+    _weight_grad(dweight, dweight, dbias, dout, inp, panels, order, start + 0 * dweight.shape[0], no_step)
 
 
 @engine_jit()
@@ -875,10 +881,12 @@ def dense_backward_params_sgd(weight, bias, velocity_w, velocity_b, dout, inp, p
     n_tiles = (n_in + TILE_ROWS - 1) // TILE_ROWS
     sums_start = batch * (n_panels * NR + n_tiles * TILE_ROWS)
     sums = panels[sums_start:sums_start + n_out]
-    hyper = (lr, momentum, dampening, weight_decay, nesterov, first_step)
-    _weight_grad(weight, velocity_w, sums, dout, inp, panels, order, start, hyper)
+    T = weight.dtype.type  # one tuple type whatever the caller's scalar types: one compiled worker
+    on = weight.shape[0] >= 0  # a runtime True (see dense_backward_params)
+    hyper = (T(lr), T(momentum), T(dampening), T(weight_decay), bool(nesterov), bool(first_step), on)
+    _weight_grad(weight, velocity_w, sums, dout, inp, panels, order, start + 0 * weight.shape[0], hyper)
     for j in range(n_out):
-        sgd_update_one(bias, velocity_b, sums, j, lr, momentum, dampening, weight_decay, nesterov, first_step)
+        sgd_update_one(bias, velocity_b, sums, j, hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5])
 
 
 @engine_jit(parallel=True)
