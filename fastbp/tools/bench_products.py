@@ -1,0 +1,152 @@
+"""Time fastbp's product engine (fastbp.kernels.gemm) against numpy/OpenBLAS and the current CPU kernels.
+
+    python -m fastbp.tools.bench_products [--threads 1 2] [--rounds 9] [--dtype float32] [--quick]
+
+For each layer shape (batch, n_in, n_out) and product (forward, weight gradient, input gradient) it times,
+in ONE process, alternating implementations within each round:
+    gemm    fastbp.kernels.gemm: forward act(inp @ W + b) with relu, dW = inp.T @ dout and db, dinp = (dout @ W.T)
+            * relu'(inp); each call includes its packing (the forward packs W, the input gradient W^T, the
+            weight gradient dout and inp) and its fused epilogue;
+    numpy   np.dot into a preallocated output (OpenBLAS; the product only, no bias or activation);
+    cpu     the current kernels: cpu.dense_forward_t on a pre-transposed W (the transpose the drivers do
+            first is not timed), cpu.dense_backward_params_t on pre-transposed inp and dout (likewise), and
+            cpu.dense_backward_input (NT tiles on W as stored).
+Every implementation runs on the same number of threads (numba.set_num_threads and threadpoolctl).
+Each timing sample repeats a call for at least 20 ms; the table shows medians over rounds of GFLOP/s
+(2 * batch * n_in * n_out per product) and the median over rounds of each round's time ratio (gemm time of
+the other / gemm time: > 1 means gemm is faster). The CPU model and vector width head the table: timings on
+a machine shared with other work are noisy, so compare ratios, not absolute figures across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import time
+
+import numba
+import numpy as np
+
+SHAPES = [  # (batch, n_in, n_out, label)
+    (512, 1024, 1024, "512x1024 @ 1024x1024 (W4 hidden)"),
+    (128, 784, 256, "W3 784->256, batch 128"),
+    (128, 256, 256, "W3 256->256, batch 128"),
+    (128, 256, 10, "W3 256->10, batch 128"),
+    (512, 1024, 10, "W4 1024->10, batch 512"),
+]
+PRODUCTS = ("forward", "weight_grad", "input_grad")
+
+
+def cpu_name() -> str:
+    """lscpu's model name and LLVM's name for this CPU (lscpu says only "AMD EPYC" on some VMs)."""
+    import llvmlite.binding as ll
+
+    return f"{_lscpu_model()} ({ll.get_host_cpu_name()})"
+
+
+def _lscpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def _build(product, batch, n_in, n_out, dtype, rng):
+    """{implementation: zero-argument callable} for one product on fresh data."""
+    from fastbp.kernels import cpu, gemm
+    from fastbp.kernels.pointwise import RELU
+
+    inp = rng.normal(size=(batch, n_in)).astype(dtype)
+    w = rng.normal(size=(n_in, n_out)).astype(dtype)
+    b = rng.normal(size=n_out).astype(dtype)
+    dout = rng.normal(size=(batch, n_out)).astype(dtype)
+    panels = np.empty(gemm.workspace_size(batch, n_in, n_out, dtype), dtype)
+    if product == "forward":
+        out, out_np, out_cpu = (np.empty((batch, n_out), dtype) for _ in range(3))
+        w_t = np.ascontiguousarray(w.T)
+        return {"gemm": lambda: gemm.dense_forward(out, inp, w, b, RELU, panels),
+                "numpy": lambda: np.dot(inp, w, out=out_np),
+                "cpu": lambda: cpu.dense_forward_t(out_cpu, inp, w_t, b, RELU)}
+    if product == "weight_grad":
+        dw, dw_np, dw_cpu = (np.empty((n_in, n_out), dtype) for _ in range(3))
+        db, db_cpu = np.empty(n_out, dtype), np.empty(n_out, dtype)
+        inp_t, dout_t = np.ascontiguousarray(inp.T), np.ascontiguousarray(dout.T)
+        return {"gemm": lambda: gemm.dense_backward_params(dw, db, dout, inp, panels),
+                "numpy": lambda: np.dot(inp.T, dout, out=dw_np),
+                "cpu": lambda: cpu.dense_backward_params_t(dw_cpu, db_cpu, dout_t, inp_t)}
+    y = np.abs(inp)  # a relu layer's output
+    dinp, dinp_np, dinp_cpu = (np.empty((batch, n_in), dtype) for _ in range(3))
+    return {"gemm": lambda: gemm.dense_backward_input(dinp, dout, w, y, RELU, panels),
+            "numpy": lambda: np.dot(dout, w.T, out=dinp_np),
+            "cpu": lambda: cpu.dense_backward_input(dinp_cpu, dout, w, y, RELU)}
+
+
+def _repetitions(call, target=0.02):
+    start = time.perf_counter()
+    call()
+    elapsed = time.perf_counter() - start
+    return max(1, int(target / max(elapsed, 1e-7)))
+
+
+def measure(threads, rounds, dtype, shapes, products=PRODUCTS):
+    """Rows of (threads, label, product, {impl: median GFLOP/s}, {impl: median ratio of its time to gemm's})."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    rows = []
+    numba.set_num_threads(threads)
+    with threadpool_limits(threads):
+        for batch, n_in, n_out, label in shapes:
+            flop = 2.0 * batch * n_in * n_out
+            for product in products:
+                calls = _build(product, batch, n_in, n_out, dtype, rng)
+                for call in calls.values():  # compile, warm caches
+                    call()
+                reps = {name: _repetitions(call) for name, call in calls.items()}
+                times = {name: [] for name in calls}
+                for _ in range(rounds):
+                    for name, call in calls.items():
+                        start = time.perf_counter()
+                        for _ in range(reps[name]):
+                            call()
+                        times[name].append((time.perf_counter() - start) / reps[name])
+                gflops = {name: flop / statistics.median(t) / 1e9 for name, t in times.items()}
+                ratios = {name: statistics.median(o / g for o, g in zip(times[name], times["gemm"]))
+                          for name in calls if name != "gemm"}
+                rows.append((threads, label, product, gflops, ratios))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--quick", action="store_true", help="the 512x1024x1024 forward only, 5 rounds")
+    parser.add_argument("--products", nargs="+", choices=PRODUCTS, default=list(PRODUCTS))
+    args = parser.parse_args(argv)
+    from fastbp.kernels import gemm, simd
+
+    shapes, products, rounds = SHAPES, args.products, args.rounds
+    if args.quick:
+        shapes, products, rounds = SHAPES[:1], ["forward"], 5
+    dtype = np.dtype(args.dtype).type
+    print(f"CPU: {cpu_name()}; vectors: {simd.VECTOR_BITS} bits ({simd.VECTOR_BITS_REASON}); tile "
+          f"{gemm.TILE_ROWS} x {gemm.tile_columns(dtype)} {args.dtype}; numba {numba.__version__}, numpy "
+          f"{np.__version__}; {rounds} alternating rounds, medians")
+    print(f"{'threads':>7}  {'shape':34} {'product':12} {'gemm':>7} {'numpy':>7} {'cpu':>7}   "
+          f"{'numpy/gemm':>10} {'cpu/gemm':>9}   (GFLOP/s; time ratios, > 1: gemm faster)")
+    for threads in args.threads:
+        for _, label, product, gflops, ratios in measure(threads, rounds, dtype, shapes, products):
+            print(f"{threads:>7}  {label:34} {product:12} {gflops['gemm']:7.1f} {gflops['numpy']:7.1f} "
+                  f"{gflops['cpu']:7.1f}   {ratios['numpy']:10.2f} {ratios['cpu']:9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""fastbp.kernels.gemm: every fast kernel and its naive reference against a float64 numpy reference
+(tests/naive.py), at tile edges, for both dtypes and every activation; 1 and 2 threads bit-identical; the
+other vector widths in subprocesses."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numba
+import numpy as np
+import pytest
+
+from fastbp.kernels import gemm
+from fastbp.kernels.pointwise import ACTIVATIONS
+
+from . import naive
+from .conftest import TOLERANCES
+
+MR = gemm.TILE_ROWS
+NR32 = gemm.tile_columns(np.float32)
+# (rows, n_in, n_out): 1s, primes, and each side of the tile edges (MR rows, NR columns, one vector).
+SHAPES = [(1, 1, 1), (1, 7, 3), (5, 1, 2), (MR, 3, NR32), (MR + 1, 13, NR32 + 1), (2 * MR - 1, 17, NR32 - 1),
+          (13, 64, 2 * NR32 + 5), (37, 11, 10)]
+
+
+def _data(rng, dtype, *shape):
+    return rng.normal(size=shape).astype(dtype)
+
+
+def _workspace(batch, n_in, n_out, dtype):
+    # nan-filled: a kernel that read workspace it did not write first would show it.
+    return np.full(gemm.workspace_size(batch, n_in, n_out, dtype), np.nan, dtype)
+
+
+def _forward_reference(inp, w, b, act):
+    return naive.ACTIVATIONS[act](inp.astype(np.float64) @ w.astype(np.float64) + b)
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_dense_forward(shape, act, dtype, rng):
+    B, n_in, n_out = shape
+    inp, w, b = _data(rng, dtype, B, n_in), _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
+    expected = _forward_reference(inp, w, b, act)
+    out = np.full((B, n_out), np.nan, dtype)  # kernels overwrite: a nan left behind would fail
+    gemm.dense_forward(out, inp, w, b, ACTIVATIONS[act], _workspace(B, n_in, n_out, dtype))
+    np.testing.assert_allclose(out, expected, **TOLERANCES[dtype])
+    out_naive = np.full((B, n_out), np.nan, dtype)
+    gemm.dense_forward_naive(out_naive, inp, w, b, ACTIVATIONS[act])
+    np.testing.assert_allclose(out_naive, expected, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("shape", [(5, 9, 7), (2 * MR + 1, 17, NR32 + 3)], ids=str)
+def test_dense_forward_through_order(shape, dtype, rng):
+    B, n_in, n_out = shape
+    X = _data(rng, dtype, 50, n_in)
+    order = rng.permutation(50).astype(np.int64)
+    start = 11
+    w, b = _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
+    expected = _forward_reference(X[order[start:start + B]], w, b, "tanh")
+    out = np.full((B, n_out), np.nan, dtype)
+    gemm.dense_forward(out, X, w, b, ACTIVATIONS["tanh"], _workspace(B, n_in, n_out, dtype), order, start)
+    np.testing.assert_allclose(out, expected, **TOLERANCES[dtype])
+    out_naive = np.full((B, n_out), np.nan, dtype)
+    gemm.dense_forward_naive(out_naive, X, w, b, ACTIVATIONS["tanh"], order, start)
+    np.testing.assert_allclose(out_naive, expected, **TOLERANCES[dtype])
+
+
+def test_forward_reads_weights_from_flat_parameters(rng):
+    # The layout drivers use: weight and bias as views of one flat vector (fastbp.layout).
+    from fastbp.layout import Layout
+
+    layout = Layout.from_sizes([13, 29, 3])
+    params = rng.normal(size=layout.n_params).astype(np.float32)
+    w, b = layout.views(params, 0)
+    inp = _data(rng, np.float32, 9, 13)
+    out = np.empty((9, 29), np.float32)
+    gemm.dense_forward(out, inp, w, b, ACTIVATIONS["relu"], _workspace(9, 13, 29, np.float32))
+    np.testing.assert_allclose(out, _forward_reference(inp, w, b, "relu"), **TOLERANCES[np.float32])
+
+
+# The weight gradient packs inp^T for a long batch or rows a page apart, and reads it as stored otherwise.
+PACKED_A_SHAPES = [(gemm.PACK_BROADCAST_MIN_BATCH + 5, 9, 2 * NR32 + 5), (7, 1031, 3 * NR32)]
+
+
+@pytest.mark.parametrize("shape", SHAPES + PACKED_A_SHAPES, ids=str)
+def test_dense_backward_params(shape, dtype, rng):
+    B, n_in, n_out = shape
+    inp, dout = _data(rng, dtype, B, n_in), _data(rng, dtype, B, n_out)
+    expected_w = inp.astype(np.float64).T @ dout
+    expected_b = dout.astype(np.float64).sum(0)
+    for kernel, extra in ((gemm.dense_backward_params, (_workspace(B, n_in, n_out, dtype),)),
+                          (gemm.dense_backward_params_naive, ())):
+        dweight, dbias = np.full((n_in, n_out), np.nan, dtype), np.full(n_out, np.nan, dtype)
+        kernel(dweight, dbias, dout, inp, *extra)
+        np.testing.assert_allclose(dweight, expected_w, **TOLERANCES[dtype])
+        np.testing.assert_allclose(dbias, expected_b, **TOLERANCES[dtype])
+
+
+def test_dense_backward_params_through_order(dtype, rng):
+    B, n_in, n_out = 2 * MR + 3, 11, NR32 + 2
+    X = _data(rng, dtype, 40, n_in)
+    order = rng.permutation(40).astype(np.int64)
+    start = 7
+    dout = _data(rng, dtype, B, n_out)
+    expected_w = X[order[start:start + B]].astype(np.float64).T @ dout
+    for kernel, extra in ((gemm.dense_backward_params, (_workspace(B, n_in, n_out, dtype),)),
+                          (gemm.dense_backward_params_naive, ())):
+        dweight, dbias = np.full((n_in, n_out), np.nan, dtype), np.full(n_out, np.nan, dtype)
+        kernel(dweight, dbias, dout, X, *extra, order, start)
+        np.testing.assert_allclose(dweight, expected_w, **TOLERANCES[dtype])
+        np.testing.assert_allclose(dbias, dout.astype(np.float64).sum(0), **TOLERANCES[dtype])
+
+
+SGD_SETTINGS = [  # (momentum, dampening, weight_decay, nesterov, first_step)
+    (0.0, 0.0, 0.0, False, True),
+    (0.0, 0.0, 0.01, False, False),
+    (0.9, 0.0, 0.0, False, True),
+    (0.9, 0.1, 0.01, False, False),
+    (0.9, 0.0, 0.01, True, False),
+]
+
+
+@pytest.mark.parametrize("setting", SGD_SETTINGS, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 2 * MR + 1, NR32 + 5), (13, 64, 10)] + PACKED_A_SHAPES[:1],
+                         ids=str)
+def test_dense_backward_params_sgd(shape, setting, dtype, rng):
+    momentum, dampening, weight_decay, nesterov, first_step = setting
+    B, n_in, n_out = shape
+    inp, dout = _data(rng, dtype, B, n_in), _data(rng, dtype, B, n_out)
+    w0, b0 = _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
+    vw0, vb0 = _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
+    lr = 0.05
+    # torch.optim.SGD in float64 (tests/naive.py); a previous step's buffers when not the first step
+    state = {} if first_step else {0: vw0.astype(np.float64), 1: vb0.astype(np.float64)}
+    grads = [inp.astype(np.float64).T @ dout, dout.astype(np.float64).sum(0)]
+    expected = naive.sgd_step([w0.astype(np.float64), b0.astype(np.float64)], grads, state, lr, momentum,
+                              dampening, weight_decay, nesterov)
+    T = dtype
+    scalars = (T(lr), T(momentum), T(dampening), T(weight_decay), nesterov, first_step)
+    w, b, vw, vb = w0.copy(), b0.copy(), vw0.copy(), vb0.copy()
+    gemm.dense_backward_params_sgd(w, b, vw, vb, dout, inp, _workspace(B, n_in, n_out, dtype), *scalars)
+    wn, bn, vwn, vbn = w0.copy(), b0.copy(), vw0.copy(), vb0.copy()
+    gemm.dense_backward_params_sgd_naive(wn, bn, vwn, vbn, np.empty_like(w0), np.empty_like(b0), dout, inp,
+                                         *scalars)
+    for weight, bias, velocity_w, velocity_b in ((w, b, vw, vb), (wn, bn, vwn, vbn)):
+        np.testing.assert_allclose(weight, expected[0], **TOLERANCES[dtype])
+        np.testing.assert_allclose(bias, expected[1], **TOLERANCES[dtype])
+        if momentum != 0:
+            np.testing.assert_allclose(velocity_w, state[0], **TOLERANCES[dtype])
+            np.testing.assert_allclose(velocity_b, state[1], **TOLERANCES[dtype])
+        else:  # untouched without momentum
+            np.testing.assert_array_equal(velocity_w, vw0)
+            np.testing.assert_array_equal(velocity_b, vb0)
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_dense_backward_input(shape, act, dtype, rng):
+    B, n_in, n_out = shape
+    z_prev = rng.normal(size=(B, n_in))
+    inp = naive.ACTIVATIONS[act](z_prev).astype(dtype)  # the previous layer's output
+    w, dout = _data(rng, dtype, n_in, n_out), _data(rng, dtype, B, n_out)
+    grad = (dout.astype(np.float64) @ w.astype(np.float64).T)
+    y = inp.astype(np.float64)
+    if act in ("sigmoid", "tanh"):  # the kernels differentiate the rounded output; so does this
+        expected = grad * (y * (1 - y) if act == "sigmoid" else 1 - y * y)
+    else:
+        expected = grad * naive.DERIVATIVES[act](z_prev)
+    for kernel, extra in ((gemm.dense_backward_input, (_workspace(B, n_in, n_out, dtype),)),
+                          (gemm.dense_backward_input_naive, ())):
+        dinp = np.full((B, n_in), np.nan, dtype)
+        kernel(dinp, dout, w, inp, ACTIVATIONS[act], *extra)
+        np.testing.assert_allclose(dinp, expected, **TOLERANCES[dtype])
+
+
+# --- threads ------------------------------------------------------------------------------------------------------
+def _all_kernels(dtype, rng, B, n_in, n_out):
+    """Outputs of every fast kernel on one problem (big enough for the parallel path)."""
+    inp, w, b = _data(rng, dtype, B, n_in), _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
+    dout = _data(rng, dtype, B, n_out)
+    y = np.abs(_data(rng, dtype, B, n_in))
+    P = _workspace(B, n_in, n_out, dtype)
+    out = np.empty((B, n_out), dtype)
+    gemm.dense_forward(out, inp, w, b, ACTIVATIONS["sigmoid"], P)
+    dweight, dbias = np.empty((n_in, n_out), dtype), np.empty(n_out, dtype)
+    gemm.dense_backward_params(dweight, dbias, dout, inp, P)
+    dinp = np.empty((B, n_in), dtype)
+    gemm.dense_backward_input(dinp, dout, w, y, ACTIVATIONS["relu"], P)
+    w2, b2, vw, vb = w.copy(), b.copy(), np.zeros_like(w), np.zeros_like(b)
+    T = dtype
+    gemm.dense_backward_params_sgd(w2, b2, vw, vb, dout, inp, P, T(0.1), T(0.9), T(0), T(0.01), True, True)
+    return out, dweight, dbias, dinp, w2, b2, vw, vb
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
+@pytest.mark.parametrize("shape", [(130, 97, 257), (MR * 40 + 1, 300, NR32 * 5 + 3), (3, 1100, 700), (515, 301, 10)],
+                         ids=str)
+def test_one_and_two_threads_bit_identical(shape, dtype):
+    B, n_in, n_out = shape
+    assert B * n_in * n_out >= gemm.PARALLEL_MIN_WORK  # the parallel path runs on 2 threads
+    previous = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        serial = _all_kernels(dtype, np.random.default_rng(3), B, n_in, n_out)
+        numba.set_num_threads(2)
+        parallel = _all_kernels(dtype, np.random.default_rng(3), B, n_in, n_out)
+    finally:
+        numba.set_num_threads(previous)
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(a, b)
+    # and right: the forward against numpy
+    rng = np.random.default_rng(3)
+    inp, w, bias = _data(rng, dtype, B, n_in), _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
+    np.testing.assert_allclose(serial[0], _forward_reference(inp, w, bias, "sigmoid"), **TOLERANCES[dtype])
+
+
+# --- contracts ----------------------------------------------------------------------------------------------------
+def test_workspace_too_short_raises(rng):
+    inp, w, b = _data(rng, np.float32, 4, 5), _data(rng, np.float32, 5, 6), _data(rng, np.float32, 6)
+    short = np.empty(gemm.workspace_size(4, 5, 6, np.float32) // 4, np.float32)
+    with pytest.raises(ValueError, match="panels is shorter"):
+        gemm.dense_forward(np.empty((4, 6), np.float32), inp, w, b, 0, short)
+
+
+def test_columns_not_contiguous_raise(rng):
+    # A transposed view has strided rows: the vector loads need contiguous rows, so it is refused.
+    inp_t = _data(rng, np.float32, 5, 4).T
+    w, b = _data(rng, np.float32, 5, 6), _data(rng, np.float32, 6)
+    with pytest.raises(ValueError, match="rows of every 2-D operand must be contiguous"):
+        gemm.dense_forward(np.empty((4, 6), np.float32), inp_t, w, b, 0, _workspace(4, 5, 6, np.float32))
+
+
+def test_mismatched_shapes_raise(rng):
+    inp, w, b = _data(rng, np.float32, 4, 5), _data(rng, np.float32, 6, 6), _data(rng, np.float32, 6)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        gemm.dense_forward(np.empty((4, 6), np.float32), inp, w, b, 0, _workspace(4, 6, 6, np.float32))
+
+
+# --- the other vector widths ----------------------------------------------------------------------------------------
+BATTERY = """
+    import numpy as np
+    from fastbp.kernels import gemm, simd
+    from tests.test_gemm import _battery
+    assert simd.VECTOR_BITS == {bits}, (simd.VECTOR_BITS, simd.VECTOR_BITS_REASON)
+    _battery()
+    print("ok", gemm.TILE_ROWS, gemm.tile_columns(np.float32))
+"""
+
+
+def _battery():
+    """A compact run of every kernel at edge shapes (float32, float64 forward), for subprocess widths."""
+    rng = np.random.default_rng(11)
+    nr = gemm.tile_columns(np.float32)
+    for shape in [(1, 3, 2), (gemm.TILE_ROWS + 1, 13, nr + 3), (2 * gemm.TILE_ROWS + 3, 40, 2 * nr - 1)]:
+        test_dense_forward(shape, "sigmoid", np.float32, rng)
+        test_dense_forward(shape, "relu", np.float64, rng)
+        test_dense_backward_params(shape, np.float32, rng)
+        test_dense_backward_params_sgd(shape, SGD_SETTINGS[-1], np.float32, rng)
+        test_dense_backward_input(shape, "tanh", np.float32, rng)
+    test_dense_forward_through_order((5, 9, 7), np.float32, rng)
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.parametrize("env, bits", [
+    (dict(NUMBA_CPU_NAME="haswell"), 256),  # the AVX2 path (4 x 24 tiles), also on AVX-512 hosts
+    (dict(FASTBP_SIMD_BITS="512"), 512),  # the AVX-512 tile shape (6 x 64), on ymm pairs where there is no zmm
+    (dict(NUMBA_CPU_NAME="generic"), 128),  # the SSE2 fallback
+], ids=["haswell-256", "forced-512", "generic-128"])
+def test_other_widths(env, bits, tmp_path):
+    if bits == 256 and not {"avx2", "fma"} <= _cpu_flags():
+        pytest.skip("this CPU cannot run AVX2 code")
+    if "sse2" not in _cpu_flags():
+        pytest.skip("x86 CPU names")
+    environment = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES",
+                                                                    "FASTBP_SIMD_BITS")}
+    environment.update(env, NUMBA_CACHE_DIR=str(tmp_path),
+                       PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(BATTERY.format(bits=bits))], env=environment,
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows, columns = result.stdout.split()[1:3]
+    assert (int(rows), int(columns)) == ((6, 64) if bits == 512 else (4, 3 * bits // 32))
