@@ -784,30 +784,48 @@ def _not_inlined(typingctx):
     return types.none(), codegen
 
 
-# The activation passes run as functions of their own, NOT inlined into the fused kernel: inside it, where
+# sigmoid and tanh layers run as functions of their own, NOT inlined into the fused kernel. Inlined, where
 # dozens of pointers and counters are live, LLVM kept the sigmoid's 13 constants as absolute addresses in
 # general registers (numba's JIT code model has no rip-relative loads) and shuffled them with 30 register
-# moves per vector; alone, the loop holds the constants in vector registers (79 instructions a 16-lane
-# vector instead of 109). A call costs a few nanoseconds per layer and block.
-@narrow_jit(**FAST)
-def sigmoid_rows(work, start, stop):
-    """work[start:stop] = sigmoid(work[start:stop]), one lane vector at a time (stop - start a multiple of
-    the lanes)."""
-    _not_inlined()
-    prefer_wide_vectors()
-    lanes = lane_count(work)
-    for at in range(start, stop, lanes):
-        vstore(work, at, sigmoid_bits(vload(work, at)))
+# moves per vector (109 instructions a 16-lane vector; 79 in a function of its own). The call costs a few
+# nanoseconds a layer and block; for the cheap activations (and all of backward) it cost more than it saved:
+# W1 with every layer out of line ran 4% slower than with only this one. The code is repeated below rather
+# than shared through an inline helper: numba binds an inlined function's array arguments with reference-count
+# updates, atomic ones, inside the loops (W1 ran 50% slower that way).
+def _make_forward(act):
+    @narrow_jit(**FAST)
+    def forward(work, params, in_at, out_at, n_in, n_out, w0):
+        # work[out_at + j lanes] = act(b[j] + sum_i W[i, j] work[in_at + i lanes]) for j < n_out.
+        _not_inlined()
+        prefer_wide_vectors()
+        lanes = lane_count(work)
+        zero = vsplat(0.0, work)
+        b0 = w0 + n_in * n_out
+        for j in range(n_out):
+            if n_in == 1:  # one input (W1's first layer)
+                z = vfma(vload(work, in_at), sload(params, w0 + j), sload(params, b0 + j))
+            else:
+                # Two accumulators (even and odd i): one chain of FMAs waits 4 cycles an input on Zen 3
+                # (W1's 16-input output unit: 7.5% of the kernel's time with one).
+                acc = vsplat(sload(params, b0 + j), work)
+                acc2 = zero
+                for i in range(0, n_in - 1, 2):
+                    acc = vfma(vload(work, in_at + i * lanes), sload(params, w0 + i * n_out + j), acc)
+                    acc2 = vfma(vload(work, in_at + (i + 1) * lanes), sload(params, w0 + (i + 1) * n_out + j), acc2)
+                if n_in % 2 == 1:
+                    acc = vfma(vload(work, in_at + (n_in - 1) * lanes), sload(params, w0 + (n_in - 1) * n_out + j),
+                               acc)
+                z = acc + acc2
+            if act == SIGMOID:
+                vstore(work, out_at + j * lanes, sigmoid_bits(z))
+            else:
+                vstore(work, out_at + j * lanes, tanh_bits(z))
+
+    return forward
 
 
-@narrow_jit(**FAST)
-def tanh_rows(work, start, stop):
-    """work[start:stop] = tanh(work[start:stop]), as sigmoid_rows."""
-    _not_inlined()
-    prefer_wide_vectors()
-    lanes = lane_count(work)
-    for at in range(start, stop, lanes):
-        vstore(work, at, tanh_bits(vload(work, at)))
+forward_sigmoid = _make_forward(SIGMOID)
+forward_tanh = _make_forward(TANH)
 
 
 # --- the fused kernel ----------------------------------------------------------------------------------------
@@ -905,6 +923,7 @@ def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss, optimizer):
         dlogit_at = (delta_row + unit_offsets[n_layers]) * lanes
         in_order = orders.shape[1] == 0
         zero = vsplat(0.0, work)
+        one = elem(work, 1.0)
         first_moment = opt_state[0]
         second_moment = opt_state[1]
         # A full-batch, in-order call sees the same blocks every epoch: transpose X and Y into lane blocks
@@ -952,46 +971,41 @@ def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss, optimizer):
                             for j in range(k):
                                 vstore(work, t_at + j * lanes,
                                        vgather_ordered(y_flat, orders_flat, position, valid, k, j))
-                    # -- forward: z[j] = b[j] + sum_i W[i, j] in[i] per unit, then the layer's activation as
-                    # one pass over its rows (the branch outside the loop, constants held in registers).
+                    # -- forward: sigmoid and tanh layers in functions of their own (see _make_forward), the
+                    # others inline (the same unit sums)
                     for layer in range(n_layers):
                         n_in = sizes[layer]
                         n_out = sizes[layer + 1]
                         w0 = param_offsets[layer]
-                        b0 = w0 + n_in * n_out
                         in_at = x_at if layer == 0 else (act_row + unit_offsets[layer]) * lanes
                         out_at = (act_row + unit_offsets[layer + 1]) * lanes
-                        if n_in == 1:  # one input (W1's first layer): one loop, no inner loop
-                            x = vload(work, in_at)
-                            for j in range(n_out):
-                                vstore(work, out_at + j * lanes, vfma(x, sload(params, w0 + j), sload(params, b0 + j)))
-                        for j in range(n_out if n_in > 1 else 0):
-                            # Two accumulators (even and odd i): one chain of FMAs waits 4 cycles an input
-                            # on Zen 3 (W1's 16-input output unit: 7.5% of the kernel's time with one).
-                            acc = vsplat(sload(params, b0 + j), work)
-                            acc2 = zero
-                            for i in range(0, n_in - 1, 2):
-                                acc = vfma(vload(work, in_at + i * lanes), sload(params, w0 + i * n_out + j), acc)
-                                acc2 = vfma(vload(work, in_at + (i + 1) * lanes),
-                                            sload(params, w0 + (i + 1) * n_out + j), acc2)
-                            if n_in % 2 == 1:
-                                i = n_in - 1
-                                acc = vfma(vload(work, in_at + i * lanes), sload(params, w0 + i * n_out + j), acc)
-                            vstore(work, out_at + j * lanes, acc + acc2)
                         act = act_codes[layer]
-                        stop = out_at + n_out * lanes
                         if has_sigmoid and act == SIGMOID:
-                            sigmoid_rows(work, out_at, stop)
-                        elif has_tanh and act == TANH:
-                            tanh_rows(work, out_at, stop)
-                        elif has_relu and act == RELU:
-                            for at in range(out_at, stop, lanes):
-                                z = vload(work, at)
-                                vstore(work, at, vselect(z > zero, z, zero))  # NaN -> 0, as pointwise
-                        elif has_leaky and act == LEAKY_RELU:
-                            for at in range(out_at, stop, lanes):
-                                z = vload(work, at)
-                                vstore(work, at, vselect(z > zero, z, z * elem(z, LEAKY_RELU_SLOPE)))
+                            forward_sigmoid(work, params, in_at, out_at, n_in, n_out, w0)
+                            continue
+                        if has_tanh and act == TANH:
+                            forward_tanh(work, params, in_at, out_at, n_in, n_out, w0)
+                            continue
+                        b0 = w0 + n_in * n_out
+                        for j in range(n_out):
+                            if n_in == 1:
+                                z = vfma(vload(work, in_at), sload(params, w0 + j), sload(params, b0 + j))
+                            else:
+                                acc = vsplat(sload(params, b0 + j), work)
+                                acc2 = zero
+                                for i in range(0, n_in - 1, 2):
+                                    acc = vfma(vload(work, in_at + i * lanes), sload(params, w0 + i * n_out + j), acc)
+                                    acc2 = vfma(vload(work, in_at + (i + 1) * lanes),
+                                                sload(params, w0 + (i + 1) * n_out + j), acc2)
+                                if n_in % 2 == 1:
+                                    acc = vfma(vload(work, in_at + (n_in - 1) * lanes),
+                                               sload(params, w0 + (n_in - 1) * n_out + j), acc)
+                                z = acc + acc2
+                            if has_relu and act == RELU:
+                                z = vselect(z > zero, z, zero)  # NaN -> 0, as pointwise.activate
+                            elif has_leaky and act == LEAKY_RELU:
+                                z = vselect(z > zero, z, z * elem(z, LEAKY_RELU_SLOPE))
+                            vstore(work, out_at + j * lanes, z)
                     # -- loss and dlogits (pointwise.loss_grad_row's arithmetic, lane by lane)
                     mask = vlanes_below(valid, work)
                     lane_loss = zero
@@ -1032,8 +1046,9 @@ def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss, optimizer):
                     vstore(work, loss_at, vselect(mask, lane_loss, zero))
                     for lane in range(valid):  # float64 sum of float32 row losses, as cpu.train_epochs
                         total += sload(work, loss_at + lane)
-                    # -- backward: per-lane gradient partial sums (rows 0..P-1 of work) += in[i] dout[j] and
-                    # dout[j]; din[i] = (sum_j W[i, j] dout[j]) act'(in[i]), then act' as a pass per layer.
+                    # -- backward: the per-lane gradient partial sums (row p of work for parameter p) += in[i] dout[j]
+                    # (weights) and dout[j] (biases); din[i] = (sum_j W[i, j] dout[j]) act'(in[i]), act' from
+                    # the stored output (cpu._scale_by_activation_grad_rows's arithmetic)
                     for layer in range(n_layers - 1, -1, -1):
                         n_in = sizes[layer]
                         n_out = sizes[layer + 1]
@@ -1045,54 +1060,40 @@ def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss, optimizer):
                         for j in range(n_out):
                             g_at = (b0 + j) * lanes
                             vstore(work, g_at, vload(work, g_at) + vload(work, dout_at + j * lanes))
-                        if layer == 0:  # weight gradients only: no deltas below the first layer
-                            # Inputs outer, outputs inner: the inner loop runs along a row of W's gradient
-                            # (W1's 1-input layer: one loop of 16; outputs outer, 16 loops of one, measured
-                            # 3x slower for this part).
+                        if layer == 0:
+                            # Weights only (no input gradient below the first layer). Inputs outer, outputs
+                            # inner: the inner loop runs along a row of W's gradient (W1's 1-input layer: one
+                            # loop of 16 instead of 16 loops of one, 3x faster for this part).
                             for i in range(n_in):
                                 a = vload(work, in_at + i * lanes)
                                 for j in range(n_out):
                                     g_at = (w0 + i * n_out + j) * lanes
                                     vstore(work, g_at, vfma(a, vload(work, dout_at + j * lanes), vload(work, g_at)))
                             continue
-                        if n_out == 1:
-                            # One output (regression, binary heads; W1): the loop over inputs is the only
-                            # loop; the nest below would pay its set-up per input for one iteration (11% of
-                            # W1's kernel time).
-                            d = vload(work, dout_at)
-                            for i in range(n_in):
+                        act = act_codes[layer - 1]
+                        for i in range(n_in):
+                            y = vload(work, in_at + i * lanes)
+                            if n_out == 1:  # one output (regression, binary heads; W1): no inner loop per input
+                                d = vload(work, dout_at)
                                 g_at = (w0 + i) * lanes
-                                vstore(work, g_at, vfma(vload(work, in_at + i * lanes), d, vload(work, g_at)))
-                                vstore(work, din_at + i * lanes, d * sload(params, w0 + i))
-                        else:
-                            for i in range(n_in):
-                                a = vload(work, in_at + i * lanes)
+                                vstore(work, g_at, vfma(y, d, vload(work, g_at)))
+                                back = d * sload(params, w0 + i)
+                            else:
                                 back = zero
                                 for j in range(n_out):
                                     d = vload(work, dout_at + j * lanes)
                                     g_at = (w0 + i * n_out + j) * lanes
-                                    vstore(work, g_at, vfma(a, d, vload(work, g_at)))
+                                    vstore(work, g_at, vfma(y, d, vload(work, g_at)))
                                     back = vfma(d, sload(params, w0 + i * n_out + j), back)
-                                vstore(work, din_at + i * lanes, back)
-                        act = act_codes[layer - 1]
-                        stop = din_at + n_in * lanes
-                        one = elem(work, 1.0)
-                        if has_sigmoid and act == SIGMOID:
-                            for at in range(din_at, stop, lanes):
-                                y = vload(work, in_at + (at - din_at))
-                                vstore(work, at, vload(work, at) * (y * (one - y)))
-                        elif has_tanh and act == TANH:
-                            for at in range(din_at, stop, lanes):
-                                y = vload(work, in_at + (at - din_at))
-                                vstore(work, at, vload(work, at) * (one - y * y))
-                        elif has_relu and act == RELU:  # a select, as cpu._scale_by_activation_grad_rows
-                            for at in range(din_at, stop, lanes):
-                                y = vload(work, in_at + (at - din_at))
-                                vstore(work, at, vselect(y > zero, vload(work, at), zero))
-                        elif has_leaky and act == LEAKY_RELU:
-                            for at in range(din_at, stop, lanes):
-                                y = vload(work, in_at + (at - din_at))
-                                vstore(work, at, vload(work, at) * vselect(y > zero, one, elem(y, LEAKY_RELU_SLOPE)))
+                            if has_sigmoid and act == SIGMOID:
+                                back = back * (y * (one - y))
+                            elif has_tanh and act == TANH:
+                                back = back * (one - y * y)
+                            elif has_relu and act == RELU:
+                                back = vselect(y > zero, back, zero)
+                            elif has_leaky and act == LEAKY_RELU:
+                                back = back * vselect(y > zero, one, elem(y, LEAKY_RELU_SLOPE))
+                            vstore(work, din_at + i * lanes, back)
                 # -- the step: each parameter's lanes summed (the partial sums zeroed for the next step)
                 for i in range(n_params):
                     sstore(grads, i, vsum(vload(work, i * lanes)))
