@@ -268,7 +268,7 @@ class Problem:
         return losses, flat
 
 
-# Every activation, loss and optimizer variant at least once; shapes with 1, primes, a 32-wide layer; batches
+# Every activation, loss and optimizer variant at least once; shapes with 1, primes, 32- and 128-wide layers; batches
 # with a partial last batch (30 = 4 x 7 + 2, 45 = 2 x 20 + 5, 10 = 3 x 3 + 1), partial last lane blocks, and
 # full batches in order.
 PROBLEMS = {
@@ -289,6 +289,10 @@ PROBLEMS = {
                                               loss="softmax_cross_entropy", optimizer="adam",
                                               hyper=make_hyper(weight_decay=0.01, betas=(0.8, 0.99)), n=37,
                                               batch_size=37, epochs=6, lr=0.01, shuffle=False),
+    "12-128-4-relu-ce-fullbatch-of-131": dict(sizes=[12, 128, 4], activations=["relu"],
+                                              loss="softmax_cross_entropy", optimizer="sgd",
+                                              hyper=make_hyper(momentum=0.9), n=131, batch_size=256, epochs=4,
+                                              lr=0.05),
     "2-3-1-relu-bce-plain-sgd": dict(sizes=[2, 3, 1], activations=["relu"], loss="binary_cross_entropy",
                                      optimizer="sgd", hyper=make_hyper(), n=17, batch_size=16, epochs=5, lr=0.2),
 }
@@ -440,8 +444,10 @@ def test_one_kernel_per_configuration():
 def test_supports():
     assert narrow.supports([1, 16, 1])
     assert narrow.supports([7, 32, 3])
-    assert not narrow.supports([64, 128, 10])
-    assert not narrow.supports([784, 256, 256, 10])
+    assert narrow.supports([64, 128, 10])
+    assert not narrow.supports([16, 256, 256, 10])
+    assert not narrow.supports([784, 32, 10])
+    assert not narrow.supports([5])
 
 
 def test_workspace_layout():

@@ -15,11 +15,13 @@ the median of the per-round ratios (a ratio > 1: the narrow kernel is faster).
     jax                 all 1000 epochs in one jitted lax.fori_loop
 
 Other modes: ``--compile`` (cold compile and warm cache load of the W1 kernel, each in a fresh subprocess),
-``--widths`` (the narrow kernel against cpu.train_epochs on wider networks: the supports() threshold),
+``--widths`` / ``--shapes`` (the narrow kernel against cpu.train_epochs on wider networks: the supports()
+threshold),
 ``--asm`` (packed FMAs in the compiled hot loops; ``--cpu skylake-avx512`` compiles for another CPU).
 
     python -m fastbp.tools.bench_narrow [--rounds 7] [--min-seconds 0.3] [--dtype float32] [--compile]
-                                        [--widths] [--asm] [--cpu NAME] [--json]
+                                        [--widths 8,32,128] [--shapes 64-128-10] [--batch-size 32]
+                                        [--asm] [--cpu NAME] [--json]
 """
 from __future__ import annotations
 
@@ -111,6 +113,7 @@ def narrow_kernel_runner(w1: W1):
         params[:] = w1.params0
         kernel(*args)
     run.losses = losses
+    run.kernel, run.args = kernel, args
     return run
 
 
@@ -310,20 +313,19 @@ def compile_times(dtype, repeats: int = 1):
 
 
 # --- the supports() threshold: wider networks ----------------------------------------------------------------
-def _width_runners(width, dtype, batch_size, n, epochs, rng):
-    # (run_narrow, run_cpu) for 16-width-width-10, relu, softmax CE, SGD, shuffled batches: `epochs` epochs
-    # a call, from the same initial weights each time.
+def _shape_runners(sizes, dtype, batch_size, n, epochs, rng):
+    # (run_narrow, run_cpu) for layer widths sizes (last: 10 classes), relu, softmax CE, SGD, shuffled
+    # batches: `epochs` epochs a call, from the same initial weights each time.
     from fastbp.kernels import cpu, narrow
     from fastbp.kernels.pointwise import ACTIVATIONS, LOSSES, N_HYPER
     from fastbp.layout import Layout
 
-    sizes = [16, width, width, 10]
     lay = Layout.from_sizes(sizes)
     P = lay.n_params
     X = rng.normal(size=(n, sizes[0])).astype(dtype)
-    Y = np.eye(10, dtype=dtype)[rng.integers(0, 10, n)]
+    Y = np.eye(sizes[-1], dtype=dtype)[rng.integers(0, sizes[-1], n)]
     params0 = (rng.normal(size=P) * 0.1).astype(dtype)
-    codes = np.array([ACTIVATIONS["relu"]] * 2 + [ACTIVATIONS["identity"]], np.int64)
+    codes = np.array([ACTIVATIONS["relu"]] * (len(sizes) - 2) + [ACTIVATIONS["identity"]], np.int64)
     orders = np.stack([rng.permutation(n) for _ in range(epochs)])
     lrs = np.full(epochs, 0.05)
     hyper = np.zeros(N_HYPER)
@@ -336,7 +338,7 @@ def _width_runners(width, dtype, batch_size, n, epochs, rng):
     size = lay.workspace_size(batch_size)
     scratch = np.empty(cpu.scratch_size(P, batch_size, int(lay.unit_offsets[-1])), dtype)
     cpu_args = (p_c, np.zeros((2, P), dtype), np.zeros(1, np.int64), np.empty(P, dtype), np.empty(size, dtype),
-                np.empty(size, dtype), np.empty((batch_size, 10), dtype), np.empty(batch_size, dtype),
+                np.empty(size, dtype), np.empty((batch_size, sizes[-1]), dtype), np.empty(batch_size, dtype),
                 np.empty((3, P), dtype), scratch, X, Y, orders, lrs, np.empty(epochs), lay.sizes, lay.param_offsets,
                 lay.unit_offsets, codes, loss, 0, hyper, batch_size, -np.inf, *cpu.path_flags(lay.sizes))
 
@@ -351,13 +353,15 @@ def _width_runners(width, dtype, batch_size, n, epochs, rng):
     return run_narrow, run_cpu
 
 
-def width_sweep(widths, dtype, rounds: int, min_seconds: float, batch_size: int = 32, n: int = 512, epochs: int = 20):
-    """For networks 16-w-w-10 (relu, softmax CE, SGD, shuffled batches): seconds per epoch of the narrow
-    kernel and of cpu.train_epochs, alternately; returns {width: (narrow, cpu, median ratio cpu/narrow)}."""
+def shape_sweep(shapes, dtype, rounds: int, min_seconds: float, batch_size: int = 32, n: int = 512,
+                epochs: int = 20):
+    """For each network in shapes (lists of layer widths; relu, softmax CE, SGD, shuffled batches): seconds
+    per epoch of the narrow kernel and of cpu.train_epochs, alternately. Returns {shape: (narrow, cpu, median
+    per-round ratio cpu/narrow)}."""
     rng = np.random.default_rng(0)
     out = {}
-    for width in widths:
-        run_narrow, run_cpu = _width_runners(width, dtype, batch_size, n, epochs, rng)
+    for sizes in shapes:
+        run_narrow, run_cpu = _shape_runners(list(sizes), dtype, batch_size, n, epochs, rng)
         run_narrow()
         run_cpu()
         t_n, t_c = [], []
@@ -365,23 +369,26 @@ def width_sweep(widths, dtype, rounds: int, min_seconds: float, batch_size: int 
             pair = [(t_n, run_narrow), (t_c, run_cpu)]
             for store, run in (pair if r % 2 == 0 else pair[::-1]):
                 store.append(time_unit(run, min_seconds) / epochs)
-        out[width] = (float(np.median(t_n)), float(np.median(t_c)), float(np.median(np.array(t_c) / np.array(t_n))))
-        print(f"16-{width}-{width}-10 batch {batch_size}: narrow {out[width][0] * 1e6:8.1f} us/epoch, "
-              f"cpu {out[width][1] * 1e6:8.1f} us/epoch, cpu/narrow {out[width][2]:5.2f}x", flush=True)
+        name = "-".join(str(s) for s in sizes)
+        out[name] = (float(np.median(t_n)), float(np.median(t_c)), float(np.median(np.array(t_c) / np.array(t_n))))
+        print(f"{name} batch {batch_size}: narrow {out[name][0] * 1e6:8.1f} us/epoch, cpu {out[name][1] * 1e6:8.1f} "
+              f"us/epoch, cpu/narrow {out[name][2]:5.2f}x", flush=True)
     return out
 
 
 # --- asm -----------------------------------------------------------------------------------------------------
 _ASM_SNIPPET = r"""
-import re, numpy as np
+import re, numba, numpy as np
 from fastbp.tools.bench_narrow import W1, narrow_kernel_runner
 from fastbp.kernels import narrow
 w1 = W1(np.{dtype}, epochs=1)
-run = narrow_kernel_runner(w1)
-run()
-kernel = narrow.kernel_for(w1.act_codes, 0, 0)
-for name, f in (("kernel", kernel), ("forward_sigmoid", narrow.forward_sigmoid)):
-    asm = f.inspect_asm(f.signatures[0])
+run = narrow_kernel_runner(w1)  # compiled, not run: the code may be for another CPU
+kernel_sig = tuple(numba.typeof(a) for a in run.args)
+run.kernel.compile(kernel_sig)
+layer_sig = (kernel_sig[5], kernel_sig[0]) + (numba.int64,) * 5
+narrow.forward_sigmoid.compile(layer_sig)
+for name, f, sig in (("kernel", run.kernel, kernel_sig), ("forward_sigmoid", narrow.forward_sigmoid, layer_sig)):
+    asm = f.inspect_asm(sig)
     for reg in ("xmm", "ymm", "zmm"):
         fma = len(re.findall(r"\tvfmadd\w+\s[^\n]*%" + reg, asm))
         div = len(re.findall(r"\tvdivp\w\s[^\n]*%" + reg, asm))
@@ -397,6 +404,7 @@ def asm_report(dtype, cpu=None) -> str:
     env = dict(os.environ, FASTBP_CACHE="0")
     if cpu:
         env["NUMBA_CPU_NAME"] = cpu
+        env["NUMBA_CPU_FEATURES"] = ""  # the named CPU's own features (numba otherwise keeps the host's)
     out = subprocess.run([sys.executable, "-c", _ASM_SNIPPET.format(dtype=np.dtype(dtype).name)], env=env,
                          capture_output=True, text=True)
     return out.stdout + (out.stderr[-2000:] if out.returncode else "")
@@ -409,8 +417,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--only", default=None, help="comma-separated implementations (default: all)")
     parser.add_argument("--compile", action="store_true", help="cold compile and warm load times")
-    parser.add_argument("--widths", default=None, help="comma-separated widths for the threshold sweep")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size of the width sweep")
+    parser.add_argument("--widths", default=None, help="comma-separated widths w: networks 16-w-w-10")
+    parser.add_argument("--shapes", default=None, help="comma-separated networks, e.g. 64-128-10,784-64-10")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size of the width/shape sweep")
     parser.add_argument("--asm", action="store_true", help="count packed FMAs in the compiled kernel")
     parser.add_argument("--cpu", default=None, help="with --asm: compile for this CPU (e.g. skylake-avx512)")
     parser.add_argument("--json", action="store_true")
@@ -425,10 +434,11 @@ def main(argv=None) -> int:
         result["compile"] = dict(cold_first_call_s=cold[1], warm_first_call_s=warm[1], import_s=warm[0])
         print(f"W1 narrow kernel ({dtype.name}): cold first call {cold[1]:.2f} s (compile), warm first call "
               f"{warm[1]:.3f} s (cache load), import {warm[0]:.2f} s")
-    if args.widths:
-        widths = [int(w) for w in args.widths.split(",")]
-        result["widths"] = width_sweep(widths, dtype, max(3, args.rounds // 2), args.min_seconds, args.batch_size)
-    if not args.compile and not args.widths:
+    shapes = [[16, int(w), int(w), 10] for w in args.widths.split(",")] if args.widths else []
+    shapes += [[int(s) for s in shape.split("-")] for shape in args.shapes.split(",")] if args.shapes else []
+    if shapes:
+        result["shapes"] = shape_sweep(shapes, dtype, max(3, args.rounds // 2), args.min_seconds, args.batch_size)
+    if not args.compile and not shapes:
         only = set(args.only.split(",")) if args.only else None
         times, _ = compare(args.rounds, args.min_seconds, dtype, only)
         result["w1"] = times
