@@ -1,0 +1,1271 @@
+"""A fused CPU training kernel for narrow networks: one loop nest per block of samples through all layers.
+
+For a network whose layers are all a few dozen units wide or less (W1: 1-16-1), a training step is a few
+microseconds of arithmetic, and the general path (``fastbp.kernels.cpu.train_epochs``) spends most of it
+between kernels: 14 compiled calls an epoch for W1, each with its own loop set-up, three transposes and a
+separate pass per activation. Here one compiled call runs all epochs, and inside a step every block of
+``LANES`` samples (lanes = samples, one 64-byte vector) goes forward through every layer, through the loss
+and back again in one loop nest. The block's activations and deltas live in a small workspace that stays
+in L1 (one 64-byte row per unit), weight gradients are summed per lane across the step's blocks and reduced
+over the lanes once per step, and the optimizer runs once per step. Serial: a W1 step is about a
+microsecond, less than the start of a parallel region; results do not depend on the thread count.
+
+Lane vectors. The block arithmetic is written on explicit vectors (``LaneVector``: an LLVM ``<16 x float>``
+or ``<8 x double>``, through numba's public extension API), not as loops over lanes: a plain
+``for lane in range(16)`` inside the loop over a layer's inputs k is fully unrolled by LLVM, which then
+vectorises the loop over k instead, as 16 strided reductions with horizontal sums at the end (seen in
+inspect_asm while this module was written). LLVM's loop vectoriser leaves values of a vector type alone;
+they stay in registers and give packed FMAs on every x86-64 CPU (two ymm per vector with AVX2, one zmm
+with AVX-512). The operations accept plain scalars too, so the math below has one source for both.
+
+Math. exp builds 2^n from the exponent bits (n + bias shifted into the exponent field, bitcast to a float)
+instead of ``pointwise.exp_fast``'s integer shifts, squarings and division, with minimax polynomials of
+degree 6 (float32) and 11 (float64) where exp_fast uses Taylor's 8 and 14 terms; log (softmax
+cross-entropy), log1p (binary cross-entropy) and tanh are vectorised the same way, so nothing calls libm
+per sample.
+
+Specialisation. ``kernel_for(act_codes, loss, optimizer)`` compiles one kernel per set of activations, loss
+and optimizer (a closure over those integer codes: numba folds the other branches away before typing them,
+and caches one entry per configuration). Layer widths stay run-time values.
+
+Public: ``train_epochs_narrow`` (the contract of ``cpu.train_epochs``, see its docstring), ``kernel_for``,
+``workspace_length``, ``make_workspace``, ``supports``, the lane-vector math (``exp_bits`` ...), and the
+serial reference ``train_epochs_naive``.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, lower_builtin, models, register_model, type_callable
+
+from .._jit import CACHE_ENABLED, cpu_jit, inline, prefer_wide_vectors
+from . import cpu
+from .pointwise import (
+    ADAM,
+    BINARY_CROSS_ENTROPY,
+    H_BETA1,
+    H_BETA2,
+    H_DAMPENING,
+    H_EPS,
+    H_MOMENTUM,
+    H_NESTEROV,
+    H_WEIGHT_DECAY,
+    LEAKY_RELU,
+    LEAKY_RELU_SLOPE,
+    MSE,
+    RELU,
+    SIGMOID,
+    SOFTMAX_CROSS_ENTROPY,
+    TANH,
+    activate,
+    activation_grad,
+    adam_update_one,
+    loss_divisor,
+    loss_grad_row,
+    sgd_update_one,
+)
+
+# Samples per block: one 64-byte vector of each dtype (a zmm register with AVX-512, two ymm with AVX2).
+LANES = {np.dtype(np.float32): 16, np.dtype(np.float64): 8}
+_LANES_NB = {types.float32: 16, types.float64: 8}
+# The widest layer (input and output included) this path takes; see supports() for the measurements.
+NARROW_MAX_WIDTH = 128
+# The lane vectors' arithmetic is emitted with these LLVM fast-math flags only: "contract" fuses a*b + c
+# into an FMA. Not "reassoc": it lets LLVM fold a Cody-Waite split (x - n c1) - n c2 back into
+# x - n (c1 + c2); pointwise.exp_fast compiled inside a kernel with cpu.FAST (which has reassoc) measured
+# 2.9e-7 max relative error in float32 and 2.4e-14 in float64, against 9.8e-8 and 7.8e-16 without it.
+_VECTOR_FLAGS = ("contract", "nsz")
+# The scalar code around the vectors compiles with cpu.FAST's freedoms (see there).
+FAST = cpu.FAST
+
+
+def narrow_jit(**options):
+    """``numba.njit`` for this module's kernels: cached where possible (as ``_jit.cpu_jit``), NOT parallel.
+
+    cpu_jit compiles everything with parallel=True (a workaround for numba #8578, fixed in numba 0.63 by
+    PR #9950); on a kernel that never runs a parallel region this only costs compile time: numba's parfor
+    passes over the fused kernel took 19 of its 54 s of cold compile here. These kernels call no parallel
+    function, so the issue cannot arise."""
+    def decorate(func):
+        if CACHE_ENABLED:
+            try:
+                return njit(cache=True, **options)(func)
+            except RuntimeError as error:  # "cannot cache function ...: no locator available"
+                warnings.warn(f"fastbp: numba cannot cache {func.__qualname__} ({error}); compiling without a "
+                              "disk cache", RuntimeWarning, stacklevel=2)
+        return njit(cache=False, **options)(func)
+
+    return decorate
+
+
+# --- lane vectors: types -------------------------------------------------------------------------------------
+class LaneVector(types.Type):
+    """A vector of ``count`` numbers of ``dtype`` (a numba float type), one per lane (sample) of a block."""
+
+    def __init__(self, dtype, count):
+        self.dtype = dtype
+        self.count = count
+        super().__init__(name=f"LaneVector({dtype}, {count})")
+
+
+class LaneMask(types.Type):
+    """A vector of ``count`` booleans (the result of comparing lane vectors)."""
+
+    def __init__(self, count):
+        self.count = count
+        super().__init__(name=f"LaneMask({count})")
+
+
+@register_model(LaneVector)
+class _LaneVectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        element = dmm.lookup(fe_type.dtype).get_value_type()
+        super().__init__(dmm, fe_type, ir.VectorType(element, fe_type.count))
+
+
+@register_model(LaneMask)
+class _LaneMaskModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, ir.VectorType(ir.IntType(1), fe_type.count))
+
+
+def _lane_vector_of(dtype):
+    return LaneVector(dtype, _LANES_NB[dtype])
+
+
+def _element(ty):
+    return ty.dtype if isinstance(ty, LaneVector) else ty
+
+
+def _float_operands(*tys):
+    """The result type of arithmetic on operands of these types: the LaneVector among them (scalars are
+    broadcast), the float type when all are the same float, else None."""
+    vectors = [t for t in tys if isinstance(t, LaneVector)]
+    if vectors:
+        vt = vectors[0]
+        if all(t == vt or (isinstance(t, types.Number) and not isinstance(t, types.Complex)) for t in tys):
+            return vt
+        return None
+    if all(isinstance(t, types.Float) for t in tys) and len(set(tys)) == 1:
+        return tys[0]
+    return None
+
+
+def _splat(builder, value, vty):
+    undef = ir.Constant(vty, ir.Undefined)
+    first = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+    zeros = ir.Constant(ir.VectorType(ir.IntType(32), vty.count), [0] * vty.count)
+    return builder.shuffle_vector(first, undef, zeros)
+
+
+def _operand(context, builder, value, ty, result_ty):
+    """value (of type ty) as an LLVM value of result_ty: scalars are cast to the element type and splatted."""
+    if isinstance(result_ty, LaneVector):
+        if isinstance(ty, LaneVector):
+            return value
+        value = context.cast(builder, value, ty, result_ty.dtype)
+        return _splat(builder, value, context.get_value_type(result_ty))
+    return context.cast(builder, value, ty, result_ty)
+
+
+def _llvm_intrinsic(builder, name, ty, args, context):
+    """Call llvm.<name> overloaded on ty (a float or a LaneVector). Declared by name: llvmlite 0.50 cannot
+    derive the name suffix of a vector type (see the shared cpu-engine notes)."""
+    lty = context.get_value_type(ty)
+    suffix = f"f{_element(ty).bitwidth}"
+    if isinstance(ty, LaneVector):
+        suffix = f"v{ty.count}{suffix}"
+    fnty = ir.FunctionType(lty, [lty] * len(args))
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.{name}.{suffix}")
+    return builder.call(fn, args)
+
+
+def _int_types(ty):
+    """(integer type as wide as ty's float elements, its element, the int32 type of ty's shape)."""
+    element = ir.IntType(_element(ty).bitwidth)
+    if isinstance(ty, LaneVector):
+        return ir.VectorType(element, ty.count), element, ir.VectorType(ir.IntType(32), ty.count)
+    return element, element, ir.IntType(32)
+
+
+def _int_constant(ity, element, value):
+    if isinstance(ity, ir.VectorType):
+        return ir.Constant(ity, [ir.Constant(element, value)] * ity.count)
+    return ir.Constant(ity, value)
+
+
+# --- lane vectors: operators (+ - * / unary -, comparisons), through numba's low-level extension API ---------
+# type_callable + lower_builtin rather than @overload: an overload is a small function compiled and inlined
+# at every use, which made type inference of the fused kernel 3-4x slower.
+_SCALAR_CLASSES = (types.Float, types.Integer)
+
+
+def _register_binary(op, llvm_op):
+    @type_callable(op)
+    def _typer(context):
+        def typer(a, b):
+            if isinstance(a, LaneVector) or isinstance(b, LaneVector):
+                return _float_operands(a, b)
+            return None
+
+        return typer
+
+    def lower(context, builder, sig, args):
+        x = _operand(context, builder, args[0], sig.args[0], sig.return_type)
+        y = _operand(context, builder, args[1], sig.args[1], sig.return_type)
+        return getattr(builder, llvm_op)(x, y, flags=_VECTOR_FLAGS)
+
+    lower_builtin(op, LaneVector, LaneVector)(lower)
+    for scalar in _SCALAR_CLASSES:
+        lower_builtin(op, LaneVector, scalar)(lower)
+        lower_builtin(op, scalar, LaneVector)(lower)
+
+
+def _register_compare(op, symbol):
+    @type_callable(op)
+    def _typer(context):
+        def typer(a, b):
+            if isinstance(a, LaneVector) or isinstance(b, LaneVector):
+                vt = _float_operands(a, b)
+                return None if vt is None else LaneMask(vt.count)
+            return None
+
+        return typer
+
+    def lower(context, builder, sig, args):
+        vt = _float_operands(*sig.args)
+        x = _operand(context, builder, args[0], sig.args[0], vt)
+        y = _operand(context, builder, args[1], sig.args[1], vt)
+        # Ordered comparisons (false when either side is NaN), as Python's; != is unordered (true for NaN).
+        if symbol == "!=":
+            return builder.fcmp_unordered(symbol, x, y)
+        return builder.fcmp_ordered(symbol, x, y)
+
+    lower_builtin(op, LaneVector, LaneVector)(lower)
+    for scalar in _SCALAR_CLASSES:
+        lower_builtin(op, LaneVector, scalar)(lower)
+        lower_builtin(op, scalar, LaneVector)(lower)
+
+
+for _op, _llvm_op in ((operator.add, "fadd"), (operator.sub, "fsub"), (operator.mul, "fmul"),
+                      (operator.truediv, "fdiv")):
+    _register_binary(_op, _llvm_op)
+for _op, _symbol in ((operator.lt, "<"), (operator.gt, ">"), (operator.le, "<="), (operator.ge, ">="),
+                     (operator.ne, "!=")):
+    _register_compare(_op, _symbol)
+
+
+@type_callable(operator.neg)
+def _type_neg(context):
+    def typer(a):
+        return a if isinstance(a, LaneVector) else None
+
+    return typer
+
+
+@lower_builtin(operator.neg, LaneVector)
+def _lower_neg(context, builder, sig, args):
+    return builder.fneg(args[0], flags=_VECTOR_FLAGS)
+
+
+# --- lane vectors: functions (each also accepts plain floats) ------------------------------------------------
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """a * b + c with one rounding (llvm.fma)."""
+    result = _float_operands(a, b, c)
+    if result is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ops = [_operand(context, builder, v, t, result) for v, t in zip(args, sig.args)]
+        return _llvm_intrinsic(builder, "fma", result, ops, context)
+
+    return result(a, b, c), codegen
+
+
+@intrinsic
+def vabs(typingctx, a):
+    """|a| (clears the sign bit)."""
+    if _float_operands(a) is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _llvm_intrinsic(builder, "fabs", sig.return_type, [args[0]], context)
+
+    return a(a), codegen
+
+
+@intrinsic
+def vround(typingctx, a):
+    """a rounded to the nearest integer, ties to even, as a float: llvm.roundeven, one instruction
+    (vroundps/vroundpd $8 on x86, cvt.rni on PTX) where floor(x + 0.5) takes two."""
+    if _float_operands(a) is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _llvm_intrinsic(builder, "roundeven", sig.return_type, [args[0]], context)
+
+    return a(a), codegen
+
+
+@intrinsic
+def vselect(typingctx, mask, a, b):
+    """Lane by lane ``a if mask else b`` (a blend: both sides are computed). Two scalars blended by a lane
+    mask give a lane vector."""
+    result = _float_operands(a, b)
+    if result is None:
+        return None
+    if isinstance(mask, LaneMask) and not isinstance(result, LaneVector):
+        result = LaneVector(result, mask.count)
+    if isinstance(result, LaneVector) != isinstance(mask, LaneMask):
+        return None
+
+    def codegen(context, builder, sig, args):
+        x = _operand(context, builder, args[1], sig.args[1], result)
+        y = _operand(context, builder, args[2], sig.args[2], result)
+        return builder.select(args[0], x, y)
+
+    return result(mask, a, b), codegen
+
+
+@inline
+def vmax(a, b):
+    """``a if a > b else b`` lane by lane (as Python's max of two floats: a NaN in a gives b)."""
+    return vselect(a > b, a, b)
+
+
+@intrinsic
+def elem(typingctx, like, value):
+    """``value`` as a scalar of like's element type (like: a float, a LaneVector or an array): the
+    dtype-generic constant, ``type(x)(0.5)`` that works for lane vectors too."""
+    element = like.dtype if isinstance(like, (types.Array, LaneVector)) else like
+    if not isinstance(element, types.Float) or not isinstance(value, types.Number):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return context.cast(builder, args[1], sig.args[1], element)
+
+    return element(like, value), codegen
+
+
+@intrinsic
+def vfill(typingctx, like, value):
+    """value in like's type: a lane vector of value for a lane vector, a scalar for a float."""
+    if _float_operands(like) is None or not isinstance(value, types.Number):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _operand(context, builder, args[1], sig.args[1], like)
+
+    return like(like, value), codegen
+
+
+@intrinsic
+def is_single(typingctx, like):
+    """Whether like's element type is float32: a constant, so branches on it fold at compile time."""
+    element = like.dtype if isinstance(like, (types.Array, LaneVector)) else like
+    single = element == types.float32
+
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.boolean, single)
+
+    return types.boolean(like), codegen
+
+
+@intrinsic
+def lane_count(typingctx, arr):
+    """The lanes of arr's dtype (16 for float32, 8 for float64), a compile-time constant."""
+    if not isinstance(arr, types.Array) or arr.dtype not in _LANES_NB:
+        return None
+    count = _LANES_NB[arr.dtype]
+
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.intp, count)
+
+    return types.intp(arr), codegen
+
+
+def _is_flat(arr):
+    return isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"
+
+
+def _element_pointer(context, builder, arr_ty, arr, index_ty, index):
+    ary = context.make_array(arr_ty)(context, builder, arr)
+    return builder.gep(ary.data, [context.cast(builder, index, index_ty, types.intp)])
+
+
+@intrinsic
+def vload(typingctx, arr, offset):
+    """The lane vector arr[offset:offset + lanes] of a 1-D C-contiguous float array. No bounds check."""
+    if not (_is_flat(arr) and arr.dtype in _LANES_NB):
+        return None
+    vt = _lane_vector_of(arr.dtype)
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        vptr = builder.bitcast(ptr, context.get_value_type(vt).as_pointer())
+        return builder.load(vptr, align=arr.dtype.bitwidth // 8)
+
+    return vt(arr, offset), codegen
+
+
+@intrinsic
+def vstore(typingctx, arr, offset, value):
+    """arr[offset:offset + lanes] = value (a lane vector of arr's dtype). No bounds check."""
+    if not (_is_flat(arr) and arr.dtype in _LANES_NB) or value != _lane_vector_of(arr.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        builder.store(args[2], builder.bitcast(ptr, args[2].type.as_pointer()), align=arr.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.none(arr, offset, value), codegen
+
+
+@intrinsic
+def sload(typingctx, arr, index):
+    """arr[index] of a 1-D C-contiguous array without numba's negative-index wrap-around (a select on every
+    access when numba cannot prove the index non-negative) and without a bounds check."""
+    if not _is_flat(arr) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1]))
+
+    return arr.dtype(arr, index), codegen
+
+
+@intrinsic
+def sstore(typingctx, arr, index, value):
+    """arr[index] = value (cast to arr's dtype), as sload: no wrap-around, no bounds check."""
+    if not _is_flat(arr) or not isinstance(index, types.Integer) or not isinstance(value, types.Number):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        builder.store(context.cast(builder, args[2], sig.args[2], arr.dtype), ptr)
+        return context.get_dummy_value()
+
+    return types.none(arr, index, value), codegen
+
+
+@intrinsic
+def vsplat(typingctx, value, like):
+    """A lane vector of like's dtype (like: an array) with value in every lane."""
+    if not (isinstance(like, types.Array) and like.dtype in _LANES_NB and isinstance(value, types.Number)):
+        return None
+    vt = _lane_vector_of(like.dtype)
+
+    def codegen(context, builder, sig, args):
+        return _operand(context, builder, args[0], sig.args[0], vt)
+
+    return vt(value, like), codegen
+
+
+def _gather_codegen(context, builder, sig, args, ordered):
+    # lane l = flat[row(l) * stride + column], row(l) = first + l (or order[first + l]) for l < valid, the row
+    # of lane 0 for the lanes after: one scalar load and insertelement per lane, no loop, no branch.
+    if ordered:
+        flat, order, first, valid, stride, column = args
+        flat_ty, order_ty = sig.args[0], sig.args[1]
+        order_data = context.make_array(order_ty)(context, builder, order).data
+    else:
+        flat, first, valid, stride, column = args
+        flat_ty = sig.args[0]
+    n_args = len(sig.args)
+    first, valid, stride, column = (context.cast(builder, a, t, types.intp)
+                                    for a, t in zip((first, valid, stride, column), sig.args[n_args - 4:]))
+    data = context.make_array(flat_ty)(context, builder, flat).data
+    vty = context.get_value_type(sig.return_type)
+    intp = context.get_value_type(types.intp)
+    vector = ir.Constant(vty, ir.Undefined)
+    for lane in range(vty.count):
+        inside = builder.icmp_signed("<", ir.Constant(intp, lane), valid)
+        position = builder.select(inside, builder.add(first, ir.Constant(intp, lane)), first)
+        row = builder.load(builder.gep(order_data, [position])) if ordered else position
+        value = builder.load(builder.gep(data, [builder.add(builder.mul(row, stride), column)]))
+        vector = builder.insert_element(vector, value, ir.Constant(ir.IntType(32), lane))
+    return vector
+
+
+@intrinsic
+def vgather_rows(typingctx, flat, first, valid, stride, column):
+    """The lane vector flat[(first + l) * stride + column] for lanes l < valid, lane 0's value after them:
+    one column of rows first.. of a row-major (rows, stride) matrix given flat. No bounds check."""
+    if not (_is_flat(flat) and flat.dtype in _LANES_NB):
+        return None
+    vt = _lane_vector_of(flat.dtype)
+
+    def codegen(context, builder, sig, args):
+        return _gather_codegen(context, builder, sig, args, False)
+
+    return vt(flat, first, valid, stride, column), codegen
+
+
+@intrinsic
+def vgather_ordered(typingctx, flat, order, first, valid, stride, column):
+    """vgather_rows with the rows looked up in order (1-D integers): row(l) = order[first + l]."""
+    if not (_is_flat(flat) and flat.dtype in _LANES_NB and _is_flat(order)
+            and isinstance(order.dtype, types.Integer)):
+        return None
+    vt = _lane_vector_of(flat.dtype)
+
+    def codegen(context, builder, sig, args):
+        return _gather_codegen(context, builder, sig, args, True)
+
+    return vt(flat, order, first, valid, stride, column), codegen
+
+
+@intrinsic
+def vlanes_below(typingctx, count, like):
+    """The mask ``lane < count`` for lane vectors of like's dtype (like: an array)."""
+    if not (isinstance(like, types.Array) and like.dtype in _LANES_NB and isinstance(count, types.Integer)):
+        return None
+    n = _LANES_NB[like.dtype]
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        bound = _splat(builder, context.cast(builder, args[0], sig.args[0], types.int64), ir.VectorType(i64, n))
+        index = ir.Constant(ir.VectorType(i64, n), [ir.Constant(i64, i) for i in range(n)])
+        return builder.icmp_signed("<", index, bound)
+
+    return LaneMask(n)(count, like), codegen
+
+
+@intrinsic
+def vsum(typingctx, value):
+    """The sum of a lane vector's lanes: a fixed tree of pairwise adds (halves, then quarters, ...), so the
+    order, and the result, do not depend on the compiler or the CPU."""
+    if not isinstance(value, LaneVector):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        i32 = ir.IntType(32)
+        width = value.count
+        while width > 1:
+            half = width // 2
+            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half, width))))
+            v = builder.fadd(lo, hi, flags=_VECTOR_FLAGS)
+            width = half
+        return builder.extract_element(v, ir.Constant(i32, 0))
+
+    return value.dtype(value), codegen
+
+
+@intrinsic
+def vpow2(typingctx, n):
+    """2**n for integral n (a float or lane vector) in the normal exponent range (float32 -126..127, float64
+    -1022..1023), exactly: n + bias shifted into the exponent field and bitcast to a float.
+
+    The float-to-integer conversion goes through int32 (sign-extended for float64): AVX2 converts doubles
+    only to int32 (vcvttpd2dq); double to int64 needs AVX-512DQ and would otherwise be scalarised."""
+    if _float_operands(n) is None:
+        return None
+    bias, mantissa = (127, 23) if _element(n) == types.float32 else (1023, 52)
+
+    def codegen(context, builder, sig, args):
+        ity, element, i32 = _int_types(n)
+        k = builder.fptosi(args[0], i32)
+        if element.width != 32:
+            k = builder.sext(k, ity)
+        bits = builder.shl(builder.add(k, _int_constant(ity, element, bias)),
+                           _int_constant(ity, element, mantissa))
+        return builder.bitcast(bits, context.get_value_type(sig.return_type))
+
+    return n(n), codegen
+
+
+@intrinsic
+def vsplit_exponent(typingctx, x):
+    """(m, e) with x = m * 2**e, m in [1, 2), e integral (as a float), for positive normal x (a float or lane
+    vector): the exponent field shifted out; the mantissa bits given the exponent of 1.0."""
+    if _float_operands(x) is None:
+        return None
+    bias, mantissa = (127, 23) if _element(x) == types.float32 else (1023, 52)
+
+    def codegen(context, builder, sig, args):
+        ity, element, i32 = _int_types(x)
+        fty = context.get_value_type(x)
+        bits = builder.bitcast(args[0], ity)
+        m_bits = builder.or_(builder.and_(bits, _int_constant(ity, element, (1 << mantissa) - 1)),
+                             _int_constant(ity, element, bias << mantissa))
+        biased = builder.lshr(bits, _int_constant(ity, element, mantissa))
+        if element.width != 32:  # through int32: AVX2 converts int32 (not int64) lanes to doubles
+            biased = builder.trunc(biased, i32)
+        e = builder.sitofp(builder.sub(biased, _int_constant(i32, ir.IntType(32), bias)), fty)
+        return context.make_tuple(builder, sig.return_type, [builder.bitcast(m_bits, fty), e])
+
+    return types.UniTuple(x, 2)(x), codegen
+
+
+# --- math on lane vectors (and scalars) ---------------------------------------------------------------------
+# exp(r) = 1 + r + r^2 P(r) on |r| <= ln2/2: the coefficients of P minimise the maximum relative error of
+# exp (a Lawson / iteratively reweighted least-squares fit in 40-digit mpmath arithmetic, done for this
+# module): degree 4 for float32 (max relative error of the polynomial 3.1e-9, against float32's unit
+# roundoff 6e-8; degree 3 would be 1.0e-7), degree 9 for float64 (3.6e-18; degree 8: 2.9e-16, two unit
+# roundoffs). pointwise.exp_fast's Taylor polynomials use 8 and 14 terms for the same ranges.
+_EXP_P32 = (0.4999999345147262598295, 0.1666652068756310720298, 0.04166838740854703726858,
+            0.008368710035308249699593, 0.001381461100106316811319)
+_EXP_P64 = (0.5000000000000010617569, 0.1666666666666641276289, 0.04166666666653025940433,
+            0.008333333333494336188507, 0.00138888889435993150899, 0.0001984126950677966555818,
+            0.00002480149313461758353864, 0.000002755758626230746903407, 2.763023444512102165238e-7,
+            2.500007449710043150205e-8)
+LOG2E = 1.4426950408889634
+# Cody-Waite: ln 2 = LN2_HI + LN2_LO with LN2_HI exact in 9 bits, so n * LN2_HI is exact for |n| <= 2^15.
+LN2_HI = 0.693359375
+LN2_LO = -2.12194440054690582e-4
+# exp's range: below EXP_LO_* the result would be below the smallest normal number (returned as 0), above
+# EXP_HI_* above the largest finite number (inf). For float32 the constants are the float32 numbers at the
+# ends (as float32, -87.33654475 = ln 2^-126 would round below it, and 88.72283906 = ln FLT_MAX above it,
+# where exp overflows); for float64, ln 2^-1022 and ln DBL_MAX.
+EXP_LO_32 = -87.33654
+EXP_HI_32 = 88.72283
+EXP_LO_64 = -708.3964185322641
+EXP_HI_64 = 709.782712893384
+
+
+@inline
+def _exp_parts(x, nonpositive):
+    # (q, s1, s2) with exp(x) = s1 s2 (1 + q), q = exp(r) - 1 from the polynomial, s1 s2 = 2^n. The special
+    # cases ride on the powers of two, off the polynomial's dependency chain: s1 = 0 below the range (the
+    # result is 0, or -1 for expm1), s1 = NaN for NaN, s2 = inf above it. nonpositive (a constant): x <= 0,
+    # where n >= -126 (-1022) fits ONE power of two (s2 = 1); over the whole range n reaches 128 (1024),
+    # split as 2^(n>>1) 2^(n - (n>>1)) (the same split as SLEEF's ldexp2k).
+    if is_single(x):
+        lo = elem(x, EXP_LO_32)
+        hi = elem(x, EXP_HI_32)
+    else:
+        lo = elem(x, EXP_LO_64)
+        hi = elem(x, EXP_HI_64)
+    xc = vselect(x > lo, x, lo)  # NaN goes to lo (an ordered compare is false): the conversion never sees NaN
+    if not nonpositive:
+        xc = vselect(xc < hi, xc, hi)
+    nf = vround(xc * elem(x, LOG2E))
+    r = vfma(nf, elem(x, -LN2_HI), xc)
+    r = vfma(nf, elem(x, -LN2_LO), r)
+    r2 = r * r
+    # Estrin's scheme: the polynomial in 3 (float32) or 4 (float64) dependent FMA levels instead of Horner's
+    # 4 or 9; the sigmoid pass is bound by its dependency chain (measured: see bench_narrow's notes).
+    if is_single(x):
+        a = vfma(elem(x, _EXP_P32[1]), r, elem(x, _EXP_P32[0]))
+        b = vfma(elem(x, _EXP_P32[3]), r, elem(x, _EXP_P32[2]))
+        b = vfma(elem(x, _EXP_P32[4]), r2, b)
+        p = vfma(b, r2, a)
+    else:
+        r4 = r2 * r2
+        e0 = vfma(elem(x, _EXP_P64[1]), r, elem(x, _EXP_P64[0]))
+        e1 = vfma(elem(x, _EXP_P64[3]), r, elem(x, _EXP_P64[2]))
+        e2 = vfma(elem(x, _EXP_P64[5]), r, elem(x, _EXP_P64[4]))
+        e3 = vfma(elem(x, _EXP_P64[7]), r, elem(x, _EXP_P64[6]))
+        e4 = vfma(elem(x, _EXP_P64[9]), r, elem(x, _EXP_P64[8]))
+        f0 = vfma(e1, r2, e0)
+        f1 = vfma(e3, r2, e2)
+        f1 = vfma(e4, r4, f1)
+        p = vfma(f1, r4, f0)
+    q = vfma(r2, p, r)
+    special = vselect(x != x, x, elem(x, 0.0))
+    if nonpositive:
+        s1 = vselect(x >= lo, vpow2(nf), special)
+        s2 = vfill(x, 1.0)
+    else:
+        half = vround(nf * elem(x, 0.5) - elem(x, 0.25))  # floor(n / 2) for integral n
+        s1 = vselect(x >= lo, vpow2(half), special)
+        s2 = vselect(x <= hi, vpow2(nf - half), elem(x, math.inf))
+    return q, s1, s2
+
+
+@inline
+def exp_bits(x):
+    """exp(x) for a float or a lane vector, from exponent bits: 2^n shifted into a float's exponent field.
+
+    x = n ln2 + r (|r| <= ln2/2, Cody-Waite), exp(r) by a minimax polynomial, 2^n bitcast from n + bias.
+    Max relative error (tests/test_narrow.py, dense grids over the whole range): about 1 ulp in float32
+    and float64. 0 below the smallest normal result, inf above the largest finite one, NaN for NaN.
+    Branch-free (selects only), so it vectorises; plain arithmetic, integer ops and one bitcast.
+    """
+    q, s1, s2 = _exp_parts(x, False)
+    return vfma(s1, q, s1) * s2
+
+
+@inline
+def exp_nonpositive(x):
+    """exp(x) for x <= 0 (as exp_bits, one power of two fewer): exp(-|z|) in sigmoid, z - max(z) in softmax.
+    0 below the smallest normal result, NaN for NaN. Positive x is outside its contract."""
+    q, s1, s2 = _exp_parts(x, True)
+    return vfma(s1, q, s1)
+
+
+@inline
+def expm1_nonpositive(x):
+    """exp(x) - 1 for x <= 0 without cancellation near 0: 2^n q + (2^n - 1), with q = exp(r) - 1 from the
+    polynomial (for |x| <= ln2/2, n = 0 and the result is q itself). -1 below the range, NaN for NaN."""
+    q, s1, s2 = _exp_parts(x, True)
+    return vfma(s1, q, s1 - elem(x, 1.0))
+
+
+@inline
+def sigmoid_bits(z):
+    """1 / (1 + exp(-z)), with exp only of -|z| (as pointwise.sigmoid): (1 or e) / (1 + e), e = exp(-|z|).
+    The numerator is chosen before the division, so one division ends the dependency chain (pointwise
+    multiplies e by the reciprocal after it: the two differ by one rounding for z < 0)."""
+    one = elem(z, 1.0)
+    e = exp_nonpositive(-vabs(z))
+    return vselect(z >= elem(z, 0.0), one, e) / (one + e)
+
+
+@inline
+def tanh_bits(z):
+    """tanh(z) = sign(z) (1 - e) / (1 + e) with e = exp(-2|z|), written as -m / (2 + m) with m = expm1(-2|z|)
+    so that small |z| keeps its relative accuracy (1 - e would cancel). NaN for NaN."""
+    m = expm1_nonpositive(elem(z, -2.0) * vabs(z))
+    t = -m / (elem(z, 2.0) + m)
+    return vselect(z < elem(z, 0.0), -t, t)
+
+
+# log(m), m in [sqrt(1/2), sqrt(2)): 2 atanh(s) with s = (m - 1) / (m + 1), |s| <= 0.1716, as the series
+# 2 s (1 + s^2/3 + s^4/5 + ...): 5 terms leave 2e-9 (float32), 10 terms 6e-19 (float64) relative.
+# log1p(e), e in [0, 1]: the same series with s = e / (2 + e) <= 1/3 (8 and 16 terms), exact relative
+# accuracy for tiny e (no 1 + e is formed, so nothing cancels).
+@inline
+def _atanh_series(s, terms):
+    # 2 atanh(s) = 2 s sum_{i < terms} s^(2i) / (2i + 1), Horner in s^2.
+    s2 = s * s
+    p = vfill(s, 1.0 / (2 * terms - 1))
+    for i in range(terms - 2, -1, -1):
+        p = vfma(p, s2, elem(s, 1.0) / elem(s, 2 * i + 1))
+    return elem(s, 2.0) * s * p
+
+
+@inline
+def log_bits(x):
+    """log(x) for positive normal x (scalar or lane vector): the exponent from the bits, the mantissa folded
+    into [sqrt(1/2), sqrt(2)), an atanh series. inf for inf, NaN for NaN; zero, negative and subnormal x are
+    outside its contract (softmax's sum of exps is >= 1)."""
+    m, e = vsplit_exponent(x)
+    big = m > elem(x, 1.4142135623730951)
+    m = vselect(big, m * elem(x, 0.5), m)
+    e = vselect(big, e + elem(x, 1.0), e)
+    s = (m - elem(x, 1.0)) / (m + elem(x, 1.0))
+    if is_single(x):
+        log_m = _atanh_series(s, 5)
+    else:
+        log_m = _atanh_series(s, 10)
+    result = vfma(e, elem(x, LN2_HI), vfma(e, elem(x, LN2_LO), log_m))
+    result = vselect(x >= elem(x, math.inf), x, result)
+    return vselect(x != x, x, result)
+
+
+@inline
+def log1p_unit(e):
+    """log(1 + e) for e in [0, 1] (binary cross-entropy's log1p(exp(-|z|))), relative accuracy kept for tiny e."""
+    s = e / (elem(e, 2.0) + e)
+    if is_single(e):
+        return _atanh_series(s, 8)
+    return _atanh_series(s, 16)
+
+
+# --- activation passes: compiled on their own ---------------------------------------------------------------
+@intrinsic
+def _not_inlined(typingctx):
+    """Call first in a function that LLVM must not inline into its caller (the function attribute noinline)."""
+    def codegen(context, builder, signature, args):
+        builder.function.attributes.add("noinline")
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+# sigmoid and tanh layers run as functions of their own, NOT inlined into the fused kernel. Inlined, where
+# dozens of pointers and counters are live, LLVM kept the sigmoid's 13 constants as absolute addresses in
+# general registers (numba's JIT code model has no rip-relative loads) and shuffled them with 30 register
+# moves per vector (109 instructions a 16-lane vector; 79 in a function of its own). The call costs a few
+# nanoseconds a layer and block; for the cheap activations (and all of backward) it cost more than it saved:
+# W1 with every layer out of line ran 4% slower than with only this one. The code is repeated below rather
+# than shared through an inline helper: numba binds an inlined function's array arguments with reference-count
+# updates, atomic ones, inside the loops (W1 ran 50% slower that way).
+def _make_forward(act):
+    @narrow_jit(**FAST)
+    def forward(work, params, in_at, out_at, n_in, n_out, w0):
+        # work[out_at + j lanes] = act(b[j] + sum_i W[i, j] work[in_at + i lanes]) for j < n_out.
+        _not_inlined()
+        prefer_wide_vectors()
+        lanes = lane_count(work)
+        zero = vsplat(0.0, work)
+        b0 = w0 + n_in * n_out
+        for j in range(n_out):
+            if n_in == 1:  # one input (W1's first layer)
+                z = vfma(vload(work, in_at), sload(params, w0 + j), sload(params, b0 + j))
+            else:
+                # Two accumulators (even and odd i): one chain of FMAs waits 4 cycles an input on Zen 3
+                # (W1's 16-input output unit: 7.5% of the kernel's time with one).
+                acc = vsplat(sload(params, b0 + j), work)
+                acc2 = zero
+                for i in range(0, n_in - 1, 2):
+                    acc = vfma(vload(work, in_at + i * lanes), sload(params, w0 + i * n_out + j), acc)
+                    acc2 = vfma(vload(work, in_at + (i + 1) * lanes), sload(params, w0 + (i + 1) * n_out + j), acc2)
+                if n_in % 2 == 1:
+                    acc = vfma(vload(work, in_at + (n_in - 1) * lanes), sload(params, w0 + (n_in - 1) * n_out + j),
+                               acc)
+                z = acc + acc2
+            if act == SIGMOID:
+                vstore(work, out_at + j * lanes, sigmoid_bits(z))
+            else:
+                vstore(work, out_at + j * lanes, tanh_bits(z))
+
+    return forward
+
+
+forward_sigmoid = _make_forward(SIGMOID)
+forward_tanh = _make_forward(TANH)
+
+
+# --- the fused kernel ----------------------------------------------------------------------------------------
+def workspace_length(sizes, dtype, n_samples: int = 0) -> int:
+    """Length of train_epochs_narrow's ``work`` (dtype, 1-D): lanes x (P + 2 sum(sizes) + k + 1 + data) numbers.
+
+    Rows of ``lanes`` numbers (64 bytes, a cache line when the buffer is 64-byte aligned: make_workspace):
+    P rows of per-lane weight-gradient partial sums (in the flat parameter order), sum(sizes) rows of the
+    block's activations (layer l's unit u at row P + unit_offsets[l] + u; layer 0 = the gathered inputs), as
+    many of deltas (d loss / d pre-activation, same indexing), k rows of the block's targets, one of lane
+    losses; then, with n_samples > 0, (n_in + k) ceil(n_samples / lanes) rows where a full-batch, in-order
+    call transposes X and Y once into lane blocks (its epochs then read them in place: no per-block
+    gather). A shorter buffer is valid; such calls then gather every block."""
+    sizes = [int(s) for s in sizes]
+    lanes = LANES[np.dtype(dtype)]
+    n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    data_rows = (sizes[0] + sizes[-1]) * (-(-int(n_samples) // lanes))
+    return lanes * (n_params + 2 * sum(sizes) + sizes[-1] + 1 + data_rows)
+
+
+def make_workspace(sizes, dtype, n_samples: int = 0) -> np.ndarray:
+    """A zeroed, 64-byte aligned ``work`` buffer for train_epochs_narrow (see workspace_length; build once
+    per fit and data set, reusable across calls)."""
+    dtype = np.dtype(dtype)
+    n = workspace_length(sizes, dtype, n_samples)
+    raw = np.zeros(n + 64 // dtype.itemsize, dtype)
+    skip = (-raw.ctypes.data % 64) // dtype.itemsize
+    return raw[skip:skip + n]
+
+
+def supports(sizes) -> bool:
+    """Whether train_epochs_narrow is the faster path for layer widths ``sizes`` (input first): every layer,
+    the input included, at most NARROW_MAX_WIDTH (128) wide.
+
+    Measured against cpu.train_epochs (python -m fastbp.tools.bench_narrow --widths / --shapes; relu, softmax
+    CE, SGD, shuffled batches, float32, AMD EPYC Zen 3, AVX2, per-round ratios cpu/narrow, medians of 3):
+    16-w-w-10 at batch 32: 3.6x (w = 8), 2.7x (16), 2.4x (32), 1.7x (48), 1.5x (64, 96, 128), 1.24x (192),
+    0.68x (256); at batch 128: 1.7x (32), 1.65x (64), 1.38x (128), 0.67x (256); 64-128-10 (W2's network) at
+    batch 32: 1.21x; 32-128-128-128-128-10: 1.08x; 784-32-10 and 784-64-10: 0.77x, 0.79x (a wide input: 784
+    features gathered one by one per block, and the first layer's 25-50 thousand gradient partial sums of 64
+    bytes each no longer stay in L2). The nest's cost per parameter per block is one 64-byte read-modify-write
+    of its partial sums, so it is the per-parameter work, not the width itself, that grows past the blocked
+    products of the general path; 128 leaves a margin below the 192-256 crossover."""
+    return len(sizes) >= 2 and int(max(int(s) for s in sizes)) <= NARROW_MAX_WIDTH
+
+
+@narrow_jit(**FAST)
+def optimizer_update(params, first, second, grads, lr, hyper, step, optimizer):
+    """One optimizer step over params (P,), in place: cpu.optimizer_step's arithmetic (bias corrections in
+    float64, then cast; pointwise.sgd_update_one / adam_update_one per element). first, second (P,): the
+    rows of opt_state (SGD's momentum buffer; Adam's exp_avg and exp_avg_sq).
+
+    Compiled on its own and called, not inlined: numba passes arrays to a compiled callee borrowed, while
+    inlining it (and the views opt_state[0], opt_state[1] made per step) cost atomic reference-count
+    updates, ten a step, each draining the store buffer: 20% of W1's kernel time in the profile."""
+    _not_inlined()
+    dtype = params.dtype.type
+    weight_decay = dtype(hyper[H_WEIGHT_DECAY])
+    if optimizer == ADAM:
+        beta1 = hyper[H_BETA1]
+        beta2 = hyper[H_BETA2]
+        step_size = dtype(lr / (1.0 - beta1 ** step))
+        sqrt_bc2 = dtype(np.sqrt(1.0 - beta2 ** step))
+        for i in range(params.shape[0]):
+            adam_update_one(params, first, second, grads, i, dtype(lr), dtype(beta1), dtype(beta2),
+                            dtype(hyper[H_EPS]), weight_decay, step_size, sqrt_bc2)
+    else:
+        momentum = dtype(hyper[H_MOMENTUM])
+        dampening = dtype(hyper[H_DAMPENING])
+        nesterov = hyper[H_NESTEROV] != 0.0
+        for i in range(params.shape[0]):
+            sgd_update_one(params, first, grads, i, dtype(lr), momentum, dampening, weight_decay, nesterov,
+                           step == 1)
+
+
+def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss, optimizer):
+    # One specialisation: the activations present (booleans), the loss and the optimizer are closure
+    # constants, so numba prunes the other branches before typing and inlining them (cold compile of W1's
+    # configuration: see the README numbers in bench_narrow) and caches one entry per configuration.
+
+    @narrow_jit(**FAST)
+    def kernel(params, opt_state, steps_done, grads, backup, work, X, Y, orders, lrs, epoch_losses, sizes,
+               param_offsets, unit_offsets, act_codes, hyper, batch_size, target_loss):
+        # params (P,), opt_state (2, P), steps_done (1,), grads (P,), backup (3, P), work (see
+        # workspace_length), X (n, n_in), Y (n, k), orders (E, n) or (E, 0), lrs (E,), epoch_losses (E,),
+        # sizes (L + 1,), param_offsets (L,), unit_offsets (L + 2,), act_codes (L,), hyper (N_HYPER,).
+        prefer_wide_vectors()
+        lanes = lane_count(work)
+        dtype = params.dtype.type
+        n = X.shape[0]
+        n_in0 = X.shape[1]
+        k = Y.shape[1]
+        x_flat = X.reshape(n * n_in0)
+        y_flat = Y.reshape(n * k)
+        orders_flat = orders.reshape(orders.shape[0] * orders.shape[1])
+        n_params = params.shape[0]
+        n_layers = sizes.shape[0] - 1
+        n_units = unit_offsets[n_layers + 1]
+        act_row = n_params  # rows of work: see workspace_length
+        delta_row = n_params + n_units
+        target_at = (n_params + 2 * n_units) * lanes
+        loss_at = target_at + k * lanes
+        logit_at = (act_row + unit_offsets[n_layers]) * lanes
+        dlogit_at = (delta_row + unit_offsets[n_layers]) * lanes
+        in_order = orders.shape[1] == 0
+        zero = vsplat(0.0, work)
+        one = elem(work, 1.0)
+        first_moment = opt_state[0]
+        second_moment = opt_state[1]
+        # A full-batch, in-order call sees the same blocks every epoch: transpose X and Y into lane blocks
+        # once, where the workspace has room for them (see workspace_length).
+        data_at = loss_at + lanes
+        block_rows = n_in0 + k
+        n_blocks = (n + lanes - 1) // lanes
+        pretransposed = in_order and batch_size >= n and work.shape[0] >= data_at + n_blocks * block_rows * lanes
+        if pretransposed:
+            for b in range(n_blocks):
+                valid = min(lanes, n - b * lanes)
+                at = data_at + b * block_rows * lanes
+                for f in range(n_in0):
+                    vstore(work, at + f * lanes, vgather_rows(x_flat, b * lanes, valid, n_in0, f))
+                for j in range(k):
+                    vstore(work, at + (n_in0 + j) * lanes, vgather_rows(y_flat, b * lanes, valid, k, j))
+        for epoch in range(lrs.shape[0]):
+            for i in range(n_params):
+                backup[0, i] = params[i]
+                backup[1, i] = opt_state[0, i]
+                backup[2, i] = opt_state[1, i]
+            step0 = steps_done[0]
+            total = 0.0
+            for start in range(0, n, batch_size):
+                n_rows = min(batch_size, n - start)
+                inv_divisor = dtype(1.0 / loss_divisor(loss, n_rows, k))
+                for first in range(0, n_rows, lanes):
+                    valid = min(lanes, n_rows - first)
+                    if pretransposed:  # this block's inputs and targets, transposed at the top of the call
+                        x_at = data_at + (first // lanes) * block_rows * lanes
+                        t_at = x_at + n_in0 * lanes
+                    else:  # gathered: lane l = sample first + l of the batch, lanes >= valid repeat lane 0's
+                        x_at = act_row * lanes
+                        t_at = target_at
+                        if in_order:
+                            for f in range(n_in0):
+                                vstore(work, x_at + f * lanes, vgather_rows(x_flat, start + first, valid, n_in0, f))
+                            for j in range(k):
+                                vstore(work, t_at + j * lanes, vgather_rows(y_flat, start + first, valid, k, j))
+                        else:  # orders_flat, not orders[epoch]: a view per block costs atomic refcounts
+                            position = epoch * n + start + first
+                            for f in range(n_in0):
+                                vstore(work, x_at + f * lanes,
+                                       vgather_ordered(x_flat, orders_flat, position, valid, n_in0, f))
+                            for j in range(k):
+                                vstore(work, t_at + j * lanes,
+                                       vgather_ordered(y_flat, orders_flat, position, valid, k, j))
+                    # -- forward: sigmoid and tanh layers in functions of their own (see _make_forward), the
+                    # others inline (the same unit sums)
+                    for layer in range(n_layers):
+                        n_in = sizes[layer]
+                        n_out = sizes[layer + 1]
+                        w0 = param_offsets[layer]
+                        in_at = x_at if layer == 0 else (act_row + unit_offsets[layer]) * lanes
+                        out_at = (act_row + unit_offsets[layer + 1]) * lanes
+                        act = act_codes[layer]
+                        if has_sigmoid and act == SIGMOID:
+                            forward_sigmoid(work, params, in_at, out_at, n_in, n_out, w0)
+                            continue
+                        if has_tanh and act == TANH:
+                            forward_tanh(work, params, in_at, out_at, n_in, n_out, w0)
+                            continue
+                        b0 = w0 + n_in * n_out
+                        for j in range(n_out):
+                            if n_in == 1:
+                                z = vfma(vload(work, in_at), sload(params, w0 + j), sload(params, b0 + j))
+                            else:
+                                acc = vsplat(sload(params, b0 + j), work)
+                                acc2 = zero
+                                for i in range(0, n_in - 1, 2):
+                                    acc = vfma(vload(work, in_at + i * lanes), sload(params, w0 + i * n_out + j), acc)
+                                    acc2 = vfma(vload(work, in_at + (i + 1) * lanes),
+                                                sload(params, w0 + (i + 1) * n_out + j), acc2)
+                                if n_in % 2 == 1:
+                                    acc = vfma(vload(work, in_at + (n_in - 1) * lanes),
+                                               sload(params, w0 + (n_in - 1) * n_out + j), acc)
+                                z = acc + acc2
+                            if has_relu and act == RELU:
+                                z = vselect(z > zero, z, zero)  # NaN -> 0, as pointwise.activate
+                            elif has_leaky and act == LEAKY_RELU:
+                                z = vselect(z > zero, z, z * elem(z, LEAKY_RELU_SLOPE))
+                            vstore(work, out_at + j * lanes, z)
+                    # -- loss and dlogits (pointwise.loss_grad_row's arithmetic, lane by lane)
+                    mask = vlanes_below(valid, work)
+                    lane_loss = zero
+                    if loss == MSE:
+                        two_over = elem(work, 2.0) * inv_divisor
+                        for j in range(k):
+                            diff = vload(work, logit_at + j * lanes) - vload(work, t_at + j * lanes)
+                            lane_loss = vfma(diff, diff, lane_loss)
+                            vstore(work, dlogit_at + j * lanes, vselect(mask, two_over * diff, zero))
+                    elif loss == BINARY_CROSS_ENTROPY:
+                        one = elem(work, 1.0)
+                        for j in range(k):
+                            z = vload(work, logit_at + j * lanes)
+                            t = vload(work, t_at + j * lanes)
+                            e = exp_nonpositive(-vabs(z))
+                            inv = one / (one + e)
+                            q = vselect(z >= zero, inv, e * inv)
+                            lane_loss = lane_loss + ((vmax(z, zero) - z * t) + log1p_unit(e))
+                            vstore(work, dlogit_at + j * lanes, vselect(mask, (q - t) * inv_divisor, zero))
+                    else:  # SOFTMAX_CROSS_ENTROPY; the max is subtracted for stability only
+                        zmax = vload(work, logit_at)
+                        for j in range(1, k):
+                            zmax = vmax(zmax, vload(work, logit_at + j * lanes))
+                        sum_exp = zero
+                        sum_target = zero
+                        for j in range(k):
+                            e = exp_nonpositive(vload(work, logit_at + j * lanes) - zmax)
+                            vstore(work, dlogit_at + j * lanes, e)  # staged: the softmax numerators
+                            sum_exp = sum_exp + e
+                            sum_target = sum_target + vload(work, t_at + j * lanes)
+                        log_sum_exp = zmax + log_bits(sum_exp)
+                        inv_sum_exp = elem(work, 1.0) / sum_exp
+                        for j in range(k):
+                            t = vload(work, t_at + j * lanes)
+                            lane_loss = vfma(t, log_sum_exp - vload(work, logit_at + j * lanes), lane_loss)
+                            g = (vload(work, dlogit_at + j * lanes) * inv_sum_exp * sum_target - t) * inv_divisor
+                            vstore(work, dlogit_at + j * lanes, vselect(mask, g, zero))
+                    vstore(work, loss_at, vselect(mask, lane_loss, zero))
+                    for lane in range(valid):  # float64 sum of float32 row losses, as cpu.train_epochs
+                        total += sload(work, loss_at + lane)
+                    # -- backward: the per-lane gradient partial sums (row p of work for parameter p) += in[i] dout[j]
+                    # (weights) and dout[j] (biases); din[i] = (sum_j W[i, j] dout[j]) act'(in[i]), act' from
+                    # the stored output (cpu._scale_by_activation_grad_rows's arithmetic)
+                    for layer in range(n_layers - 1, -1, -1):
+                        n_in = sizes[layer]
+                        n_out = sizes[layer + 1]
+                        w0 = param_offsets[layer]
+                        b0 = w0 + n_in * n_out
+                        in_at = x_at if layer == 0 else (act_row + unit_offsets[layer]) * lanes
+                        dout_at = (delta_row + unit_offsets[layer + 1]) * lanes
+                        din_at = (delta_row + unit_offsets[layer]) * lanes
+                        for j in range(n_out):
+                            g_at = (b0 + j) * lanes
+                            vstore(work, g_at, vload(work, g_at) + vload(work, dout_at + j * lanes))
+                        if layer == 0:
+                            # Weights only (no input gradient below the first layer). Inputs outer, outputs
+                            # inner: the inner loop runs along a row of W's gradient (W1's 1-input layer: one
+                            # loop of 16 instead of 16 loops of one, 3x faster for this part).
+                            for i in range(n_in):
+                                a = vload(work, in_at + i * lanes)
+                                for j in range(n_out):
+                                    g_at = (w0 + i * n_out + j) * lanes
+                                    vstore(work, g_at, vfma(a, vload(work, dout_at + j * lanes), vload(work, g_at)))
+                            continue
+                        act = act_codes[layer - 1]
+                        for i in range(n_in):
+                            y = vload(work, in_at + i * lanes)
+                            if n_out == 1:  # one output (regression, binary heads; W1): no inner loop per input
+                                d = vload(work, dout_at)
+                                g_at = (w0 + i) * lanes
+                                vstore(work, g_at, vfma(y, d, vload(work, g_at)))
+                                back = d * sload(params, w0 + i)
+                            else:
+                                back = zero
+                                for j in range(n_out):
+                                    d = vload(work, dout_at + j * lanes)
+                                    g_at = (w0 + i * n_out + j) * lanes
+                                    vstore(work, g_at, vfma(y, d, vload(work, g_at)))
+                                    back = vfma(d, sload(params, w0 + i * n_out + j), back)
+                            if has_sigmoid and act == SIGMOID:
+                                back = back * (y * (one - y))
+                            elif has_tanh and act == TANH:
+                                back = back * (one - y * y)
+                            elif has_relu and act == RELU:
+                                back = vselect(y > zero, back, zero)
+                            elif has_leaky and act == LEAKY_RELU:
+                                back = back * vselect(y > zero, one, elem(y, LEAKY_RELU_SLOPE))
+                            vstore(work, din_at + i * lanes, back)
+                # -- the step: each parameter's lanes summed (the partial sums zeroed for the next step)
+                for i in range(n_params):
+                    sstore(grads, i, vsum(vload(work, i * lanes)))
+                    vstore(work, i * lanes, zero)
+                steps_done[0] += 1
+                optimizer_update(params, first_moment, second_moment, grads, lrs[epoch], hyper, steps_done[0],
+                                 optimizer)
+            epoch_loss = total / loss_divisor(loss, n, k)
+            epoch_losses[epoch] = epoch_loss
+            if not np.isfinite(epoch_loss):
+                for i in range(n_params):
+                    params[i] = backup[0, i]
+                    opt_state[0, i] = backup[1, i]
+                    opt_state[1, i] = backup[2, i]
+                steps_done[0] = step0
+                return epoch
+            if epoch_loss <= target_loss:
+                return epoch + 1
+        return lrs.shape[0]
+
+    return kernel
+
+
+_KERNELS = {}
+
+
+def kernel_for(act_codes, loss: int, optimizer: int):
+    """The compiled fused kernel for these activation codes (any per-layer mix), loss and optimizer codes.
+
+    Its arguments: train_epochs_narrow's, without ``loss`` and ``optimizer`` (they are compiled in). Look it
+    up once per fit and call it directly to skip this function's dictionary look-up."""
+    codes = frozenset(int(c) for c in np.asarray(act_codes).ravel())
+    key = (SIGMOID in codes, TANH in codes, RELU in codes, LEAKY_RELU in codes, int(loss), int(optimizer))
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        if key[4] not in (MSE, BINARY_CROSS_ENTROPY, SOFTMAX_CROSS_ENTROPY):
+            raise ValueError(f"unknown loss code {loss}")
+        kernel = _KERNELS[key] = _make_kernel(*key)
+    return kernel
+
+
+def train_epochs_narrow(params, opt_state, steps_done, grads, backup, work, X, Y, orders, lrs, epoch_losses,
+                        sizes, param_offsets, unit_offsets, act_codes, loss, optimizer, hyper, batch_size,
+                        target_loss):
+    """Train ``len(lrs)`` epochs of a narrow network (see supports) in one compiled call; returns how many
+    completed.
+
+    The contract of fastbp.kernels.cpu.train_epochs, same arguments in the same order minus its workspaces
+    (acts, deltas, targets_batch, row_losses, scratch) and path flags (narrow, wide), plus ``work``; same
+    results to rounding:
+
+    Parameters
+    ----------
+    params : (P,) float32 or float64, updated in place (flat W0, b0, W1, b1, ...; see fastbp.layout).
+    opt_state : (2, P), updated in place: SGD's momentum buffer in row 0, Adam's moments in rows 0 and 1.
+    steps_done : (1,) int64, updated in place: optimizer steps taken (torch's state["step"]).
+    grads : (P,) workspace: holds the last step's gradient on return.
+    backup : (3, P) workspace: params and opt_state at the start of the current epoch.
+    work : (workspace_length(sizes, dtype),) workspace, 1-D C-contiguous (make_workspace builds one). Its
+        gradient rows must be zero on entry: make_workspace's are, and every call leaves them zero.
+    X : (n, n_in), Y : (n, k), C-contiguous, params' dtype.
+    orders : (E, n) int64, each epoch's sample order; (E, 0) means in order.
+    lrs : (E,) float64, each epoch's learning rate.
+    epoch_losses : (E,) float64, written: each epoch's mean loss over its samples (each under the weights
+        of the time its batch was processed).
+    sizes, param_offsets, unit_offsets : int64 arrays of fastbp.layout.Layout.
+    act_codes : (L,) int64, pointwise activation codes per layer (the output layer's: identity, the loss
+        transforms it; like cpu.train_epochs, the gradient is taken w.r.t. the output layer's outputs).
+    loss, optimizer : pointwise codes. hyper : (N_HYPER,) float64, indexed by pointwise.H_*.
+    batch_size : int. target_loss : float, stop after an epoch whose loss is <= it.
+
+    Returns
+    -------
+    int : epochs completed. After an epoch whose loss is not finite, params, opt_state and steps_done are
+    restored to that epoch's start and it is not counted (its loss is in epoch_losses[returned]).
+
+    Allocates nothing; serial.
+    """
+    return kernel_for(act_codes, loss, optimizer)(
+        params, opt_state, steps_done, grads, backup, work, X, Y, orders, lrs, epoch_losses, sizes,
+        param_offsets, unit_offsets, act_codes, hyper, batch_size, target_loss)
+
+
+# --- the reference: one sample at a time ---------------------------------------------------------------------
+@cpu_jit()
+def train_epochs_naive(params, opt_state, steps_done, grads, backup, work, X, Y, orders, lrs, epoch_losses,
+                       sizes, param_offsets, unit_offsets, act_codes, loss, optimizer, hyper, batch_size,
+                       target_loss):
+    """train_epochs_narrow's contract and results, computed the obvious way, serially: each sample forward
+    through every layer (pointwise.activate), its loss and gradient (pointwise.loss_grad_row), backward
+    into grads (P,), summed over the batch, then cpu.optimizer_step. ``work`` needs 3 sum(sizes) + k numbers:
+    one sample's activations, deltas, targets and staging for the output gradient. Serial, scalar, slow."""
+    n = X.shape[0]
+    k = Y.shape[1]
+    n_params = params.shape[0]
+    n_layers = sizes.shape[0] - 1
+    n_units = unit_offsets[n_layers + 1]
+    acts = work[:n_units]
+    deltas = work[n_units:2 * n_units]
+    target = work[2 * n_units:2 * n_units + k]
+    in_order = orders.shape[1] == 0
+    for epoch in range(lrs.shape[0]):
+        for i in range(n_params):
+            backup[0, i] = params[i]
+            backup[1, i] = opt_state[0, i]
+            backup[2, i] = opt_state[1, i]
+        step0 = steps_done[0]
+        total = 0.0
+        for start in range(0, n, batch_size):
+            n_rows = min(batch_size, n - start)
+            inv_divisor = params.dtype.type(1.0 / loss_divisor(loss, n_rows, k))
+            for i in range(n_params):
+                grads[i] = 0
+            for r in range(n_rows):
+                src = start + r if in_order else orders[epoch, start + r]
+                for f in range(X.shape[1]):
+                    acts[f] = X[src, f]
+                for j in range(k):
+                    target[j] = Y[src, j]
+                for layer in range(n_layers):
+                    n_in = sizes[layer]
+                    n_out = sizes[layer + 1]
+                    w0 = param_offsets[layer]
+                    for j in range(n_out):
+                        z = params[w0 + n_in * n_out + j]
+                        for kk in range(n_in):
+                            z += acts[unit_offsets[layer] + kk] * params[w0 + kk * n_out + j]
+                        acts[unit_offsets[layer + 1] + j] = activate(z, act_codes[layer])
+                out = unit_offsets[n_layers]
+                total += loss_grad_row(deltas[out:out + k], acts[out:out + k], target, loss, inv_divisor)
+                for layer in range(n_layers - 1, -1, -1):
+                    n_in = sizes[layer]
+                    n_out = sizes[layer + 1]
+                    w0 = param_offsets[layer]
+                    for j in range(n_out):
+                        grads[w0 + n_in * n_out + j] += deltas[unit_offsets[layer + 1] + j]
+                    for kk in range(n_in):
+                        a = acts[unit_offsets[layer] + kk]
+                        back = params.dtype.type(0.0)
+                        for j in range(n_out):
+                            d = deltas[unit_offsets[layer + 1] + j]
+                            grads[w0 + kk * n_out + j] += a * d
+                            back += params[w0 + kk * n_out + j] * d
+                        if layer > 0:
+                            deltas[unit_offsets[layer] + kk] = back * activation_grad(a, act_codes[layer - 1])
+            steps_done[0] += 1
+            cpu.optimizer_step(params, opt_state, grads, lrs[epoch], optimizer, hyper, steps_done[0])
+        epoch_loss = total / loss_divisor(loss, n, k)
+        epoch_losses[epoch] = epoch_loss
+        if not np.isfinite(epoch_loss):
+            for i in range(n_params):
+                params[i] = backup[0, i]
+                opt_state[0, i] = backup[1, i]
+                opt_state[1, i] = backup[2, i]
+            steps_done[0] = step0
+            return epoch
+        if epoch_loss <= target_loss:
+            return epoch + 1
+    return lrs.shape[0]
+
+
+def naive_workspace_length(sizes) -> int:
+    """Length of train_epochs_naive's ``work``: 3 sum(sizes) + k."""
+    return 3 * int(sum(int(s) for s in sizes)) + int(sizes[-1])
+
+
