@@ -1,4 +1,5 @@
-"""fastbp against PyTorch (eager) and JAX (whole epoch / whole training in one jitted loop) on W1-W4.
+"""fastbp against PyTorch (eager) and JAX (whole epoch / whole training in one jitted loop) on W1-W4; on a
+machine with an NVIDIA GPU also fastbp CUDA and PyTorch CUDA (eager).
 
 Every implementation starts from the same initial weights (PyTorch's nn.Linear initialisation, drawn once
 and copied into each), uses the same hyper-parameters and float32, and runs in this one process; the
@@ -6,8 +7,12 @@ implementations are timed alternately, round after round, and the table reports 
 each peer's time to fastbp's (a ratio > 1 means fastbp is faster). A peer that is not installed is skipped.
 See fastbp/bench.py for the workload definitions. W1's unit is the whole 1000-epoch training, the others'
 one epoch. With the full sizes this takes a few minutes (W3, W4 dominate); --samples shrinks W2-W4.
+The GPU peers (``fastbp-cuda``: fastbp.Trainer(device="cuda") with the data uploaded once; ``pytorch-cuda``:
+the PyTorch loop with the model and data on the GPU) end each timed unit with a synchronisation and are
+skipped, with the reason, where no GPU is usable.
 
     python examples/compare_peers.py [--workloads W1,W2,W3,W4] [--rounds 3] [--samples N] [--threads 2]
+                                     [--peers pytorch,jax,numpy,fastbp-cuda,pytorch-cuda]
 """
 import argparse
 import os
@@ -40,14 +45,24 @@ def time_unit(run):
 
 
 # --- implementations: each returns a callable that runs one timed unit ---------------------------------------
-def fastbp_runner(name, X, y, weights, biases):
+def fastbp_runner(name, X, y, weights, biases, device="cpu"):
     spec = WORKLOADS[name]
     model = fastbp.MLP(spec["sizes"], spec["activation"], seed=0)
     for layer in range(len(weights)):
         model.weights[layer][...] = weights[layer]
         model.biases[layer][...] = biases[layer]
-    trainer = fastbp.Trainer(model, loss=spec["loss"], lr=spec["lr"], batch_size=spec["batch_size"], seed=0)
+    trainer = fastbp.Trainer(model, loss=spec["loss"], lr=spec["lr"], batch_size=spec["batch_size"], device=device,
+                             seed=0)
+    if device == "cuda":  # resident data, as a GPU user keeps it: uploaded once, used in place by every fit
+        from fastbp.kernels import cuda as kernels
+
+        X = kernels.to_device(X)
+    # fit returns with the parameters copied back to the model: a CUDA unit includes all its device work.
     return lambda: trainer.fit(X, y, epochs=spec["epochs"])
+
+
+def fastbp_cuda_runner(name, X, y, weights, biases):
+    return fastbp_runner(name, X, y, weights, biases, device="cuda")
 
 
 def numpy_runner(name, X, y, weights, biases):
@@ -58,7 +73,7 @@ def numpy_runner(name, X, y, weights, biases):
     return lambda: net.train(X, Y, spec["batch_size"], spec["lr"], spec["epochs"], rng)
 
 
-def torch_runner(name, X, y, weights, biases):
+def torch_runner(name, X, y, weights, biases, device="cpu"):
     import torch
 
     spec = WORKLOADS[name]
@@ -71,17 +86,18 @@ def torch_runner(name, X, y, weights, biases):
         layers.append(lin)
         if layer < len(weights) - 1:
             layers.append(torch.nn.ReLU() if spec["activation"] == "relu" else torch.nn.Sigmoid())
-    net = torch.nn.Sequential(*layers)
+    net = torch.nn.Sequential(*layers).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=spec["lr"])
     loss_fn = torch.nn.MSELoss() if spec["loss"] == "mse" else torch.nn.CrossEntropyLoss()
-    Xt = torch.from_numpy(X)
-    yt = torch.from_numpy(y)
+    Xt = torch.from_numpy(X).to(device)
+    yt = torch.from_numpy(y).to(device)
     n, batch = X.shape[0], spec["batch_size"] or X.shape[0]
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # a unit ends when the GPU is done
 
     def run():
         for _ in range(spec["epochs"]):
-            order = torch.randperm(n, generator=gen) if batch < n else None
+            order = torch.randperm(n, generator=gen, device=device) if batch < n else None
             for start in range(0, n, batch):
                 if order is None:
                     xb, yb = Xt, yt
@@ -91,7 +107,13 @@ def torch_runner(name, X, y, weights, biases):
                 opt.zero_grad()
                 loss_fn(net(xb), yb).backward()
                 opt.step()
+        sync()
+    run.net = net  # for tests
     return run
+
+
+def torch_cuda_runner(name, X, y, weights, biases):
+    return torch_runner(name, X, y, weights, biases, device="cuda")
 
 
 def jax_runner(name, X, y, weights, biases):
@@ -150,18 +172,41 @@ def jax_runner(name, X, y, weights, biases):
     return run
 
 
-RUNNERS = {"fastbp": fastbp_runner, "pytorch": torch_runner, "jax": jax_runner, "numpy": numpy_runner}
+RUNNERS = {"fastbp": fastbp_runner, "pytorch": torch_runner, "jax": jax_runner, "numpy": numpy_runner,
+           "fastbp-cuda": fastbp_cuda_runner, "pytorch-cuda": torch_cuda_runner}
+
+
+def gpu_unavailable(peer):
+    """None when GPU peer ``peer`` can run here, else why not."""
+    if peer == "fastbp-cuda":
+        from fastbp.backends import cuda_unavailable_reason
+
+        reason = cuda_unavailable_reason()
+        if reason is None:
+            from fastbp.kernels import cuda as kernels
+
+            reason = "numba's CUDA simulator is active (no timings)" if kernels.SIMULATOR else None
+        return reason
+    import torch
+
+    return None if torch.cuda.is_available() else f"torch {torch.__version__} sees no CUDA device"
 
 
 def available(peers):
     out = ["fastbp"]
     for peer in peers:
-        module = {"pytorch": "torch", "jax": "jax", "numpy": "numpy"}[peer]
+        module = {"pytorch": "torch", "jax": "jax", "numpy": "numpy", "fastbp-cuda": "fastbp",
+                  "pytorch-cuda": "torch"}[peer]
         try:
             __import__(module)
-            out.append(peer)
         except ImportError:
             print(f"{peer}: not installed, skipped")
+            continue
+        reason = gpu_unavailable(peer) if peer.endswith("-cuda") else None
+        if reason is None:
+            out.append(peer)
+        else:
+            print(f"{peer}: skipped ({reason})")
     return out
 
 
@@ -192,7 +237,7 @@ def print_workload(name, times, n):
     ratios = {impl: float(np.median(np.array(t) / np.array(times["fastbp"]))) for impl, t in times.items()}
     print(f"\n{name} ({n} samples, time per {unit}, median of {len(times['fastbp'])} rounds)")
     for impl in times:
-        print(f"  {impl:<8} {med[impl] * 1e3:10.3f} ms   peer/fastbp {ratios[impl]:7.2f}x")
+        print(f"  {impl:<12} {med[impl] * 1e3:10.3f} ms   peer/fastbp {ratios[impl]:7.2f}x")
 
 
 def main(argv=None):
@@ -200,7 +245,8 @@ def main(argv=None):
     parser.add_argument("--workloads", default="W1,W2,W3,W4")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--samples", type=int, default=None, help="shrink W2-W4 to this many samples")
-    parser.add_argument("--peers", default="pytorch,jax,numpy")
+    parser.add_argument("--peers", default="pytorch,jax,numpy,fastbp-cuda,pytorch-cuda",
+                        help="comma-separated; the -cuda peers are skipped where no GPU is usable")
     parser.add_argument("--threads", type=int, default=None, help="threads for every implementation")
     args = parser.parse_args(argv)
     if args.threads:

@@ -17,13 +17,15 @@ W4    16384 x 1024 N(0, 1), teacher    1024-1024-1024-10,    softmax CE, batch 5
 
 W2 uses scikit-learn's digits (/16, the first 75% of a seeded split) when scikit-learn is installed and
 random data of the same shape otherwise. ``--samples`` shrinks W2-W4 (for a quick look or a smoke test);
-``--batch-sizes`` sweeps the batch size, and ``--plot FILE.png`` draws time per epoch against batch size
-for each device (where the GPU overtakes the CPU). Every device starts from the same initial weights
-(PyTorch's nn.Linear initialisation, drawn with numpy). Times are medians over ``--repeats`` after a
-warm-up run that includes compilation.
+``--batch-sizes`` sweeps the batch size. ``--plot [FILE.png]`` (default bench.png) draws each workload's time
+per unit against batch size, one curve per device, so the size where the GPU overtakes the CPU shows; without
+``--batch-sizes`` it sweeps SWEEP (W2-W4: batch sizes up to the data set's size; W1, whose batch is the whole
+data set, the number of samples). The y axis is in the workload's unit: W1's is a whole 1000-epoch fit, the
+others' one epoch. Every device starts from the same initial weights (PyTorch's nn.Linear initialisation,
+drawn with numpy). Times are medians over ``--repeats`` after a warm-up run that includes compilation.
 
     python -m fastbp bench [--workloads W1,W2] [--samples N] [--batch-sizes 32,128,512] [--repeats 3]
-                           [--devices cpu,cuda] [--json] [--plot FILE.png]
+                           [--devices cpu,cuda] [--json] [--plot [FILE.png]]
 """
 from __future__ import annotations
 
@@ -44,6 +46,12 @@ WORKLOADS = {
     "W4": dict(sizes=[1024, 1024, 1024, 10], activation="relu", loss="softmax_cross_entropy", lr=0.05,
                batch_size=512, samples=16384, epochs=1, unit="epoch"),
 }
+
+
+# What --plot sweeps when no --batch-sizes are given: W2-W4 batch sizes (capped at the data set's size) and, for
+# W1 (full batch: its batch is its data set), the number of samples.
+SWEEP = {"W1": [100, 1000, 10000], "batch": [16, 32, 64, 128, 256, 512, 1024, 4096]}
+UNIT_LABELS = {"1000 epochs": "seconds per 1000-epoch fit", "epoch": "seconds per epoch"}
 
 
 # --- data and initial weights --------------------------------------------------------------------------------
@@ -185,17 +193,24 @@ def usable_devices(requested):
     return run, skipped
 
 
-def run_bench(workloads, devices, samples=None, batch_sizes=None, repeats=3, with_numpy=True):
+def run_bench(workloads, devices, samples=None, batch_sizes=None, repeats=3, with_numpy=True, sweep=False):
     """Time every (device, workload, batch size); returns (rows, skipped). Each row is a dict with device,
-    workload, batch_size, samples, unit, seconds (per timed unit), samples_per_s, vs_numpy, vs_cpu."""
+    workload, batch_size, samples, unit, seconds (per timed unit), samples_per_s, vs_numpy, vs_cpu.
+    sweep (without batch_sizes): the SWEEP sizes (W1: sample counts, each a full batch)."""
     devices, skipped = usable_devices(devices)
     rows = []
     for name in workloads:
         spec = WORKLOADS[name]
-        X, y = make_data(name, None if name == "W1" else samples)
-        n = X.shape[0]
-        sizes = batch_sizes if (batch_sizes and name != "W1") else [spec["batch_size"]]
-        for batch_size in sizes:
+        if name == "W1" and sweep and not batch_sizes:
+            data = [make_data(name, n) for n in SWEEP["W1"]]  # full batch: the batch grows with the data
+            plan = [(X, y, None) for X, y in data]
+        else:
+            X, y = make_data(name, None if name == "W1" else samples)
+            n = X.shape[0]
+            sizes = batch_sizes or ([b for b in SWEEP["batch"] if b < n] + [n] if sweep else None)
+            plan = [(X, y, b) for b in (sizes if sizes and name != "W1" else [spec["batch_size"]])]
+        for X, y, batch_size in plan:
+            n = X.shape[0]
             times = {}
             for device in devices:
                 times[device] = time_fastbp(device, name, X, y, batch_size, repeats)
@@ -224,26 +239,29 @@ def format_table(rows) -> str:
 
 
 def plot(rows, path):
+    """One panel per workload: its time per unit (UNIT_LABELS: W1's is a whole 1000-epoch fit) against batch
+    size, one curve per device (fastbp.plotting.plot_timings); saved to ``path``. Returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plotting import plot_timings
+
     workloads = sorted({r["workload"] for r in rows})
     fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads), 3.5), squeeze=False)
     for ax, name in zip(axes[0], workloads):
-        for device in sorted({r["device"] for r in rows}):
-            pts = sorted((r["batch_size"], r["seconds"]) for r in rows
-                         if r["workload"] == name and r["device"] == device)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=device)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("seconds per epoch")
-        ax.set_title(name)
-        ax.legend()
+        mine = [r for r in rows if r["workload"] == name]
+        sizes = sorted({r["batch_size"] for r in mine})
+        seconds = {device: [next((r["seconds"] for r in mine if r["device"] == device and r["batch_size"] == b),
+                                 float("nan")) for b in sizes]
+                   for device in sorted({r["device"] for r in mine})}
+        plot_timings(sizes, seconds, ax, ylabel=UNIT_LABELS.get(mine[0]["unit"], mine[0]["unit"]), title=name)
+        if name == "W1":
+            ax.set_xlabel("batch size (= samples: full batch)")
     fig.tight_layout()
     fig.savefig(path)
+    return fig
 
 
 def _csv(text, convert=str):
@@ -259,7 +277,9 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", default="cpu,cuda", help="comma-separated: cpu, cuda")
     parser.add_argument("--no-numpy", action="store_true", help="skip the numpy reference")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--plot", default=None, metavar="FILE.png", help="time per epoch vs batch size")
+    parser.add_argument("--plot", nargs="?", const="bench.png", default=None, metavar="FILE.png",
+                        help="time per unit vs batch size, one curve per device (default file bench.png); "
+                             "sweeps SWEEP unless --batch-sizes are given")
     args = parser.parse_args(argv)
     workloads = _csv(args.workloads, str.upper)
     unknown = [w for w in workloads if w not in WORKLOADS]
@@ -267,7 +287,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
     batch_sizes = _csv(args.batch_sizes, int) if args.batch_sizes else None
     rows, skipped = run_bench(workloads, _csv(args.devices), args.samples, batch_sizes, args.repeats,
-                              with_numpy=not args.no_numpy)
+                              with_numpy=not args.no_numpy, sweep=bool(args.plot))
     if args.json:
         print(json.dumps({"rows": rows, "skipped": skipped}, indent=2))
     else:
@@ -277,6 +297,7 @@ def main(argv=None) -> int:
     if args.plot:
         try:
             plot(rows, args.plot)
+            print(f"wrote {args.plot}")
         except ImportError:
             print("--plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
             return 1

@@ -1,14 +1,21 @@
-"""The CUDA target's host side: flat buffers resident on the GPU, kernels from ``fastbp.kernels.cuda``.
+"""The CUDA target's host side: ``base.Backend`` over two flat device arenas, kernels from ``fastbp.kernels``.
 
-The same interface as ``cpu.CPUBackend``. Differences are where the data lives and who runs the loop:
-- parameters, optimizer state, workspaces and the training data stay on the device for a whole call;
-  ``publish_parameters`` is the only copy back (the Trainer calls it after a call that trained);
-- a training step is a Python-driven chain of kernel launches (gather, forward per layer, loss-gradient,
-  backward per layer, optimizer update); every view into a flat buffer is built once per workspace;
-- each sample's loss lands in an epoch-long device buffer and is reduced on the device: ONE scalar per
-  epoch comes back (the Trainer needs it for the history, the stopping rules and the non-finite check).
+Where the data lives: parameters, optimizer state, gradients, the epoch backup, workspaces and per-call
+tables sit in ONE float arena ``F`` and one int64 arena ``I`` on the device (``kernels.cuda_step.ArenaLayout``:
+F[0:P] parameters, F[P:3P] optimizer state, F[3P:4P] gradients, F[4P:7P] the backup), plus a small float64
+arena ``D`` for losses. They stay there from call to call: ``use_parameters`` uploads only when the model's
+vector differs from what the device last had, ``publish_parameters`` downloads after training.
 
-This module never imports the CUDA binding itself: it goes through ``fastbp.kernels.cuda``.
+Who runs the loop:
+- a narrow network (every layer <= 128 wide, kernels.cuda_fused.fused_plan) trains a whole
+  ``train_epochs`` call in ONE launch of the fused kernel: epochs, steps and stopping rules on the device;
+- any other network runs each step as at most L + 2 launches (2L - 1: kernels.cuda_step.build_plan) plus two
+  per epoch, all of them identical from epoch to epoch: on a GPU they are captured once into a CUDA graph and
+  each epoch is one replay (kernels.cuda.Graph); the direct launches are the fallback (and what the
+  simulator runs). Either way the host queues every epoch of the call and synchronises ONCE, at the end
+  (the stopping rules are applied on the device: later launches of the call return at once).
+
+This module never imports the CUDA binding itself: it goes through ``fastbp.kernels``.
 """
 from __future__ import annotations
 
@@ -17,23 +24,16 @@ import math
 import numpy as np
 
 from ..kernels import cuda as kernels
-from ..kernels.pointwise import (
-    ADAM,
-    H_BETA1,
-    H_BETA2,
-    H_DAMPENING,
-    H_EPS,
-    H_MOMENTUM,
-    H_NESTEROV,
-    H_WEIGHT_DECAY,
-    N_HYPER,
-    loss_divisor,
-)
+from ..kernels import cuda_fused as fused
+from ..kernels import cuda_step as step
+from ..kernels.pointwise import ADAM, H_BETA1, H_BETA2, N_HYPER, loss_divisor
 from ..layout import Layout
 from .base import Backend
 
-# Rows per chunk when predicting or evaluating a whole data set: bounds the workspace, not the result.
+# Rows per chunk when predicting, evaluating or taking gradients of a whole data set: bounds the workspace.
 EVAL_CAPACITY = 4096
+# An epoch of more launches than this is not captured into a graph (launched directly instead).
+GRAPH_MAX_LAUNCHES = 20000
 
 
 def unavailable_reason() -> str | None:
@@ -41,33 +41,15 @@ def unavailable_reason() -> str | None:
     return kernels.unavailable_reason()
 
 
-class _Workspace:
-    """Device buffers for batches of up to ``capacity`` rows, and the views the launches use."""
+def _flat(x):
+    return x.reshape(x.size) if x.size else x.reshape(0)
 
-    def __init__(self, layout: Layout, capacity: int, n_outputs: int, dtype):
-        self.layout = layout
-        self.capacity = capacity
-        size = layout.workspace_size(capacity)
-        self.acts = kernels.device_empty(size, dtype)
-        self.deltas = kernels.device_empty(size, dtype)
-        self.targets_batch = kernels.device_empty((capacity, n_outputs), dtype)
-        self.row_losses = kernels.device_empty(capacity, dtype)
-        self.grads_chunk = kernels.device_empty(layout.n_params, dtype)
-        self._views = {}
 
-    def slot(self, buffer, layer: int, n_rows: int):
-        """Layer ``layer``'s (n_rows, sizes[layer]) slot of ``acts`` or ``deltas`` (as the CPU's activation_view)."""
-        start = self.capacity * int(self.layout.unit_offsets[layer])
-        width = int(self.layout.sizes[layer])
-        return buffer[start:start + n_rows * width].reshape(n_rows, width)
-
-    def views(self, n_rows: int):
-        """(acts slots, deltas slots) for every layer at n_rows rows; built once per row count."""
-        if n_rows not in self._views:
-            n_slots = self.layout.n_layers + 1
-            self._views[n_rows] = ([self.slot(self.acts, l, n_rows) for l in range(n_slots)],
-                                   [self.slot(self.deltas, l, n_rows) for l in range(n_slots)])
-        return self._views[n_rows]
+def _pointer(x) -> int:
+    try:
+        return int(x.__cuda_array_interface__["data"][0])
+    except (AttributeError, KeyError, TypeError):
+        return id(x)
 
 
 class CUDABackend(Backend):
@@ -82,54 +64,101 @@ class CUDABackend(Backend):
         self.optimizer = int(optimizer)
         self.hyper = np.asarray(hyper, dtype=np.float64).reshape(N_HYPER)
         self.dtype = np.dtype(dtype)
-        self._workspaces = {}
-        self.params = kernels.device_zeros(layout.n_params, self.dtype)
-        self.opt_state = kernels.device_zeros((2, layout.n_params), self.dtype)
-        self._param_views = self._layer_views(self.params)
-        self._opt_rows = (self.opt_state[0], self.opt_state[1])  # views built once, not per step
-        self._uploaded = None  # host copy of the parameters as last uploaded or downloaded
+        # Which training path train_epochs may take (tests switch the fused one off to test the other).
+        self.use_fused = True
+        self.use_graphs = kernels.graphs_unavailable_reason() is None
+        self._dims = dict(capacity=1, n=1, n_steps=1, n_orders=0, n_jobs=1, scratch=0, counters=0, n_losses=1)
+        self._arena = None
+        self._graph = None  # (key, Graph) of the last captured epoch
+        self._graph_candidate = None
+        self._host_params = None  # what the device's parameters were when last uploaded or downloaded
+        self._device_changed = False  # the device trained since then
+        self._allocate(self._dims)
 
-    # -- training state -----------------------------------------------------------------------------------------
+    # -- the arenas ---------------------------------------------------------------------------------------------
+    def _allocate(self, dims) -> None:
+        arena = step.ArenaLayout(self.layout, dims["capacity"], dims["n"], dims["n_steps"], dims["n_orders"],
+                                 dims["n_jobs"], dims["scratch"], dims["counters"], 0)
+        F = kernels.device_zeros(arena.f_size, self.dtype)
+        I = kernels.device_zeros(arena.i_size, np.int64)
+        D = kernels.device_zeros(step.D_LOSSES + dims["n_losses"], np.float64)
+        if self._arena is not None:  # keep the training state: parameters, optimizer state, gradients
+            F[0:7 * arena.P].copy_to_device(self._F[0:7 * arena.P])
+        constants = np.zeros(step.N_HYPER_F + 2, dtype=self.dtype)
+        constants[:step.N_HYPER_F] = step.hyper_values(self.hyper, self.dtype)
+        constants[step.N_HYPER_F] = 1.0  # f_one
+        F[arena.f_hyper:arena.f_hyper + len(constants)].copy_to_device(constants)
+        self._F, self._I, self._D, self._arena, self._dims = F, I, D, arena, dict(dims)
+        if self._graph is not None:
+            self._graph[1].close()
+        self._graph = None
+
+    def _ensure(self, **needs) -> step.ArenaLayout:
+        """The arena, grown (never shrunk) to hold ``needs`` (see ArenaLayout's arguments)."""
+        if any(needs[key] > self._dims[key] for key in needs):
+            self._allocate({key: max(self._dims[key], needs.get(key, 0)) for key in self._dims})
+        return self._arena
+
+    def _ctrl(self, n: int) -> np.ndarray:
+        arena = self._arena
+        ctrl = np.zeros(step.N_CTRL, dtype=np.int64)
+        ctrl[step.C_P] = arena.P
+        ctrl[step.C_N] = n
+        ctrl[step.C_OPTIMIZER] = self.optimizer
+        ctrl[step.C_NESTEROV] = step.nesterov_flag(self.hyper)
+        ctrl[step.C_LOSS] = self.loss
+        ctrl[step.C_I_STEPS] = arena.i_steps
+        ctrl[step.C_I_JOBS] = arena.i_jobs
+        ctrl[step.C_F_SCHED] = arena.f_sched
+        ctrl[step.C_F_ROWS] = arena.f_rows
+        ctrl[step.C_F_HYPER] = arena.f_hyper
+        return ctrl
+
+    def _upload(self, array, offset: int, values) -> None:
+        values = np.ascontiguousarray(values, dtype=array.dtype).reshape(-1)
+        if values.size:
+            array[offset:offset + values.size].copy_to_device(values)
+
+    def _plan(self, capacity: int, **options):
+        """A launch plan and its job table placed for the arena (grown first if the plan needs more room)."""
+        while True:  # a second pass only when the first grew the arena (its slots move)
+            arena = self._ensure(capacity=capacity)
+            plan = step.build_plan(arena, self.act_codes, capacity, **options)
+            if self._ensure(n_jobs=len(plan.jobs), scratch=plan.scratch, counters=plan.counters) is arena:
+                return plan, plan.place(arena)
+
+    # -- training state ---------------------------------------------------------------------------------------
     def use_parameters(self, params: np.ndarray) -> None:
-        """Upload the model's parameters, unless they equal what the device already holds (a host compare
-        of P numbers instead of a PCIe copy, and no optimizer-state traffic at all)."""
-        if self._uploaded is None or not np.array_equal(params, self._uploaded):
-            self.params.copy_to_device(np.ascontiguousarray(params, dtype=self.dtype))
-            self._uploaded = np.array(params, dtype=self.dtype)
+        if self._device_changed or self._host_params is None or not np.array_equal(params, self._host_params):
+            self._upload(self._F, 0, params)
+            self._host_params = np.array(params, dtype=self.dtype, copy=True)
+            self._device_changed = False
 
     def publish_parameters(self, params: np.ndarray) -> None:
-        self.params.copy_to_host(params)
-        self._uploaded = np.array(params)
+        params[...] = self._F[0:self.layout.n_params].copy_to_host()
+        self._host_params = np.array(params, dtype=self.dtype, copy=True)
+        self._device_changed = False
 
     def optimizer_state(self) -> np.ndarray:
-        return self.opt_state.copy_to_host()
+        P = self.layout.n_params
+        return self._F[P:3 * P].copy_to_host().reshape(2, P)
 
     def set_optimizer_state(self, state: np.ndarray) -> None:
-        self.opt_state.copy_to_device(np.ascontiguousarray(state, dtype=self.dtype))
+        P = self.layout.n_params
+        self._upload(self._F, P, np.asarray(state).reshape(2 * P))
 
     def snapshot(self):
-        params = kernels.device_empty(self.layout.n_params, self.dtype)
-        opt_state = kernels.device_empty((2, self.layout.n_params), self.dtype)
-        params.copy_to_device(self.params)
-        opt_state.copy_to_device(self.opt_state)
-        return params, opt_state
+        P = self.layout.n_params
+        copy = kernels.device_empty(3 * P, self.dtype)
+        copy.copy_to_device(self._F[0:3 * P])
+        return copy
 
     def restore(self, snapshot) -> None:
-        params, opt_state = snapshot
-        self.params.copy_to_device(params)
-        self.opt_state.copy_to_device(opt_state)
+        P = self.layout.n_params
+        self._F[0:3 * P].copy_to_device(snapshot)
+        self._device_changed = True
 
-    def _layer_views(self, flat):
-        """[(weight (n_in, n_out), bias (n_out,))] views of a flat device vector, one pair per layer."""
-        views = []
-        for layer in range(self.layout.n_layers):
-            n_in, n_out = int(self.layout.sizes[layer]), int(self.layout.sizes[layer + 1])
-            start = int(self.layout.param_offsets[layer])
-            views.append((flat[start:start + n_in * n_out].reshape(n_in, n_out),
-                          flat[start + n_in * n_out:start + n_in * n_out + n_out]))
-        return views
-
-    # -- data ---------------------------------------------------------------------------------------------
+    # -- data -------------------------------------------------------------------------------------------------
     def as_input(self, X):
         """A validated host matrix, uploaded once (the caller keeps the device copy for the whole call); a
         GPU array (already checked by as_device_input) is used in place."""
@@ -142,7 +171,7 @@ class CUDABackend(Backend):
 
         Checked like a host array, on the device: 2-D (or 1-D with ``allow_vector``), C-contiguous, of the
         model's dtype (converting would be a copy: do it on the GPU first), non-empty, finite and, with
-        ``bounds=(low, high)``, within them."""
+        ``bounds=(low, high)``, within them (a grid-wide reduction: kernels.cuda.array_stats)."""
         arr = kernels.as_device_array(X)
         if np.dtype(arr.dtype) != self.dtype:
             raise TypeError(f"{name} is a GPU array of dtype {np.dtype(arr.dtype)}; the model is {self.dtype}. "
@@ -171,203 +200,196 @@ class CUDABackend(Backend):
         return X.copy_to_host() if kernels.is_device_array(X) else np.asarray(X)
 
     def take_rows(self, X, rows: np.ndarray, out=None):
-        """X[rows] on the device: gathered there when X lives there, else taken on the host and uploaded."""
-        shape = (len(rows),) + tuple(X.shape[1:])
-        if out is None or tuple(out.shape) != shape:
-            out = kernels.device_empty(shape, self.dtype)
-        if kernels.is_device_array(X):
-            if len(rows):
-                with kernels.quiet_launches():
-                    kernels.gather_rows(out, X, kernels.to_device(np.ascontiguousarray(rows, dtype=np.int64)), 0)
-        else:
-            out.copy_to_device(np.ascontiguousarray(np.take(X, rows, axis=0), dtype=self.dtype))
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        if not kernels.is_device_array(X):
+            host = np.asarray(X)
+            if isinstance(out, np.ndarray) and out.shape == (len(rows),) + host.shape[1:] \
+                    and out.dtype == host.dtype:
+                return np.take(host, rows, axis=0, out=out)
+            return np.ascontiguousarray(host[rows])
+        X = kernels.as_device_array(X)
+        if not (kernels.is_device_array(out) and out.shape == (len(rows), X.shape[1]) and out.dtype == X.dtype):
+            out = kernels.device_empty((len(rows), X.shape[1]), X.dtype)
+        if len(rows) and X.shape[1]:
+            with kernels.quiet_launches():
+                kernels.gather_rows(out, X, kernels.to_device(rows), 0)
         return out
 
-    def _workspace(self, capacity: int, n_outputs: int) -> _Workspace:
-        key = (capacity, n_outputs)
-        if key not in self._workspaces:
-            self._workspaces[key] = _Workspace(self.layout, capacity, n_outputs, self.dtype)
-        return self._workspaces[key]
-
-    # -- the launch sequence of one batch -----------------------------------------------------------------
-    def _forward(self, acts, inputs):
-        """Forward through every layer from ``inputs`` (n_rows, n_in); returns the logits view."""
-        inp = inputs
-        for layer, (weight, bias) in enumerate(self._param_views):
-            kernels.dense_forward(acts[layer + 1], inp, weight, bias, self.act_codes[layer])
-            inp = acts[layer + 1]
-        return inp
-
-    def _batch_grads(self, grad_views, acts, deltas, inputs, targets, row_losses, inv_divisor):
-        """Forward, fused loss-gradient and backward for one batch; grads overwritten, row losses written."""
-        n_layers = self.layout.n_layers
-        logits = self._forward(acts, inputs)
-        kernels.loss_grad(deltas[n_layers], row_losses, logits, targets, self.loss, inv_divisor)
-        for layer in range(n_layers - 1, -1, -1):
-            inp = inputs if layer == 0 else acts[layer]
-            dweight, dbias = grad_views[layer]
-            kernels.dense_backward_params(dweight, dbias, deltas[layer + 1], inp)
-            if layer > 0:  # the input layer's gradient is never needed
-                kernels.dense_backward_input(deltas[layer], deltas[layer + 1], self._param_views[layer][0], inp,
-                                             self.act_codes[layer - 1])
-
-    def _optimizer_step(self, grads, lr: float) -> None:
-        """One update of the flat params (counts a step); bias corrections in float64 on the host, as the CPU."""
-        self.steps_done += 1
-        step = self.steps_done
-        hyper = self.hyper
-        if self.optimizer == ADAM:
-            beta1, beta2 = hyper[H_BETA1], hyper[H_BETA2]
-            kernels.adam_update(self.params, self._opt_rows[0], self._opt_rows[1], grads, lr, beta1, beta2,
-                                hyper[H_EPS], hyper[H_WEIGHT_DECAY], lr / (1.0 - beta1 ** step),
-                                math.sqrt(1.0 - beta2 ** step))
-        else:
-            kernels.sgd_update(self.params, self._opt_rows[0], grads, lr, hyper[H_MOMENTUM], hyper[H_DAMPENING],
-                               hyper[H_WEIGHT_DECAY], hyper[H_NESTEROV] != 0.0, step == 1)
-
-    # -- training -----------------------------------------------------------------------------------------
+    # -- training ---------------------------------------------------------------------------------------------
     def train_epochs(self, X, Y, batch_size: int, orders: np.ndarray, lrs: np.ndarray, target_loss: float,
                      steps_done: int):
-        """Run len(lrs) epochs; returns (epoch_losses (reported,), completed, steps_done) (Backend.train_epochs).
-
-        X (n, n_in), Y (n, k) on the device; orders (E, n) int64 (uploaded once) or (E, 0) for in order
-        (full batch: X and Y are used as the batch, no copy). After each epoch one scalar, the epoch's
-        summed loss, comes back; a non-finite epoch restores params and optimizer state from a device
-        backup taken at its start."""
         n, k = X.shape[0], Y.shape[1]
-        n_epochs = len(lrs)
-        ws = self._workspace(batch_size, k)
-        grads = self._grads()
-        grad_views = self._grad_views
-        epoch_rows = self._buffer("epoch_rows", n)
-        totals = self._buffer("totals", max(1, n_epochs))
-        backup_params = self._buffer("backup_params", self.layout.n_params)
-        backup_state = self._buffer("backup_state", (2, self.layout.n_params))
+        E = len(lrs)
+        capacity = max(1, min(int(batch_size), n))
+        per_epoch = -(-n // capacity)
+        n_steps = E * per_epoch
         in_order = orders.shape[1] == 0
-        orders_device = None if in_order else kernels.to_device(np.ascontiguousarray(orders, dtype=np.int64))
-        batches = []  # (start, n_rows, inv_divisor, row-loss view)
-        for start in range(0, n, batch_size):
-            n_rows = min(batch_size, n - start)
-            batches.append((start, n_rows, 1.0 / loss_divisor(self.loss, n_rows, k), epoch_rows[start:start + n_rows]))
-        divisor = loss_divisor(self.loss, n, k)
-        self.steps_done = int(steps_done)
-        losses = np.empty(n_epochs, dtype=np.float64)
-        completed = n_epochs
+        self._ensure(capacity=capacity, n=n, n_steps=n_steps, n_orders=0 if in_order else E * n, n_losses=E)
+        fused_plan = fused.fused_plan(self.layout, capacity, self.dtype) if self.use_fused else None
+        if fused_plan is not None:
+            self._ensure(n_jobs=1 + len(fused.network_words(self.layout, self.act_codes)))
+            plan = table = None
+        else:
+            plan, table = self._plan(capacity, rows_from_step=True)
+        arena = self._arena
+        order_offsets = [-1] * E if in_order else [arena.i_orders + e * n for e in range(E)]
+        steps, sched = step.step_schedule(self.layout, self.loss, self.optimizer, self.hyper, lrs, n, k, capacity,
+                                          int(steps_done), order_offsets, self.dtype)
+        F, I, D = self._F, self._I, self._D
+        self._upload(I, 0, self._ctrl(n))
+        self._upload(I, arena.i_steps, steps)
+        if not in_order:
+            self._upload(I, arena.i_orders, orders)
+        self._upload(F, arena.f_sched, sched)
+        self._upload(D, 0, [target_loss, loss_divisor(self.loss, n, k)])
+        Xf, Yf = _flat(X), _flat(Y)
         with kernels.quiet_launches():
-            for epoch in range(n_epochs):
-                backup_params.copy_to_device(self.params)
-                backup_state.copy_to_device(self.opt_state)
-                step0 = self.steps_done
-                order = None if in_order else orders_device[epoch]
-                for start, n_rows, inv_divisor, row_losses in batches:
-                    acts, deltas = ws.views(n_rows)
-                    if in_order:
-                        inputs, targets = X[start:start + n_rows], Y[start:start + n_rows]
-                    else:
-                        inputs, targets = acts[0], ws.targets_batch[:n_rows]
-                        kernels.gather_rows(inputs, X, order, start)
-                        kernels.gather_rows(targets, Y, order, start)
-                    self._batch_grads(grad_views, acts, deltas, inputs, targets, row_losses, inv_divisor)
-                    self._optimizer_step(grads, lrs[epoch])
-                kernels.sum_into(totals, epoch, epoch_rows)
-                losses[epoch] = float(totals[epoch:epoch + 1].copy_to_host()[0]) / divisor
-                if not np.isfinite(losses[epoch]):
-                    self.params.copy_to_device(backup_params)
-                    self.opt_state.copy_to_device(backup_state)
-                    self.steps_done = step0
-                    completed = epoch
-                    break
-                if losses[epoch] <= target_loss:
-                    completed = epoch + 1
-                    break
-        n_reported = min(completed + 1, n_epochs)
-        return losses[:n_reported], int(completed), self.steps_done
+            if fused_plan is not None:
+                self._fused_fit(fused_plan, E, per_epoch, Xf, Yf)
+            else:
+                self._run_epochs(plan, table, E, per_epoch, Xf, Yf, (n, capacity, in_order))
+        ctrl = I[0:step.N_CTRL].copy_to_host()  # the one synchronisation of the call
+        losses = D[step.D_LOSSES:step.D_LOSSES + E].copy_to_host()
+        ran = int(ctrl[step.C_EPOCHS_RUN])
+        completed = ran - 1 if ctrl[step.C_STOP] == step.STOP_NONFINITE else ran
+        self._device_changed = True
+        return losses[:ran].astype(np.float64), completed, int(steps_done) + completed * per_epoch
 
-    def _buffer(self, name: str, shape):
-        """A named device buffer kept between calls, reallocated only when its shape changes."""
-        key = "_buf_" + name
-        shape = shape if isinstance(shape, tuple) else (shape,)
-        buf = getattr(self, key, None)
-        if buf is None or tuple(buf.shape) != shape:
-            buf = kernels.device_empty(shape, self.dtype)
-            setattr(self, key, buf)
-        return buf
+    def _fused_fit(self, fused_plan, E: int, per_epoch: int, Xf, Yf) -> None:
+        chunk, staged, shared = fused_plan
+        arena = self._arena
+        words = fused.network_words(self.layout, self.act_codes)
+        job = np.zeros(step.N_JOB, dtype=np.int64)
+        job[[fused.FZ_NET, fused.FZ_CHUNK, fused.FZ_UNITS, fused.FZ_STAGED, fused.FZ_EPOCHS, fused.FZ_STEPS]] = (
+            arena.i_jobs + step.N_JOB, chunk, arena.units, int(staged), E, per_epoch)
+        self._upload(self._I, arena.i_jobs, np.concatenate((job, words)))
+        kernels.launch(fused.fused_fit_kernel(), 1, fused.FUSED_THREADS, (self._F, self._D, self._I, Xf, Yf), shared)
 
-    def _grads(self):
-        if getattr(self, "_buf_grads", None) is None:
-            self._buf_grads = kernels.device_empty(self.layout.n_params, self.dtype)
-            self._grad_views = self._layer_views(self._buf_grads)
-        return self._buf_grads
+    def _epoch_records(self, plan, per_epoch: int, Xf, Yf):
+        F, I, D = self._F, self._I, self._D
+        records = [step.epoch_begin_record(F, I, self.layout.n_params)]
+        step_records = step.step_launch_records(plan, F, I, Xf, Yf)
+        for _ in range(per_epoch):
+            records.extend(step_records)
+        records.append(step.epoch_end_record(F, D, I))
+        return records
 
-    # -- inference and gradients --------------------------------------------------------------------------
+    def _run_epochs(self, plan, table, E: int, per_epoch: int, Xf, Yf, shape_key) -> None:
+        self._upload(self._I, self._arena.i_jobs, table)
+        records = self._epoch_records(plan, per_epoch, Xf, Yf)
+        key = (id(self._F), _pointer(Xf), _pointer(Yf), shape_key, table.tobytes())
+        graph = None
+        if self.use_graphs and len(records) <= GRAPH_MAX_LAUNCHES:
+            if self._graph is not None and self._graph[0] == key:
+                graph = self._graph[1]
+            elif E >= 2 or self._graph_candidate == key:  # worth a capture: a second epoch with these arrays
+                if self._graph is not None:
+                    self._graph[1].close()
+                self._graph = (key, kernels.Graph(records))
+                graph = self._graph[1]
+            self._graph_candidate = key
+        for _ in range(E):
+            if graph is not None:
+                graph.replay()
+            else:
+                for record in records:
+                    kernels.launch(*record)
+        kernels.launch(*step.epoch_begin_record(self._F, self._I, self.layout.n_params))  # the last restore
+
+    # -- one step at a time -----------------------------------------------------------------------------------
     def _chunks(self, n: int):
         capacity = max(1, min(EVAL_CAPACITY, n))
         return capacity, [(start, min(capacity, n - start)) for start in range(0, n, capacity)]
 
-    def predict(self, X, n_outputs: int) -> np.ndarray:
-        capacity, chunks = self._chunks(X.shape[0])
-        ws = self._workspace(capacity, n_outputs)
-        out = kernels.device_empty((X.shape[0], n_outputs), self.dtype)
-        with kernels.quiet_launches():
-            for start, n_rows in chunks:
-                acts, _ = ws.views(n_rows)
-                logits = self._forward(acts, X[start:start + n_rows])
-                kernels.output_transform(out[start:start + n_rows], logits, self.loss)
-        return out.copy_to_host()
-
-    def loss_value(self, X, Y) -> float:
-        n, k = X.shape[0], Y.shape[1]
+    def _eval(self, X, Y, accumulate: bool = False, **options):
+        """Launch records of one plan per chunk of X's rows (static rows, jobs in one table), the control words
+        and job table uploaded; returns (records, chunks). accumulate: chunks after the first add their
+        weight gradients to the first's."""
+        n = X.shape[0]
         capacity, chunks = self._chunks(n)
-        ws = self._workspace(capacity, k)
-        rows = self._buffer("eval_rows", n)
-        totals = self._buffer("eval_total", 1)
-        one = 1.0
-        with kernels.quiet_launches():
-            for start, n_rows in chunks:
-                acts, deltas = ws.views(n_rows)
-                logits = self._forward(acts, X[start:start + n_rows])
-                kernels.loss_grad(deltas[self.layout.n_layers], rows[start:start + n_rows], logits,
-                                  Y[start:start + n_rows], self.loss, one)
-            kernels.sum_into(totals, 0, rows)
-        return float(totals.copy_to_host()[0]) / loss_divisor(self.loss, n, k)
+        while True:  # a second pass only when the first grew the arena (its slots move)
+            arena = self._ensure(capacity=capacity, n=n)
+            merged = step.LaunchPlan()
+            for index, (start, rows) in enumerate(chunks):
+                merged.extend(step.build_plan(arena, self.act_codes, capacity, rows_from_step=False, start=start,
+                                              rows=rows, accumulate=accumulate and index > 0, **options))
+            if self._ensure(n_jobs=len(merged.jobs), scratch=merged.scratch, counters=merged.counters) is arena:
+                break
+        self._upload(self._I, 0, self._ctrl(n))
+        self._upload(self._I, arena.i_jobs, merged.place(arena))
+        Xf = _flat(X)
+        Yf = _flat(Y) if Y is not None else Xf  # predict reads no targets
+        return step.step_launch_records(merged, self._F, self._I, Xf, Yf), chunks
 
-    # -- one step at a time (for callers that must act between steps, e.g. an allreduce) --------------------
-    def rows_grads(self, X, Y, divisor: float, grads_out) -> float:
-        """grads_out (P,) (host or device) = gradient of (sum of the row losses of X, Y) / divisor; returns
-        that loss value; zeros for 0 rows (a rank's share of a batch may be empty)."""
-        n, k = X.shape[0], Y.shape[1]
-        if n == 0:
+    def rows_grads(self, X, Y, divisor: float, grads_out: np.ndarray) -> float:
+        n = X.shape[0]
+        P = self.layout.n_params
+        if n == 0:  # an empty shard contributes nothing: zeros, not the previous gradient
             if kernels.is_device_array(grads_out):
-                kernels.as_device_array(grads_out).copy_to_device(np.zeros(self.layout.n_params, self.dtype))
+                kernels.as_device_array(grads_out).copy_to_device(np.zeros(P, dtype=self.dtype))
             else:
                 grads_out[...] = 0
             return 0.0
-        capacity, chunks = self._chunks(n)
-        ws = self._workspace(capacity, k)
-        grads = self._grads()
-        rows = self._buffer("eval_rows", n)
-        totals = self._buffer("eval_total", 1)
-        inv_divisor = 1.0 / divisor
-        chunk_views = self._layer_views(ws.grads_chunk)
+        records, _ = self._eval(X, Y, accumulate=True, train=True, update=False, advance=False)
+        arena = self._arena
+        self._upload(self._F, arena.f_inv, [1.0 / float(divisor)])
         with kernels.quiet_launches():
-            for index, (start, n_rows) in enumerate(chunks):
-                acts, deltas = ws.views(n_rows)
-                views, target = (self._grad_views, grads) if index == 0 else (chunk_views, ws.grads_chunk)
-                self._batch_grads(views, acts, deltas, X[start:start + n_rows], Y[start:start + n_rows],
-                                  rows[start:start + n_rows], inv_divisor)
-                if index > 0:
-                    kernels.add_into(grads, target)
-            kernels.sum_into(totals, 0, rows)
+            for record in records:
+                kernels.launch(*record)
+            kernels.launch(*step.loss_sum_record(self._F, self._D, arena.f_rows, n))
+        grads = self._F[3 * P:4 * P]
         if kernels.is_device_array(grads_out):
             kernels.as_device_array(grads_out).copy_to_device(grads)
         else:
-            grads.copy_to_host(grads_out)
-        return float(totals.copy_to_host()[0]) / divisor
+            grads_out[...] = grads.copy_to_host()
+        return float(self._D[step.D_EVAL:step.D_EVAL + 1].copy_to_host()[0]) / float(divisor)
 
-    def apply_update(self, grads, lr: float, step: int) -> None:
-        """One optimizer step of the params with the flat gradient grads (P,) (host or device)."""
-        grads = kernels.as_device_array(grads) if kernels.is_device_array(grads) else \
-            kernels.to_device(np.ascontiguousarray(grads, dtype=self.dtype))
-        self.steps_done = int(step) - 1
+    def apply_update(self, grads: np.ndarray, lr: float, step_number: int) -> None:
+        P = self.layout.n_params
+        arena = self._arena
+        if kernels.is_device_array(grads):
+            self._F[3 * P:4 * P].copy_to_device(kernels.as_device_array(grads))
+        else:
+            self._upload(self._F, 3 * P, grads)
+        t = float(step_number)
+        sched = np.zeros(step.N_STEP_F, dtype=np.float64)
+        sched[step.SF_LR] = lr
+        if self.optimizer == ADAM:
+            sched[step.SF_STEP_SIZE] = lr / (1.0 - float(self.hyper[H_BETA1]) ** t)
+            sched[step.SF_SQRT_BC2] = math.sqrt(1.0 - float(self.hyper[H_BETA2]) ** t)
+        rows = np.zeros(step.N_STEP_I, dtype=np.int64)
+        rows[step.S_FIRST] = int(step_number == 1)
+        self._upload(self._I, 0, self._ctrl(1))
+        self._upload(self._I, arena.i_steps, rows)
+        self._upload(self._F, arena.f_sched, sched)
         with kernels.quiet_launches():
-            self._optimizer_step(grads, float(lr))
+            kernels.launch(*step.update_record(self._F, self._I, P, 0))
+        self._device_changed = True
+
+    # -- inference --------------------------------------------------------------------------------------------
+    def predict(self, X, n_outputs: int) -> np.ndarray:
+        n = X.shape[0]
+        k = int(self.layout.sizes[-1])
+        out = np.empty((n, n_outputs), dtype=self.dtype)
+        if n == 0:
+            return out
+        records, chunks = self._eval(X, None, train=False, predict=True)
+        per_chunk = len(records) // len(chunks)
+        slot = self._arena.slot(self._arena.f_deltas, self.layout.n_layers)
+        with kernels.quiet_launches():
+            for index, (start, rows) in enumerate(chunks):
+                for record in records[index * per_chunk:(index + 1) * per_chunk]:
+                    kernels.launch(*record)
+                out[start:start + rows] = self._F[slot:slot + rows * k].copy_to_host().reshape(rows, k)[:, :n_outputs]
+        return out
+
+    def loss_value(self, X, Y) -> float:
+        n, k = X.shape[0], Y.shape[1]
+        if n == 0:
+            return float("nan")
+        records, _ = self._eval(X, Y, train=False)
+        with kernels.quiet_launches():
+            for record in records:
+                kernels.launch(*record)
+            kernels.launch(*step.loss_sum_record(self._F, self._D, self._arena.f_rows, n))
+        return float(self._D[step.D_EVAL:step.D_EVAL + 1].copy_to_host()[0]) / loss_divisor(self.loss, n, k)

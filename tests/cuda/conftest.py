@@ -1,10 +1,11 @@
-"""CUDA tests. Kernel and trainer tests run on a GPU or in numba's simulator (NUMBA_ENABLE_CUDASIM=1, its
+"""CUDA tests. Kernel and backend tests run on a GPU or in numba's simulator (NUMBA_ENABLE_CUDASIM=1, its
 own pytest process: ``NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cuda``) and skip otherwise; the PTX
 check (test_ptx.py) runs in a process WITHOUT the simulator. Launch sizes are shrunk once per session so
-the tiny inputs span several blocks, with a partial one (TILE and REDUCE_THREADS size shared arrays and
-are compile-time constants on a GPU: they are set before the first launch and never changed back)."""
+the tiny inputs span several blocks, with a partial one (the settings size shared and local arrays and are
+compile-time constants on a GPU: they are set before the first launch and never changed back)."""
 import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -14,7 +15,16 @@ SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
 # Short on purpose (pytest -ra prints it per test group); cuda_reason() says the whole why.
 SKIP_REASON = "no usable GPU and no simulator (run with NUMBA_ENABLE_CUDASIM=1)"
 
-SMALL_LAUNCHES = dict(TILE=4, BLOCK_2D=(4, 3), BLOCK_1D=8, REDUCE_THREADS=8)
+# Product tiles: (BM, BN, BK, TM, TN). Three different register tiles (4 x 4 on 4 threads, 2 x 2 on 16, 2 x 2
+# on 4), each tile smaller than the test shapes.
+SMALL_LAUNCHES = {
+    "cuda": dict(PRODUCT_CONFIGS={"r8": (8, 8, 4, 4, 4), "r4": (8, 8, 4, 2, 2), "r4s": (4, 4, 2, 2, 2)},
+                 BLOCK_2D=(4, 3), BLOCK_1D=8, REDUCE_THREADS=8, STATS_BLOCKS=3),
+    # Launch plans: 32 x 32-style tiles ("r4s") and split-K as soon as a grid has fewer than 4 / 4 tiles.
+    "cuda_step": dict(TAIL_ROWS=3, TAIL_THREADS=4, EPOCH_THREADS=8, REDUCE_THREADS=8, LARGE_GRID_TILES=4,
+                      SPLIT_TARGET=4, MIN_SPLIT_STEPS=1),
+    "cuda_fused": dict(FUSED_THREADS=8),
+}
 
 
 def cuda_reason():
@@ -28,16 +38,30 @@ def cuda_reason():
 
 @pytest.fixture(scope="session")
 def small_launches():
-    from fastbp.kernels import cuda as kernels
+    from fastbp.kernels import cuda, cuda_fused, cuda_step
 
-    for name, value in SMALL_LAUNCHES.items():
-        setattr(kernels, name, value)
-    return kernels
+    for module in (cuda, cuda_step, cuda_fused):
+        for name, value in SMALL_LAUNCHES[module.__name__.rsplit(".", 1)[1]].items():
+            setattr(module, name, value)
+    return cuda
 
 
 @pytest.fixture
 def cuda_kernels(small_launches):
     return small_launches
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fast_simulator():
+    """The simulator runs a block's threads as Python threads and polls them in a loop: each barrier waits
+    for Python's thread switch interval (5 ms by default). 50 us makes a barrier about 8x cheaper."""
+    if not SIMULATOR:
+        yield
+        return
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(5e-5)
+    yield
+    sys.setswitchinterval(interval)
 
 
 def pytest_configure(config):

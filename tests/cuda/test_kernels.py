@@ -1,5 +1,5 @@
-"""Every CUDA kernel, naive and tiled, against the numpy reference (tests/naive.py), on a GPU or in the
-simulator. Shapes include 1, primes and non-multiples of the (shrunk) block and tile sizes."""
+"""Every CUDA vocabulary kernel, naive and register-tiled, against the numpy reference (tests/naive.py), on a
+GPU or in the simulator. Shapes include 1, primes and non-multiples of the (shrunk) block and tile sizes."""
 import numpy as np
 import pytest
 
@@ -8,7 +8,7 @@ from fastbp.kernels.pointwise import ACTIVATIONS, LOSSES, loss_divisor
 from .. import naive
 from ..conftest import TOLERANCES
 from ..test_cpu_kernels import _targets
-from .conftest import SKIP_REASON, cuda_reason
+from .conftest import SIMULATOR, SKIP_REASON, cuda_reason
 
 pytestmark = pytest.mark.skipif(cuda_reason() is not None, reason=SKIP_REASON)
 
@@ -73,9 +73,13 @@ def test_dense_backward_input(cuda_kernels, variant, shape, act, dtype, rng):
     np.testing.assert_allclose(dinp, expected, **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("config", ["r8", "r4", "r4s"])
 @pytest.mark.parametrize("name", ["dense_forward", "dense_backward_params", "dense_backward_input"])
-def test_tiled_equals_naive_reference(cuda_kernels, name, dtype, rng):
-    """The tiled kernels sum in the naive kernels' order: equal to rounding (fastmath FMA on a GPU)."""
+def test_tiled_equals_naive_reference(cuda_kernels, monkeypatch, config, name, dtype, rng):
+    """The register-tiled kernels, in each tile configuration, sum in the naive kernels' order (k in order,
+    exact zeros past the edges, then the bias): equal to rounding (fastmath FMA on a GPU), bit for bit in
+    the simulator."""
+    monkeypatch.setattr(cuda_kernels, "VOCABULARY_CONFIG", config)
     B, n_in, n_out = 11, 9, 6
     inp = rng.uniform(0.1, 1, size=(B, n_in)).astype(dtype)
     w = rng.normal(size=(n_in, n_out)).astype(dtype)
@@ -93,7 +97,10 @@ def test_tiled_equals_naive_reference(cuda_kernels, name, dtype, rng):
             launch(cuda_kernels, name, variant, outs[0], dout, w, inp, ACTIVATIONS["sigmoid"])
         results[variant] = outs
     for tiled, ref in zip(results["tiled"], results["naive"]):
-        np.testing.assert_allclose(tiled, ref, rtol=4 * np.finfo(dtype).eps, atol=4 * np.finfo(dtype).eps)
+        if SIMULATOR:
+            np.testing.assert_array_equal(tiled, ref)
+        else:
+            np.testing.assert_allclose(tiled, ref, rtol=4 * np.finfo(dtype).eps, atol=4 * np.finfo(dtype).eps)
 
 
 def test_dense_backward_is_both_halves(cuda_kernels, dtype, rng):
