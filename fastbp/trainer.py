@@ -352,7 +352,10 @@ class Trainer:
             callbacks.append(progress)
         # Epochs per call: one with per-epoch control; otherwise grown from 1 towards CHUNK_SECONDS a call
         # (Ctrl-C waits at most about that long) within the memory bound on the sample orders.
-        per_epoch_control = plan.validation is not None or bool(callbacks)
+        # Decided from the arguments alone, never from whether this process prints: under MPI every rank
+        # must take the same chunks and the same stop votes (a vote only on the printing rank deadlocks).
+        hooks_each_epoch = bool(plan.callbacks) or bool(plan.verbose)
+        per_epoch_control = plan.validation is not None or hooks_each_epoch
         max_chunk = 1 if per_epoch_control else (max(1, MAX_ORDER_ENTRIES // n) if plan.shuffle
                                                  else max(1, plan.epochs))
         chunk = 1
@@ -409,11 +412,11 @@ class Trainer:
                         if early is not None and early.should_stop(scores["loss"]):
                             history.stop_reason = "early_stopping"
                             break
-                    if callbacks:  # callbacks (and a trainer.save inside one) see the current state
+                    if hooks_each_epoch:  # callbacks (and a trainer.save inside one) see the current state
                         self._publish_parameters()
                 if schedule_error is not None:
                     raise schedule_error
-                if callbacks and self._any_rank(any(bool(cb(self, history)) for cb in callbacks)):
+                if hooks_each_epoch and self._any_rank(any([bool(cb(self, history)) for cb in callbacks])):
                     history.stop_reason = "callback"
                     break
                 # Next chunk: about CHUNK_SECONDS at the pace just measured, growing at most 8-fold a call.

@@ -236,3 +236,19 @@ def test_stopping_rules_are_taken_together(comm):
     ref_hist = ref.fit(X, y, epochs=12, validation_data=(Xv, yv), patience=2)
     assert hist.stop_reason == ref_hist.stop_reason and len(hist.loss) == len(ref_hist.loss)
     np.testing.assert_allclose(dist.model.weights[0], ref.model.weights[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("verbose", [True, 2])
+def test_progress_on_rank0_only_keeps_the_ranks_in_step(comm, capsys, verbose):
+    # Only rank 0 shows progress; the chunking of epochs and the per-epoch stop vote must still be the same
+    # on every rank (a vote taken only where the bar is shown left the ranks in different collectives).
+    X, y = _data(n=120)
+    kw = dict(loss="softmax_cross_entropy", lr=0.1, batch_size=16, seed=0)
+    dist = DataParallelTrainer(fastbp.MLP([7, 6, 3], seed=0), comm=comm, **kw)
+    ref = fastbp.Trainer(fastbp.MLP([7, 6, 3], seed=0), **kw)
+    hist = dist.fit(*shard(X, y, comm), epochs=4, verbose=verbose)
+    ref_hist = ref.fit(X, y, epochs=4)
+    err = capsys.readouterr().err
+    assert ("epoch" in err) == (comm.Get_rank() == 0)
+    np.testing.assert_allclose(hist.loss, ref_hist.loss, rtol=1e-5)
+    assert _same_on_all_ranks(comm, dist.model.flat_parameters())
