@@ -33,8 +33,9 @@ Every kernel OVERWRITES its outputs (except ``add_into``, which exists to accumu
 nothing. This is the ONE module that imports the CUDA binding (``numba.cuda``; ``cuda.core`` for graphs):
 the other kernel modules take ``cuda`` from here, so switching to another binding is a change to this
 file. Decorators are lazy (no signatures): importing works without a GPU, and ``kernel_signatures``
-lists the signatures the backend launches for the PTX check (``tests/cuda/test_ptx.py``) and the resource
-report (``python -m fastbp.kernels.cuda_report``).
+lists the signatures the backend launches of this module's kernels; ``cuda_report.kernel_signatures``
+covers all three kernel modules for the PTX check (``tests/cuda/test_ptx.py``) and the resource report
+(``python -m fastbp.kernels.cuda_report``).
 
 Launch settings are module-level so tests can shrink them (inputs then span several blocks, with a
 partial one). They size shared and local arrays, so on a GPU they are compile-time constants: change them
@@ -873,9 +874,8 @@ PRODUCT_KERNELS = ("product_r8", "product_r4", "product_r4s", "step_product_r8",
 def kernel_signatures(dtype):
     """{kernel name: (kernel, argument types)} for every kernel the backends launch, with float ``dtype``
     (np.float32 or np.float64): C-contiguous arrays, int64 codes and indices, scalars in ``dtype``, bool flags.
-    Covers this module's kernels and those of cuda_step and cuda_fused."""
-    from . import cuda_fused, cuda_step
-
+    This module's kernels; cuda_report.kernel_signatures adds those of cuda_step and cuda_fused (which import
+    this module, so this one never imports them)."""
     f = nbtypes.float32 if np.dtype(dtype) == np.float32 else nbtypes.float64
     m = f[:, ::1]
     v = f[::1]
@@ -899,16 +899,4 @@ def kernel_signatures(dtype):
     }
     for setting in PRODUCT_CONFIGS:
         signatures[f"product_{setting}"] = (product_kernel(setting, dtype), product)
-    signatures.update(cuda_step.kernel_signatures(f))
-    signatures.update(cuda_fused.kernel_signatures(f))
     return signatures
-
-
-def compile_ptx(name: str, dtype, cc=(9, 0)) -> str:
-    """PTX of kernel ``name`` for ``dtype`` and compute capability ``cc``; needs no GPU (NVRTC and NVVM only)."""
-    check_can_compile()
-    kern, argtypes = kernel_signatures(dtype)[name]
-    options = kern.targetoptions  # as the kernel's own decorator says
-    ptx, _ = cuda.compile_ptx(kern.py_func, argtypes, cc=cc, fastmath=bool(options.get("fastmath", False)),
-                              launch_bounds=options.get("launch_bounds"))
-    return ptx

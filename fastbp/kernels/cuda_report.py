@@ -4,7 +4,7 @@ instructions per FFMA of each product kernel's inner loop, all without a GPU.
     python -m fastbp.kernels.cuda_report [--arch sm_90] [--dtype float32 float64] [--max-registers N]
                                          [--max-sass-per-fma 6] [--json FILE]
 
-Each kernel is compiled to PTX with the signatures the backend launches (``kernels.cuda.kernel_signatures``)
+Each kernel is compiled to PTX with the signatures the backend launches (``kernel_signatures`` below)
 and assembled by ``ptxas -v`` (from a CUDA toolkit: PATH, $CUDA_HOME/bin or /usr/local/cuda/bin). For the
 register-tiled products (``kernels.cuda.PRODUCT_KERNELS``) the assembled code is disassembled with
 ``nvdisasm`` (the CUDA toolkit's, or pip's ``nvidia-cuda-nvdisasm``) and the innermost loop with the most
@@ -30,6 +30,7 @@ import tempfile
 import numpy as np
 
 from . import cuda as kernels
+from . import cuda_fused, cuda_step
 
 _USED = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"Used \d+ registers.*?(\d+) bytes smem")
@@ -40,6 +41,26 @@ _BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
 _FMA = re.compile(r"^(?:@!?U?P\w+\s+)?(FFMA|DFMA)\b")
 _SHARED_LOAD = re.compile(r"^(?:@!?U?P\w+\s+)?LDS\b")
 
+
+
+def kernel_signatures(dtype) -> dict:
+    """{kernel name: (kernel, argument types)} for every kernel the backends launch with float ``dtype``: those
+    of kernels.cuda, kernels.cuda_step and kernels.cuda_fused (see kernels.cuda.kernel_signatures)."""
+    signatures = kernels.kernel_signatures(dtype)
+    f = kernels.nbtypes.float32 if np.dtype(dtype) == np.float32 else kernels.nbtypes.float64
+    signatures.update(cuda_step.kernel_signatures(f))
+    signatures.update(cuda_fused.kernel_signatures(f))
+    return signatures
+
+
+def compile_ptx(name: str, dtype, cc=(9, 0)) -> str:
+    """PTX of kernel ``name`` for ``dtype`` and compute capability ``cc``; needs no GPU (NVRTC and NVVM only)."""
+    kernels.check_can_compile()
+    kern, argtypes = kernel_signatures(dtype)[name]
+    options = kern.targetoptions  # as the kernel's own decorator says
+    ptx, _ = kernels.cuda.compile_ptx(kern.py_func, argtypes, cc=cc, fastmath=bool(options.get("fastmath", False)),
+                                      launch_bounds=options.get("launch_bounds"))
+    return ptx
 
 def _tool(name: str, extra=()) -> str | None:
     candidates = [shutil.which(name)]
@@ -138,8 +159,8 @@ def report(arch: str = "sm_90", dtypes=("float32", "float64"), sass: bool = True
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         for dtype in dtypes:
-            for name in kernels.kernel_signatures(np.dtype(dtype)):
-                ptx = kernels.compile_ptx(name, np.dtype(dtype), cc)
+            for name in kernel_signatures(np.dtype(dtype)):
+                ptx = compile_ptx(name, np.dtype(dtype), cc)
                 row = dict(kernel=name, dtype=dtype, **kernel_resources(ptxas, ptx, arch, cubin))
                 if nvdisasm and name in kernels.PRODUCT_KERNELS:
                     loop = sass_per_fma(nvdisasm, cubin)

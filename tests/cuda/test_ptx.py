@@ -32,9 +32,9 @@ F64_ACCUMULATOR_OPS = re.compile(r"^(cvt\.f64\.f32|add\.f64|div\.rn\.f64|abs\.f6
 def kernel_names():
     if not HAVE_CUDA_EXTRA or SIMULATOR:
         return []
-    from fastbp.kernels import cuda as kernels
+    from fastbp.kernels import cuda_report
 
-    return sorted(kernels.kernel_signatures(np.float32))
+    return sorted(cuda_report.kernel_signatures(np.float32))
 
 
 def _f64_instructions(ptx):
@@ -47,8 +47,9 @@ def _f64_instructions(ptx):
 @pytest.mark.parametrize("name", kernel_names())
 def test_kernel_compiles_to_ptx(name, dtype, cc):
     from fastbp.kernels import cuda as kernels
+    from fastbp.kernels import cuda_report
 
-    ptx = kernels.compile_ptx(name, dtype, cc)
+    ptx = cuda_report.compile_ptx(name, dtype, cc)
     assert f".target sm_{cc[0]}{cc[1]}" in ptx
     assert ".entry" in ptx
     if dtype == np.float32:
@@ -68,10 +69,10 @@ def test_every_kernel_is_checked():
     module-level ones of the three kernel modules, and those built per launch setting (all of whose
     builders kernel_signatures calls)."""
     from fastbp.kernels import cuda as kernels
-    from fastbp.kernels import cuda_fused, cuda_step
+    from fastbp.kernels import cuda_fused, cuda_report, cuda_step
 
     checked = {kern.py_func for dtype in (np.float32, np.float64)  # some are built per dtype
-               for kern, _ in kernels.kernel_signatures(dtype).values()}
+               for kern, _ in cuda_report.kernel_signatures(dtype).values()}
     defined = {getattr(module, name).py_func for module in (kernels, cuda_step, cuda_fused) for name in dir(module)
                if name.endswith("_kernel") and hasattr(getattr(module, name), "py_func")}
     assert defined <= checked
@@ -82,8 +83,9 @@ def test_every_kernel_is_checked():
 
 def test_compiling_with_numpy_2_5_says_how_to_fix(monkeypatch):
     from fastbp.kernels import cuda as kernels
+    from fastbp.kernels import cuda_report
 
     monkeypatch.setattr(np, "__version__", "2.5.0")
     with pytest.raises(RuntimeError, match=r"pip install 'numpy<2.5'"):
-        kernels.compile_ptx("add_into", np.float32)
+        cuda_report.compile_ptx("add_into", np.float32)
     assert "numpy<2.5" in kernels.unavailable_reason()
