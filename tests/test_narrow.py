@@ -458,3 +458,28 @@ def test_workspace_layout():
         assert narrow.workspace_length([3, 5, 2], dtype, 17) == lanes * (P + 2 * 10 + 2 + 1 + (3 + 2) * -(-17 // lanes))
         work = narrow.make_workspace([3, 5, 2], dtype, 17)
         assert work.ctypes.data % 64 == 0 and work.dtype == dtype and not work.any()
+
+
+def test_the_cpu_backend_trains_narrow_networks_with_the_fused_kernel(monkeypatch):
+    """Trainer.fit on the CPU takes this path exactly when supports() says so, and the result is the general
+    path's to rounding (a Trainer forced onto the general path as the reference)."""
+    import fastbp
+
+    rng = np.random.default_rng(3)
+    X, y = rng.normal(size=(90, 5)), rng.integers(0, 3, 90)
+
+    def fit(force_general):
+        trainer = fastbp.Trainer(fastbp.MLP([5, 12, 3], "tanh", seed=0), loss="softmax_cross_entropy",
+                                 optimizer="adam", lr=0.01, batch_size=16, seed=1)
+        if force_general:
+            trainer._backend._narrow_kernel = None
+        trainer.fit(X, y, epochs=7)
+        return trainer
+
+    fused, general = fit(False), fit(True)
+    assert fused._backend._narrow_kernel is not None
+    # float32 (the MLP's default): the two paths sum in different orders, a few ulps per step.
+    np.testing.assert_allclose(fused.model.flat_parameters(), general.model.flat_parameters(), rtol=2e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(fused.history.loss, general.history.loss, rtol=1e-5)
+    assert fastbp.Trainer(fastbp.MLP([5, narrow.NARROW_MAX_WIDTH + 1, 3]))._backend._narrow_kernel is None

@@ -121,11 +121,7 @@ def test_sigint_during_compiled_training_keeps_model_and_history_consistent():
     assert_same_state(trainer, ref)
 
 
-def test_compiled_calls_start_small_and_grow_gradually():
-    """Epochs per compiled call start at 1 and grow at most 8-fold a call towards CHUNK_SECONDS of work, so
-    Ctrl-C is never held back for long (wall-clock limits are not asserted: CI machines are noisy)."""
-    X, y = problem(n=64)
-    trainer = make_trainer(batch_size=16)
+def _count_calls(trainer):
     counts = []
     original = trainer._backend.train_epochs
 
@@ -134,6 +130,41 @@ def test_compiled_calls_start_small_and_grow_gradually():
         return original(X, Y, batch_size, orders, lrs, target, steps_done)
 
     trainer._backend.train_epochs = counting
+    return counts
+
+
+def test_a_small_fit_runs_in_one_compiled_call():
+    """The first call is sized from a pessimistic guess of an epoch's cost: a small network's whole fit (here
+    3000 epochs of 64 rows, about 0.03 s) is one call, not a ladder of calls that each cost more to enter
+    than their epochs."""
+    X, y = problem(n=64)
+    trainer = make_trainer(batch_size=16)
+    counts = _count_calls(trainer)
+    trainer.fit(X, y, epochs=3000)
+    assert counts == [3000]
+    assert_same_state(trainer, _ref_3000(X, y))
+
+
+def test_the_first_call_of_a_large_fit_is_one_epoch():
+    """W3's network on 60000 rows: the guess (several seconds an epoch) gives a first call of one epoch."""
+    trainer = fastbp.Trainer(fastbp.MLP([784, 256, 256, 10], "relu", seed=0), batch_size=128)
+    plan = fastbp.trainer._FitPlan(X=None, Y=None, epochs=10, target=None, validation=None, patience=None,
+                                   restore_best=False, callbacks=[], on_nonfinite="raise", verbose=0)
+    plan.n, plan.batch_size = 60000, 128
+    assert trainer._first_chunk(plan, max_chunk=69) == 1
+    plan.n, plan.batch_size = 100, 100  # W1: 1-16-1, full batch: a whole 1000-epoch fit at once
+    w1 = fastbp.Trainer(fastbp.MLP([1, 16, 1], "sigmoid", seed=0))
+    assert w1._first_chunk(plan, max_chunk=1000) == 1000
+
+
+def test_compiled_calls_grow_gradually(monkeypatch):
+    """After a first call of one epoch (forced here by a hopeless guess), epochs per call grow at most 8-fold
+    a call towards CHUNK_SECONDS of work, so Ctrl-C is never held back for long (wall-clock limits are not
+    asserted: CI machines are noisy)."""
+    monkeypatch.setattr(fastbp.trainer, "GUESS_SECONDS_PER_MULTIPLY_ADD", 1.0)
+    X, y = problem(n=64)
+    trainer = make_trainer(batch_size=16)
+    counts = _count_calls(trainer)
     trainer.fit(X, y, epochs=3000)
     assert counts[0] == 1 and sum(counts) == 3000 and len(counts) > 1
     assert all(b <= 8 * a for a, b in zip(counts, counts[1:-1]))
