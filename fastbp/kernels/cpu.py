@@ -29,6 +29,7 @@ import numpy as np
 from numba import prange
 
 from .._jit import cpu_jit, inline, prefer_wide_vectors
+from . import gemm
 from .pointwise import (
     ADAM,
     BINARY_CROSS_ENTROPY,
@@ -71,10 +72,6 @@ ROW_BLOCK = 16
 GEMM_TASK_ROWS = 128
 GEMM_TASK_COLS = 128
 GEMM_COL_BLOCK = 64
-# A product whose summed axis is shorter than SHORT_K runs in the axpy form (see _axpy_rows) instead of the NT
-# tiles, when its output rows are at least AXPY_MIN_COLUMNS long (shorter rows do not fill a vector).
-SHORT_K = 64
-AXPY_MIN_COLUMNS = 16
 # Up to this many elements (64 KiB of float32) transpose() runs as plain loops instead of 8 x 8 tiles.
 SMALL_TRANSPOSE = 1 << 14
 # Elements per parallel task in the element-wise and copy loops.
@@ -704,18 +701,18 @@ def activation_view_t(buffer, sizes, unit_offsets, capacity, layer, n_rows):
     return buffer[start:start + n_rows * sizes[layer]].reshape((sizes[layer], n_rows))
 
 
-@inline
-def weight_t_view(params_t, sizes, param_offsets, layer):
-    """Layer ``layer``'s weight TRANSPOSED, (sizes[layer + 1], sizes[layer]), in a flat vector laid out
-    like the parameters."""
-    start = param_offsets[layer]
-    return params_t[start:start + sizes[layer] * sizes[layer + 1]].reshape((sizes[layer + 1], sizes[layer]))
-
-
 def scratch_size(n_params, capacity, n_units):
-    """Length of the ``scratch`` workspace of batch_grads / train_epochs / dataset_grads: the transposed
-    weights (P) and transposed copies of the activations and deltas (capacity * sum(sizes) each)."""
-    return n_params + 2 * capacity * n_units
+    """Length of the ``scratch`` workspace of batch_grads / train_epochs / dataset_grads: the feature-major
+    step's transposed weights (P) and transposed copies of the activations and deltas (capacity * sum(sizes)
+    each), or, on the wide path, the product engine's panels (gemm.workspace_size of any one layer; bounded
+    here from P and sum(sizes) with the widest tile, so the bound holds for every layer, dtype and CPU)."""
+    nr = GEMM_MAX_TILE_COLUMNS
+    engine = max(n_params + n_units * (nr - 1), (capacity + 1) * (n_units + nr + 6))
+    return max(n_params + 2 * capacity * n_units, engine)
+
+
+# The widest tile of the product engine (float32 with 512-bit vectors: 4 vectors of 16; gemm.tile_columns).
+GEMM_MAX_TILE_COLUMNS = 64
 
 
 @inline
@@ -725,12 +722,6 @@ def _copy_rows(out, source, start):
     for r in range(out.shape[0]):
         for j in range(out.shape[1]):
             out[r, j] = source[start + r, j]
-
-
-@inline
-def _axpy_suits(summed, columns):
-    # Whether a product summing over ``summed`` terms into output rows ``columns`` long runs in the axpy form.
-    return summed < SHORT_K and columns >= AXPY_MIN_COLUMNS
 
 
 # --- drivers: a step, an epoch, many epochs in one compiled call ---------------------------------------------
@@ -752,9 +743,8 @@ def batch_grads(grads, acts, deltas, row_losses, scratch, params, targets, sizes
     """One forward and backward pass on the n_rows input rows in acts' layer-0 slot; grads (P,) overwritten
     with d(sum of row losses * inv_divisor)/d params. Returns the float64 sum of the row losses.
 
-    scratch (scratch_size(P, capacity, sum(sizes)),): the transposed weights, then transposed activations
-    and deltas, so that every product is the vectorised NT form (see _nt_tiles):
-    forward Z = A @ (W^T)^T, dW = (A^T) @ (dZ^T)^T, dA = dZ @ W^T with W itself as the NT operand.
+    scratch (scratch_size(P, capacity, sum(sizes)),): the product engine's panels (wide path) or the
+    feature-major step's transposed copies (batch_grads_fm).
     narrow, wide: path_flags(sizes); narrow not None runs the feature-major step instead (batch_grads_fm)."""
     n_layers = sizes.shape[0] - 1
     # narrow, wide = path_flags(sizes): numba prunes a branch on an argument only when it is None-typed, so
@@ -764,27 +754,14 @@ def batch_grads(grads, acts, deltas, row_losses, scratch, params, targets, sizes
                               unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows)
     if wide is None:  # not reached at run time (one of the two is None); makes the rest dead code when narrow
         return 0.0
-    n_params = params.shape[0]
-    block = capacity * unit_offsets[n_layers + 1]
-    params_t = scratch[:n_params]
-    acts_t = scratch[n_params:n_params + block]
-    deltas_t = scratch[n_params + block:n_params + 2 * block]
+    # The product engine (fastbp/kernels/gemm.py): register-blocked tiles on packed panels, with the bias and
+    # activation fused into the forward's stores and the activation derivative into the input gradient's;
+    # operands as stored (no transposes of activations). scratch holds its panels, reused by every product.
     for layer in range(n_layers):
-        inp = activation_view(acts, sizes, unit_offsets, capacity, layer, n_rows)
-        out = activation_view(acts, sizes, unit_offsets, capacity, layer + 1, n_rows)
-        weight = weight_view(params, sizes, param_offsets, layer)
-        weight_t = weight_t_view(params_t, sizes, param_offsets, layer)
-        # A short batch runs the forward in the axpy form on W as stored (the same test as for the weight
-        # gradient, which sums over the batch): the NT form would first transpose W, which costs a third of a
-        # 32-row product (W2: 2.7 us beside 10).
-        forward_axpy = _axpy_suits(n_rows, sizes[layer + 1])
-        # W^T for the NT forward, or for the backward pass's axpy input gradient (see below).
-        if not forward_axpy or (layer > 0 and _axpy_suits(sizes[layer + 1], sizes[layer])):
-            transpose(weight_t, weight)
-        if forward_axpy:
-            dense_forward(out, inp, weight, bias_view(params, sizes, param_offsets, layer), act_codes[layer])
-        else:
-            dense_forward_t(out, inp, weight_t, bias_view(params, sizes, param_offsets, layer), act_codes[layer])
+        gemm.dense_forward(activation_view(acts, sizes, unit_offsets, capacity, layer + 1, n_rows),
+                           activation_view(acts, sizes, unit_offsets, capacity, layer, n_rows),
+                           weight_view(params, sizes, param_offsets, layer),
+                           bias_view(params, sizes, param_offsets, layer), act_codes[layer], scratch)
     logits = activation_view(acts, sizes, unit_offsets, capacity, n_layers, n_rows)
     dlogits = activation_view(deltas, sizes, unit_offsets, capacity, n_layers, n_rows)
     loss_grad(dlogits, row_losses[:n_rows], logits, targets, loss, inv_divisor)
@@ -794,27 +771,12 @@ def batch_grads(grads, acts, deltas, row_losses, scratch, params, targets, sizes
     for layer in range(n_layers - 1, -1, -1):
         dout = activation_view(deltas, sizes, unit_offsets, capacity, layer + 1, n_rows)
         inp = activation_view(acts, sizes, unit_offsets, capacity, layer, n_rows)
-        # Each product in the form that suits its summed axis (see SHORT_K): the weight gradient sums over
-        # the batch, the input gradient over the layer's outputs.
-        if _axpy_suits(n_rows, sizes[layer + 1]):
-            dense_backward_params(weight_view(grads, sizes, param_offsets, layer),
-                                  bias_view(grads, sizes, param_offsets, layer), dout, inp)
-        else:
-            dout_t = activation_view_t(deltas_t, sizes, unit_offsets, capacity, layer + 1, n_rows)
-            inp_t = activation_view_t(acts_t, sizes, unit_offsets, capacity, layer, n_rows)
-            transpose(dout_t, dout)
-            transpose(inp_t, inp)
-            dense_backward_params_t(weight_view(grads, sizes, param_offsets, layer),
-                                    bias_view(grads, sizes, param_offsets, layer), dout_t, inp_t)
+        gemm.dense_backward_params(weight_view(grads, sizes, param_offsets, layer),
+                                   bias_view(grads, sizes, param_offsets, layer), dout, inp, scratch)
         if layer > 0:  # the input layer's gradient is never needed
-            dinp = activation_view(deltas, sizes, unit_offsets, capacity, layer, n_rows)
-            if _axpy_suits(sizes[layer + 1], sizes[layer]):
-                # W^T is still in params_t from this step's forward pass (params change only after it).
-                dense_backward_input_t(dinp, dout, weight_t_view(params_t, sizes, param_offsets, layer), inp,
-                                       act_codes[layer - 1])
-            else:
-                dense_backward_input(dinp, dout, weight_view(params, sizes, param_offsets, layer), inp,
-                                     act_codes[layer - 1])
+            gemm.dense_backward_input(activation_view(deltas, sizes, unit_offsets, capacity, layer, n_rows), dout,
+                                      weight_view(params, sizes, param_offsets, layer), inp, act_codes[layer - 1],
+                                      scratch)
     return total
 
 
