@@ -48,6 +48,8 @@ CHUNK_SECONDS = 0.25
 # 1000 epochs: 1 call instead of 5, whose entries cost more than the epochs themselves).
 GUESS_SECONDS_PER_MULTIPLY_ADD = 2e-9
 GUESS_SECONDS_PER_STEP = {False: 2e-6, True: 200e-6}
+# torch.optim's defaults: SGD and Adam weight_decay=0, AdamW weight_decay=1e-2.
+DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adam": 0.0, "adamw": 0.01}
 # The settings a Trainer is constructed with, as state_dict()["trainer"] lists them.
 SETTINGS = ("loss", "optimizer", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "batch_size",
             "device", "seed")
@@ -158,9 +160,13 @@ class Trainer:
         binary_cross_entropy: mean over all elements of ``-[y log q + (1-y) log(1-q)]``, ``q = sigmoid(z)``.
         softmax_cross_entropy: mean over samples of ``-log softmax(z)[label]``; ``y`` holds integer class
         ids ``(n,)`` or one-hot / class-probability rows ``(n, k)``.
-    optimizer : {"sgd", "adam"}
-        Exactly ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov)`` and
-        ``torch.optim.Adam(lr, betas, eps, weight_decay)`` (weight decay as L2 added to the gradient).
+    optimizer : {"sgd", "adam", "adamw"}
+        Exactly ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov)``,
+        ``torch.optim.Adam(lr, betas, eps, weight_decay)`` (weight decay as L2 added to the gradient) and
+        ``torch.optim.AdamW(lr, betas, eps, weight_decay)`` (decoupled: ``p *= 1 - lr * weight_decay`` before
+        the Adam step).
+    weight_decay : float or None
+        None means the optimizer's default, as in torch: 0 for "sgd" and "adam", 0.01 for "adamw".
     lr : float or callable ``epoch -> lr``
         A constant rate, a schedule from :mod:`fastbp.schedules` (``ExponentialDecay``, ``StepDecay``) or
         any callable of the epoch number (0-based, counted across fits).
@@ -182,7 +188,7 @@ class Trainer:
     """
 
     def __init__(self, model: MLP, loss: str = "mse", optimizer: str = "sgd", lr=0.01, *, momentum: float = 0.0,
-                 dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                 dampening: float = 0.0, nesterov: bool = False, weight_decay: float | None = None,
                  betas: tuple = (0.9, 0.999), eps: float = 1e-8, batch_size: int | None = 32,
                  device: str = "cpu", seed: int | None = None):
         if not isinstance(model, MLP):
@@ -195,6 +201,8 @@ class Trainer:
         self._schedule = self._check_lr(lr)
         momentum = check_float("momentum", momentum, minimum=0.0)
         dampening = check_float("dampening", dampening, minimum=0.0, maximum=1.0)
+        if weight_decay is None:
+            weight_decay = DEFAULT_WEIGHT_DECAY[self.optimizer]
         weight_decay = check_float("weight_decay", weight_decay, minimum=0.0)
         check_bool("nesterov", nesterov)
         if nesterov and (momentum <= 0 or dampening != 0):

@@ -97,14 +97,18 @@ def sgd_step(params, grads, state, lr, momentum=0.0, dampening=0.0, weight_decay
     return out
 
 
-def adam_step(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-    """torch.optim.Adam on a list of arrays; ``state`` is a dict kept between calls."""
+def adam_step(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False):
+    """torch.optim.Adam on a list of arrays (torch.optim.AdamW with ``decoupled=True``: the parameters shrink
+    by ``1 - lr * weight_decay`` and the gradient is left alone); ``state`` is a dict kept between calls."""
     b1, b2 = betas
     t = state.get("t", 0) + 1
     state["t"] = t
     out = []
     for i, (p, g) in enumerate(zip(params, grads)):
-        g = g + weight_decay * p
+        if decoupled:
+            p = p * (1 - lr * weight_decay)
+        else:
+            g = g + weight_decay * p
         m = b1 * state.get(("m", i), 0.0) + (1 - b1) * g
         v = b2 * state.get(("v", i), 0.0) + (1 - b2) * g * g
         state[("m", i)], state[("v", i)] = m, v

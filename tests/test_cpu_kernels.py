@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from fastbp.kernels import cpu
-from fastbp.kernels.pointwise import ACTIVATIONS, LOSSES, loss_divisor
+from fastbp.kernels.pointwise import ACTIVATIONS, ADAM, ADAMW, LOSSES, adam_decay_terms, loss_divisor
 
 from . import naive
 from .conftest import TOLERANCES
@@ -136,8 +136,8 @@ def test_sgd_update_matches_torch_rule(momentum, dampening, nesterov, weight_dec
         np.testing.assert_allclose(params, p, **TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-def test_adam_update_matches_torch_rule(weight_decay, dtype, rng):
+@pytest.mark.parametrize("weight_decay, decoupled", [(0.0, False), (0.05, False), (0.05, True)])
+def test_adam_update_matches_torch_rule(weight_decay, decoupled, dtype, rng):
     p = rng.normal(size=31)
     state = {}
     params = p.astype(dtype)
@@ -145,9 +145,10 @@ def test_adam_update_matches_torch_rule(weight_decay, dtype, rng):
     b1, b2, lr = 0.9, 0.999, 0.01
     for t in range(1, 5):
         g = rng.normal(size=31)
-        (p,) = naive.adam_step([p], [g], state, lr, (b1, b2), 1e-8, weight_decay)
+        (p,) = naive.adam_step([p], [g], state, lr, (b1, b2), 1e-8, weight_decay, decoupled)
+        l2, decay = adam_decay_terms.py_func(ADAMW if decoupled else ADAM, lr, weight_decay)
         cpu.adam_update(params, m, v, g.astype(dtype), dtype(lr), dtype(b1), dtype(b2), dtype(1e-8),
-                        dtype(weight_decay), dtype(lr / (1 - b1 ** t)), dtype(np.sqrt(1 - b2 ** t)))
+                        dtype(l2), dtype(lr / (1 - b1 ** t)), dtype(np.sqrt(1 - b2 ** t)), dtype(decay))
         np.testing.assert_allclose(params, p, **TOLERANCES[dtype])
 
 

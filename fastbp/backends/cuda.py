@@ -19,14 +19,13 @@ This module never imports the CUDA binding itself: it goes through ``fastbp.kern
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from ..kernels import cuda as kernels
 from ..kernels import cuda_fused as fused
 from ..kernels import cuda_step as step
-from ..kernels.pointwise import ADAM, H_BETA1, H_BETA2, N_HYPER, loss_divisor
+from ..kernels.pointwise import N_HYPER, loss_divisor
 from ..layout import Layout
 from .base import Backend
 
@@ -354,9 +353,7 @@ class CUDABackend(Backend):
         t = float(step_number)
         sched = np.zeros(step.N_STEP_F, dtype=np.float64)
         sched[step.SF_LR] = lr
-        if self.optimizer == ADAM:
-            sched[step.SF_STEP_SIZE] = lr / (1.0 - float(self.hyper[H_BETA1]) ** t)
-            sched[step.SF_SQRT_BC2] = math.sqrt(1.0 - float(self.hyper[H_BETA2]) ** t)
+        step.fill_adam_scalars(sched, self.optimizer, self.hyper, float(lr), t)
         rows = np.zeros(step.N_STEP_I, dtype=np.int64)
         rows[step.S_FIRST] = int(step_number == 1)
         self._upload(self._I, 0, self._ctrl(1))

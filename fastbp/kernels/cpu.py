@@ -8,7 +8,7 @@ Vocabulary shared with ``fastbp.kernels.cuda`` (same names, same signatures, out
     output_transform(out, logits, loss)
     sgd_update(params, velocity, grads, lr, momentum, dampening, weight_decay, nesterov, first_step)
     adam_update(params, exp_avg, exp_avg_sq, grads, lr, beta1, beta2, eps, weight_decay, step_size,
-                sqrt_bias_correction2)
+                sqrt_bias_correction2, decay)
     gather_rows(out, source, order, start)
 
 Every kernel OVERWRITES its outputs (an MLP has no residual fan-in, so nothing accumulates across calls)
@@ -31,13 +31,13 @@ from numba import prange
 from .._jit import cpu_jit, inline, prefer_wide_vectors
 from . import gemm
 from .pointwise import (
-    ADAM,
     BINARY_CROSS_ENTROPY,
     IDENTITY,
     LEAKY_RELU,
     MSE,
     RELU,
     SIGMOID,
+    SGD,
     SOFTMAX_CROSS_ENTROPY,
     TANH,
     H_BETA1,
@@ -49,6 +49,7 @@ from .pointwise import (
     H_WEIGHT_DECAY,
     activate,
     activation_grad,
+    adam_decay_terms,
     adam_update_one,
     exp_fast,
     loss_divisor,
@@ -323,12 +324,13 @@ def sgd_update(params, velocity, grads, lr, momentum, dampening, weight_decay, n
 
 @cpu_jit(**FAST)
 def adam_update(params, exp_avg, exp_avg_sq, grads, lr, beta1, beta2, eps, weight_decay, step_size,
-                sqrt_bias_correction2):
-    """torch.optim.Adam step over flat vectors (P,), in place. Scalars in the parameters' dtype. Serial."""
+                sqrt_bias_correction2, decay):
+    """torch.optim.Adam (decay = 1) or AdamW (weight_decay = 0, decay = 1 - lr * wd) step over flat vectors
+    (P,), in place; see pointwise.adam_update_one. Scalars in the parameters' dtype. Serial."""
     prefer_wide_vectors()
     for i in range(params.shape[0]):
         adam_update_one(params, exp_avg, exp_avg_sq, grads, i, lr, beta1, beta2, eps, weight_decay,
-                        step_size, sqrt_bias_correction2)
+                        step_size, sqrt_bias_correction2, decay)
 
 
 @cpu_jit()
@@ -822,18 +824,19 @@ def batch_grads_fm(grads, acts, deltas, row_losses, scratch, params, targets, si
 def optimizer_step(params, opt_state, grads, lr, optimizer, hyper, step):
     """One optimizer update of the flat params (P,) in place; ``step`` counts from 1 (torch's state['step']).
 
-    opt_state (2, P): SGD's momentum buffer in row 0; Adam's exp_avg and exp_avg_sq in rows 0 and 1.
+    opt_state (2, P): SGD's momentum buffer in row 0; Adam's (and AdamW's) exp_avg and exp_avg_sq in rows 0 and 1.
     hyper: float64 vector indexed by pointwise.H_*; bias corrections are formed in float64, then cast.
     """
     dtype = params.dtype.type
     weight_decay = dtype(hyper[H_WEIGHT_DECAY])
-    if optimizer == ADAM:
+    if optimizer != SGD:
         beta1 = hyper[H_BETA1]
         beta2 = hyper[H_BETA2]
         step_size = lr / (1.0 - beta1 ** step)
         sqrt_bc2 = np.sqrt(1.0 - beta2 ** step)
+        l2, decay = adam_decay_terms(optimizer, lr, hyper[H_WEIGHT_DECAY])
         adam_update(params, opt_state[0], opt_state[1], grads, dtype(lr), dtype(beta1), dtype(beta2),
-                    dtype(hyper[H_EPS]), weight_decay, dtype(step_size), dtype(sqrt_bc2))
+                    dtype(hyper[H_EPS]), dtype(l2), dtype(step_size), dtype(sqrt_bc2), dtype(decay))
     else:
         sgd_update(params, opt_state[0], grads, dtype(lr), dtype(hyper[H_MOMENTUM]), dtype(hyper[H_DAMPENING]),
                    weight_decay, hyper[H_NESTEROV] != 0.0, step == 1)

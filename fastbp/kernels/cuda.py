@@ -9,7 +9,7 @@ name is a host-side launcher that sizes the grid and launches its ``_..._kernel`
     output_transform(out, logits, loss)
     sgd_update(params, velocity, grads, lr, momentum, dampening, weight_decay, nesterov, first_step)
     adam_update(params, exp_avg, exp_avg_sq, grads, lr, beta1, beta2, eps, weight_decay, step_size,
-                sqrt_bias_correction2)
+                sqrt_bias_correction2, decay)
     gather_rows(out, source, order, start)
 plus what the CPU does inline but the GPU needs as launches: ``sum_into`` (a deterministic one-block
 reduction), ``add_into`` (chunked gradients) and ``array_stats`` (the check of a GPU input, grid-wide).
@@ -626,12 +626,12 @@ def _sgd_update_kernel(params, velocity, grads, lr, momentum, dampening, weight_
 
 @kernel
 def _adam_update_kernel(params, exp_avg, exp_avg_sq, grads, lr, beta1, beta2, eps, weight_decay, step_size,
-                        sqrt_bias_correction2):
+                        sqrt_bias_correction2, decay):
     # params, exp_avg, exp_avg_sq, grads (P,): thread i owns element i.
     i = cuda.grid(1)
     if i < params.shape[0]:
         adam_update_one(params, exp_avg, exp_avg_sq, grads, i, lr, beta1, beta2, eps, weight_decay,
-                        step_size, sqrt_bias_correction2)
+                        step_size, sqrt_bias_correction2, decay)
 
 
 @kernel
@@ -824,12 +824,13 @@ def sgd_update(params, velocity, grads, lr, momentum, dampening, weight_decay, n
 
 
 def adam_update(params, exp_avg, exp_avg_sq, grads, lr, beta1, beta2, eps, weight_decay, step_size,
-                sqrt_bias_correction2):
-    """torch.optim.Adam step over flat vectors (P,), in place. Scalars are cast to the parameters' dtype."""
+                sqrt_bias_correction2, decay):
+    """torch.optim.Adam (decay = 1) or AdamW (weight_decay = 0, decay = 1 - lr * wd) step over flat vectors
+    (P,), in place. Scalars are cast to the parameters' dtype."""
     t = params.dtype.type
     launch(_adam_update_kernel, _blocks(params.shape[0], BLOCK_1D), BLOCK_1D,
            (params, exp_avg, exp_avg_sq, grads, t(lr), t(beta1), t(beta2), t(eps), t(weight_decay), t(step_size),
-            t(sqrt_bias_correction2)))
+            t(sqrt_bias_correction2), t(decay)))
 
 
 def gather_rows(out, source, order, start):
@@ -890,7 +891,7 @@ def kernel_signatures(dtype):
         "loss_grad": (_loss_grad_kernel, (m, v, m, m, i64, f)),
         "output_transform": (_output_transform_kernel, (m, m, i64)),
         "sgd_update": (_sgd_update_kernel, (v, v, v, f, f, f, f, b, b)),
-        "adam_update": (_adam_update_kernel, (v, v, v, v, f, f, f, f, f, f, f)),
+        "adam_update": (_adam_update_kernel, (v, v, v, v, f, f, f, f, f, f, f, f)),
         "gather_rows": (_gather_rows_kernel, (m, m, iv, i64)),
         "sum_into": (_sum_into_kernel, (v, i64, v)),
         "add_into": (_add_into_kernel, (v, v)),

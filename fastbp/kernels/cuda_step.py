@@ -59,7 +59,6 @@ from .cuda import (
     tile_shapes,
 )
 from .pointwise import (
-    ADAM,
     H_BETA1,
     H_BETA2,
     H_DAMPENING,
@@ -67,6 +66,8 @@ from .pointwise import (
     H_MOMENTUM,
     H_NESTEROV,
     H_WEIGHT_DECAY,
+    SGD,
+    adam_decay_terms,
 )
 
 # --- launch settings (patchable by tests, before the first launch) -----------------------------------------
@@ -90,7 +91,7 @@ C_EPOCHS_RUN = 3  # epochs whose loss was recorded
 C_DONE = 4  # blocks of the current advancing launch that have finished
 C_P = 5  # number of parameters P
 C_N = 6  # samples per epoch
-C_OPTIMIZER = 7  # pointwise.SGD / ADAM
+C_OPTIMIZER = 7  # pointwise.SGD / ADAM / ADAMW
 C_NESTEROV = 8
 C_LOSS = 9
 C_I_STEPS = 10  # offset of the per-step rows table in I
@@ -107,9 +108,10 @@ STOP_NONFINITE = 2
 S_START, S_ROWS, S_ORDER, S_FIRST = range(4)
 N_STEP_I = 4
 # Per-step scalars F[C_F_SCHED + s * N_STEP_F + ...]: learning rate, Adam's lr / (1 - beta1^t) and
-# sqrt(1 - beta2^t) (float64 on the host, then cast, as the CPU does), 1 / loss divisor of the batch.
-SF_LR, SF_STEP_SIZE, SF_SQRT_BC2, SF_INV = range(4)
-N_STEP_F = 4
+# sqrt(1 - beta2^t) (float64 on the host, then cast, as the CPU does), 1 / loss divisor of the batch, and
+# the L2 term and decoupled decay factor of pointwise.adam_decay_terms (Adam: wd, 1; AdamW: 0, 1 - lr wd).
+SF_LR, SF_STEP_SIZE, SF_SQRT_BC2, SF_INV, SF_L2, SF_DECAY = range(6)
+N_STEP_F = 6
 # Hyper-parameters F[C_F_HYPER + ...] (in the model's dtype).
 HF_MOMENTUM, HF_DAMPENING, HF_WEIGHT_DECAY, HF_BETA1, HF_BETA2, HF_EPS = range(6)
 N_HYPER_F = 6
@@ -171,9 +173,9 @@ def optimizer_update(state, F, I, p, s):
     h = I[C_F_HYPER]
     sched = I[C_F_SCHED] + s * N_STEP_F
     lr = F[sched + SF_LR]
-    if I[C_OPTIMIZER] == ADAM:
+    if I[C_OPTIMIZER] != SGD:
         adam_update_one(params, state0, state1, grads, p, lr, F[h + HF_BETA1], F[h + HF_BETA2], F[h + HF_EPS],
-                        F[h + HF_WEIGHT_DECAY], F[sched + SF_STEP_SIZE], F[sched + SF_SQRT_BC2])
+                        F[sched + SF_L2], F[sched + SF_STEP_SIZE], F[sched + SF_SQRT_BC2], F[sched + SF_DECAY])
     else:
         first = I[I[C_I_STEPS] + s * N_STEP_I + S_FIRST]
         sgd_update_one(params, state0, grads, p, lr, F[h + HF_MOMENTUM], F[h + HF_DAMPENING], F[h + HF_WEIGHT_DECAY],
@@ -716,13 +718,21 @@ def step_schedule(layout, loss: int, optimizer: int, hyper, lrs, n: int, k: int,
     steps[:, S_FIRST] = (t == 1).astype(np.int64)
     lr = np.repeat(np.asarray(lrs, dtype=np.float64), per_epoch)
     sched[:, SF_LR] = lr
-    if optimizer == ADAM:
-        beta1, beta2 = float(hyper[H_BETA1]), float(hyper[H_BETA2])
-        sched[:, SF_STEP_SIZE] = lr / (1.0 - beta1 ** t)
-        sched[:, SF_SQRT_BC2] = np.sqrt(1.0 - beta2 ** t)
+    fill_adam_scalars(sched, optimizer, hyper, lr, t)
     inv = np.array([1.0 / loss_divisor(loss, int(r), k) for r in n_rows])
     sched[:, SF_INV] = np.tile(inv, E)
     return steps, sched.astype(dtype)
+
+
+def fill_adam_scalars(sched, optimizer: int, hyper, lr, t) -> None:
+    """Adam's and AdamW's per-step scalars into sched (..., N_STEP_F) for rates lr and step numbers t (scalars
+    or per-step arrays), in float64 as the CPU's optimizer_step forms them."""
+    if optimizer == SGD:
+        return
+    beta1, beta2 = float(hyper[H_BETA1]), float(hyper[H_BETA2])
+    sched[..., SF_STEP_SIZE] = lr / (1.0 - beta1 ** t)
+    sched[..., SF_SQRT_BC2] = np.sqrt(1.0 - beta2 ** t)
+    sched[..., SF_L2], sched[..., SF_DECAY] = adam_decay_terms.py_func(optimizer, lr, float(hyper[H_WEIGHT_DECAY]))
 
 
 def hyper_values(hyper, dtype) -> np.ndarray:

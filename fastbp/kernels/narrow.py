@@ -47,7 +47,6 @@ from numba.extending import intrinsic, lower_builtin, models, register_model, ty
 from .._jit import CACHE_ENABLED, cpu_jit, inline, prefer_wide_vectors
 from . import cpu
 from .pointwise import (
-    ADAM,
     BINARY_CROSS_ENTROPY,
     H_BETA1,
     H_BETA2,
@@ -60,11 +59,13 @@ from .pointwise import (
     LEAKY_RELU_SLOPE,
     MSE,
     RELU,
+    SGD,
     SIGMOID,
     SOFTMAX_CROSS_ENTROPY,
     TANH,
     activate,
     activation_grad,
+    adam_decay_terms,
     adam_update_one,
     loss_divisor,
     loss_grad_row,
@@ -876,7 +877,7 @@ def supports(sizes) -> bool:
 def optimizer_update(params, first, second, grads, lr, hyper, step, optimizer):
     """One optimizer step over params (P,), in place: cpu.optimizer_step's arithmetic (bias corrections in
     float64, then cast; pointwise.sgd_update_one / adam_update_one per element). first, second (P,): the
-    rows of opt_state (SGD's momentum buffer; Adam's exp_avg and exp_avg_sq).
+    rows of opt_state (SGD's momentum buffer; Adam's and AdamW's exp_avg and exp_avg_sq).
 
     Compiled on its own and called, not inlined: numba passes arrays to a compiled callee borrowed, while
     inlining it (and the views opt_state[0], opt_state[1] made per step) cost atomic reference-count
@@ -884,14 +885,16 @@ def optimizer_update(params, first, second, grads, lr, hyper, step, optimizer):
     _not_inlined()
     dtype = params.dtype.type
     weight_decay = dtype(hyper[H_WEIGHT_DECAY])
-    if optimizer == ADAM:
+    if optimizer != SGD:
         beta1 = hyper[H_BETA1]
         beta2 = hyper[H_BETA2]
         step_size = dtype(lr / (1.0 - beta1 ** step))
         sqrt_bc2 = dtype(np.sqrt(1.0 - beta2 ** step))
+        l2, decay = adam_decay_terms(optimizer, lr, hyper[H_WEIGHT_DECAY])
+        l2, decay = dtype(l2), dtype(decay)
         for i in range(params.shape[0]):
             adam_update_one(params, first, second, grads, i, dtype(lr), dtype(beta1), dtype(beta2),
-                            dtype(hyper[H_EPS]), weight_decay, step_size, sqrt_bc2)
+                            dtype(hyper[H_EPS]), l2, step_size, sqrt_bc2, decay)
     else:
         momentum = dtype(hyper[H_MOMENTUM])
         dampening = dtype(hyper[H_DAMPENING])

@@ -247,11 +247,23 @@ def output_transform_row(out, logits, loss):
 # --- optimizers ----------------------------------------------------------------------------------------------
 SGD = 0
 ADAM = 1
-OPTIMIZERS = {"sgd": SGD, "adam": ADAM}
+ADAMW = 2  # Adam with decoupled weight decay (torch.optim.AdamW): adam_update_one with decay = 1 - lr * wd
+OPTIMIZERS = {"sgd": SGD, "adam": ADAM, "adamw": ADAMW}
 
 # Layout of the float64 hyper-parameter vector the update kernels read (one array, not a dozen arguments).
 H_MOMENTUM, H_DAMPENING, H_WEIGHT_DECAY, H_NESTEROV, H_BETA1, H_BETA2, H_EPS = range(7)
 N_HYPER = 7
+
+
+@inline
+def adam_decay_terms(optimizer, lr, weight_decay):
+    """(L2 term, decoupled decay factor) of a step for adam_update_one: Adam adds weight_decay * p to the
+    gradient, AdamW multiplies p by 1 - lr * weight_decay instead (torch.optim.AdamW). Formed in float64 and
+    cast by the caller, as torch forms ``1 - lr * weight_decay`` in Python floats. ``lr`` may be a numpy
+    array of per-step rates (host-side tables call ``adam_decay_terms.py_func``)."""
+    if optimizer == ADAMW:
+        return 0.0, 1.0 - lr * weight_decay
+    return weight_decay, 1.0 + 0.0 * lr
 
 
 @inline
@@ -274,17 +286,21 @@ def sgd_update_one(params, velocity, grads, i, lr, momentum, dampening, weight_d
 
 @inline
 def adam_update_one(params, exp_avg, exp_avg_sq, grads, i, lr, beta1, beta2, eps, weight_decay,
-                    step_size, sqrt_bias_correction2):
-    """torch.optim.Adam for element i, in PyTorch's order of operations (so float32 runs match closely):
-    g += wd * p; m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g^2;
+                    step_size, sqrt_bias_correction2, decay):
+    """torch.optim.Adam / AdamW for element i, in PyTorch's order of operations (so float32 runs match closely):
+    p *= decay; g += wd * p; m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g^2;
     p -= step_size * m / (sqrt(v) / sqrt(1 - beta2**t) + eps), with step_size = lr / (1 - beta1**t).
 
-    step_size and sqrt_bias_correction2 are computed once per step by the caller, as PyTorch does.
+    Adam: weight_decay is the L2 term added to the gradient, decay = 1. AdamW: weight_decay = 0 and
+    decay = 1 - lr * wd (torch's ``param.mul_(1 - lr * weight_decay)`` before the moments, the decay
+    "decoupled" from the gradient, Loshchilov & Hutter 2019). Multiplying by 1 is exact, so Adam is unchanged.
+    step_size, sqrt_bias_correction2 and decay are computed once per step by the caller, as PyTorch does.
     """
     one = type(lr)(1.0)
-    g = grads[i] + weight_decay * params[i]
+    p = params[i] * decay
+    g = grads[i] + weight_decay * p
     m = exp_avg[i] + (one - beta1) * (g - exp_avg[i])
     v = beta2 * exp_avg_sq[i] + (one - beta2) * g * g
     exp_avg[i] = m
     exp_avg_sq[i] = v
-    params[i] -= step_size * (m / (math.sqrt(v) / sqrt_bias_correction2 + eps))
+    params[i] = p - step_size * (m / (math.sqrt(v) / sqrt_bias_correction2 + eps))

@@ -13,7 +13,6 @@ import pytest
 
 from fastbp.kernels.pointwise import (
     ACTIVATIONS,
-    ADAM,
     H_BETA1,
     H_BETA2,
     H_DAMPENING,
@@ -24,7 +23,7 @@ from fastbp.kernels.pointwise import (
     IDENTITY,
     LOSSES,
     N_HYPER,
-    SGD,
+    OPTIMIZERS,
     loss_divisor,
 )
 from fastbp.layout import Layout
@@ -49,7 +48,7 @@ class Net:
         L = self.layout.n_layers
         self.act_codes = np.array([ACTIVATIONS[act]] * (L - 1) + [IDENTITY], dtype=np.int64)
         self.loss = LOSSES[loss]
-        self.optimizer = {"sgd": SGD, "adam": ADAM}[optimizer]
+        self.optimizer = OPTIMIZERS[optimizer]
         self.hyper = np.zeros(N_HYPER)
         self.hyper[[H_BETA1, H_BETA2, H_EPS]] = (0.9, 0.999, 1e-8)
         names = dict(momentum=H_MOMENTUM, dampening=H_DAMPENING, weight_decay=H_WEIGHT_DECAY, nesterov=H_NESTEROV)
@@ -140,6 +139,7 @@ CASES = {
     "L3-ce-sgd-nesterov": ([5, 7, 6, 3], "tanh", "softmax_cross_entropy", "sgd",
                            dict(momentum=0.9, nesterov=True, weight_decay=0.01), 11, 4, True),
     "L2-bce-adam": ([4, 9, 2], "relu", "binary_cross_entropy", "adam", dict(weight_decay=0.01), 10, 4, True),
+    "L2-ce-adamw": ([4, 9, 3], "tanh", "softmax_cross_entropy", "adamw", dict(weight_decay=0.05), 10, 4, True),
     "L1-mse-full-batch": ([3, 2], "identity", "mse", "sgd", dict(momentum=0.5, dampening=0.1), 7, 7, False),
     "L3-mse-in-order": ([3, 6, 5, 2], "leaky_relu", "mse", "sgd", dict(), 9, 4, False),
     "L2-wide-r8": ([9, 17, 10], "sigmoid", "softmax_cross_entropy", "sgd", dict(momentum=0.9), 13, 12, True),
@@ -158,7 +158,7 @@ def test_train_epochs_matches_cpu(small_launches, case, fused, dtype):
     losses, completed, steps = backend.train_epochs(X, Y, batch, orders, lrs, -np.inf, 3)
     ref_losses, ref_completed, ref_steps, ref_params, ref_state = cpu_train(net, batch, orders, lrs, -np.inf,
                                                                            steps_done=3)
-    tol = (ADAM_PARITY if optimizer == "adam" else PARITY)[dtype]
+    tol = (ADAM_PARITY if optimizer.startswith("adam") else PARITY)[dtype]
     assert (completed, steps) == (ref_completed, ref_steps) == (2, 3 + 2 * -(-n // batch))
     np.testing.assert_allclose(losses, ref_losses, **tol)
     np.testing.assert_allclose(published(backend, net), ref_params, **tol)
@@ -343,7 +343,8 @@ def test_rows_grads_of_zero_rows_writes_zeros(small_launches):
 
 
 @pytest.mark.parametrize("optimizer,hyper", [("sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.1)),
-                                             ("adam", dict(weight_decay=0.01))])
+                                             ("adam", dict(weight_decay=0.01)),
+                                             ("adamw", dict(weight_decay=0.05))])
 def test_apply_update_matches_cpu_optimizer_step(small_launches, optimizer, hyper, dtype):
     from fastbp.kernels import cpu
 
@@ -355,7 +356,7 @@ def test_apply_update_matches_cpu_optimizer_step(small_launches, optimizer, hype
         grads = rng.normal(size=net.layout.n_params).astype(dtype)
         backend.apply_update(grads, 0.05, step_number)
         cpu.optimizer_step(params, state, grads, 0.05, net.optimizer, net.hyper, step_number)
-    tol = (ADAM_PARITY if optimizer == "adam" else PARITY)[dtype]
+    tol = (ADAM_PARITY if optimizer.startswith("adam") else PARITY)[dtype]
     np.testing.assert_allclose(published(backend, net), params, **tol)
     np.testing.assert_allclose(backend.optimizer_state(), state, **tol)
 

@@ -3,7 +3,7 @@ GPU or in the simulator. Shapes include 1, primes and non-multiples of the (shru
 import numpy as np
 import pytest
 
-from fastbp.kernels.pointwise import ACTIVATIONS, LOSSES, loss_divisor
+from fastbp.kernels.pointwise import ACTIVATIONS, ADAM, ADAMW, LOSSES, adam_decay_terms, loss_divisor
 
 from .. import naive
 from ..conftest import TOLERANCES
@@ -168,8 +168,8 @@ def test_sgd_update_matches_torch_rule(cuda_kernels, momentum, dampening, nester
         np.testing.assert_allclose(params.copy_to_host(), p, **TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-def test_adam_update_matches_torch_rule(cuda_kernels, weight_decay, dtype, rng):
+@pytest.mark.parametrize("weight_decay, decoupled", [(0.0, False), (0.05, False), (0.05, True)])
+def test_adam_update_matches_torch_rule(cuda_kernels, weight_decay, decoupled, dtype, rng):
     p = rng.normal(size=31)
     state = {}
     params = cuda_kernels.to_device(p.astype(dtype))
@@ -177,9 +177,10 @@ def test_adam_update_matches_torch_rule(cuda_kernels, weight_decay, dtype, rng):
     b1, b2, lr = 0.9, 0.999, 0.01
     for t in range(1, 5):
         g = rng.normal(size=31)
-        (p,) = naive.adam_step([p], [g], state, lr, (b1, b2), 1e-8, weight_decay)
+        (p,) = naive.adam_step([p], [g], state, lr, (b1, b2), 1e-8, weight_decay, decoupled)
+        l2, decay = adam_decay_terms.py_func(ADAMW if decoupled else ADAM, lr, weight_decay)
         cuda_kernels.adam_update(params, m, v, cuda_kernels.to_device(g.astype(dtype)), lr, b1, b2, 1e-8,
-                                 weight_decay, lr / (1 - b1 ** t), np.sqrt(1 - b2 ** t))
+                                 l2, lr / (1 - b1 ** t), np.sqrt(1 - b2 ** t), decay)
         np.testing.assert_allclose(params.copy_to_host(), p, **TOLERANCES[dtype])
 
 
