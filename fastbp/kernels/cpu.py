@@ -59,6 +59,19 @@ from .pointwise import (
     sigmoid,
 )
 
+# The public, stable surface (documented in fastbp/kernels/API.md): kernels a user's own numba code may call.
+# Everything else here (the transposed-operand and feature-major kernels, the products, the whole-step
+# drivers, the tuning constants) is fastbp's own and may change between releases.
+__all__ = [
+    # the vocabulary shared with fastbp.kernels.cuda
+    "dense_forward", "dense_backward_params", "dense_backward_input", "dense_backward", "loss_grad",
+    "output_transform", "sgd_update", "adam_update", "gather_rows",
+    # the serial references the fast kernels are tested against
+    "dense_forward_naive", "dense_backward_params_naive", "dense_backward_input_naive",
+    # views into the flat buffers (inline helpers: callable from numba code only)
+    "weight_view", "bias_view", "activation_view",
+]
+
 # Below this many multiply-adds a kernel runs on the calling thread: a prange launch costs microseconds,
 # more than small layers take (numba issues #3213, #6568), and far more on a loaded machine, where the
 # second thread may wait a time slice to be scheduled. 2^20 multiply-adds take about 15 us on one core.
@@ -679,12 +692,17 @@ def _transpose_small(out, inp):
 # --- views into flat buffers ---------------------------------------------------------------------------------
 @inline
 def weight_view(params, sizes, param_offsets, layer):
+    """Layer ``layer``'s weight, (sizes[layer], sizes[layer + 1]), as a view into the flat vector ``params``
+    (P,) laid out by fastbp.layout.Layout (W0, b0, W1, b1, ...); works on any vector laid out like it (the
+    gradients). Inline: callable from numba code only."""
     start = param_offsets[layer]
     return params[start:start + sizes[layer] * sizes[layer + 1]].reshape((sizes[layer], sizes[layer + 1]))
 
 
 @inline
 def bias_view(params, sizes, param_offsets, layer):
+    """Layer ``layer``'s bias, (sizes[layer + 1],), as a view into the flat vector ``params`` (P,) (see
+    weight_view). Inline: callable from numba code only."""
     start = param_offsets[layer] + sizes[layer] * sizes[layer + 1]
     return params[start:start + sizes[layer + 1]]
 

@@ -21,6 +21,17 @@ import math
 
 from .._jit import inline
 
+# The public, stable surface (documented in fastbp/kernels/API.md): the integer codes and their tables, and the
+# inline functions a user's numba code may call. The optimizer hyper-parameter indices (H_*, N_HYPER) are
+# fastbp's own (they feed the private optimizer_step driver) and may change.
+__all__ = [
+    "IDENTITY", "SIGMOID", "TANH", "RELU", "LEAKY_RELU", "ACTIVATIONS", "ACTIVATION_NAMES", "LEAKY_RELU_SLOPE",
+    "MSE", "BINARY_CROSS_ENTROPY", "SOFTMAX_CROSS_ENTROPY", "LOSSES", "LOSS_NAMES",
+    "SGD", "ADAM", "OPTIMIZERS",
+    "exp_fast", "sigmoid", "activate", "activation_grad", "loss_divisor", "loss_grad_row", "output_transform_row",
+    "sgd_update_one", "adam_update_one",
+]
+
 # --- activations -------------------------------------------------------------------------------------------
 IDENTITY = 0
 SIGMOID = 1
