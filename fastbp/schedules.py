@@ -1,11 +1,12 @@
 """Learning-rate schedules: callables ``epoch -> lr`` (epoch counts from 0 across all fits of a Trainer).
 
 ``Trainer(lr=...)`` takes a number (constant rate), one of these, or any callable ``epoch -> lr``.
-They step once per epoch, like torch.optim.lr_scheduler's ExponentialLR and StepLR.
+They step once per epoch, like torch.optim.lr_scheduler's ExponentialLR, StepLR and CosineAnnealingLR.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from ._validation import check_float, check_int
@@ -56,8 +57,55 @@ class StepDecay:
         return self.initial_lr * self.gamma ** (epoch // self.step_size)
 
 
+@dataclass(frozen=True)
+class CosineDecay:
+    """Cosine annealing from ``initial_lr`` to ``eta_min`` over ``t_max`` epochs, after an optional linear warm-up.
+
+    - warm-up, ``epoch < warmup_epochs``: ``initial_lr * (epoch + 1) / (warmup_epochs + 1)`` (it rises towards
+      ``initial_lr`` and never starts at 0);
+    - then, with ``e = epoch - warmup_epochs``: ``eta_min + (initial_lr - eta_min) * (1 + cos(pi * e / t_max)) / 2``
+      for ``e <= t_max``: the closed form of torch's ``CosineAnnealingLR(T_max=t_max, eta_min=eta_min)``
+      (torch's per-step recursive form agrees with it to float rounding up to ``T_max``);
+    - ``eta_min`` for ``e > t_max``. Here the two differ on purpose: torch's recursive form keeps following the
+      cosine past ``T_max`` (the rate climbs back to ``initial_lr`` by ``2 T_max``), while this holds ``eta_min``.
+
+    With ``eta_min=0`` the rate is 0 from ``e = t_max`` on: those epochs leave the parameters unchanged.
+
+    >>> [round(CosineDecay(1.0, t_max=2)(epoch), 4) for epoch in range(4)]
+    [1.0, 0.5, 0.0, 0.0]
+    >>> [round(CosineDecay(1.0, t_max=2, eta_min=0.1, warmup_epochs=3)(epoch), 4) for epoch in range(7)]
+    [0.25, 0.5, 0.75, 1.0, 0.55, 0.1, 0.1]
+    """
+
+    initial_lr: float
+    t_max: int
+    eta_min: float = 0.0
+    warmup_epochs: int = 0
+
+    def __post_init__(self):
+        # Checked in the order of the signature; each error names its argument. Stored as plain float / int.
+        initial_lr = check_float("initial_lr", self.initial_lr, minimum=0.0, exclusive_minimum=True)
+        t_max = check_int("t_max", self.t_max, minimum=1)
+        eta_min = check_float("eta_min", self.eta_min, minimum=0.0)
+        if eta_min > initial_lr:
+            raise ValueError(f"eta_min must be <= initial_lr ({initial_lr}); got {eta_min}")
+        warmup_epochs = check_int("warmup_epochs", self.warmup_epochs, minimum=0)
+        for name, value in (("initial_lr", initial_lr), ("t_max", t_max), ("eta_min", eta_min),
+                            ("warmup_epochs", warmup_epochs)):
+            object.__setattr__(self, name, value)
+
+    def __call__(self, epoch: int) -> float:
+        if epoch < self.warmup_epochs:
+            return self.initial_lr * (epoch + 1) / (self.warmup_epochs + 1)
+        e = epoch - self.warmup_epochs
+        if e > self.t_max:
+            return self.eta_min
+        # torch's CosineAnnealingLR._get_closed_form_lr, term for term.
+        return self.eta_min + (self.initial_lr - self.eta_min) * (1 + math.cos(math.pi * e / self.t_max)) / 2
+
+
 # -- as plain data (for state dicts and checkpoint files) ---------------------------------------------------------
-BUILT_IN = {cls.__name__: cls for cls in (Constant, ExponentialDecay, StepDecay)}
+BUILT_IN = {cls.__name__: cls for cls in (Constant, ExponentialDecay, StepDecay, CosineDecay)}
 
 
 def to_spec(lr) -> dict:
@@ -88,8 +136,10 @@ def from_spec(spec: dict):
     for f in dataclasses.fields(cls):
         if f.name not in spec:
             raise ValueError(f"lr ({kind}) lacks the field {f.name!r}")
-        if f.name == "step_size":
-            kwargs[f.name] = check_int(f.name, spec[f.name], minimum=1)
+        # Each field by its annotated type (a string here: annotations are postponed); a schedule that checks
+        # its own ranges (CosineDecay) does so again when constructed.
+        if f.type == "int":
+            kwargs[f.name] = check_int(f.name, spec[f.name], minimum=1 if f.name == "step_size" else None)
         else:
             kwargs[f.name] = check_float(f.name, spec[f.name])
     return cls(**kwargs)

@@ -236,9 +236,11 @@ class Trainer:
         return Constant(check_float("lr", lr, minimum=0.0, exclusive_minimum=True))
 
     def _lr_at(self, epoch: int) -> float:
+        """The rate epoch ``epoch`` trains with. A schedule may reach 0 (CosineDecay with eta_min=0: an epoch that
+        changes nothing, as in torch); a number lr must be > 0."""
         lr = self._schedule(epoch)
         try:
-            return check_float(f"lr schedule at epoch {epoch}", lr, minimum=0.0, exclusive_minimum=True)
+            return check_float(f"lr schedule at epoch {epoch}", lr, minimum=0.0)
         except TypeError as error:
             raise TypeError(f"the lr schedule must return a number; at epoch {epoch} it returned {lr!r}") from error
 
