@@ -2,6 +2,7 @@
 
 ``Trainer(lr=...)`` takes a number (constant rate), one of these, or any callable ``epoch -> lr``.
 They step once per epoch, like torch.optim.lr_scheduler's ExponentialLR, StepLR and CosineAnnealingLR.
+:class:`ReduceLROnPlateau` is not a schedule but a fit callback that scales whatever the lr is.
 """
 from __future__ import annotations
 
@@ -102,6 +103,103 @@ class CosineDecay:
             return self.eta_min
         # torch's CosineAnnealingLR._get_closed_form_lr, term for term.
         return self.eta_min + (self.initial_lr - self.eta_min) * (1 + math.cos(math.pi * e / self.t_max)) / 2
+
+
+# -- reduce on plateau ---------------------------------------------------------------------------------------------
+# torch's ReduceLROnPlateau eps: a reduction smaller than this is not applied.
+PLATEAU_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class ReduceLROnPlateau:
+    """A fit callback: multiply the learning rate by ``factor`` when the monitored loss stops improving.
+
+    ``trainer.fit(X, y, epochs, callbacks=[fastbp.ReduceLROnPlateau(factor=0.5, patience=3)])``
+
+    After every epoch it watches that epoch's validation loss when fit has ``validation_data``, the training
+    loss otherwise, with the rule of torch's ``ReduceLROnPlateau(mode="min", threshold_mode="rel")``: an epoch
+    improves when ``loss < best * (1 - threshold)`` (best starts at inf); after more than ``patience`` epochs
+    without improvement the rate becomes ``max(lr * factor, min_lr)`` (applied only when that lowers it by more
+    than 1e-8, as torch's eps), the bad-epoch count restarts and the next ``cooldown`` epochs count no bad
+    epochs. It never stops training.
+
+    How it changes the rate: the trainer holds a scale (``trainer.lr_scale``, 1.0 at first) that multiplies
+    every epoch's rate, whether ``lr`` is a number or a schedule. A reduction multiplies the scale by
+    ``new_lr / lr``, where ``lr`` is the rate of the epoch just finished. With a number lr that is exactly
+    torch's rule (to float rounding). With a schedule the two combine multiplicatively, as torch's chainable
+    schedulers do with ReduceLROnPlateau stepped first (equal to torch for ExponentialDecay and StepDecay,
+    tested); ``min_lr`` bounds the rate a reduction sets, and a schedule that decays further afterwards may go
+    below it. A later ``trainer.set_lr`` keeps the scale; ``trainer.lr_scale = 1.0`` undoes the reductions.
+
+    This object holds only the settings; the state (best, num_bad_epochs, cooldown_counter, scale) is the
+    trainer's, in ``trainer.state_dict()["trainer"]["plateau"]``: it is saved with ``trainer.save`` and goes on
+    where it left off when a loaded trainer is given an equal callback.
+
+    >>> rule = ReduceLROnPlateau(factor=0.5, patience=0)
+    >>> state = plateau_state()
+    >>> for loss in (1.0, 2.0):
+    ...     state = rule.step(state, loss, lr=0.1 * state["scale"])
+    >>> state["scale"], state["best"], state["num_bad_epochs"]
+    (0.5, 1.0, 0)
+    """
+
+    factor: float = 0.1
+    patience: int = 10
+    threshold: float = 1e-4
+    cooldown: int = 0
+    min_lr: float = 0.0
+
+    def __post_init__(self):
+        values = dict(
+            factor=check_float("factor", self.factor, minimum=0.0, exclusive_minimum=True, maximum=1.0,
+                               exclusive_maximum=True),
+            patience=check_int("patience", self.patience, minimum=0),
+            threshold=check_float("threshold", self.threshold, minimum=0.0, maximum=1.0, exclusive_maximum=True),
+            cooldown=check_int("cooldown", self.cooldown, minimum=0),
+            min_lr=check_float("min_lr", self.min_lr, minimum=0.0))
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def step(self, state: dict, loss: float, lr: float) -> dict:
+        """The state after an epoch with this ``loss`` that trained with rate ``lr`` (a new dict)."""
+        best = math.inf if state["best"] is None else state["best"]
+        bad, cooldown_counter, scale = state["num_bad_epochs"], state["cooldown_counter"], state["scale"]
+        loss = float(loss)
+        if loss < best * (1.0 - self.threshold):
+            best, bad = loss, 0
+        else:
+            bad += 1
+        if cooldown_counter > 0:  # bad epochs during the cooldown are not counted
+            cooldown_counter -= 1
+            bad = 0
+        if bad > self.patience:
+            new_lr = max(lr * self.factor, self.min_lr)
+            if lr - new_lr > PLATEAU_EPS:
+                scale = scale * (new_lr / lr)
+            cooldown_counter, bad = self.cooldown, 0
+        return {"scale": scale, "best": None if math.isinf(best) else best, "num_bad_epochs": bad,
+                "cooldown_counter": cooldown_counter}
+
+    def __call__(self, trainer, history) -> None:
+        """The callback: reads the epoch's loss and rate from this fit's history, updates the trainer's state."""
+        loss = history.val_loss[-1] if history.val_loss else history.loss[-1]
+        trainer._plateau = self.step(trainer._plateau, loss, history.lr[-1])
+
+
+def plateau_state(spec: dict | None = None) -> dict:
+    """ReduceLROnPlateau's state as the trainer holds it (plain JSON-able values; best None means inf, not yet
+    set): the initial state for None, otherwise ``spec`` checked."""
+    if spec is None:
+        return {"scale": 1.0, "best": None, "num_bad_epochs": 0, "cooldown_counter": 0}
+    if not isinstance(spec, dict):
+        raise ValueError(f"plateau must be a dict; got {type(spec).__name__}")
+    for name in ("scale", "best", "num_bad_epochs", "cooldown_counter"):
+        if name not in spec:
+            raise ValueError(f"plateau lacks the field {name!r}")
+    return {"scale": check_float("plateau scale", spec["scale"], minimum=0.0, exclusive_minimum=True),
+            "best": check_float("plateau best", spec["best"], allow_none=True),
+            "num_bad_epochs": check_int("plateau num_bad_epochs", spec["num_bad_epochs"], minimum=0),
+            "cooldown_counter": check_int("plateau cooldown_counter", spec["cooldown_counter"], minimum=0)}
 
 
 # -- as plain data (for state dicts and checkpoint files) ---------------------------------------------------------

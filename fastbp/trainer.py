@@ -162,8 +162,9 @@ class Trainer:
         Exactly ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov)`` and
         ``torch.optim.Adam(lr, betas, eps, weight_decay)`` (weight decay as L2 added to the gradient).
     lr : float or callable ``epoch -> lr``
-        A constant rate, a schedule from :mod:`fastbp.schedules` (``ExponentialDecay``, ``StepDecay``) or
-        any callable of the epoch number (0-based, counted across fits).
+        A constant rate, a schedule from :mod:`fastbp.schedules` (``ExponentialDecay``, ``StepDecay``,
+        ``CosineDecay``) or any callable of the epoch number (0-based, counted across fits). A
+        :class:`fastbp.ReduceLROnPlateau` callback scales it (``lr_scale``).
     batch_size : int or None
         Mini-batch size; ``None`` is full-batch gradient descent. The last partial batch is used.
     device : {"cpu", "cuda", "auto"}
@@ -218,6 +219,8 @@ class Trainer:
         self._backend = backends.create_backend(
             self.device, layout=model.layout, act_codes=model.activation_codes(), loss=self._loss_spec.code,
             optimizer=OPTIMIZERS[self.optimizer], hyper=hyper, dtype=model.dtype)
+        # ReduceLROnPlateau's state (see fastbp.schedules.ReduceLROnPlateau): its scale multiplies every rate.
+        self._plateau = schedules.plateau_state()
         self.steps_done = 0  # optimizer steps taken (torch's state["step"])
         self.epochs_done = 0  # epochs completed across fits: the schedule's clock
         self.history = History()  # every epoch of every fit
@@ -228,6 +231,18 @@ class Trainer:
         rows 0 and 1 (the backend's own array on the CPU, a host copy of the GPU's)."""
         return self._backend.optimizer_state()
 
+    @property
+    def lr_scale(self) -> float:
+        """The factor :class:`fastbp.ReduceLROnPlateau` has reduced the learning rate by (1.0 until it acts).
+        Every epoch trains with ``lr_scale * lr`` (or ``lr_scale * schedule(epoch)``), also after
+        :meth:`set_lr`; set it to 1.0 to undo the reductions."""
+        return self._plateau["scale"]
+
+    @lr_scale.setter
+    def lr_scale(self, value) -> None:
+        self._plateau = self._plateau | {"scale": check_float("lr_scale", value, minimum=0.0,
+                                                              exclusive_minimum=True)}
+
     # -- arguments ----------------------------------------------------------------------------------------
     @staticmethod
     def _check_lr(lr):
@@ -236,13 +251,14 @@ class Trainer:
         return Constant(check_float("lr", lr, minimum=0.0, exclusive_minimum=True))
 
     def _lr_at(self, epoch: int) -> float:
-        """The rate epoch ``epoch`` trains with. A schedule may reach 0 (CosineDecay with eta_min=0: an epoch that
-        changes nothing, as in torch); a number lr must be > 0."""
+        """The rate epoch ``epoch`` trains with: the schedule's, times the plateau scale. A schedule may reach 0
+        (CosineDecay with eta_min=0: an epoch that changes nothing, as in torch); a number lr must be > 0."""
         lr = self._schedule(epoch)
         try:
-            return check_float(f"lr schedule at epoch {epoch}", lr, minimum=0.0)
+            lr = check_float(f"lr schedule at epoch {epoch}", lr, minimum=0.0)
         except TypeError as error:
             raise TypeError(f"the lr schedule must return a number; at epoch {epoch} it returned {lr!r}") from error
+        return lr * self._plateau["scale"]
 
     @property
     def n_outputs(self) -> int:
@@ -313,7 +329,7 @@ class Trainer:
             Early stopping: stop after this many epochs without a lower validation loss; with
             ``restore_best`` the weights of the best epoch are put back. Needs ``validation_data``.
         callbacks : sequence of callables ``callback(trainer, history) -> bool | None``
-            Called after every epoch; returning True stops training.
+            Called after every epoch; returning True stops training. ``fastbp.ReduceLROnPlateau(...)`` is one.
         on_nonfinite : {"raise", "warn"}
             If an epoch's loss is NaN or inf, the model is restored to the previous epoch and a
             :class:`NonFiniteLossError` is raised (or a RuntimeWarning issued and fit returns).
@@ -730,7 +746,8 @@ class Trainer:
             {"model": model.state_dict(),
              "trainer": {loss, optimizer, momentum, dampening, nesterov, weight_decay, betas, eps, batch_size,
                          device, seed, lr (the rate or schedule as data, see fastbp.schedules.to_spec),
-                         steps_done, epochs_done, rng_state (the shuffling RNG's state)},
+                         steps_done, epochs_done, rng_state (the shuffling RNG's state),
+                         plateau (ReduceLROnPlateau's state: scale, best, num_bad_epochs, cooldown_counter)},
              "opt_state": (2, n_params) array,
              "history": {epoch, loss, val_loss, val_accuracy, lr, time (lists), stop_reason}}
 
@@ -738,15 +755,17 @@ class Trainer:
         this one, and :meth:`save` writes it to a file (``fastbp.checkpoint``)."""
         trainer = self._settings() | {"betas": list(self.betas), "lr": schedules.to_spec(self.lr),
                                       "steps_done": int(self.steps_done), "epochs_done": int(self.epochs_done),
-                                      "rng_state": self._rng.bit_generator.state}
+                                      "rng_state": self._rng.bit_generator.state,
+                                      "plateau": dict(self._plateau)}
         return {"model": self.model.state_dict(), "trainer": trainer, "opt_state": np.array(self.opt_state),
                 "history": self.history.as_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Load a :meth:`state_dict`: the model's parameters, the optimizer state, the step and epoch counters,
-        the shuffling RNG, the history, and the learning rate when it is a number or a built-in schedule (a
-        custom schedule's state keeps this trainer's lr). The architecture and the optimizer must be this
-        trainer's; its other settings stay as they are. Everything is checked before anything changes."""
+        the shuffling RNG, the history, ReduceLROnPlateau's state (the lr scale), and the learning rate when it is
+        a number or a built-in schedule (a custom schedule's state keeps this trainer's lr). The architecture and
+        the optimizer must be this trainer's; its other settings stay as they are.
+        Everything is checked before anything changes."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from Trainer.state_dict(); got {type(state).__name__}")
         for key in ("model", "trainer", "opt_state", "history"):
@@ -779,11 +798,14 @@ class Trainer:
         if not np.isfinite(opt_state).all():
             raise ValueError("opt_state contains NaN or inf")
         history = _history_from(state["history"])
+        # A state written before ReduceLROnPlateau existed has no plateau entry: the initial state.
+        plateau = schedules.plateau_state(spec.get("plateau"))
         self.model.load_state_dict(state["model"])  # the only write that can fail: it checks first
         self._backend.set_optimizer_state(opt_state)
         self.steps_done, self.epochs_done = steps, epochs
         self._rng.bit_generator.state = rng_state
         self.history = history
+        self._plateau = plateau
         if lr is not None:
             self.set_lr(lr)
 

@@ -1,4 +1,4 @@
-"""CosineDecay against torch.optim.lr_scheduler, the independent reference.
+"""CosineDecay and ReduceLROnPlateau against torch.optim.lr_scheduler, the independent reference.
 
 torch's schedulers are stepped once per epoch on a one-parameter SGD optimizer, exactly as a torch training
 loop would; their learning rates (and the plateau counters) must equal ours, to float rounding.
@@ -137,3 +137,198 @@ def test_cosine_spec_is_checked_on_load():
         schedules.from_spec(spec | {"warmup_epochs": 1.5})
     with pytest.raises(ValueError, match=r"lacks the field 'eta_min'"):
         schedules.from_spec({k: v for k, v in spec.items() if k != "eta_min"})
+
+
+# -- ReduceLROnPlateau: the rule ----------------------------------------------------------------------------------
+LOSS_SEQUENCES = {
+    # improvements, ties (not an improvement), tiny relative gains below the threshold, a late drop
+    "scripted": [1.0, 0.9, 0.9, 0.95, 0.89995, 0.91, 0.92, 0.93, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.49, 0.6, 0.6,
+                 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3],
+    # a noisy decay that flattens out
+    "noisy": (np.exp(-np.arange(80) / 10) + 0.5 + 0.02 * np.random.default_rng(1).normal(size=80)).tolist(),
+    # flat: reductions down to min_lr
+    "flat": [1.0] * 60,
+}
+PLATEAU_SETTINGS = [
+    dict(),
+    dict(factor=0.5, patience=2),
+    dict(factor=0.5, patience=0),
+    dict(factor=0.3, patience=1, cooldown=2),
+    dict(factor=0.5, patience=2, threshold=0.05, cooldown=1, min_lr=0.02),
+    dict(factor=0.1, patience=0, min_lr=0.001),  # min_lr reached from above
+    dict(factor=0.9, patience=3, threshold=0.0, cooldown=4),
+]
+
+
+@pytest.mark.parametrize("settings", PLATEAU_SETTINGS, ids=str)
+@pytest.mark.parametrize("sequence", sorted(LOSS_SEQUENCES))
+def test_plateau_rule_equals_torch(settings, sequence):
+    losses, base_lr = LOSS_SEQUENCES[sequence], 0.1
+    rule = fastbp.ReduceLROnPlateau(**settings)
+    optimizer = torch_optimizer(base_lr)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", threshold_mode="rel", **settings)
+    state = schedules.plateau_state()
+    for loss in losses:
+        lr = base_lr * state["scale"]  # a number lr: every epoch trains with lr * scale
+        assert lr == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
+        state = rule.step(state, loss, lr)
+        ref.step(loss)
+        assert (state["best"], state["num_bad_epochs"], state["cooldown_counter"]) == (
+            ref.best, ref.num_bad_epochs, ref.cooldown_counter)
+    assert base_lr * state["scale"] == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
+
+
+def test_plateau_sequences_do_reduce():
+    # The comparison above must see reductions, cooldowns and the floor, or it tests little.
+    rule = fastbp.ReduceLROnPlateau(factor=0.5, patience=2, threshold=0.05, cooldown=1, min_lr=0.02)
+    state, scales = schedules.plateau_state(), []
+    for loss in LOSS_SEQUENCES["flat"]:
+        state = rule.step(state, loss, 0.1 * state["scale"])
+        scales.append(state["scale"])
+    assert len(set(scales)) == 4 and 0.1 * scales[-1] == pytest.approx(0.02)  # 0.1 -> 0.05 -> 0.025 -> 0.02
+
+
+def test_plateau_worked_example():
+    # patience 1, factor 0.5, cooldown 1, lr 1.0. Losses 3, 2, 2, 2, 2, 2, 2:
+    # epoch 0, 1 improve (best 2); epoch 2 bad (1); epoch 3 bad (2 > patience): lr 0.5, cooldown 1;
+    # epoch 4 bad but in cooldown (counter 1 -> 0, bad reset); epoch 5 bad (1); epoch 6 bad (2): lr 0.25.
+    rule = fastbp.ReduceLROnPlateau(factor=0.5, patience=1, cooldown=1)
+    state, lrs = schedules.plateau_state(), []
+    for loss in (3.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0):
+        lrs.append(1.0 * state["scale"])
+        state = rule.step(state, loss, lrs[-1])
+    assert lrs == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5] and state["scale"] == 0.25
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(factor=1.0), ValueError, r"factor must be < 1.0; got 1.0"),
+    (dict(factor=0.0), ValueError, r"factor must be > 0.0; got 0.0"),
+    (dict(factor="0.5"), TypeError, r"factor must be a real number; got str"),
+    (dict(patience=-1), ValueError, r"patience must be >= 0; got -1"),
+    (dict(patience=2.0), TypeError, r"patience must be an integer; got float"),
+    (dict(threshold=-1e-4), ValueError, r"threshold must be >= 0.0; got -0.0001"),
+    (dict(threshold=1.0), ValueError, r"threshold must be < 1.0; got 1.0"),
+    (dict(cooldown=-2), ValueError, r"cooldown must be >= 0; got -2"),
+    (dict(min_lr=-0.1), ValueError, r"min_lr must be >= 0.0; got -0.1"),
+    (dict(min_lr=math.inf), ValueError, r"min_lr must be finite; got inf"),
+])
+def test_plateau_rejects_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        fastbp.ReduceLROnPlateau(**kwargs)
+
+
+# -- ReduceLROnPlateau in a fit -------------------------------------------------------------------------------------
+def replay_in_torch(losses, lr, settings, gamma=None) -> list:
+    """The rate of each epoch when torch's ReduceLROnPlateau (after torch's ExponentialLR when gamma is given,
+    chained: plateau first, then the schedule) is fed these losses."""
+    optimizer = torch_optimizer(lr)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", threshold_mode="rel", **settings)
+    exponential = None if gamma is None else torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for loss in losses:
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            plateau.step(loss)
+            if exponential is not None:
+                exponential.step()
+    return lrs
+
+
+@pytest.mark.parametrize("validation", [True, False], ids=["val_loss", "train_loss"])
+def test_plateau_in_fit_equals_torch(validation):
+    X, y = regression(seed=0)
+    X_val, y_val = regression(n=128, seed=1)
+    settings = dict(factor=0.5, patience=2, threshold=0.01, cooldown=1, min_lr=0.004)
+    trainer = fastbp.Trainer(fastbp.MLP([4, 16, 1], "tanh", seed=0), loss="mse", lr=0.05, batch_size=16, seed=0)
+    history = trainer.fit(X, y, epochs=40, callbacks=[fastbp.ReduceLROnPlateau(**settings)],
+                          validation_data=(X_val, y_val) if validation else None)
+    watched = history.val_loss if validation else history.loss
+    assert len(watched) == 40
+    np.testing.assert_allclose(history.lr, replay_in_torch(watched, 0.05, settings), rtol=1e-12)
+    assert len(set(history.lr)) >= 3  # it did reduce, more than once
+    assert trainer.lr == 0.05 and trainer.lr_scale == pytest.approx(history.lr[-1] / 0.05)
+
+
+def test_plateau_with_a_schedule_combines_like_torch_chaining():
+    X, y = regression(seed=2)
+    settings = dict(factor=0.5, patience=1, threshold=0.02, min_lr=0.01)
+    trainer = fastbp.Trainer(fastbp.MLP([4, 16, 1], "tanh", seed=0), loss="mse",
+                             lr=fastbp.ExponentialDecay(0.05, gamma=0.97), batch_size=16, seed=0)
+    history = trainer.fit(X, y, epochs=40, callbacks=[fastbp.ReduceLROnPlateau(**settings)])
+    np.testing.assert_allclose(history.lr, replay_in_torch(history.loss, 0.05, settings, gamma=0.97), rtol=1e-12)
+    assert trainer.lr_scale < 0.5
+
+
+def plateau_run(epochs_before_save, epochs_after, tmp_path=None, via="file"):
+    """(trainer, lrs of every epoch): a fit with the plateau callback, optionally saved and resumed."""
+    X, y = regression(seed=3)
+    X_val, y_val = regression(n=64, seed=4)
+
+    def callback():
+        return fastbp.ReduceLROnPlateau(factor=0.5, patience=3, threshold=0.01, cooldown=2)
+
+    trainer = fastbp.Trainer(fastbp.MLP([4, 12, 1], "tanh", seed=0), loss="mse", optimizer="adam", lr=0.02,
+                             batch_size=32, seed=0)
+    trainer.fit(X, y, epochs=epochs_before_save, validation_data=(X_val, y_val), callbacks=[callback()])
+    if tmp_path is not None:
+        if via == "file":
+            trainer.save(tmp_path / "t.npz")
+            trainer = fastbp.Trainer.load(tmp_path / "t.npz")
+        else:
+            state = trainer.state_dict()
+            trainer = fastbp.Trainer(fastbp.MLP([4, 12, 1], "tanh", seed=5), loss="mse", optimizer="adam", lr=0.3)
+            trainer.load_state_dict(state)
+    trainer.fit(X, y, epochs=epochs_after, validation_data=(X_val, y_val), callbacks=[callback()])
+    return trainer
+
+
+@pytest.mark.parametrize("via", ["file", "state_dict"])
+def test_plateau_state_survives_a_checkpoint_mid_plateau(tmp_path, via):
+    straight = plateau_run(30, 0)
+    lrs = straight.history.lr
+    # Save at an epoch that is mid-plateau: after a reduction, with bad epochs or a cooldown pending.
+    save_at = next(e for e in range(1, 30) if lrs[e] != lrs[0] and lrs[e + 1] == lrs[e])
+    partial = plateau_run(save_at + 1, 0)
+    state = partial.state_dict()["trainer"]["plateau"]
+    assert state["scale"] < 1.0 and (state["num_bad_epochs"] or state["cooldown_counter"])
+    resumed = plateau_run(save_at + 1, 30 - save_at - 1, tmp_path, via)
+    assert resumed.history.lr == lrs
+    assert resumed.history.val_loss == straight.history.val_loss
+    assert resumed.state_dict()["trainer"]["plateau"] == straight.state_dict()["trainer"]["plateau"]
+    for a, b in zip(resumed.model.weights, straight.model.weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_state_without_plateau_loads_as_initial_and_bad_plateau_is_rejected():
+    trainer = fastbp.Trainer(fastbp.MLP([2, 3, 1], seed=0), loss="mse", lr=0.1, seed=0)
+    trainer.lr_scale = 0.25
+    state = trainer.state_dict()
+    assert state["trainer"]["plateau"] == {"scale": 0.25, "best": None, "num_bad_epochs": 0, "cooldown_counter": 0}
+    old = state | {"trainer": {k: v for k, v in state["trainer"].items() if k != "plateau"}}
+    assert fastbp.Trainer.from_state_dict(old).lr_scale == 1.0
+    other = fastbp.Trainer(fastbp.MLP([2, 3, 1], seed=1), loss="mse", lr=0.1, seed=0)
+    other.lr_scale = 0.5
+    before = other.state_dict()
+    for bad, message in [({"scale": 0.0}, r"plateau scale must be > 0.0"),
+                         ({"best": "x"}, r"plateau best must be a real number"),
+                         ({"num_bad_epochs": -1}, r"plateau num_bad_epochs must be >= 0")]:
+        broken = state | {"trainer": state["trainer"] | {"plateau": state["trainer"]["plateau"] | bad}}
+        with pytest.raises((TypeError, ValueError), match=message):
+            other.load_state_dict(broken)
+        after = other.state_dict()  # a rejected load changes nothing
+        assert after["trainer"]["plateau"] == before["trainer"]["plateau"]
+        np.testing.assert_array_equal(other.model.weights[0], before["model"]["weights"][0])
+
+
+def test_lr_scale_multiplies_a_later_lr_and_is_checked():
+    X, y = regression()
+    trainer = fastbp.Trainer(fastbp.MLP([4, 8, 1], seed=0), loss="mse", lr=0.1, seed=0)
+    trainer.lr_scale = 0.5
+    trainer.set_lr(0.04)
+    assert trainer.fit(X, y, epochs=2).lr == [0.02, 0.02]
+    for bad, error in [(0.0, ValueError), (-1.0, ValueError), ("1", TypeError), (math.nan, ValueError)]:
+        with pytest.raises(error, match=r"lr_scale must be"):
+            trainer.lr_scale = bad
+        assert trainer.lr_scale == 0.5
