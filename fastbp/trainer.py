@@ -20,6 +20,7 @@ import numpy as np
 
 from . import backends, checkpoint, schedules
 from ._interrupt import deferred_keyboard_interrupt
+from ._threads import check_n_threads
 from ._validation import as_float_matrix, check_bool, check_choice, check_float, check_int, is_gpu_array
 from .kernels.pointwise import (
     H_BETA1,
@@ -50,7 +51,9 @@ GUESS_SECONDS_PER_MULTIPLY_ADD = 2e-9
 GUESS_SECONDS_PER_STEP = {False: 2e-6, True: 200e-6}
 # The settings a Trainer is constructed with, as state_dict()["trainer"] lists them.
 SETTINGS = ("loss", "optimizer", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "batch_size",
-            "device", "seed")
+            "device", "seed", "n_threads")
+# Settings added after format version 1 was first written, with the value a state without them means.
+LATER_SETTINGS = {"n_threads": None}
 HISTORY_LISTS = ("epoch", "loss", "val_loss", "val_accuracy", "lr", "time")
 
 
@@ -170,6 +173,13 @@ class Trainer:
     device : {"cpu", "cuda", "auto"}
     seed : int or None
         Seeds the per-epoch shuffling (the same on every device).
+    n_threads : int or None
+        Threads for this trainer's compiled CPU calls (fit, evaluate, predict, loss_and_grads), from 1 to
+        ``numba.config.NUMBA_NUM_THREADS``: each call runs under ``numba.set_num_threads(n_threads)`` and the
+        caller's ``numba.get_num_threads()`` is restored after it, also when it raises (numba keeps the count
+        per Python thread, so other threads are not affected; fit's callbacks run with the caller's count).
+        ``None`` (default) leaves numba's setting as it is. Results do not depend on it (bit-identical). It
+        can be changed later (``trainer.n_threads = 2``); the GPU ignores it.
 
     Examples
     --------
@@ -185,7 +195,7 @@ class Trainer:
     def __init__(self, model: MLP, loss: str = "mse", optimizer: str = "sgd", lr=0.01, *, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
                  betas: tuple = (0.9, 0.999), eps: float = 1e-8, batch_size: int | None = 32,
-                 device: str = "cpu", seed: int | None = None):
+                 device: str = "cpu", seed: int | None = None, n_threads: int | None = None):
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a fastbp.MLP; got {type(model).__name__}")
         self.model = model
@@ -209,6 +219,7 @@ class Trainer:
         self.batch_size = check_int("batch_size", batch_size, minimum=1, allow_none=True)
         self.device = backends.resolve_device(check_choice("device", device, backends.DEVICES))
         self.seed = check_int("seed", seed, minimum=0, allow_none=True)
+        n_threads = check_n_threads("n_threads", n_threads)
         self.momentum, self.dampening, self.nesterov = momentum, dampening, bool(nesterov)
         self.weight_decay, self.betas, self.eps = weight_decay, (beta1, beta2), eps
 
@@ -219,6 +230,7 @@ class Trainer:
         self._backend = backends.create_backend(
             self.device, layout=model.layout, act_codes=model.activation_codes(), loss=self._loss_spec.code,
             optimizer=OPTIMIZERS[self.optimizer], hyper=hyper, dtype=model.dtype)
+        self._backend.n_threads = n_threads
         # ReduceLROnPlateau's state (see fastbp.schedules.ReduceLROnPlateau): its scale multiplies every rate.
         self._plateau = schedules.plateau_state()
         self.steps_done = 0  # optimizer steps taken (torch's state["step"])
@@ -232,6 +244,15 @@ class Trainer:
         return self._backend.optimizer_state()
 
     @property
+    def n_threads(self) -> int | None:
+        """Threads of this trainer's compiled CPU calls (None: numba's current setting); see :class:`Trainer`."""
+        return self._backend.n_threads
+
+    @n_threads.setter
+    def n_threads(self, value) -> None:
+        self._backend.n_threads = check_n_threads("n_threads", value)
+
+    @property
     def lr_scale(self) -> float:
         """The factor :class:`fastbp.ReduceLROnPlateau` has reduced the learning rate by (1.0 until it acts).
         Every epoch trains with ``lr_scale * lr`` (or ``lr_scale * schedule(epoch)``), also after
@@ -242,6 +263,22 @@ class Trainer:
     def lr_scale(self, value) -> None:
         self._plateau = self._plateau | {"scale": check_float("lr_scale", value, minimum=0.0,
                                                               exclusive_minimum=True)}
+
+    def __repr__(self) -> str:
+        model = self.model
+        acts = model.activations[0] if len(set(model.activations)) == 1 else list(model.activations)
+        parts = [f"MLP({list(model.sizes)}, activation={acts!r})", f"loss={self.loss!r}",
+                 f"optimizer={self.optimizer!r}", f"lr={self.lr!r}", f"batch_size={self.batch_size!r}"]
+        if self.lr_scale != 1.0:
+            parts.append(f"lr_scale={self.lr_scale!r}")
+        defaults = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, betas=(0.9, 0.999),
+                        eps=1e-8, device="cpu", seed=None, n_threads=None)
+        if model.dtype != np.float32:
+            parts.append(f"dtype={model.dtype.name}")
+        for name, default in defaults.items():
+            if getattr(self, name) != default:
+                parts.append(f"{name}={getattr(self, name)!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
 
     # -- arguments ----------------------------------------------------------------------------------------
     @staticmethod
@@ -745,7 +782,7 @@ class Trainer:
 
             {"model": model.state_dict(),
              "trainer": {loss, optimizer, momentum, dampening, nesterov, weight_decay, betas, eps, batch_size,
-                         device, seed, lr (the rate or schedule as data, see fastbp.schedules.to_spec),
+                         device, seed, n_threads, lr (the rate or schedule as data, see fastbp.schedules.to_spec),
                          steps_done, epochs_done, rng_state (the shuffling RNG's state),
                          plateau (ReduceLROnPlateau's state: scale, best, num_bad_epochs, cooldown_counter)},
              "opt_state": (2, n_params) array,
@@ -764,7 +801,7 @@ class Trainer:
         """Load a :meth:`state_dict`: the model's parameters, the optimizer state, the step and epoch counters,
         the shuffling RNG, the history, ReduceLROnPlateau's state (the lr scale), and the learning rate when it is
         a number or a built-in schedule (a custom schedule's state keeps this trainer's lr). The architecture and
-        the optimizer must be this trainer's; its other settings stay as they are.
+        the optimizer must be this trainer's; its other settings (n_threads among them) stay as they are.
         Everything is checked before anything changes."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from Trainer.state_dict(); got {type(state).__name__}")
@@ -830,7 +867,8 @@ class Trainer:
         spec = state["trainer"]
         try:
             stored_lr = schedules.from_spec(_field(spec, "lr")) if lr is None else lr
-            settings = {name: _field(spec, name) for name in SETTINGS}
+            settings = {name: spec.get(name, LATER_SETTINGS[name]) if name in LATER_SETTINGS else _field(spec, name)
+                        for name in SETTINGS}
             if not isinstance(settings["betas"], list):
                 raise ValueError(f"betas must be a list; got {settings['betas']!r}")
             settings["betas"] = tuple(settings["betas"])
