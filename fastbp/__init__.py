@@ -10,8 +10,9 @@ from ._version import __version__
 from .checkpoint import CheckpointError
 from .model import MLP
 from .progress import ProgressBar
-from .schedules import Constant, ExponentialDecay, StepDecay
+from .schedules import Constant, CosineDecay, ExponentialDecay, ReduceLROnPlateau, StepDecay
 from .trainer import History, LearningRateSearch, NonFiniteLossError, Trainer
 
 __all__ = ["MLP", "Trainer", "History", "LearningRateSearch", "NonFiniteLossError", "CheckpointError",
-           "ProgressBar", "Constant", "ExponentialDecay", "StepDecay", "__version__"]
+           "ProgressBar", "Constant", "ExponentialDecay", "StepDecay", "CosineDecay", "ReduceLROnPlateau",
+           "__version__"]

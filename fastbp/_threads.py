@@ -10,12 +10,20 @@ fastbp never overrides the user's or numba's choice of layer. Before its first p
 load its layer, reads which one it got, and, if that is workqueue, runs every one of its own compiled calls
 under one process-wide lock: trainers in different threads then take turns instead of crashing the host.
 With tbb or omp there is no lock and the threads run concurrently.
+
+How many threads: ``Trainer(n_threads=n)`` runs each of that trainer's compiled calls with
+``numba.set_num_threads(n)`` and puts the caller's count back afterwards, also when the call raises. numba keeps
+that count per Python thread, so this changes nothing for other threads, and code that runs between the
+compiled calls (fit's callbacks, say) sees the caller's own setting. ``n_threads=None`` leaves numba's count
+as it is.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import threading
+
+from ._validation import check_int
 
 _init_lock = threading.Lock()
 # Held around fastbp's compiled calls when the layer is not thread-safe. Re-entrant: a guarded backend
@@ -46,11 +54,43 @@ def threading_layer() -> str:
     return _layer
 
 
-def parallel_call():
-    """Context manager around one of fastbp's compiled calls: the lock under workqueue, nothing otherwise."""
+def check_n_threads(name: str, value) -> int | None:
+    """None, or an integer from 1 to ``numba.config.NUMBA_NUM_THREADS`` (numba cannot use more)."""
+    value = check_int(name, value, minimum=1, allow_none=True)
+    if value is not None:
+        import numba
+
+        limit = int(numba.config.NUMBA_NUM_THREADS)
+        if value > limit:
+            raise ValueError(f"{name} must be <= numba.config.NUMBA_NUM_THREADS ({limit}: the most threads numba "
+                             f"starts in this process; set the NUMBA_NUM_THREADS environment variable before "
+                             f"numba is imported to raise it); got {value}")
+    return value
+
+
+def parallel_call(n_threads: int | None = None):
+    """Context manager around one of fastbp's compiled calls: the lock under workqueue, nothing otherwise;
+    with ``n_threads``, the call also runs on that many threads (see the module docstring)."""
     if _layer is None:
         threading_layer()
-    return _call_lock if _serialise else _NO_LOCK
+    lock = _call_lock if _serialise else _NO_LOCK
+    return lock if n_threads is None else _on_threads(lock, n_threads)
+
+
+@contextlib.contextmanager
+def _on_threads(lock, n_threads: int):
+    import numba
+
+    with lock:
+        previous = numba.get_num_threads()
+        if previous == n_threads:
+            yield
+            return
+        numba.set_num_threads(n_threads)
+        try:
+            yield
+        finally:
+            numba.set_num_threads(previous)
 
 
 def serialised() -> bool:
@@ -60,10 +100,11 @@ def serialised() -> bool:
 
 
 def guarded(method):
-    """Decorator for a backend method that runs compiled parallel code: see :func:`parallel_call`."""
+    """Decorator for a backend method that runs compiled parallel code: see :func:`parallel_call`; the
+    backend's ``n_threads`` attribute (None by default) sets the thread count of the call."""
     @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        with parallel_call():
-            return method(*args, **kwargs)
+    def wrapper(self, *args, **kwargs):
+        with parallel_call(self.n_threads):
+            return method(self, *args, **kwargs)
 
     return wrapper

@@ -10,8 +10,8 @@ File layout (``FORMAT_VERSION`` 1), every entry a plain numpy array, read with `
 - ``meta``: uint8, UTF-8 JSON ``{"format": "fastbp-checkpoint", "format_version": 1, "kind": "model" |
   "trainer", "fastbp_version", "model": {sizes, activations, dtype, seed}, "trainer": {...}}``; the trainer
   part holds the trainer state's plain fields (loss, optimizer and its hyper-parameters, the learning rate
-  or built-in schedule, batch size, device, seed, optimizer step and epoch counters, the shuffling RNG's
-  state) and the history's stop reason.
+  or built-in schedule, batch size, device, seed, n_threads, optimizer step and epoch counters, the
+  shuffling RNG's state, ReduceLROnPlateau's state) and the history's stop reason.
 - ``weight_<l>`` (sizes[l], sizes[l+1]) and ``bias_<l>`` (sizes[l+1],): the parameters, in the model's dtype.
 - trainer files only: ``opt_state`` (2, n_params) in the model's dtype (SGD momentum buffer in row 0;
   Adam's exp_avg and exp_avg_sq in rows 0 and 1) and ``history_<name>`` (float64; ``history_epoch`` int64).

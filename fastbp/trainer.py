@@ -20,6 +20,7 @@ import numpy as np
 
 from . import backends, checkpoint, schedules
 from ._interrupt import deferred_keyboard_interrupt
+from ._threads import check_n_threads
 from ._validation import as_float_matrix, check_bool, check_choice, check_float, check_int, is_gpu_array
 from .kernels.pointwise import (
     H_BETA1,
@@ -52,7 +53,9 @@ GUESS_SECONDS_PER_STEP = {False: 2e-6, True: 200e-6}
 DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adam": 0.0, "adamw": 0.01}
 # The settings a Trainer is constructed with, as state_dict()["trainer"] lists them.
 SETTINGS = ("loss", "optimizer", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "batch_size",
-            "device", "seed")
+            "device", "seed", "n_threads")
+# Settings added after format version 1 was first written, with the value a state without them means.
+LATER_SETTINGS = {"n_threads": None}
 HISTORY_LISTS = ("epoch", "loss", "val_loss", "val_accuracy", "lr", "time")
 
 
@@ -168,13 +171,21 @@ class Trainer:
     weight_decay : float or None
         None means the optimizer's default, as in torch: 0 for "sgd" and "adam", 0.01 for "adamw".
     lr : float or callable ``epoch -> lr``
-        A constant rate, a schedule from :mod:`fastbp.schedules` (``ExponentialDecay``, ``StepDecay``) or
-        any callable of the epoch number (0-based, counted across fits).
+        A constant rate, a schedule from :mod:`fastbp.schedules` (``ExponentialDecay``, ``StepDecay``,
+        ``CosineDecay``) or any callable of the epoch number (0-based, counted across fits). A
+        :class:`fastbp.ReduceLROnPlateau` callback scales it (``lr_scale``).
     batch_size : int or None
         Mini-batch size; ``None`` is full-batch gradient descent. The last partial batch is used.
     device : {"cpu", "cuda", "auto"}
     seed : int or None
         Seeds the per-epoch shuffling (the same on every device).
+    n_threads : int or None
+        Threads for this trainer's compiled CPU calls (fit, evaluate, predict, loss_and_grads), from 1 to
+        ``numba.config.NUMBA_NUM_THREADS``: each call runs under ``numba.set_num_threads(n_threads)`` and the
+        caller's ``numba.get_num_threads()`` is restored after it, also when it raises (numba keeps the count
+        per Python thread, so other threads are not affected; fit's callbacks run with the caller's count).
+        ``None`` (default) leaves numba's setting as it is. Results do not depend on it (bit-identical). It
+        can be changed later (``trainer.n_threads = 2``); the GPU ignores it.
 
     Examples
     --------
@@ -190,7 +201,7 @@ class Trainer:
     def __init__(self, model: MLP, loss: str = "mse", optimizer: str = "sgd", lr=0.01, *, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float | None = None,
                  betas: tuple = (0.9, 0.999), eps: float = 1e-8, batch_size: int | None = 32,
-                 device: str = "cpu", seed: int | None = None):
+                 device: str = "cpu", seed: int | None = None, n_threads: int | None = None):
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a fastbp.MLP; got {type(model).__name__}")
         self.model = model
@@ -216,6 +227,7 @@ class Trainer:
         self.batch_size = check_int("batch_size", batch_size, minimum=1, allow_none=True)
         self.device = backends.resolve_device(check_choice("device", device, backends.DEVICES))
         self.seed = check_int("seed", seed, minimum=0, allow_none=True)
+        n_threads = check_n_threads("n_threads", n_threads)
         self.momentum, self.dampening, self.nesterov = momentum, dampening, bool(nesterov)
         self.weight_decay, self.betas, self.eps = weight_decay, (beta1, beta2), eps
 
@@ -226,6 +238,9 @@ class Trainer:
         self._backend = backends.create_backend(
             self.device, layout=model.layout, act_codes=model.activation_codes(), loss=self._loss_spec.code,
             optimizer=OPTIMIZERS[self.optimizer], hyper=hyper, dtype=model.dtype)
+        self._backend.n_threads = n_threads
+        # ReduceLROnPlateau's state (see fastbp.schedules.ReduceLROnPlateau): its scale multiplies every rate.
+        self._plateau = schedules.plateau_state()
         self.steps_done = 0  # optimizer steps taken (torch's state["step"])
         self.epochs_done = 0  # epochs completed across fits: the schedule's clock
         self.history = History()  # every epoch of every fit
@@ -236,6 +251,43 @@ class Trainer:
         rows 0 and 1 (the backend's own array on the CPU, a host copy of the GPU's)."""
         return self._backend.optimizer_state()
 
+    @property
+    def n_threads(self) -> int | None:
+        """Threads of this trainer's compiled CPU calls (None: numba's current setting); see :class:`Trainer`."""
+        return self._backend.n_threads
+
+    @n_threads.setter
+    def n_threads(self, value) -> None:
+        self._backend.n_threads = check_n_threads("n_threads", value)
+
+    @property
+    def lr_scale(self) -> float:
+        """The factor :class:`fastbp.ReduceLROnPlateau` has reduced the learning rate by (1.0 until it acts).
+        Every epoch trains with ``lr_scale * lr`` (or ``lr_scale * schedule(epoch)``), also after
+        :meth:`set_lr`; set it to 1.0 to undo the reductions."""
+        return self._plateau["scale"]
+
+    @lr_scale.setter
+    def lr_scale(self, value) -> None:
+        self._plateau = self._plateau | {"scale": check_float("lr_scale", value, minimum=0.0,
+                                                              exclusive_minimum=True)}
+
+    def __repr__(self) -> str:
+        model = self.model
+        acts = model.activations[0] if len(set(model.activations)) == 1 else list(model.activations)
+        parts = [f"MLP({list(model.sizes)}, activation={acts!r})", f"loss={self.loss!r}",
+                 f"optimizer={self.optimizer!r}", f"lr={self.lr!r}", f"batch_size={self.batch_size!r}"]
+        if self.lr_scale != 1.0:
+            parts.append(f"lr_scale={self.lr_scale!r}")
+        defaults = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, betas=(0.9, 0.999),
+                        eps=1e-8, device="cpu", seed=None, n_threads=None)
+        if model.dtype != np.float32:
+            parts.append(f"dtype={model.dtype.name}")
+        for name, default in defaults.items():
+            if getattr(self, name) != default:
+                parts.append(f"{name}={getattr(self, name)!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
     # -- arguments ----------------------------------------------------------------------------------------
     @staticmethod
     def _check_lr(lr):
@@ -244,11 +296,14 @@ class Trainer:
         return Constant(check_float("lr", lr, minimum=0.0, exclusive_minimum=True))
 
     def _lr_at(self, epoch: int) -> float:
+        """The rate epoch ``epoch`` trains with: the schedule's, times the plateau scale. A schedule may reach 0
+        (CosineDecay with eta_min=0: an epoch that changes nothing, as in torch); a number lr must be > 0."""
         lr = self._schedule(epoch)
         try:
-            return check_float(f"lr schedule at epoch {epoch}", lr, minimum=0.0, exclusive_minimum=True)
+            lr = check_float(f"lr schedule at epoch {epoch}", lr, minimum=0.0)
         except TypeError as error:
             raise TypeError(f"the lr schedule must return a number; at epoch {epoch} it returned {lr!r}") from error
+        return lr * self._plateau["scale"]
 
     @property
     def n_outputs(self) -> int:
@@ -319,7 +374,7 @@ class Trainer:
             Early stopping: stop after this many epochs without a lower validation loss; with
             ``restore_best`` the weights of the best epoch are put back. Needs ``validation_data``.
         callbacks : sequence of callables ``callback(trainer, history) -> bool | None``
-            Called after every epoch; returning True stops training.
+            Called after every epoch; returning True stops training. ``fastbp.ReduceLROnPlateau(...)`` is one.
         on_nonfinite : {"raise", "warn"}
             If an epoch's loss is NaN or inf, the model is restored to the previous epoch and a
             :class:`NonFiniteLossError` is raised (or a RuntimeWarning issued and fit returns).
@@ -735,8 +790,9 @@ class Trainer:
 
             {"model": model.state_dict(),
              "trainer": {loss, optimizer, momentum, dampening, nesterov, weight_decay, betas, eps, batch_size,
-                         device, seed, lr (the rate or schedule as data, see fastbp.schedules.to_spec),
-                         steps_done, epochs_done, rng_state (the shuffling RNG's state)},
+                         device, seed, n_threads, lr (the rate or schedule as data, see fastbp.schedules.to_spec),
+                         steps_done, epochs_done, rng_state (the shuffling RNG's state),
+                         plateau (ReduceLROnPlateau's state: scale, best, num_bad_epochs, cooldown_counter)},
              "opt_state": (2, n_params) array,
              "history": {epoch, loss, val_loss, val_accuracy, lr, time (lists), stop_reason}}
 
@@ -744,15 +800,17 @@ class Trainer:
         this one, and :meth:`save` writes it to a file (``fastbp.checkpoint``)."""
         trainer = self._settings() | {"betas": list(self.betas), "lr": schedules.to_spec(self.lr),
                                       "steps_done": int(self.steps_done), "epochs_done": int(self.epochs_done),
-                                      "rng_state": self._rng.bit_generator.state}
+                                      "rng_state": self._rng.bit_generator.state,
+                                      "plateau": dict(self._plateau)}
         return {"model": self.model.state_dict(), "trainer": trainer, "opt_state": np.array(self.opt_state),
                 "history": self.history.as_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Load a :meth:`state_dict`: the model's parameters, the optimizer state, the step and epoch counters,
-        the shuffling RNG, the history, and the learning rate when it is a number or a built-in schedule (a
-        custom schedule's state keeps this trainer's lr). The architecture and the optimizer must be this
-        trainer's; its other settings stay as they are. Everything is checked before anything changes."""
+        the shuffling RNG, the history, ReduceLROnPlateau's state (the lr scale), and the learning rate when it is
+        a number or a built-in schedule (a custom schedule's state keeps this trainer's lr). The architecture and
+        the optimizer must be this trainer's; its other settings (n_threads among them) stay as they are.
+        Everything is checked before anything changes."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from Trainer.state_dict(); got {type(state).__name__}")
         for key in ("model", "trainer", "opt_state", "history"):
@@ -785,11 +843,14 @@ class Trainer:
         if not np.isfinite(opt_state).all():
             raise ValueError("opt_state contains NaN or inf")
         history = _history_from(state["history"])
+        # A state written before ReduceLROnPlateau existed has no plateau entry: the initial state.
+        plateau = schedules.plateau_state(spec.get("plateau"))
         self.model.load_state_dict(state["model"])  # the only write that can fail: it checks first
         self._backend.set_optimizer_state(opt_state)
         self.steps_done, self.epochs_done = steps, epochs
         self._rng.bit_generator.state = rng_state
         self.history = history
+        self._plateau = plateau
         if lr is not None:
             self.set_lr(lr)
 
@@ -814,7 +875,8 @@ class Trainer:
         spec = state["trainer"]
         try:
             stored_lr = schedules.from_spec(_field(spec, "lr")) if lr is None else lr
-            settings = {name: _field(spec, name) for name in SETTINGS}
+            settings = {name: spec.get(name, LATER_SETTINGS[name]) if name in LATER_SETTINGS else _field(spec, name)
+                        for name in SETTINGS}
             if not isinstance(settings["betas"], list):
                 raise ValueError(f"betas must be a list; got {settings['betas']!r}")
             settings["betas"] = tuple(settings["betas"])

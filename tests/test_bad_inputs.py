@@ -248,7 +248,7 @@ CASES = [
     ("schedule-nan", lambda t: t.set_lr(lambda epoch: NAN), fit(), ValueError,
      r"lr schedule at epoch 2 must be finite; got nan", None),
     ("schedule-negative", lambda t: t.set_lr(lambda epoch: -1.0), fit(), ValueError,
-     r"lr schedule at epoch 2 must be > 0.0; got -1.0", None),
+     r"lr schedule at epoch 2 must be >= 0.0; got -1.0", None),
     ("schedule-string", lambda t: t.set_lr(lambda epoch: "fast"), fit(), TypeError,
      r"the lr schedule must return a number; at epoch 2 it returned 'fast'", None),
     # -- user-replaced parameters ------------------------------------------------------------------------------

@@ -41,6 +41,9 @@ class Backend(abc.ABC):
     """Runs training and inference for one network on one target (see the module docstring)."""
 
     device: str = ""  # the name Trainer(device=...) resolves to
+    # Threads for the compiled CPU calls (None: numba's current setting); set by the Trainer, applied by the
+    # fastbp._threads.guarded decorator around each such call.
+    n_threads: int | None = None
     layout: Layout  # set by __init__, with dtype (numpy dtype of every buffer)
     dtype: np.dtype
 
