@@ -279,7 +279,8 @@ class Trainer:
                  f"optimizer={self.optimizer!r}", f"lr={self.lr!r}", f"batch_size={self.batch_size!r}"]
         if self.lr_scale != 1.0:
             parts.append(f"lr_scale={self.lr_scale!r}")
-        defaults = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, betas=(0.9, 0.999),
+        defaults = dict(momentum=0.0, dampening=0.0, nesterov=False,
+                        weight_decay=DEFAULT_WEIGHT_DECAY[self.optimizer], betas=(0.9, 0.999),
                         eps=1e-8, device="cpu", seed=None, n_threads=None)
         if model.dtype != np.float32:
             parts.append(f"dtype={model.dtype.name}")

@@ -175,3 +175,8 @@ def test_repr_shows_the_model_the_rate_and_the_settings_that_differ_from_the_def
         "momentum=0.9, nesterov=True, seed=7)")
     trainer.lr_scale = 0.1
     assert ", lr_scale=0.1," in repr(trainer) and "\n" not in repr(trainer)
+    # weight_decay is shown against the optimizer's own default (AdamW's is 0.01, torch's).
+    model = fastbp.MLP([2, 3, 1])
+    assert "weight_decay" not in repr(fastbp.Trainer(model, optimizer="adamw"))
+    assert "weight_decay=0.0)" in repr(fastbp.Trainer(model, optimizer="adamw", weight_decay=0.0))
+    assert "weight_decay=0.01)" in repr(fastbp.Trainer(model, optimizer="sgd", weight_decay=0.01))

@@ -27,9 +27,9 @@ from .._jit import inline
 __all__ = [
     "IDENTITY", "SIGMOID", "TANH", "RELU", "LEAKY_RELU", "ACTIVATIONS", "ACTIVATION_NAMES", "LEAKY_RELU_SLOPE",
     "MSE", "BINARY_CROSS_ENTROPY", "SOFTMAX_CROSS_ENTROPY", "LOSSES", "LOSS_NAMES",
-    "SGD", "ADAM", "OPTIMIZERS",
+    "SGD", "ADAM", "ADAMW", "OPTIMIZERS",
     "exp_fast", "sigmoid", "activate", "activation_grad", "loss_divisor", "loss_grad_row", "output_transform_row",
-    "sgd_update_one", "adam_update_one",
+    "sgd_update_one", "adam_decay_terms", "adam_update_one",
 ]
 
 # --- activations -------------------------------------------------------------------------------------------
