@@ -159,7 +159,8 @@ class DataParallelTrainer(Trainer):
                     dtype=self.model.dtype.name, n_params=int(self.model.n_params), loss=self.loss,
                     optimizer=self.optimizer, lr=lr, momentum=self.momentum, dampening=self.dampening,
                     nesterov=self.nesterov, weight_decay=self.weight_decay, betas=tuple(self.betas), eps=self.eps,
-                    batch_size=self.batch_size, seed=self.seed, epochs_done=self.epochs_done,
+                    clip_grad_norm=self.clip_grad_norm, batch_size=self.batch_size, seed=self.seed,
+                    epochs_done=self.epochs_done,
                     steps_done=self.steps_done)
 
     def _check_same(self, what: str, values: dict) -> None:

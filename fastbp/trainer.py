@@ -25,6 +25,7 @@ from ._validation import as_float_matrix, check_bool, check_choice, check_float,
 from .kernels.pointwise import (
     H_BETA1,
     H_BETA2,
+    H_CLIP,
     H_DAMPENING,
     H_EPS,
     H_MOMENTUM,
@@ -53,9 +54,9 @@ GUESS_SECONDS_PER_STEP = {False: 2e-6, True: 200e-6}
 DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adam": 0.0, "adamw": 0.01}
 # The settings a Trainer is constructed with, as state_dict()["trainer"] lists them.
 SETTINGS = ("loss", "optimizer", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps", "batch_size",
-            "device", "seed", "n_threads")
+            "device", "seed", "n_threads", "clip_grad_norm")
 # Settings added after format version 1 was first written, with the value a state without them means.
-LATER_SETTINGS = {"n_threads": None}
+LATER_SETTINGS = {"n_threads": None, "clip_grad_norm": None}
 HISTORY_LISTS = ("epoch", "loss", "val_loss", "val_accuracy", "lr", "time")
 
 
@@ -186,6 +187,12 @@ class Trainer:
         per Python thread, so other threads are not affected; fit's callbacks run with the caller's count).
         ``None`` (default) leaves numba's setting as it is. Results do not depend on it (bit-identical). It
         can be changed later (``trainer.n_threads = 2``); the GPU ignores it.
+    clip_grad_norm : float or None
+        Clip each step's gradient to this 2-norm over all parameters, exactly as
+        ``torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)`` called between ``backward()``
+        and ``step()``: every gradient is multiplied by ``min(1, c / (||g|| + 1e-6))``, before SGD's or Adam's
+        L2 term (AdamW's decoupled decay is not a gradient term and is not clipped). ``None`` (default): no
+        clipping. On the GPU a clipped fit runs step by step (the norm is formed on the host each step).
 
     Examples
     --------
@@ -201,7 +208,8 @@ class Trainer:
     def __init__(self, model: MLP, loss: str = "mse", optimizer: str = "sgd", lr=0.01, *, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float | None = None,
                  betas: tuple = (0.9, 0.999), eps: float = 1e-8, batch_size: int | None = 32,
-                 device: str = "cpu", seed: int | None = None, n_threads: int | None = None):
+                 device: str = "cpu", seed: int | None = None, n_threads: int | None = None,
+                 clip_grad_norm: float | None = None):
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a fastbp.MLP; got {type(model).__name__}")
         self.model = model
@@ -228,12 +236,16 @@ class Trainer:
         self.device = backends.resolve_device(check_choice("device", device, backends.DEVICES))
         self.seed = check_int("seed", seed, minimum=0, allow_none=True)
         n_threads = check_n_threads("n_threads", n_threads)
+        if clip_grad_norm is not None:
+            clip_grad_norm = check_float("clip_grad_norm", clip_grad_norm, minimum=0.0, exclusive_minimum=True)
+        self._clip_grad_norm = clip_grad_norm
         self.momentum, self.dampening, self.nesterov = momentum, dampening, bool(nesterov)
         self.weight_decay, self.betas, self.eps = weight_decay, (beta1, beta2), eps
 
         hyper = np.zeros(N_HYPER)
         hyper[H_MOMENTUM], hyper[H_DAMPENING], hyper[H_WEIGHT_DECAY] = momentum, dampening, weight_decay
         hyper[H_NESTEROV], hyper[H_BETA1], hyper[H_BETA2], hyper[H_EPS] = float(nesterov), beta1, beta2, eps
+        hyper[H_CLIP] = clip_grad_norm or 0.0
         self._rng = np.random.default_rng(seed)
         self._backend = backends.create_backend(
             self.device, layout=model.layout, act_codes=model.activation_codes(), loss=self._loss_spec.code,
@@ -250,6 +262,11 @@ class Trainer:
         """The optimizer state (2, n_params): SGD's momentum buffer in row 0, Adam's exp_avg and exp_avg_sq in
         rows 0 and 1 (the backend's own array on the CPU, a host copy of the GPU's)."""
         return self._backend.optimizer_state()
+
+    @property
+    def clip_grad_norm(self) -> float | None:
+        """The gradient-norm bound (None: no clipping); fixed at construction, like the optimizer."""
+        return self._clip_grad_norm
 
     @property
     def n_threads(self) -> int | None:
@@ -281,7 +298,7 @@ class Trainer:
             parts.append(f"lr_scale={self.lr_scale!r}")
         defaults = dict(momentum=0.0, dampening=0.0, nesterov=False,
                         weight_decay=DEFAULT_WEIGHT_DECAY[self.optimizer], betas=(0.9, 0.999),
-                        eps=1e-8, device="cpu", seed=None, n_threads=None)
+                        eps=1e-8, device="cpu", seed=None, n_threads=None, clip_grad_norm=None)
         if model.dtype != np.float32:
             parts.append(f"dtype={model.dtype.name}")
         for name, default in defaults.items():
@@ -506,7 +523,7 @@ class Trainer:
         """(losses, completed, steps_done) of len(lrs) epochs: the backend's many-epoch call, or step by step
         when the step hook needs Python between a gradient and its update."""
         target = -np.inf if plan.target is None else plan.target
-        if not self.steps_need_python:
+        if not (self.steps_need_python or self._backend.steps_need_host):
             return self._backend.train_epochs(plan.X, plan.Y, plan.batch_size, orders, lrs, target, self.steps_done)
         return self._train_epochs_stepwise(plan, orders, lrs, target)
 

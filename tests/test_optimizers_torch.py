@@ -123,3 +123,74 @@ def test_adamw_checkpoint_round_trip(tmp_path):
 def test_unknown_optimizer_is_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         fastbp.Trainer(fastbp.MLP([2, 3, 1]), optimizer=bad)
+
+
+# -- clip_grad_norm: torch.nn.utils.clip_grad_norm_ between backward() and step() ----------------------------
+CLIP_OPTIMIZERS = {
+    "sgd-momentum-l2": (dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.1),
+                        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.1)),
+    "adam-l2": (dict(optimizer="adam", lr=0.02, weight_decay=0.1),
+                lambda p: torch.optim.Adam(p, lr=0.02, weight_decay=0.1)),
+    "adamw": (dict(optimizer="adamw", lr=0.02), lambda p: torch.optim.AdamW(p, lr=0.02)),
+}
+
+
+@pytest.mark.parametrize("network", sorted(NETWORKS))
+@pytest.mark.parametrize("optimizer", sorted(CLIP_OPTIMIZERS))
+def test_clip_grad_norm_matches_torch(network, optimizer):
+    sizes, act, loss = NETWORKS[network]
+    X, y = problem(sizes, loss, 37)
+    X = X * 4  # large gradients, so that the bound clips most steps
+    kwargs, make_optimizer = CLIP_OPTIMIZERS[optimizer]
+    model = fastbp.MLP(sizes, act, seed=1, dtype=np.float64)
+    reference = torch_fit(model, X, y, loss, make_optimizer, epochs=3, batch_size=8, seed=5, clip=0.2)
+    fastbp.Trainer(model, loss=loss, batch_size=8, seed=5, clip_grad_norm=0.2, **kwargs).fit(X, y, epochs=3)
+    assert_same(model, reference)
+
+
+def test_clip_grad_norm_changes_training_only_when_the_norm_is_above_the_bound():
+    sizes, act, loss = NETWORKS["wide"]
+    X, y = problem(sizes, loss, 37)
+    results = {}
+    for clip in (None, 1e6, 0.2):
+        model = fastbp.MLP(sizes, act, seed=1, dtype=np.float64)
+        fastbp.Trainer(model, loss=loss, optimizer="sgd", lr=0.1, batch_size=8, seed=5,
+                       clip_grad_norm=clip).fit(X, y, epochs=2)
+        results[clip] = model.flat_parameters()
+    np.testing.assert_array_equal(results[None], results[1e6])  # a factor of 1 is never applied
+    assert np.abs(results[None] - results[0.2]).max() > 1e-3
+
+
+def test_clipped_update_step_norm():
+    # One plain-SGD step (lr 1, no momentum) moves the parameters by exactly the clipped gradient: its norm is
+    # the bound (to clip_grad_norm_'s 1e-6 in the denominator).
+    sizes, act, loss = NETWORKS["narrow"]
+    X, y = problem(sizes, loss, 16)
+    model = fastbp.MLP(sizes, act, seed=1, dtype=np.float64)
+    trainer = fastbp.Trainer(model, loss=loss, optimizer="sgd", lr=1.0, batch_size=None, clip_grad_norm=0.01)
+    _, dweights, dbiases = trainer.loss_and_grads(X, y)
+    grads = np.concatenate([part for dw, db in zip(dweights, dbiases) for part in (dw.ravel(), db)])  # layout's order
+    assert np.linalg.norm(grads) > 0.01
+    before = model.flat_parameters()
+    trainer.fit(X, y, epochs=1)
+    step = before - model.flat_parameters()
+    assert np.linalg.norm(step) == pytest.approx(0.01 * np.linalg.norm(grads) / (np.linalg.norm(grads) + 1e-6),
+                                                 rel=1e-9)
+    np.testing.assert_allclose(step / np.linalg.norm(step), grads / np.linalg.norm(grads), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-1.0, ValueError), (float("nan"), ValueError),
+                                        (float("inf"), ValueError), ("1", TypeError), (True, TypeError)])
+def test_bad_clip_grad_norm_is_refused(bad, error):
+    with pytest.raises(error, match="clip_grad_norm"):
+        fastbp.Trainer(fastbp.MLP([2, 3, 1]), clip_grad_norm=bad)
+
+
+def test_clip_grad_norm_is_saved_and_fixed(tmp_path):
+    trainer = fastbp.Trainer(fastbp.MLP([2, 3, 1]), clip_grad_norm=0.5)
+    assert "clip_grad_norm=0.5" in repr(trainer)
+    with pytest.raises(AttributeError):
+        trainer.clip_grad_norm = 1.0
+    trainer.save(tmp_path / "t.fastbp")
+    assert fastbp.Trainer.load(tmp_path / "t.fastbp").clip_grad_norm == 0.5
+    assert trainer.state_dict()["trainer"]["clip_grad_norm"] == 0.5

@@ -44,6 +44,10 @@ class Backend(abc.ABC):
     # Threads for the compiled CPU calls (None: numba's current setting); set by the Trainer, applied by the
     # fastbp._threads.guarded decorator around each such call.
     n_threads: int | None = None
+    # True when this backend cannot run its update rule inside train_epochs, so the Trainer trains through
+    # rows_grads / apply_update instead (CUDA with clip_grad_norm: the norm spans every parameter and is
+    # formed on the host between a step's gradient and its update).
+    steps_need_host: bool = False
     layout: Layout  # set by __init__, with dtype (numpy dtype of every buffer)
     dtype: np.dtype
 

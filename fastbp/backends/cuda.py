@@ -25,7 +25,7 @@ import numpy as np
 from ..kernels import cuda as kernels
 from ..kernels import cuda_fused as fused
 from ..kernels import cuda_step as step
-from ..kernels.pointwise import N_HYPER, loss_divisor
+from ..kernels.pointwise import H_CLIP, N_HYPER, loss_divisor
 from ..layout import Layout
 from .base import Backend
 
@@ -217,6 +217,9 @@ class CUDABackend(Backend):
     # -- training ---------------------------------------------------------------------------------------------
     def train_epochs(self, X, Y, batch_size: int, orders: np.ndarray, lrs: np.ndarray, target_loss: float,
                      steps_done: int):
+        if self.steps_need_host:
+            raise RuntimeError("CUDABackend.train_epochs cannot clip gradients; train through rows_grads and "
+                               "apply_update (fastbp.Trainer does so when steps_need_host is True)")
         n, k = X.shape[0], Y.shape[1]
         E = len(lrs)
         capacity = max(1, min(int(batch_size), n))
@@ -343,9 +346,23 @@ class CUDABackend(Backend):
             grads_out[...] = grads.copy_to_host()
         return float(self._D[step.D_EVAL:step.D_EVAL + 1].copy_to_host()[0]) / float(divisor)
 
+    @property
+    def steps_need_host(self) -> bool:
+        # Gradient clipping needs the norm of the whole gradient before any parameter is updated, which the
+        # fused launches (the update sits in the weight gradient's epilogue) cannot wait for: a clipped fit runs
+        # through rows_grads / apply_update, which clips on the host with the CPU's own kernel.
+        return self.hyper[H_CLIP] > 0.0
+
     def apply_update(self, grads: np.ndarray, lr: float, step_number: int) -> None:
         P = self.layout.n_params
         arena = self._arena
+        if self.hyper[H_CLIP] > 0.0:
+            from ..kernels import cpu
+
+            host = (kernels.as_device_array(grads).copy_to_host() if kernels.is_device_array(grads)
+                    else np.array(grads, dtype=self.dtype))  # a copy: the caller's gradient is left as it was
+            cpu.clip_grad_norm(host, float(self.hyper[H_CLIP]))
+            grads = host
         if kernels.is_device_array(grads):
             self._F[3 * P:4 * P].copy_to_device(kernels.as_device_array(grads))
         else:

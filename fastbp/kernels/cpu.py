@@ -42,6 +42,7 @@ from .pointwise import (
     TANH,
     H_BETA1,
     H_BETA2,
+    H_CLIP,
     H_DAMPENING,
     H_EPS,
     H_MOMENTUM,
@@ -51,6 +52,7 @@ from .pointwise import (
     activation_grad,
     adam_decay_terms,
     adam_update_one,
+    clip_coefficient,
     exp_fast,
     loss_divisor,
     loss_grad_row,
@@ -838,14 +840,35 @@ def batch_grads_fm(grads, acts, deltas, row_losses, scratch, params, targets, si
     return total
 
 
+@cpu_jit(**FAST)
+def clip_grad_norm(grads, max_norm):
+    """Scale grads (P,) in place as torch.nn.utils.clip_grad_norm_(params, max_norm) does (one 2-norm over all
+    parameters, summed in float64); returns the norm. Serial (deterministic for any thread count): about
+    0.5 ns a parameter, 1 ms on W4's 2.1 M beside a 35 ms step."""
+    total = 0.0
+    for i in range(grads.shape[0]):
+        g = np.float64(grads[i])
+        total += g * g
+    coefficient = clip_coefficient(total, max_norm)
+    if coefficient != 1.0:
+        scale = grads.dtype.type(coefficient)
+        for i in range(grads.shape[0]):
+            grads[i] *= scale
+    return math.sqrt(total)
+
+
 @cpu_jit()
 def optimizer_step(params, opt_state, grads, lr, optimizer, hyper, step):
     """One optimizer update of the flat params (P,) in place; ``step`` counts from 1 (torch's state['step']).
+    With hyper[H_CLIP] > 0 the gradient is first clipped to that norm (clip_grad_norm: overwrites grads), so
+    before SGD's and Adam's L2 term, as clip_grad_norm_ between backward() and step() is in torch.
 
     opt_state (2, P): SGD's momentum buffer in row 0; Adam's (and AdamW's) exp_avg and exp_avg_sq in rows 0 and 1.
     hyper: float64 vector indexed by pointwise.H_*; bias corrections are formed in float64, then cast.
     """
     dtype = params.dtype.type
+    if hyper[H_CLIP] > 0.0:
+        clip_grad_norm(grads, hyper[H_CLIP])
     weight_decay = dtype(hyper[H_WEIGHT_DECAY])
     if optimizer != SGD:
         beta1 = hyper[H_BETA1]

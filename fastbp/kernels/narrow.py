@@ -50,6 +50,7 @@ from .pointwise import (
     BINARY_CROSS_ENTROPY,
     H_BETA1,
     H_BETA2,
+    H_CLIP,
     H_DAMPENING,
     H_EPS,
     H_MOMENTUM,
@@ -876,7 +877,8 @@ def supports(sizes) -> bool:
 @narrow_jit(**FAST)
 def optimizer_update(params, first, second, grads, lr, hyper, step, optimizer):
     """One optimizer step over params (P,), in place: cpu.optimizer_step's arithmetic (bias corrections in
-    float64, then cast; pointwise.sgd_update_one / adam_update_one per element). first, second (P,): the
+    float64, then cast; the gradient clipped first when hyper[H_CLIP] > 0; pointwise.sgd_update_one /
+    adam_update_one per element). first, second (P,): the
     rows of opt_state (SGD's momentum buffer; Adam's and AdamW's exp_avg and exp_avg_sq).
 
     Compiled on its own and called, not inlined: numba passes arrays to a compiled callee borrowed, while
@@ -884,6 +886,8 @@ def optimizer_update(params, first, second, grads, lr, hyper, step, optimizer):
     updates, ten a step, each draining the store buffer: 20% of W1's kernel time in the profile."""
     _not_inlined()
     dtype = params.dtype.type
+    if hyper[H_CLIP] > 0.0:
+        cpu.clip_grad_norm(grads, hyper[H_CLIP])
     weight_decay = dtype(hyper[H_WEIGHT_DECAY])
     if optimizer != SGD:
         beta1 = hyper[H_BETA1]

@@ -29,7 +29,7 @@ __all__ = [
     "MSE", "BINARY_CROSS_ENTROPY", "SOFTMAX_CROSS_ENTROPY", "LOSSES", "LOSS_NAMES",
     "SGD", "ADAM", "ADAMW", "OPTIMIZERS",
     "exp_fast", "sigmoid", "activate", "activation_grad", "loss_divisor", "loss_grad_row", "output_transform_row",
-    "sgd_update_one", "adam_decay_terms", "adam_update_one",
+    "sgd_update_one", "adam_decay_terms", "adam_update_one", "clip_coefficient",
 ]
 
 # --- activations -------------------------------------------------------------------------------------------
@@ -262,8 +262,20 @@ ADAMW = 2  # Adam with decoupled weight decay (torch.optim.AdamW): adam_update_o
 OPTIMIZERS = {"sgd": SGD, "adam": ADAM, "adamw": ADAMW}
 
 # Layout of the float64 hyper-parameter vector the update kernels read (one array, not a dozen arguments).
-H_MOMENTUM, H_DAMPENING, H_WEIGHT_DECAY, H_NESTEROV, H_BETA1, H_BETA2, H_EPS = range(7)
-N_HYPER = 7
+# H_CLIP: the gradient-norm bound of Trainer(clip_grad_norm=), 0 for none.
+H_MOMENTUM, H_DAMPENING, H_WEIGHT_DECAY, H_NESTEROV, H_BETA1, H_BETA2, H_EPS, H_CLIP = range(8)
+N_HYPER = 8
+
+
+@inline
+def clip_coefficient(sum_of_squares, max_norm):
+    """The factor torch.nn.utils.clip_grad_norm_(params, max_norm) multiplies every gradient by, from the sum of
+    the squares of all of them: min(1, max_norm / (||g||_2 + 1e-6)). A NaN norm gives NaN (torch's clamp keeps
+    it), an infinite one 0. The update kernels skip the multiplication when the factor is 1 (exact anyway)."""
+    coefficient = max_norm / (math.sqrt(sum_of_squares) + 1e-6)
+    if coefficient >= 1.0:
+        return 1.0
+    return coefficient
 
 
 @inline

@@ -42,6 +42,9 @@ def assert_same_params(cpu_model, cuda_model, tol):
     ("softmax_cross_entropy", "sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.01), 8),
     ("binary_cross_entropy", "adam", dict(weight_decay=0.01), 6),
     ("softmax_cross_entropy", "adamw", dict(weight_decay=0.05), 8),
+    # clipped: the GPU trains step by step and clips on the host (the bound is below every step's norm here)
+    ("softmax_cross_entropy", "sgd", dict(momentum=0.9, weight_decay=0.01, clip_grad_norm=0.05), 8),
+    ("mse", "adam", dict(clip_grad_norm=0.05), None),
     ("mse", "sgd", dict(momentum=0.5, dampening=0.1), None),
 ])
 def test_fit_matches_cpu_step_for_step(small_launches, loss, optimizer, kwargs, batch_size, rng):
@@ -59,6 +62,12 @@ def test_fit_matches_cpu_step_for_step(small_launches, loss, optimizer, kwargs, 
     scores = gpu.evaluate(X, y)
     for key, value in cpu.evaluate(X, y).items():
         assert scores[key] == pytest.approx(value, rel=tol["rtol"])
+    if "clip_grad_norm" in kwargs:  # the bound did clip: without it the CPU ends elsewhere
+        unclipped = dict(kwargs, clip_grad_norm=None)
+        plain, _ = pair([5, 7, 6, 3], "tanh", dtype, loss=loss, optimizer=optimizer, lr=0.1,
+                        batch_size=batch_size, **unclipped)
+        plain.fit(X, y, epochs=2)
+        assert np.abs(plain.model.weights[0] - gpu.model.weights[0]).max() > 1e-3
 
 
 @pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "softmax_cross_entropy"])

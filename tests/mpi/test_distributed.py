@@ -51,6 +51,8 @@ CASES = [
     dict(loss="softmax_cross_entropy", optimizer="adam", lr=0.01, weight_decay=1e-3, batch_size=32),
     dict(loss="mse", optimizer="sgd", lr=0.05, nesterov=True, momentum=0.5, batch_size=10),
     dict(loss="binary_cross_entropy", optimizer="sgd", lr=0.5, batch_size=None),  # full batch, no shuffle
+    # clipped after the Allreduce, on the global gradient, as one process clips its batch's
+    dict(loss="softmax_cross_entropy", optimizer="adamw", lr=0.01, clip_grad_norm=0.05, batch_size=16),
 ]
 
 
