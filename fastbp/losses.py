@@ -60,6 +60,13 @@ class Loss:
             return int(np.count_nonzero(predictions.argmax(axis=1) == Y.argmax(axis=1)))
         return int(np.count_nonzero((predictions > 0.5) == (Y > 0.5)))
 
+    def row_accuracy(self, predictions: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        """(n,) float64: each row's share of right accuracy terms (1 or 0 for softmax, the fraction of its
+        outputs on the right side of 0.5 for sigmoid), for accuracies weighted per row (sample weights)."""
+        if self.output == "softmax":
+            return (predictions.argmax(axis=1) == Y.argmax(axis=1)).astype(np.float64)
+        return ((predictions > 0.5) == (Y > 0.5)).mean(axis=1, dtype=np.float64)
+
     def accuracy_terms(self, n_rows: int, n_outputs: int) -> int:
         """How many terms :meth:`n_correct` counts over: rows (softmax) or elements (sigmoid)."""
         return n_rows if self.output == "softmax" else n_rows * n_outputs

@@ -145,6 +145,7 @@ class _FitPlan:
     on_nonfinite: str
     verbose: object
     validation: tuple | None
+    sample_weight: object = None  # (n_local,) in the backend's form, or None (every weight 1)
     # Set when the fit starts (collectively, in a distributed trainer):
     n: int = 0  # rows per epoch over every process (the data's rows in one process)
     batch_size: int = 0
@@ -377,7 +378,7 @@ class Trainer:
     # -- the one training loop ------------------------------------------------------------------------------
     def fit(self, X, y, epochs: int = 1, *, validation_data=None, target_loss: float | None = None,
             patience: int | None = None, restore_best: bool = True, callbacks=(), on_nonfinite: str = "raise",
-            verbose: bool | int = False):
+            verbose: bool | int = False, sample_weight=None):
         """Train for ``epochs`` epochs (or until a stopping rule fires) and return the :class:`History`.
 
         Parameters
@@ -399,15 +400,22 @@ class Trainer:
         verbose : bool or int
             0 / False (default): silent. True / 1: a :class:`fastbp.progress.ProgressBar` on stderr (a bar
             on a terminal; about 20 plain lines per fit otherwise). 2: a plain line every epoch.
+        sample_weight : array (n,) or None
+            Per-row weights: each batch's loss is ``sum_i w_i l_i / sum_i w_i`` over its rows, where ``l_i``
+            is the row's loss (for mse and binary cross-entropy the mean over its outputs, for softmax
+            cross-entropy ``-log p[label]``); all weights 1 is the plain mean. Zero weights are allowed (a
+            batch whose weights are all 0 contributes a zero gradient); negative, non-finite or all-zero
+            weights are refused. The epoch losses in the history are weighted the same way; the validation
+            loss is not. CPU only for now (the GPU raises NotImplementedError).
 
         Per-epoch control (validation, patience, callbacks) runs epochs one compiled call at a time;
         without it, many epochs run inside one call (the history is recorded all the same).
         """
         return self._run_fit(self._plan_fit(X, y, epochs, validation_data, target_loss, patience, restore_best,
-                                            callbacks, on_nonfinite, verbose))
+                                            callbacks, on_nonfinite, verbose, sample_weight))
 
     def _plan_fit(self, X, y, epochs, validation_data, target_loss, patience, restore_best, callbacks,
-                  on_nonfinite, verbose) -> _FitPlan:
+                  on_nonfinite, verbose, sample_weight=None) -> _FitPlan:
         """Every argument of fit checked on the host, then converted; nothing is changed."""
         epochs = check_int("epochs", epochs, minimum=0)
         target = check_float("target_loss", target_loss, allow_none=True)
@@ -418,13 +426,41 @@ class Trainer:
             raise ValueError("patience (early stopping) needs validation_data=(X_val, y_val)")
         callbacks = self._check_callbacks(callbacks)
         Xh, Yh = self._check_data(X, y)
+        weights = self._sample_weight(sample_weight, Xh.shape[0])
         validation = None if validation_data is None else self._check_validation_data(validation_data)
         self.model.check_parameters()
         if validation is not None:
             validation = tuple(self._backend.as_input(a) for a in validation)
         return _FitPlan(X=self._backend.as_input(Xh), Y=self._backend.as_input(Yh), epochs=epochs, target=target,
                         patience=patience, restore_best=restore_best, callbacks=callbacks,
-                        on_nonfinite=on_nonfinite, verbose=verbose, validation=validation)
+                        on_nonfinite=on_nonfinite, verbose=verbose, validation=validation, sample_weight=weights)
+
+    def _sample_weight(self, sample_weight, n: int):
+        """sample_weight checked: None, or a contiguous (n,) host vector of the model's dtype (None when every
+        weight is 1: the same loss, and the fastest path). Refused: wrong shape, negative, non-finite or
+        all-zero weights, and any weights on a backend without them."""
+        if sample_weight is None:
+            return None
+        if is_gpu_array(sample_weight):
+            raise TypeError("sample_weight must be a host array (numpy); got a GPU array")
+        try:
+            w = np.asarray(sample_weight, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"sample_weight must be an array of numbers; got {type(sample_weight).__name__}") from None
+        if w.shape != (n,):
+            raise ValueError(f"sample_weight must have shape ({n},), one weight per row of X; got shape {w.shape}")
+        if not np.all(np.isfinite(w)):
+            raise ValueError("sample_weight must be finite; got NaN or inf")
+        if n and w.min() < 0:
+            raise ValueError(f"sample_weight must be >= 0; got a minimum of {w.min()!r}")
+        if n and not w.any():
+            raise ValueError("sample_weight must not be all zero (the weighted mean loss would be 0 / 0)")
+        if np.all(w == 1.0):
+            return None
+        if not self._backend.supports_sample_weight:
+            raise NotImplementedError(f"sample_weight is not supported on the {self._backend.device!r} device yet; "
+                                      "train with device='cpu'")
+        return np.ascontiguousarray(w, dtype=self.model.dtype)
 
     def _run_fit(self, plan: _FitPlan) -> "History":
         plan.n = n = self._rows_per_epoch(plan.X.shape[0])
@@ -524,7 +560,11 @@ class Trainer:
         when the step hook needs Python between a gradient and its update."""
         target = -np.inf if plan.target is None else plan.target
         if not (self.steps_need_python or self._backend.steps_need_host):
-            return self._backend.train_epochs(plan.X, plan.Y, plan.batch_size, orders, lrs, target, self.steps_done)
+            weights = {} if plan.sample_weight is None else {"sample_weight": plan.sample_weight}
+            return self._backend.train_epochs(plan.X, plan.Y, plan.batch_size, orders, lrs, target, self.steps_done,
+                                              **weights)
+        if plan.sample_weight is not None:  # not reached: no stepwise trainer takes weights yet
+            raise NotImplementedError("sample_weight with a trainer that trains step by step")
         return self._train_epochs_stepwise(plan, orders, lrs, target)
 
     # -- the step hook ---------------------------------------------------------------------------------------
@@ -688,10 +728,12 @@ class Trainer:
         self._use_model_parameters(finite=False)  # NaN parameters give NaN outputs: no O(P) check per call
         return np.asarray(self._backend.predict(Xc, self.n_outputs))
 
-    def evaluate(self, X, y) -> dict:
+    def evaluate(self, X, y, sample_weight=None) -> dict:
         """``{"loss": mean loss}``, plus ``"accuracy"`` for the classification losses.
 
-        X (n, n_in); y as for :meth:`fit` (class ids (n,) or rows (n, n_out)).
+        X (n, n_in); y as for :meth:`fit` (class ids (n,) or rows (n, n_out)). With ``sample_weight`` (n,),
+        both are weighted means over the rows (``sum_i w_i l_i / sum_i w_i``, as in :meth:`fit`; each row's
+        accuracy counts w_i times, as scikit-learn's ``accuracy_score(sample_weight=)``).
 
         >>> import numpy as np, fastbp
         >>> trainer = fastbp.Trainer(fastbp.MLP([2, 4, 2], seed=0), loss="softmax_cross_entropy")
@@ -699,14 +741,23 @@ class Trainer:
         ['accuracy', 'loss']
         """
         Xc, Yc = self._data(X, y)
+        weights = self._sample_weight(sample_weight, Xc.shape[0])
         self._use_model_parameters(finite=False)
-        return self._scores(Xc, Yc)
+        if weights is None:
+            return self._scores(Xc, Yc)
+        scores = {"loss": self._backend.loss_value(Xc, Yc, sample_weight=weights)}
+        if self._loss_spec.is_classification:
+            right = self._loss_spec.row_accuracy(self._backend.predict(Xc, self.n_outputs), self._backend.to_host(Yc))
+            w64 = weights.astype(np.float64)
+            scores["accuracy"] = float(np.dot(w64, right) / w64.sum())
+        return scores
 
-    def loss_and_grads(self, X, y):
+    def loss_and_grads(self, X, y, sample_weight=None):
         """The mean loss over X, y and its exact gradients, shaped like the parameters; no update.
 
         Returns ``(loss, dweights, dbiases)`` with ``dweights[l].shape == model.weights[l].shape``
-        (n_in, n_out) and ``dbiases[l].shape == (n_out,)``.
+        (n_in, n_out) and ``dbiases[l].shape == (n_out,)``. With ``sample_weight`` (n,), the loss is the
+        weighted mean ``sum_i w_i l_i / sum_i w_i`` (as in :meth:`fit`) and the gradients are its own.
 
         >>> import numpy as np, fastbp
         >>> trainer = fastbp.Trainer(fastbp.MLP([3, 5, 1], "tanh", seed=0), loss="mse")
@@ -715,8 +766,13 @@ class Trainer:
         ([(3, 5), (5, 1)], [(5,), (1,)])
         """
         Xc, Yc = self._data(X, y)
+        weights = self._sample_weight(sample_weight, Xc.shape[0])
         self._use_model_parameters()
-        loss, grads = self._backend.loss_and_grads(Xc, Yc, self._loss_spec.divisor(Xc.shape[0], self.n_outputs))
+        if weights is None:
+            loss, grads = self._backend.loss_and_grads(Xc, Yc, self._loss_spec.divisor(Xc.shape[0], self.n_outputs))
+        else:
+            divisor = float(weights.astype(np.float64).sum()) * self._loss_spec.divisor(1, self.n_outputs)
+            loss, grads = self._backend.loss_and_grads(Xc, Yc, divisor, sample_weight=weights)
         layout = self.model.layout
         dweights, dbiases = [], []
         for layer in range(layout.n_layers):

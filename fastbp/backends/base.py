@@ -48,6 +48,8 @@ class Backend(abc.ABC):
     # rows_grads / apply_update instead (CUDA with clip_grad_norm: the norm spans every parameter and is
     # formed on the host between a step's gradient and its update).
     steps_need_host: bool = False
+    # Whether train_epochs, rows_grads and loss_value take sample_weight (per-row loss weights).
+    supports_sample_weight: bool = True
     layout: Layout  # set by __init__, with dtype (numpy dtype of every buffer)
     dtype: np.dtype
 
@@ -109,9 +111,11 @@ class Backend(abc.ABC):
     # -- training ---------------------------------------------------------------------------------------------
     @abc.abstractmethod
     def train_epochs(self, X, Y, batch_size: int, orders: np.ndarray, lrs: np.ndarray, target_loss: float,
-                     steps_done: int):
+                     steps_done: int, sample_weight=None):
         """Run ``len(lrs)`` epochs of mini-batch training; returns ``(losses, completed, steps_done)``.
 
+        sample_weight (n,) in the backend's dtype, or None: each batch's loss is sum_i w_i l_i / sum_i w_i
+        over its rows (l_i the row's loss), each epoch's the same over all rows (see Trainer.fit).
         X (n, n_in), Y (n, k) from as_input; orders (E, n) int64, each epoch's sample order, or (E, 0) for
         "in order" (full batch: no reordering); lrs (E,) float64, each epoch's learning rate; steps_done:
         optimizer steps taken before this call (torch's state["step"]; bias corrections count from it).
@@ -122,10 +126,11 @@ class Backend(abc.ABC):
 
     # -- one step at a time -----------------------------------------------------------------------------------
     @abc.abstractmethod
-    def rows_grads(self, X, Y, divisor: float, grads_out: np.ndarray) -> float:
+    def rows_grads(self, X, Y, divisor: float, grads_out: np.ndarray, sample_weight=None) -> float:
         """grads_out (P,) (host) = gradient of (sum of the row losses of X, Y) / divisor, overwritten (zeros
         for 0 rows); returns that loss value. With divisor = a global batch's loss divisor, the gradients of
-        several shards of the batch add up to the batch's gradient."""
+        several shards of the batch add up to the batch's gradient. With sample_weight (n,), row i's loss
+        counts w_i times (and divisor is the weighted one: the weights' sum times one row's divisor)."""
 
     @abc.abstractmethod
     def apply_update(self, grads: np.ndarray, lr: float, step: int) -> None:
@@ -138,11 +143,12 @@ class Backend(abc.ABC):
         """The loss's output transform of the network's output for X, as a new host array (n, n_outputs)."""
 
     @abc.abstractmethod
-    def loss_value(self, X, Y) -> float:
-        """The mean loss over X, Y."""
+    def loss_value(self, X, Y, sample_weight=None) -> float:
+        """The mean loss over X, Y (weighted by sample_weight (n,) when given)."""
 
-    def loss_and_grads(self, X, Y, divisor: float):
+    def loss_and_grads(self, X, Y, divisor: float, sample_weight=None):
         """(mean loss, flat gradient (P,) as a new host array) over all of X, Y with the given loss divisor:
         no update."""
         grads = np.empty(self.layout.n_params, dtype=self.dtype)
-        return self.rows_grads(X, Y, divisor, grads), grads
+        weights = {} if sample_weight is None else {"sample_weight": sample_weight}
+        return self.rows_grads(X, Y, divisor, grads, **weights), grads

@@ -87,6 +87,7 @@ class CPUBackend(Backend):
                 deltas=np.empty(size, self.dtype),
                 targets_batch=np.empty((capacity, n_outputs), self.dtype),
                 row_losses=np.empty(capacity, self.dtype),
+                weights_batch=np.empty(capacity, self.dtype),
                 grads=np.empty(self.layout.n_params, self.dtype),
                 grads_chunk=np.empty(self.layout.n_params, self.dtype),
                 backup=np.empty((3, self.layout.n_params), self.dtype),
@@ -98,12 +99,13 @@ class CPUBackend(Backend):
     # -- training -----------------------------------------------------------------------------------------
     @guarded
     def train_epochs(self, X, Y, batch_size: int, orders: np.ndarray, lrs: np.ndarray, target_loss: float,
-                     steps_done: int):
+                     steps_done: int, sample_weight=None):
         """All len(lrs) epochs in one compiled call (see Backend.train_epochs)."""
         losses = np.empty(len(lrs), dtype=np.float64)
         steps = np.array([steps_done], dtype=np.int64)
         layout = self.layout
-        if self._narrow_kernel is not None:
+        # Weighted fits take the general path (the fused narrow kernel has no per-row weights yet).
+        if self._narrow_kernel is not None and sample_weight is None:
             ws = self._workspace(1, Y.shape[1])  # grads and backup only
             completed = self._narrow_kernel(
                 self.params, self.opt_state, steps, ws["grads"], ws["backup"],
@@ -113,11 +115,12 @@ class CPUBackend(Backend):
             n_reported = min(completed + 1, len(lrs))
             return losses[:n_reported], int(completed), int(steps[0])
         ws = self._workspace(batch_size, Y.shape[1])
+        weights = () if sample_weight is None else (sample_weight, ws["weights_batch"])
         completed = kernels.train_epochs(
             self.params, self.opt_state, steps, ws["grads"], ws["acts"], ws["deltas"],
             ws["targets_batch"], ws["row_losses"], ws["backup"], ws["scratch"], X, Y, orders, lrs, losses,
             layout.sizes, layout.param_offsets, layout.unit_offsets, self.act_codes, self.loss,
-            self.optimizer, self.hyper, batch_size, target_loss, *self._paths)
+            self.optimizer, self.hyper, batch_size, target_loss, *self._paths, *weights)
         # An epoch that went non-finite is reported (its loss is in losses[completed]) but not counted.
         n_reported = min(completed + 1, len(lrs))
         return losses[:n_reported], int(completed), int(steps[0])
@@ -142,27 +145,29 @@ class CPUBackend(Backend):
         return out
 
     @guarded
-    def loss_value(self, X, Y) -> float:
+    def loss_value(self, X, Y, sample_weight=None) -> float:
         capacity = max(1, min(EVAL_CAPACITY, X.shape[0]))
         ws = self._workspace(capacity, Y.shape[1])
         layout = self.layout
+        weights = () if sample_weight is None else (sample_weight,)
         return float(kernels.dataset_loss(ws["acts"], ws["deltas"], ws["row_losses"], X, Y, self.params,
                                           layout.sizes, layout.param_offsets, layout.unit_offsets,
-                                          self.act_codes, self.loss, capacity))
+                                          self.act_codes, self.loss, capacity, *weights))
 
     # -- one step at a time (for callers that must act between steps, e.g. an allreduce) --------------------
     @guarded
-    def rows_grads(self, X, Y, divisor: float, grads_out) -> float:
+    def rows_grads(self, X, Y, divisor: float, grads_out, sample_weight=None) -> float:
         """grads_out (P,) = gradient of (sum of the row losses of X, Y) / divisor (see Backend.rows_grads)."""
         # A power of two: callers whose row count varies per step (one rank's share of a global batch)
         # reuse a few workspaces instead of building one per count.
         capacity = min(EVAL_CAPACITY, 1 << max(0, X.shape[0] - 1).bit_length())
         ws = self._workspace(capacity, Y.shape[1])
         layout = self.layout
+        weights = () if sample_weight is None else (sample_weight,)
         return float(kernels.dataset_grads(grads_out, ws["grads_chunk"], ws["acts"], ws["deltas"], ws["row_losses"],
                                            ws["scratch"], X, Y, self.params, layout.sizes, layout.param_offsets,
                                            layout.unit_offsets, self.act_codes, self.loss, capacity,
-                                           float(divisor), *self._paths))
+                                           float(divisor), *self._paths, *weights))
 
     @guarded
     def apply_update(self, grads, lr: float, step: int) -> None:

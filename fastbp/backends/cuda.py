@@ -40,6 +40,12 @@ def unavailable_reason() -> str | None:
     return kernels.unavailable_reason()
 
 
+def _no_sample_weight(sample_weight) -> None:
+    if sample_weight is not None:
+        raise NotImplementedError("sample_weight is not supported on the CUDA device yet (its loss-gradient "
+                                  "kernels have no per-row weights); train with device='cpu'")
+
+
 def _flat(x):
     return x.reshape(x.size) if x.size else x.reshape(0)
 
@@ -55,6 +61,7 @@ class CUDABackend(Backend):
     """Runs training and inference for one network on the GPU (or in numba's CUDA simulator)."""
 
     device = "cuda"
+    supports_sample_weight = False  # the loss-gradient kernels have no per-row weights yet
 
     def __init__(self, layout: Layout, act_codes, loss: int, optimizer: int, hyper, dtype):
         self.layout = layout
@@ -216,7 +223,8 @@ class CUDABackend(Backend):
 
     # -- training ---------------------------------------------------------------------------------------------
     def train_epochs(self, X, Y, batch_size: int, orders: np.ndarray, lrs: np.ndarray, target_loss: float,
-                     steps_done: int):
+                     steps_done: int, sample_weight=None):
+        _no_sample_weight(sample_weight)
         if self.steps_need_host:
             raise RuntimeError("CUDABackend.train_epochs cannot clip gradients; train through rows_grads and "
                                "apply_update (fastbp.Trainer does so when steps_need_host is True)")
@@ -323,7 +331,8 @@ class CUDABackend(Backend):
         Yf = _flat(Y) if Y is not None else Xf  # predict reads no targets
         return step.step_launch_records(merged, self._F, self._I, Xf, Yf), chunks
 
-    def rows_grads(self, X, Y, divisor: float, grads_out: np.ndarray) -> float:
+    def rows_grads(self, X, Y, divisor: float, grads_out: np.ndarray, sample_weight=None) -> float:
+        _no_sample_weight(sample_weight)
         n = X.shape[0]
         P = self.layout.n_params
         if n == 0:  # an empty shard contributes nothing: zeros, not the previous gradient
@@ -397,7 +406,8 @@ class CUDABackend(Backend):
                 out[start:start + rows] = self._F[slot:slot + rows * k].copy_to_host().reshape(rows, k)[:, :n_outputs]
         return out
 
-    def loss_value(self, X, Y) -> float:
+    def loss_value(self, X, Y, sample_weight=None) -> float:
+        _no_sample_weight(sample_weight)
         n, k = X.shape[0], Y.shape[1]
         if n == 0:
             return float("nan")

@@ -759,11 +759,45 @@ def forward_logits(acts, sizes, param_offsets, unit_offsets, capacity, act_codes
     return activation_view(acts, sizes, unit_offsets, capacity, n_layers, n_rows)
 
 
+@inline
+def weighted_inv_divisor(loss, weights, k):
+    """1 / (sum of the weights * the divisor of one row: k for mse and binary cross-entropy, 1 for softmax
+    cross-entropy), in float64: what a weighted batch's summed row losses are multiplied by. 0 when the
+    weights sum to 0 (such a batch has no loss and a zero gradient)."""
+    total = 0.0
+    for i in range(weights.shape[0]):
+        total += np.float64(weights[i])
+    if total == 0.0:
+        return 0.0
+    return 1.0 / (total * loss_divisor(loss, 1, k))
+
+
+@inline
+def _batch_loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor, row_weights, n_rows):
+    # The fused loss-gradient of a batch, and the float64 sum of its row losses. With row_weights (n_rows,),
+    # row i's gradient is scaled by w_i and its loss counts w_i times (inv_divisor then holds 1 / the
+    # batch's weighted divisor); None-typed row_weights prune that branch at compile time.
+    loss_grad(dlogits, row_losses[:n_rows], logits, targets, loss, inv_divisor)
+    total = 0.0
+    if row_weights is None:
+        for i in range(n_rows):
+            total += row_losses[i]
+    else:
+        k = dlogits.shape[1]
+        for i in range(n_rows):
+            w = row_weights[i]
+            total += np.float64(w) * np.float64(row_losses[i])
+            for j in range(k):
+                dlogits[i, j] *= w
+    return total
+
+
 @cpu_jit()
 def batch_grads(grads, acts, deltas, row_losses, scratch, params, targets, sizes, param_offsets, unit_offsets,
-                capacity, act_codes, loss, inv_divisor, n_rows, narrow, wide):
+                capacity, act_codes, loss, inv_divisor, n_rows, narrow, wide, row_weights=None):
     """One forward and backward pass on the n_rows input rows in acts' layer-0 slot; grads (P,) overwritten
     with d(sum of row losses * inv_divisor)/d params. Returns the float64 sum of the row losses.
+    row_weights (n_rows,) or None: the sample weights of the rows (each row's loss counts w_i times).
 
     scratch (scratch_size(P, capacity, sum(sizes)),): the product engine's panels (wide path) or the
     feature-major step's transposed copies (batch_grads_fm).
@@ -773,7 +807,7 @@ def batch_grads(grads, acts, deltas, row_losses, scratch, params, targets, sizes
     # each specialisation drops the other path at compile time (a fit compiles one path, not both).
     if narrow is not None:
         return batch_grads_fm(grads, acts, deltas, row_losses, scratch, params, targets, sizes, param_offsets,
-                              unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows)
+                              unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows, row_weights)
     if wide is None:  # not reached at run time (one of the two is None); makes the rest dead code when narrow
         return 0.0
     # The product engine (fastbp/kernels/gemm.py): register-blocked tiles on packed panels, with the bias and
@@ -786,10 +820,7 @@ def batch_grads(grads, acts, deltas, row_losses, scratch, params, targets, sizes
                            bias_view(params, sizes, param_offsets, layer), act_codes[layer], scratch)
     logits = activation_view(acts, sizes, unit_offsets, capacity, n_layers, n_rows)
     dlogits = activation_view(deltas, sizes, unit_offsets, capacity, n_layers, n_rows)
-    loss_grad(dlogits, row_losses[:n_rows], logits, targets, loss, inv_divisor)
-    total = 0.0
-    for i in range(n_rows):
-        total += row_losses[i]
+    total = _batch_loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor, row_weights, n_rows)
     for layer in range(n_layers - 1, -1, -1):
         dout = activation_view(deltas, sizes, unit_offsets, capacity, layer + 1, n_rows)
         inp = activation_view(acts, sizes, unit_offsets, capacity, layer, n_rows)
@@ -804,7 +835,7 @@ def batch_grads(grads, acts, deltas, row_losses, scratch, params, targets, sizes
 
 @cpu_jit()
 def batch_grads_fm(grads, acts, deltas, row_losses, scratch, params, targets, sizes, param_offsets,
-                   unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows):
+                   unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows, row_weights=None):
     """batch_grads for narrow networks (see NARROW_MAX_WIDTH), same arguments and results: the step runs
     on the feature-major copies in scratch; acts and deltas carry only the input, logits and their
     gradient batch-major (for loss_grad)."""
@@ -823,10 +854,7 @@ def batch_grads_fm(grads, acts, deltas, row_losses, scratch, params, targets, si
     logits = activation_view(acts, sizes, unit_offsets, capacity, n_layers, n_rows)
     _transpose_small(logits, activation_view_t(acts_t, sizes, unit_offsets, capacity, n_layers, n_rows))
     dlogits = activation_view(deltas, sizes, unit_offsets, capacity, n_layers, n_rows)
-    loss_grad(dlogits, row_losses[:n_rows], logits, targets, loss, inv_divisor)
-    total = 0.0
-    for i in range(n_rows):
-        total += row_losses[i]
+    total = _batch_loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor, row_weights, n_rows)
     _transpose_small(activation_view_t(deltas_t, sizes, unit_offsets, capacity, n_layers, n_rows), dlogits)
     for layer in range(n_layers - 1, -1, -1):
         dout_t = activation_view_t(deltas_t, sizes, unit_offsets, capacity, layer + 1, n_rows)
@@ -887,9 +915,13 @@ def optimizer_step(params, opt_state, grads, lr, optimizer, hyper, step):
 def train_epochs(params, opt_state, steps_done, grads, acts, deltas, targets_batch, row_losses, backup, scratch,
                  X, Y, orders, lrs, epoch_losses,
                  sizes, param_offsets, unit_offsets, act_codes, loss, optimizer, hyper, batch_size, target_loss, narrow,
-                 wide):
+                 wide, sample_weights=None, weights_batch=None):
     """Train ``len(lrs)`` epochs in one call; returns how many completed.
 
+    sample_weights (n,) or None, with weights_batch (batch_size,) its gather buffer: each batch's loss is
+    sum_i w_i l_i / sum_i w_i (l_i the row's loss: the mean over its outputs for mse and binary cross-entropy),
+    each epoch's the same over all n rows; a batch whose weights are all 0 gives a zero gradient (the
+    optimizer still steps, as it would on any zero gradient).
     params (P,), opt_state (2, P), steps_done (1,) int64: updated in place. X (n, n_in), Y (n, k).
     orders (E, n) int64: each epoch's sample order; an (E, 0) array means "in order" (full batch).
     lrs (E,) float64: each epoch's learning rate. epoch_losses (E,) float64: written, each epoch's mean loss
@@ -922,13 +954,28 @@ def train_epochs(params, opt_state, steps_done, grads, acts, deltas, targets_bat
                 gather_rows(inputs, X, orders[epoch], start)
                 batch_targets = targets_batch[:n_rows]
                 gather_rows(batch_targets, Y, orders[epoch], start)
-            inv_divisor = params.dtype.type(1.0 / loss_divisor(loss, n_rows, k))
-            total += batch_grads(grads, acts, deltas, row_losses, scratch, params, batch_targets, sizes,
-                                 param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows, narrow,
-                                 wide)
+            if sample_weights is None:
+                inv_divisor = params.dtype.type(1.0 / loss_divisor(loss, n_rows, k))
+                total += batch_grads(grads, acts, deltas, row_losses, scratch, params, batch_targets, sizes,
+                                     param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows,
+                                     narrow, wide)
+            else:
+                if in_order:
+                    batch_weights = sample_weights[start:start + n_rows]
+                else:
+                    batch_weights = weights_batch[:n_rows]
+                    for r in range(n_rows):
+                        batch_weights[r] = sample_weights[orders[epoch, start + r]]
+                inv_divisor = params.dtype.type(weighted_inv_divisor(loss, batch_weights, k))
+                total += batch_grads(grads, acts, deltas, row_losses, scratch, params, batch_targets, sizes,
+                                     param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows,
+                                     narrow, wide, batch_weights)
             steps_done[0] += 1
             optimizer_step(params, opt_state, grads, lrs[epoch], optimizer, hyper, steps_done[0])
-        epoch_loss = total / loss_divisor(loss, n, k)
+        if sample_weights is None:
+            epoch_loss = total / loss_divisor(loss, n, k)
+        else:
+            epoch_loss = total * weighted_inv_divisor(loss, sample_weights, k)
         epoch_losses[epoch] = epoch_loss
         if not np.isfinite(epoch_loss):
             for i in range(n_params):
@@ -956,13 +1003,14 @@ def predict(out, acts, X, params, sizes, param_offsets, unit_offsets, act_codes,
 
 @cpu_jit()
 def dataset_grads(grads, grads_chunk, acts, deltas, row_losses, scratch, X, Y, params, sizes, param_offsets,
-                  unit_offsets, act_codes, loss, capacity, divisor, narrow, wide):
+                  unit_offsets, act_codes, loss, capacity, divisor, narrow, wide, sample_weights=None):
     """Sum of the row losses of X (n, n_in), Y (n, k) divided by ``divisor``, and its exact gradient into
     grads (P,), overwritten. ``divisor`` is loss_divisor(loss, n, k) for the mean over this set, or the
     global batch's divisor when these rows are one process's share of it.
 
     Works ``capacity`` rows at a time: each chunk's gradient is already scaled by 1 / divisor, so the
-    chunks add up to the whole set's gradient."""
+    chunks add up to the whole set's gradient. sample_weights (n,) or None: each row's loss counts w_i times
+    (the divisor is then the weighted one: sum of the weights times one row's divisor)."""
     n = X.shape[0]
     inv_divisor = params.dtype.type(1.0 / divisor)
     for i in range(grads.shape[0]):
@@ -972,9 +1020,14 @@ def dataset_grads(grads, grads_chunk, acts, deltas, row_losses, scratch, X, Y, p
         n_rows = min(capacity, n - start)
         inputs = activation_view(acts, sizes, unit_offsets, capacity, 0, n_rows)
         _copy_rows(inputs, X, start)
-        total += batch_grads(grads_chunk, acts, deltas, row_losses, scratch, params, Y[start:start + n_rows],
-                             sizes, param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows,
-                             narrow, wide)
+        if sample_weights is None:
+            total += batch_grads(grads_chunk, acts, deltas, row_losses, scratch, params, Y[start:start + n_rows],
+                                 sizes, param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows,
+                                 narrow, wide)
+        else:
+            total += batch_grads(grads_chunk, acts, deltas, row_losses, scratch, params, Y[start:start + n_rows],
+                                 sizes, param_offsets, unit_offsets, capacity, act_codes, loss, inv_divisor, n_rows,
+                                 narrow, wide, sample_weights[start:start + n_rows])
         for i in range(grads.shape[0]):
             grads[i] += grads_chunk[i]
     return total / divisor
@@ -982,8 +1035,9 @@ def dataset_grads(grads, grads_chunk, acts, deltas, row_losses, scratch, X, Y, p
 
 @cpu_jit()
 def dataset_loss(acts, deltas, row_losses, X, Y, params, sizes, param_offsets, unit_offsets, act_codes, loss,
-                 capacity):
-    """Mean loss over all of X (n, n_in), Y (n, k) under the current params, ``capacity`` rows at a time."""
+                 capacity, sample_weights=None):
+    """Mean loss over all of X (n, n_in), Y (n, k) under the current params, ``capacity`` rows at a time;
+    with sample_weights (n,), the weighted mean sum_i w_i l_i / sum_i w_i (l_i: the row's loss)."""
     n = X.shape[0]
     k = Y.shape[1]
     n_layers = sizes.shape[0] - 1
@@ -995,6 +1049,12 @@ def dataset_loss(acts, deltas, row_losses, X, Y, params, sizes, param_offsets, u
         logits = forward_logits(acts, sizes, param_offsets, unit_offsets, capacity, act_codes, params, n_rows)
         dlogits = activation_view(deltas, sizes, unit_offsets, capacity, n_layers, n_rows)
         loss_grad(dlogits, row_losses[:n_rows], logits, Y[start:start + n_rows], loss, params.dtype.type(1.0))
-        for i in range(n_rows):
-            total += row_losses[i]
-    return total / loss_divisor(loss, n, k)
+        if sample_weights is None:
+            for i in range(n_rows):
+                total += row_losses[i]
+        else:
+            for i in range(n_rows):
+                total += np.float64(sample_weights[start + i]) * np.float64(row_losses[i])
+    if sample_weights is None:
+        return total / loss_divisor(loss, n, k)
+    return total * weighted_inv_divisor(loss, sample_weights, k)

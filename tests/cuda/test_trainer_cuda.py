@@ -153,3 +153,17 @@ def test_target_loss_and_auto_device(small_launches):
     history = trainer.fit(X, 0.5 * X, epochs=200, target_loss=5e-3)
     assert history.stop_reason == "target_loss"
     assert history.loss[-1] <= 5e-3 < history.loss[-2]
+
+
+def test_sample_weight_is_refused_before_anything_changes(small_launches, rng):
+    X, y, _ = make_problem("mse", 12, [3, 4, 2], rng, np.float32)
+    cpu, gpu = pair([3, 4, 2], "relu", np.float32, lr=0.5, batch_size=5)
+    before = gpu.model.flat_parameters()
+    for call in (lambda: gpu.fit(X, y, epochs=1, sample_weight=np.arange(12.0)),
+                 lambda: gpu.evaluate(X, y, sample_weight=np.arange(12.0)),
+                 lambda: gpu.loss_and_grads(X, y, sample_weight=np.arange(12.0))):
+        with pytest.raises(NotImplementedError, match="sample_weight"):
+            call()
+    np.testing.assert_array_equal(gpu.model.flat_parameters(), before)
+    assert gpu.steps_done == 0
+    gpu.fit(X, y, epochs=1, sample_weight=np.ones(12))  # all ones is the unweighted fit, which runs
