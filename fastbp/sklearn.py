@@ -84,10 +84,17 @@ Where fastbp differs, and why
 * ``activation`` also accepts fastbp's ``"sigmoid"`` (= logistic) and ``"leaky_relu"``.
 * The regressor's ``multi_output`` estimator tag is True (it supports several outputs; scikit-learn 1.9
   leaves its tag False).
-* Not supported yet (raise NotImplementedError, before anything changes): ``sample_weight`` with unequal
-  weights (needs per-sample weights in ``fastbp.Trainer.fit``; equal weights are exact and supported: they
-  only rescale ``alpha``), and ``MLPRegressor(loss="poisson")`` (needs a Poisson loss with an exponential
-  output in fastbp's loss table).
+* ``sample_weight`` (scikit-learn 1.9's definition: each batch's loss is the weighted mean of its rows'
+  losses). Equal weights only rescale ``alpha`` and are exact. Unequal weights run ``Trainer.fit(sample_weight=)``:
+  lbfgs and in-order (``shuffle=False``) sgd/adam follow scikit-learn to rounding (the L2 term over the
+  batch's weight sum, as scikit-learn); with shuffled batches the L2 term uses the mean weight (scikit-learn
+  divides by each batch's own weight sum, which fastbp's one weight decay per fit cannot), and
+  ``loss_curve_`` is the weighted mean over the epoch's rows (scikit-learn averages the batches' weighted
+  means by their row counts). Early stopping splits the weights with the rows and scores the validation
+  set weighted, as scikit-learn. A batch whose weights are all 0 is skipped in in-order training
+  (scikit-learn divides by 0 there). The GPU has no sample weights yet (NotImplementedError).
+* Not supported yet (raise NotImplementedError, before anything changes): ``MLPRegressor(loss="poisson")``
+  (needs a Poisson loss with an exponential output in fastbp's loss table).
 
 Memory: sparse input is converted to a dense array of the training dtype for ``fit`` (n_samples x
 n_features numbers); ``predict`` converts 4096 rows at a time.
@@ -127,10 +134,6 @@ _FASTBP_LOSS = {"softmax": "softmax_cross_entropy", "logistic": "binary_cross_en
 _PREDICT_ROWS = 4096  # rows of a sparse input converted to dense at a time by predict
 _NON_FINITE = ("Solver produced non-finite parameter weights. The input data may contain large values and need to "
                "be preprocessed.")
-_SAMPLE_WEIGHT_PENDING = (
-    "fastbp.sklearn supports sample_weight only when all weights are equal (that only rescales alpha); "
-    "unequal sample weights need per-sample weights in fastbp.Trainer.fit (Trainer.fit(sample_weight=...), "
-    "not available yet). Fit scikit-learn's estimator for weighted data until then.")
 
 
 class InvalidParameterError(ValueError, TypeError):
@@ -214,8 +217,8 @@ _PARAMETER_RULES = {
 
 
 def _check_sample_weight(sample_weight, n_samples: int):
-    """None, or the one value all weights share (scikit-learn's shape and value checks first). Unequal weights
-    raise NotImplementedError (see the module docstring)."""
+    """None, the one value all weights share (a float: they only rescale alpha), or the weights themselves as a
+    float64 array when they differ; scikit-learn's shape and value checks and messages."""
     if sample_weight is None:
         return None
     if isinstance(sample_weight, Real) and not isinstance(sample_weight, bool):
@@ -235,7 +238,9 @@ def _check_sample_weight(sample_weight, n_samples: int):
     if not np.isfinite(weights).all():
         raise ValueError("Input sample_weight contains NaN or infinity.")
     if n_samples and not (weights == weights[0]).all():
-        raise NotImplementedError(_SAMPLE_WEIGHT_PENDING)
+        if weights.min() < 0:
+            raise ValueError("Negative values in data passed to sample_weight")
+        return np.array(weights, dtype=np.float64)  # a copy: the caller's array is never changed
     value = float(weights[0]) if n_samples else 1.0
     if value == 0:
         raise ValueError("Sample weights must contain at least one non-zero number.")
@@ -281,7 +286,7 @@ class _BaseMLP(BaseEstimator):
     def _validate_input(self, X, y, incremental: bool, reset: bool):  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def _score_validation(self, pred, y_val) -> float:  # pragma: no cover - overridden
+    def _score_validation(self, pred, y_val, sample_weight=None) -> float:  # pragma: no cover - overridden
         raise NotImplementedError
 
     def _out_activation(self) -> str:  # pragma: no cover - overridden
@@ -422,11 +427,14 @@ class _BaseMLP(BaseEstimator):
             raise NotImplementedError("MLPRegressor(loss='poisson') needs a Poisson loss (exponential output) in "
                                       "fastbp's loss table, which it does not have yet; use loss='squared_error'.")
         rows = getattr(X, "shape", (None,))[0]
-        if sample_weight is not None and isinstance(rows, Integral):  # unequal weights refused before any change
+        if sample_weight is not None and isinstance(rows, Integral):  # bad weights refused before any change
             _check_sample_weight(sample_weight, rows)
         first_pass = not hasattr(self, "model_") or (not self.warm_start and not incremental)
         X, y = self._validate_input(X, y, incremental, reset=first_pass)
         weight = _check_sample_weight(sample_weight, X.shape[0])
+        weights = None
+        if isinstance(weight, np.ndarray):  # unequal weights: passed to the Trainer, alpha as for their mean
+            weights, weight = weight, float(weight.mean())
         alpha = float(self.alpha) if weight is None else float(self.alpha) / weight
         if y.ndim == 1:
             y = y.reshape((-1, 1))
@@ -438,9 +446,9 @@ class _BaseMLP(BaseEstimator):
         if first_pass:
             self._initialize(layer_units, self._training_dtype(X.dtype), random_state)
         if self.solver in _STOCHASTIC_SOLVERS:
-            self._fit_stochastic(X, y, alpha, incremental, random_state)
+            self._fit_stochastic(X, y, alpha, incremental, random_state, weights)
         else:
-            self._fit_lbfgs(X, y, alpha)
+            self._fit_lbfgs(X, y, alpha, weights)
         if not np.isfinite(self.model_.flat_parameters()).all():
             raise ValueError(_NON_FINITE)
         return self
@@ -476,13 +484,16 @@ class _BaseMLP(BaseEstimator):
                 self.best_validation_score_ = None
 
     # -- lbfgs -----------------------------------------------------------------------------------------------
-    def _fit_lbfgs(self, X, y, alpha: float) -> None:
+    def _fit_lbfgs(self, X, y, alpha: float, sample_weights=None) -> None:
         model = self.model_
         trainer = self._use_trainer(self._settings(None, None, alpha), fresh=True)
         X = _dense(X, model.dtype)
         Y = np.ascontiguousarray(y, dtype=model.dtype)
         n = X.shape[0]
         r, g = self._ratios()
+        if sample_weights is not None:  # scikit-learn's _backprop: the weighted mean loss, L2 term over sum(w)
+            alpha, n = alpha * float(sample_weights.mean()), float(sample_weights.sum())
+            sample_weights = sample_weights.astype(model.dtype)
         weight_mask = np.zeros(model.n_params)
         for layer in range(model.layout.n_layers):
             model.layout.views(weight_mask, layer)[0][...] = 1.0
@@ -492,7 +503,7 @@ class _BaseMLP(BaseEstimator):
             if not np.isfinite(x).all():
                 return np.inf, np.zeros_like(x)
             model.set_flat_parameters(x)
-            loss, dweights, dbiases = trainer.loss_and_grads(X, Y)
+            loss, dweights, dbiases = trainer.loss_and_grads(X, Y, sample_weight=sample_weights)
             model.layout.pack(dweights, dbiases, grad)
             weights = x * weight_mask
             value = r * loss + 0.5 * alpha * float(np.dot(weights, weights)) / n
@@ -510,7 +521,7 @@ class _BaseMLP(BaseEstimator):
         model.set_flat_parameters(result.x)
 
     # -- sgd and adam ------------------------------------------------------------------------------------------
-    def _fit_stochastic(self, X, y, alpha: float, incremental: bool, random_state) -> None:
+    def _fit_stochastic(self, X, y, alpha: float, incremental: bool, random_state, weights=None) -> None:
         if self.early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
         fresh = not incremental or not hasattr(self, "_lr_")
@@ -520,8 +531,14 @@ class _BaseMLP(BaseEstimator):
         if early:
             stratify = y if is_classifier(self) and self.n_outputs_ == 1 else None
             with config_context(skip_parameter_validation=True):  # as inside scikit-learn's fit: its messages
-                X_train, X_val, y_train, y_val = train_test_split(X, y, random_state=random_state,
-                                                                  test_size=self.validation_fraction, stratify=stratify)
+                if weights is None:
+                    X_train, X_val, y_train, y_val = train_test_split(
+                        X, y, random_state=random_state, test_size=self.validation_fraction, stratify=stratify)
+                    w_train = w_val = None
+                else:  # scikit-learn splits the weights with the rows (the same draws)
+                    X_train, X_val, y_train, y_val, w_train, w_val = train_test_split(
+                        X, y, weights, random_state=random_state, test_size=self.validation_fraction,
+                        stratify=stratify)
             if X_val.shape[0] < 2:
                 raise ValueError("The validation set is too small. Increase 'validation_fraction' or the size of "
                                  "your dataset.")
@@ -530,6 +547,7 @@ class _BaseMLP(BaseEstimator):
                 self.validation_scores_, self.best_validation_score_ = [], -np.inf
         else:
             X_train, y_train, X_val, y_val = X, y, None, None
+            w_train = w_val = weights
         n = X_train.shape[0]
         if self.batch_size == "auto":
             batch = min(200, n)
@@ -546,7 +564,7 @@ class _BaseMLP(BaseEstimator):
         Y_train = np.ascontiguousarray(y_train, dtype=dtype)
         if early:
             X_val = _dense(X_val, dtype)
-        loop = _Epochs(self, trainer, alpha, n, batch, incremental, X_val, y_val)
+        loop = _Epochs(self, trainer, alpha, n, batch, incremental, X_val, y_val, w_train, w_val)
         epochs = 1 if incremental else self.max_iter
         try:
             if self.shuffle and batch < n:
@@ -565,9 +583,9 @@ class _BaseMLP(BaseEstimator):
     def _validation_targets(self, y_val):
         return y_val
 
-    def _validation_score(self, trainer, X_val, y_val) -> float:
+    def _validation_score(self, trainer, X_val, y_val, sample_weight=None) -> float:
         pred = np.asarray(trainer.predict(X_val), dtype=np.float64)
-        return self._score_validation(pred, y_val)
+        return self._score_validation(pred, y_val, sample_weight)
 
     # -- predict ---------------------------------------------------------------------------------------------
     def _forward(self, X) -> np.ndarray:
@@ -625,10 +643,13 @@ class _Epochs:
     (shuffled mini-batches) or from a Python loop over in-order mini-batches."""
 
     def __init__(self, est: _BaseMLP, trainer: Trainer, alpha: float, n: int, batch: int, incremental: bool,
-                 X_val, y_val):
+                 X_val, y_val, w_train=None, w_val=None):
         self.est, self.trainer, self.alpha, self.n, self.batch = est, trainer, alpha, n, batch
         self.incremental = incremental
         self.X_val, self.y_val = X_val, y_val
+        # Sample weights (None: all equal) of the training rows, in the model's dtype, and of the validation rows.
+        self.w_train = None if w_train is None else np.ascontiguousarray(w_train, dtype=est.model_.dtype)
+        self.w_val = w_val
         self.r, _ = est._ratios()
         self.n_batches = -(-n // batch)
         self.squares = self._weight_squares()
@@ -649,7 +670,7 @@ class _Epochs:
             self.squares = squares
             return self.end_epoch(history.loss[-1], penalty, history)
 
-        self.trainer.fit(X, Y, epochs=epochs, callbacks=[callback])
+        self.trainer.fit(X, Y, epochs=epochs, callbacks=[callback], sample_weight=self.w_train)
 
     def run_in_order(self, X, Y, epochs: int) -> None:
         trainer, n, batch = self.trainer, self.n, self.batch
@@ -660,7 +681,10 @@ class _Epochs:
                 stop = min(start + batch, n)
                 penalty += 0.5 * self.alpha * self._weight_squares() / n
                 trainer.batch_size = stop - start  # one step on exactly these rows
-                total += trainer.fit(X[start:stop], Y[start:stop], epochs=1).loss[0] * (stop - start)
+                w = None if self.w_train is None else self.w_train[start:stop]
+                if w is not None and not w.any():
+                    continue  # scikit-learn divides by the batch's zero weight sum here; fastbp skips the step
+                total += trainer.fit(X[start:stop], Y[start:stop], epochs=1, sample_weight=w).loss[0] * (stop - start)
             trainer.batch_size = batch
             history.loss.append(total / n)
             history.epoch.append(len(history.epoch))
@@ -707,7 +731,7 @@ class _Epochs:
     def _update_no_improvement_count(self) -> None:
         est = self.est
         if self.X_val is not None:
-            score = est._validation_score(self.trainer, self.X_val, self.y_val)
+            score = est._validation_score(self.trainer, self.X_val, self.y_val, self.w_val)
             est.validation_scores_.append(score)
             if est.verbose:
                 print(f"Validation score: {est.validation_scores_[-1]:f}")
@@ -863,8 +887,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             out = out.ravel()
         return self._label_binarizer.inverse_transform(out)
 
-    def _score_validation(self, pred, y_val) -> float:
-        return float(accuracy_score(y_val, self._labels(pred)))
+    def _score_validation(self, pred, y_val, sample_weight=None) -> float:
+        return float(accuracy_score(y_val, self._labels(pred), sample_weight=sample_weight))
 
     @available_if(lambda est: est._check_solver())
     def partial_fit(self, X, y, sample_weight=None, classes=None):
@@ -986,10 +1010,10 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     def _out_activation(self) -> str:
         return "identity"
 
-    def _score_validation(self, pred, y_val) -> float:
+    def _score_validation(self, pred, y_val, sample_weight=None) -> float:
         if not np.isfinite(pred).all():
             return np.nan
-        return float(r2_score(y_val, pred.ravel() if pred.shape[1] == 1 else pred))
+        return float(r2_score(y_val, pred.ravel() if pred.shape[1] == 1 else pred, sample_weight=sample_weight))
 
     @available_if(lambda est: est._check_solver)  # scikit-learn's: always available (lbfgs then refits)
     def partial_fit(self, X, y, sample_weight=None):

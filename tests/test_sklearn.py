@@ -24,18 +24,9 @@ from fastbp.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
 _CHECKED = [MLPClassifier(hidden_layer_sizes=(8,), learning_rate_init=0.01, max_iter=50, random_state=0),
             MLPRegressor(hidden_layer_sizes=(8,), learning_rate_init=0.01, max_iter=50, random_state=0)]
 
-# Checks we expect to fail, and why (scikit-learn reports them as xfail). Unequal sample weights raise
-# NotImplementedError until fastbp.Trainer.fit takes per-sample weights (see fastbp/sklearn.py).
-_SAMPLE_WEIGHT = "unequal sample_weight needs Trainer.fit(sample_weight=) (pending): NotImplementedError for now"
-EXPECTED_FAILED = {
-    "MLPClassifier": {"check_sample_weights_not_overwritten": _SAMPLE_WEIGHT,
-                      "check_sample_weight_equivalence_on_dense_data": _SAMPLE_WEIGHT,
-                      "check_sample_weight_equivalence_on_sparse_data": _SAMPLE_WEIGHT,
-                      "check_classifiers_one_label_sample_weights": _SAMPLE_WEIGHT},
-    "MLPRegressor": {"check_sample_weights_not_overwritten": _SAMPLE_WEIGHT,
-                     "check_sample_weight_equivalence_on_dense_data": _SAMPLE_WEIGHT,
-                     "check_sample_weight_equivalence_on_sparse_data": _SAMPLE_WEIGHT},
-}
+# Checks we expect to fail, and why (scikit-learn reports them as xfail): none. The sample-weight checks
+# (equivalence with repeated rows, weights not overwritten, one label) pass since Trainer.fit takes weights.
+EXPECTED_FAILED = {"MLPClassifier": {}, "MLPRegressor": {}}
 
 
 def _expected_failed(estimator):

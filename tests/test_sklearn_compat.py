@@ -448,8 +448,8 @@ def test_setting_coefs_changes_the_model(data):
         MLPClassifier().coefs_ = a.coefs_
 
 
-# -- not supported yet ----------------------------------------------------------------------------------------
-def test_equal_sample_weights_are_exact_and_unequal_ones_raise(data):
+# -- sample weights ---------------------------------------------------------------------------------------------
+def test_equal_sample_weights_are_exact_and_bad_ones_raise(data):
     X, y = data["multiclass"]
     params = dict(hidden_layer_sizes=(6,), max_iter=3, random_state=0, alpha=1e-2)
     with warnings.catch_warnings():
@@ -463,19 +463,17 @@ def test_equal_sample_weights_are_exact_and_unequal_ones_raise(data):
             X, y, sample_weight=[3.0] * len(X))
     _assert_same_parameters(weighted, rescaled, atol=0)
     assert b_weighted.loss_ == pytest.approx(a_weighted.loss_, rel=1e-4)
-    clf = MLPClassifier(**params)
-    with pytest.raises(NotImplementedError, match=r"Trainer.fit\(sample_weight="):
-        clf.fit(X, y, sample_weight=np.arange(len(X)))
-    assert not hasattr(clf, "classes_")  # refused before anything changed
+    for bad, message in ((np.ones(3), "sample_weight.shape"), (np.zeros(len(X)), "at least one non-zero"),
+                         (np.r_[-1.0, np.ones(len(X) - 1)], "Negative values")):
+        clf = MLPClassifier(**params)
+        with pytest.raises(ValueError, match=message):
+            clf.fit(X, y, sample_weight=bad)
+        assert not hasattr(clf, "classes_")  # refused before anything changed
     for bad, message in ((np.ones(3), "sample_weight.shape"), (np.zeros(len(X)), "at least one non-zero")):
         with pytest.raises(ValueError, match=message):
             MLPClassifier(**params).fit(X, y, sample_weight=bad)
 
 
-_PENDING = "unequal sample_weight needs Trainer.fit(sample_weight=), not available yet"
-
-
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=_PENDING)
 @pytest.mark.parametrize("solver", ["sgd", "lbfgs"])
 def test_unequal_sample_weights_match_sklearn(data, solver):
     X, y = data["multiclass"]
@@ -489,7 +487,6 @@ def test_unequal_sample_weights_match_sklearn(data, solver):
     _assert_same_parameters(a, b, atol=1e-8)
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=_PENDING)
 def test_unequal_sample_weights_in_partial_fit_match_sklearn(data):
     X, y = data["regression"]
     weights = np.random.default_rng(0).uniform(0.2, 2.0, len(X))
@@ -498,6 +495,31 @@ def test_unequal_sample_weights_in_partial_fit_match_sklearn(data):
     a = SkRegressor(**params).partial_fit(X, y, sample_weight=weights)
     b = MLPRegressor(**params).partial_fit(X, y, sample_weight=weights)
     _assert_same_parameters(a, b, atol=1e-8)
+
+
+def test_weighted_shuffled_fit_with_early_stopping_learns_what_the_weights_say(data):
+    # Shuffled mini-batches and early stopping with unequal weights: not step for step scikit-learn's (other
+    # random streams), so the property is statistical: on labels that are noise except in the heavily
+    # weighted rows, both estimators reach about the same weighted accuracy, far above chance.
+    X, y = data["multiclass"]
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, y.max() + 1, size=len(y))
+    keep = rng.random(len(y)) < 0.5
+    y_mixed = np.where(keep, y, noisy)
+    weights = np.where(keep, 10.0, 0.01)
+    params = dict(hidden_layer_sizes=(32,), early_stopping=True, max_iter=60, random_state=0,
+                  learning_rate_init=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a = SkClassifier(**params).fit(X, y_mixed, sample_weight=weights)
+        b = MLPClassifier(**params).fit(X, y_mixed, sample_weight=weights)
+    score_a, score_b = a.score(X[keep], y[keep]), b.score(X[keep], y[keep])
+    assert score_b > 0.7 and abs(score_a - score_b) < 0.15, (score_a, score_b)
+    unweighted = MLPClassifier(**params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        unweighted.fit(X, y_mixed)
+    assert score_b > unweighted.score(X[keep], y[keep])  # the weights changed what was learned
 
 
 @pytest.mark.xfail(strict=True, raises=NotImplementedError,
