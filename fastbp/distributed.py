@@ -208,7 +208,8 @@ class DataParallelTrainer(Trainer):
         """Train on this rank's shard ``X, y`` (collective; the same arguments on every rank).
 
         As :meth:`fastbp.Trainer.fit`, with the data and ``validation_data`` given as this rank's shards, and
-        ``verbose`` showing progress on rank 0 only. Returns the global :class:`History`.
+        ``verbose`` showing progress on rank 0 only. Returns the global :class:`History`. ``sample_weight`` is
+        not taken yet (a global batch's divisor would be its weight sum over every rank).
         """
         # 1. Check everything locally, then agree, so that a bad argument on one rank fails every rank.
         plan, error = None, None
