@@ -150,7 +150,8 @@ class OptimizerStep:
         if self.optimizer == "sgd":
             self.k.sgd_update(params, m, grads, f(0.01), f(0.9), f(0.0), f(0.0), False, False)
         else:
-            self.k.adam_update(params, m, v, grads, f(0.001), f(0.9), f(0.999), f(1e-8), f(0.0), f(0.01), f(0.03))
+            self.k.adam_update(params, m, v, grads, f(0.001), f(0.9), f(0.999), f(1e-8), f(0.0), f(0.01), f(0.03),
+                               f(1.0))
         synchronize(self.device)
 
     def time_step(self, device, optimizer, n_params):
