@@ -62,30 +62,35 @@ def compile_ptx(name: str, dtype, cc=(9, 0)) -> str:
                                       launch_bounds=options.get("launch_bounds"))
     return ptx
 
-def _tool(name: str, extra=()) -> str | None:
-    candidates = [shutil.which(name)]
+def _wheel_tools(name: str) -> list[str]:
+    # pip's nvidia-* wheels put their tools in nvidia/<cuXX>/bin (nvidia-cuda-nvcc: ptxas, nvidia-cuda-nvdisasm:
+    # nvdisasm).
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return [path for root in nvidia.__path__ for path in sorted(glob.glob(os.path.join(root, "*", "bin", name)))]
+
+
+def _tool(name: str, first=(), last=()) -> str | None:
+    candidates = [*first, shutil.which(name)]
     for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if root:
             candidates.append(os.path.join(root, "bin", name))
-    candidates.extend(extra)
+    candidates.extend(last)
     return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
 
 def find_ptxas() -> str | None:
-    return _tool("ptxas")
+    """ptxas from pip's nvidia-cuda-nvcc wheel (the [ptx] extra) first, then PATH or a CUDA toolkit. The wheel
+    comes first because it matches the nvidia-nvvm wheel of the same extra: NVVM 13.5 writes PTX ISA 9.5, which
+    a CUDA 13.0 ptxas on PATH refuses ("Unsupported .version 9.5; current version is '9.0'")."""
+    return _tool("ptxas", first=_wheel_tools("ptxas"))
 
 
 def find_nvdisasm() -> str | None:
     """nvdisasm from PATH, a CUDA toolkit, or pip's nvidia-cuda-nvdisasm wheel (nvidia/cu13/bin)."""
-    wheels = []
-    try:
-        import nvidia
-
-        for root in nvidia.__path__:
-            wheels += sorted(glob.glob(os.path.join(root, "*", "bin", "nvdisasm")))
-    except ImportError:
-        pass
-    return _tool("nvdisasm", wheels)
+    return _tool("nvdisasm", last=_wheel_tools("nvdisasm"))
 
 
 def _assemble(ptxas: str, ptx: str, arch: str, out: str | None) -> str:
