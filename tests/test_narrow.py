@@ -444,7 +444,8 @@ def test_one_kernel_per_configuration():
 def test_supports():
     assert narrow.supports([1, 16, 1])
     assert narrow.supports([7, 32, 3])
-    assert narrow.supports([64, 128, 10])
+    assert narrow.supports([32, 32, 10])
+    assert not narrow.supports([64, 128, 10])  # W2: the product engine is about 2x faster (see supports)
     assert not narrow.supports([16, 256, 256, 10])
     assert not narrow.supports([784, 32, 10])
     assert not narrow.supports([5])

@@ -34,8 +34,8 @@ class CPUBackend(Backend):
         self._paths = kernels.path_flags(layout.sizes)
         self.params = np.zeros(layout.n_params, dtype=self.dtype)
         self.opt_state = np.zeros((2, layout.n_params), dtype=self.dtype)
-        # Narrow networks (every layer <= narrow.NARROW_MAX_WIDTH units) train in one fused loop nest per
-        # block of samples (fastbp/kernels/narrow.py: 1.2-3.6x the general path where it is chosen).
+        # Narrow networks (every layer <= narrow.NARROW_MAX_WIDTH units) train in one fused loop nest per block of
+        # samples (fastbp/kernels/narrow.py: 2.1-7x the general path where it is chosen; see narrow.supports).
         self._narrow_kernel = (narrow.kernel_for(self.act_codes, self.loss, self.optimizer)
                                if narrow.supports(layout.sizes) else None)
         self._narrow_work = None

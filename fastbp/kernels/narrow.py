@@ -76,8 +76,9 @@ from .pointwise import (
 # Samples per block: one 64-byte vector of each dtype (a zmm register with AVX-512, two ymm with AVX2).
 LANES = {np.dtype(np.float32): 16, np.dtype(np.float64): 8}
 _LANES_NB = {types.float32: 16, types.float64: 8}
-# The widest layer (input and output included) this path takes; see supports() for the measurements.
-NARROW_MAX_WIDTH = 128
+# The widest layer (input and output included) for which the CPU backend chooses this path; see supports() for
+# the measurements. The kernel itself takes any widths (the tests run it on 128-wide layers).
+NARROW_MAX_WIDTH = 32
 # The lane vectors' arithmetic is emitted with these LLVM fast-math flags only: "contract" fuses a*b + c
 # into an FMA. Not "reassoc": it lets LLVM fold a Cody-Waite split (x - n c1) - n c2 back into
 # x - n (c1 + c2); pointwise.exp_fast compiled inside a kernel with cpu.FAST (which has reassoc) measured
@@ -860,17 +861,17 @@ def make_workspace(sizes, dtype, n_samples: int = 0) -> np.ndarray:
 
 def supports(sizes) -> bool:
     """Whether train_epochs_narrow is the faster path for layer widths ``sizes`` (input first): every layer,
-    the input included, at most NARROW_MAX_WIDTH (128) wide.
+    the input included, at most NARROW_MAX_WIDTH (32) wide.
 
-    Measured against cpu.train_epochs (python -m fastbp.tools.bench_narrow --widths / --shapes; relu, softmax
-    CE, SGD, shuffled batches, float32, AMD EPYC Zen 3, AVX2, per-round ratios cpu/narrow, medians of 3):
-    16-w-w-10 at batch 32: 3.6x (w = 8), 2.7x (16), 2.4x (32), 1.7x (48), 1.5x (64, 96, 128), 1.24x (192),
-    0.68x (256); at batch 128: 1.7x (32), 1.65x (64), 1.38x (128), 0.67x (256); 64-128-10 (W2's network) at
-    batch 32: 1.21x; 32-128-128-128-128-10: 1.08x; 784-32-10 and 784-64-10: 0.77x, 0.79x (a wide input: 784
-    features gathered one by one per block, and the first layer's 25-50 thousand gradient partial sums of 64
-    bytes each no longer stay in L2). The nest's cost per parameter per block is one 64-byte read-modify-write
-    of its partial sums, so it is the per-parameter work, not the width itself, that grows past the blocked
-    products of the general path; 128 leaves a margin below the 192-256 crossover."""
+    Measured against cpu.train_epochs on its product engine (python -m fastbp.tools.bench_narrow --widths /
+    --shapes; relu, softmax CE, SGD, shuffled batches of 32, float32, per-round ratios cpu/narrow, medians of
+    3), 2026-12-03 on an Intel Xeon (AVX-512; KVM reports family 6 model 167), then the same with
+    NUMBA_CPU_NAME=haswell (8-lane AVX2 code on that CPU): 16-w-w-10 3.99x / - (w = 8), 2.82x / 2.96x (16),
+    2.10x / 2.13x (32), 0.91x / 0.98x (48), 0.64x / 0.94x (64), 0.47x (128); 64-128-10 (W2's network) 0.49x /
+    0.68x; 1-16-1 (W1's) 7.1x; 1-32-32-1 2.49x; 784-32-10 0.37x. The nest's cost per parameter per block is
+    one 64-byte read-modify-write of its partial sums, where the engine's register tiles reuse each loaded
+    weight across 6 rows: past about 40 units a layer the engine wins. (Before the engine, on an AMD EPYC Zen
+    3 against the older general path, the crossover was at 192-256 and this bound was 128.)"""
     return len(sizes) >= 2 and int(max(int(s) for s in sizes)) <= NARROW_MAX_WIDTH
 
 
