@@ -2,14 +2,17 @@
 import numpy as np
 import pytest
 
-from fastbp.kernels import cpu
+from fastbp.kernels import cpu, gemm
 from fastbp.kernels.pointwise import ACTIVATIONS, ADAM, ADAMW, LOSSES, adam_decay_terms, loss_divisor
 
 from . import naive
 from .conftest import TOLERANCES
 
-# Shapes with 1, primes, and sizes on both sides of the parallel threshold and row block.
-SHAPES = [(1, 1, 1), (1, 7, 3), (5, 1, 2), (13, 17, 11), (37, 64, 1), (61, 89, 97), (130, 33, 70)]
+# Shapes with 1, primes, and sizes on both sides of the parallel threshold, the row block and the product
+# engine's tiles (6 rows x 64 columns float32 with AVX-512, 4 x 24 with AVX2; fewer rows than a tile take the
+# axpy form); (97, 131, 101) is above PARALLEL_MIN_WORK.
+SHAPES = [(1, 1, 1), (1, 7, 3), (5, 1, 2), (13, 17, 11), (37, 64, 1), (61, 89, 97), (130, 33, 70), (7, 65, 129),
+          (97, 131, 101)]
 
 
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
@@ -248,12 +251,11 @@ def test_dense_backward_params_t_matches_naive(shape, dtype, rng):
     np.testing.assert_allclose(dbias, ref_b, **TOLERANCES[dtype])
 
 
-# The input gradient in both forms the training step uses: NT on the weight as stored, and the axpy form on
-# the weight given transposed. (40, 10, 700) takes each kernel's parallel path.
+# The input gradient in both of dense_backward_input's forms: the product engine and the NT fallback (for
+# operands whose rows are not contiguous). (40, 10, 700) takes each kernel's parallel path.
 INPUT_GRAD_KERNELS = {
-    "nt": lambda dinp, dout, w, inp, act: cpu.dense_backward_input(dinp, dout, w, inp, act),
-    "axpy_t": lambda dinp, dout, w, inp, act: cpu.dense_backward_input_t(dinp, dout, np.ascontiguousarray(w.T),
-                                                                         inp, act),
+    "engine": lambda dinp, dout, w, inp, act: cpu.dense_backward_input(dinp, dout, w, inp, act),
+    "nt": lambda dinp, dout, w, inp, act: cpu.dense_backward_input_nt(dinp, dout, w, inp, act),
 }
 
 
@@ -357,3 +359,74 @@ def test_batch_grads_matches_naive(sizes, n_rows, capacity, loss_name, dtype, rn
     expected = layout.pack(dws, dbs, np.empty(layout.n_params))
     np.testing.assert_allclose(grads, expected, rtol=1e-3 if dtype == np.float32 else 1e-9,
                                atol=1e-4 if dtype == np.float32 else 1e-11)
+
+
+# --- the vocabulary IS the product engine --------------------------------------------------------------------------
+def _layer(rng, dtype, B=29, n_in=70, n_out=131):
+    return (rng.normal(size=(B, n_in)).astype(dtype), rng.normal(size=(n_in, n_out)).astype(dtype),
+            rng.normal(size=n_out).astype(dtype), rng.normal(size=(B, n_out)).astype(dtype))
+
+
+def test_vocabulary_products_are_the_engine_bit_for_bit(dtype, rng):
+    """cpu.dense_* give exactly gemm.dense_*'s results (same tiles, same summation order): a user's call gets
+    the engine, not a slower kernel of its own."""
+    inp, w, b, dout = _layer(rng, dtype)
+    B, n_in = inp.shape
+    n_out = w.shape[1]
+    panels = np.empty(gemm.workspace_size(B, n_in, n_out, dtype), dtype)
+    out, ref = np.empty((B, n_out), dtype), np.empty((B, n_out), dtype)
+    cpu.dense_forward(out, inp, w, b, ACTIVATIONS["tanh"])
+    gemm.dense_forward(ref, inp, w, b, ACTIVATIONS["tanh"], panels)
+    np.testing.assert_array_equal(out, ref)
+    dw, db, ref_w, ref_b = np.empty_like(w), np.empty_like(b), np.empty_like(w), np.empty_like(b)
+    cpu.dense_backward_params(dw, db, dout, inp)
+    gemm.dense_backward_params(ref_w, ref_b, dout, inp, panels)
+    np.testing.assert_array_equal(dw, ref_w)
+    np.testing.assert_array_equal(db, ref_b)
+    y = np.tanh(inp)
+    dinp, ref_in = np.empty_like(inp), np.empty_like(inp)
+    cpu.dense_backward_input(dinp, dout, w, y, ACTIVATIONS["tanh"])
+    gemm.dense_backward_input(ref_in, dout, w, y, ACTIVATIONS["tanh"], panels)
+    np.testing.assert_array_equal(dinp, ref_in)
+
+
+def test_vocabulary_products_take_operands_whose_rows_are_not_contiguous(dtype, rng):
+    """inp as a transposed view (rows strided): the axpy / NT fallbacks give the reference's results."""
+    inp, w, b, dout = _layer(rng, dtype)
+    inp_f = np.asfortranarray(inp)
+    assert not inp_f.flags.c_contiguous
+    out = np.full((inp.shape[0], w.shape[1]), np.nan, dtype)
+    cpu.dense_forward(out, inp_f, w, b, ACTIVATIONS["relu"])
+    np.testing.assert_allclose(out, np.maximum(inp.astype(np.float64) @ w + b, 0), **TOLERANCES[dtype])
+    dw, db = np.full_like(w, np.nan), np.full_like(b, np.nan)
+    cpu.dense_backward_params(dw, db, dout, inp_f)
+    np.testing.assert_allclose(dw, inp.astype(np.float64).T @ dout, **TOLERANCES[dtype])
+    np.testing.assert_allclose(db, dout.astype(np.float64).sum(0), **TOLERANCES[dtype])
+    dinp = np.full(inp.shape, np.nan, dtype)
+    cpu.dense_backward_input(dinp, np.asfortranarray(dout), w, inp, ACTIVATIONS["identity"])
+    np.testing.assert_allclose(dinp, dout.astype(np.float64) @ w.T, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("call", ["forward", "backward_params", "backward_input"])
+def test_vocabulary_products_refuse_mismatched_shapes(call, rng):
+    inp, w, b, dout = _layer(rng, np.float32, B=8, n_in=5, n_out=7)
+    out = np.zeros((8, 7), np.float32)
+    before = out.copy()
+    with pytest.raises(ValueError, match="shapes do not match"):
+        if call == "forward":
+            cpu.dense_forward(out, inp, w[:4], b, 0)
+        elif call == "backward_params":
+            cpu.dense_backward_params(np.zeros((5, 7), np.float32), np.zeros(6, np.float32), dout, inp)
+        else:
+            cpu.dense_backward_input(np.zeros((8, 5), np.float32), dout[:, :6], w, inp, 0)
+    np.testing.assert_array_equal(out, before)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 65, 129), (512, 1024, 10), (3, 784, 256)])
+def test_each_kernels_workspace_fits_in_workspace_size(shape, dtype):
+    """The in-kernel lengths the vocabulary allocates are the terms workspace_size takes the largest of."""
+    B, n_in, n_out = shape
+    like = np.zeros(1, dtype)
+    terms = (gemm.forward_workspace(n_in, n_out, like), gemm.backward_params_workspace(B, n_in, n_out, like),
+             gemm.backward_input_workspace(n_in, n_out, like))
+    assert max(terms) == gemm.workspace_size(B, n_in, n_out, dtype)

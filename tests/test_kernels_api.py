@@ -1,6 +1,7 @@
 """The kernels as a public API (fastbp/kernels/API.md): the names exist and are documented with their true
 signatures, the codes match fastbp's names, and a user's own @njit training step built from the public
 kernels agrees with fastbp.Trainer and with a plain numpy reference."""
+import ast
 import inspect
 import os
 import pathlib
@@ -34,6 +35,18 @@ def test_every_public_name_exists_and_is_documented():
     for name in K.__all__:
         assert getattr(K, name) is getattr(cpu if name in cpu.__all__ else pointwise, name, K.Layout)
         assert re.search(rf"`{name}[`(]", API_MD), f"{name} is not documented in fastbp/kernels/API.md"
+
+
+def test_cpu_and_cuda_share_the_vocabulary():
+    """The kernels both targets have: same names, same parameters in the same order (outputs first). cuda.py is
+    read, not imported (importing it would load numba.cuda into this process)."""
+    tree = ast.parse((ROOT / "fastbp" / "kernels" / "cuda.py").read_text())
+    cuda_functions = {node.name: [a.arg for a in node.args.args] for node in tree.body
+                      if isinstance(node, ast.FunctionDef)}
+    assert list(cpu.VOCABULARY) == cpu.__all__[:len(cpu.VOCABULARY)]
+    for name in cpu.VOCABULARY:
+        assert name in cuda_functions, f"fastbp.kernels.cuda has no {name}"
+        assert list(inspect.signature(getattr(cpu, name).py_func).parameters) == cuda_functions[name], name
 
 
 def test_documented_signatures_are_the_real_ones():

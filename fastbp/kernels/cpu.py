@@ -11,8 +11,10 @@ Vocabulary shared with ``fastbp.kernels.cuda`` (same names, same signatures, out
                 sqrt_bias_correction2, decay)
     gather_rows(out, source, order, start)
 
-Every kernel OVERWRITES its outputs (an MLP has no residual fan-in, so nothing accumulates across calls)
-and allocates nothing. ``*_naive`` kernels are the serial references the fast ones are tested against.
+Every kernel OVERWRITES its outputs (an MLP has no residual fan-in, so nothing accumulates across calls).
+The three products are the product engine (``fastbp.kernels.gemm``: register tiles on packed panels, fused
+epilogues) on a packing workspace each call allocates, about the size of the weight; every other kernel
+allocates nothing. ``*_naive`` kernels are the serial references the fast ones are tested against.
 
 Above the kernels sit the CPU-only drivers that run a whole step, epoch or many epochs inside one
 compiled call (``batch_grads``, ``optimizer_step``, ``train_epochs``, ``predict``, ``dataset_loss``), so
@@ -64,12 +66,15 @@ from .pointwise import (
 # The public, stable surface (documented in fastbp/kernels/API.md): kernels a user's own numba code may call.
 # Everything else here (the transposed-operand and feature-major kernels, the products, the whole-step
 # drivers, the tuning constants) is fastbp's own and may change between releases.
-__all__ = [
-    # the vocabulary shared with fastbp.kernels.cuda
+# The vocabulary shared with fastbp.kernels.cuda: the same names with the same signatures in both modules
+# (tests/test_kernels_api.py checks it), the serial references the fast kernels are tested against included.
+VOCABULARY = (
     "dense_forward", "dense_backward_params", "dense_backward_input", "dense_backward", "loss_grad",
     "output_transform", "sgd_update", "adam_update", "gather_rows",
-    # the serial references the fast kernels are tested against
     "dense_forward_naive", "dense_backward_params_naive", "dense_backward_input_naive",
+)
+__all__ = [
+    *VOCABULARY,
     # views into the flat buffers (inline helpers: callable from numba code only)
     "weight_view", "bias_view", "activation_view",
 ]
@@ -92,6 +97,8 @@ GEMM_COL_BLOCK = 64
 SMALL_TRANSPOSE = 1 << 14
 # Elements per parallel task in the element-wise and copy loops.
 ELEMENT_BLOCK = 1 << 14
+# Products smaller than this (multiply-adds) skip the engine's packing workspace: see _small.
+SMALL_PRODUCT = 1 << 13
 # The floating-point freedoms the fast kernels compile with: reassociation lets LLVM split a dot product
 # into vector partial sums (without it no reduction loop vectorises: 8 GFLOP/s instead of 50 here),
 # contraction makes FMAs. Not "nnan"/"ninf": the drivers test losses with np.isfinite, which those flags
@@ -153,10 +160,10 @@ def _dense_forward_rows(out, inp, weight, bias, act, row_start, row_stop):
 
 
 @cpu_jit(**FAST)
-def dense_forward(out, inp, weight, bias, act):
-    """out = act(inp @ weight + bias), overwritten. inp (B, n_in), weight (n_in, n_out), bias (n_out,), out (B, n_out).
-    The axpy form, which needs no transposed weight: the training step uses it for short batches (a transpose
-    of the weight per step would cost a third of a 32-row product), dense_forward_t otherwise."""
+def dense_forward_axpy(out, inp, weight, bias, act):
+    """out = act(inp @ weight + bias), overwritten, in the axpy form on the weight as stored (no workspace, any
+    layout of inp): dense_forward's path for batches shorter than a tile of the engine (one-row predictions,
+    where packing the weight would cost as much as the product) and for operands whose rows are not contiguous."""
     prefer_wide_vectors()
     n_rows = inp.shape[0]
     if n_rows * weight.shape[0] * weight.shape[1] < PARALLEL_MIN_WORK:
@@ -224,10 +231,9 @@ def matmul_axpy(C, A, B):
 
 
 @cpu_jit(**FAST)
-def dense_backward_params(dweight, dbias, dout, inp):
-    """dweight = inp.T @ dout and dbias = dout.sum(0), overwritten. dout (B, n_out), inp (B, n_in),
-    dweight (n_in, n_out), dbias (n_out,). Reductions run in a fixed order: results do not depend on threads.
-    The axpy form (see _axpy_rows): the training step uses it when the batch, the summed axis, is short."""
+def dense_backward_params_axpy(dweight, dbias, dout, inp):
+    """dweight = inp.T @ dout and dbias = dout.sum(0), overwritten, in the axpy form (see _axpy_rows; any
+    layout of inp, no workspace): dense_backward_params' path when an operand's rows are not contiguous."""
     prefer_wide_vectors()
     matmul_axpy(dweight, inp.T, dout)
     for j in range(dbias.shape[0]):
@@ -238,23 +244,126 @@ def dense_backward_params(dweight, dbias, dout, inp):
 
 
 @cpu_jit(**FAST)
-def dense_backward_input(dinp, dout, weight, inp, inp_act):
-    """dinp = (dout @ weight.T) * act'(inp), overwritten: gradient w.r.t. the previous layer's
-    pre-activation. dout (B, n_out), weight (n_in, n_out), inp (B, n_in) = previous layer's output.
-    The product is the NT form (rows of dout against rows of weight, both contiguous): see _nt_tiles."""
+def dense_backward_input_nt(dinp, dout, weight, inp, inp_act):
+    """dinp = (dout @ weight.T) * act'(inp), overwritten, as NT tiles (rows of dout against rows of weight; see
+    _nt_tiles; no workspace): dense_backward_input's path when an operand's rows are not contiguous."""
     prefer_wide_vectors()
     matmul_nt(dinp, dout, weight)
     _scale_by_activation_grad_rows(dinp, inp, inp_act, 0, dout.shape[0])
 
 
-@cpu_jit(**FAST)
-def dense_backward_input_t(dinp, dout, weight_t, inp, inp_act):
-    """dense_backward_input with the weight given TRANSPOSED, weight_t (n_out, n_in): dinp = (dout @ weight_t)
-    * act'(inp), overwritten, as the axpy form (see _axpy_rows), for layers with few outputs (the summed
-    axis): a 10-class output layer's 32 x 10 x 128 took 7 us as NT, 3 us this way."""
-    prefer_wide_vectors()
-    matmul_axpy(dinp, dout, weight_t)
-    _scale_by_activation_grad_rows(dinp, inp, inp_act, 0, dout.shape[0])
+# --- the vocabulary: the product engine (gemm.py) on a workspace of each call's own ------------------------------
+# A vocabulary call cannot be handed the engine's packing buffer (its signature is the CUDA one), so it allocates
+# one: np.empty of forward_workspace / backward_*_workspace elements, about the size of the weight (4 MiB for a
+# 1024 x 1024 float32 layer), from the allocator's free lists after the first call. fastbp's own drivers pass a
+# preallocated buffer to gemm.* instead.
+@inline
+def _rows_contiguous(a):
+    return a.shape[1] <= 1 or a.strides[1] == a.itemsize
+
+
+@inline
+def _small(batch, weight):
+    # Below SMALL_PRODUCT multiply-adds the forms that need no workspace are as fast and allocate nothing: an
+    # online-learning step (one row, 2-32-1) took 0.92 us on them and 2.06 us on the engine with its buffers.
+    return batch * weight.shape[0] * weight.shape[1] < SMALL_PRODUCT
+
+
+@inline
+def _runtime_code(code):
+    # An activation code as a plain int64 even when the caller passed a constant (RELU from numba code is a
+    # compile-time literal): the engine compiled for a literal code ran 1.2-2.3x slower (Intel Xeon, AVX-512:
+    # 147 against 172 GFLOP/s at 512x1024x1024, 43 against 100 at 32x64x128), and would be a second compile.
+    return code + 0
+
+
+@inline
+def _check_dense(what, batch_a, batch_b, n_in_a, n_in_b, n_out_a, n_out_b, n_bias):
+    if batch_a != batch_b or n_in_a != n_in_b or n_out_a != n_out_b or n_bias != n_out_a:
+        raise ValueError(what)
+
+
+@cpu_jit()
+def dense_forward(out, inp, weight, bias, act):
+    """out = act(inp @ weight + bias), overwritten. out (B, n_out), inp (B, n_in), weight (n_in, n_out),
+    bias (n_out,); act an activation code.
+
+    The product engine: gemm.dense_forward's register tiles with the bias and activation fused into their
+    stores, on a packing workspace this call allocates. Below gemm.TILE_ROWS rows, or when an operand's rows
+    are not contiguous, the axpy form on the weight as stored (dense_forward_axpy)."""
+    _check_dense("dense_forward: shapes do not match (out (B, n_out), inp (B, n_in), weight (n_in, n_out), "
+                 "bias (n_out,))", out.shape[0], inp.shape[0], inp.shape[1], weight.shape[0], out.shape[1],
+                 weight.shape[1], bias.shape[0])
+    if out.shape[0] < gemm.TILE_ROWS or _small(out.shape[0], weight) or not (
+            _rows_contiguous(out) and _rows_contiguous(inp) and _rows_contiguous(weight)) or (
+            bias.strides[0] != bias.itemsize):
+        if _small(out.shape[0], weight):  # here, not in a call: a one-row step is ~100 ns, a call ~40 of it
+            _dense_forward_rows(out, inp, weight, bias, act, 0, out.shape[0])
+        else:
+            dense_forward_axpy(out, inp, weight, bias, act)
+        return
+    panels = np.empty(gemm.forward_workspace(weight.shape[0], weight.shape[1], out), out.dtype)
+    gemm.dense_forward(out, inp, weight, bias, _runtime_code(act), panels)
+
+
+@cpu_jit()
+def dense_backward_params(dweight, dbias, dout, inp):
+    """dweight = inp.T @ dout and dbias = dout.sum(0), overwritten. dweight (n_in, n_out), dbias (n_out,),
+    dout (B, n_out), inp (B, n_in). Every sum runs over the batch in row order: results do not depend on the
+    number of threads.
+
+    The product engine (gemm.dense_backward_params) on a workspace this call allocates; when an operand's rows
+    are not contiguous (inp a transposed view, say), the axpy form (dense_backward_params_axpy)."""
+    _check_dense("dense_backward_params: shapes do not match (dweight (n_in, n_out), dbias (n_out,), "
+                 "dout (B, n_out), inp (B, n_in))", dout.shape[0], inp.shape[0], inp.shape[1], dweight.shape[0],
+                 dout.shape[1], dweight.shape[1], dbias.shape[0])
+    if _small(dout.shape[0], dweight) or not (
+            _rows_contiguous(dweight) and _rows_contiguous(dout) and _rows_contiguous(inp)) or (
+            dbias.strides[0] != dbias.itemsize):
+        if _small(dout.shape[0], dweight):  # inline, as in dense_forward
+            _axpy_rows(dweight, inp.T, dout, 0, dweight.shape[0])
+            for j in range(dbias.shape[0]):
+                dbias[j] = 0
+            for i in range(dout.shape[0]):
+                for j in range(dbias.shape[0]):
+                    dbias[j] += dout[i, j]
+        else:
+            dense_backward_params_axpy(dweight, dbias, dout, inp)
+        return
+    panels = np.empty(gemm.backward_params_workspace(dout.shape[0], dweight.shape[0], dweight.shape[1], dweight),
+                      dweight.dtype)
+    gemm.dense_backward_params(dweight, dbias, dout, inp, panels)
+
+
+@cpu_jit()
+def dense_backward_input(dinp, dout, weight, inp, inp_act):
+    """dinp = (dout @ weight.T) * act'(inp), overwritten: the gradient w.r.t. the PREVIOUS layer's
+    pre-activation, with that layer's activation derivative (written from its output ``inp``) fused in.
+    dinp (B, n_in), dout (B, n_out), weight (n_in, n_out), inp (B, n_in).
+
+    The product engine (gemm.dense_backward_input: weight^T packed once, the derivative fused into the tiles'
+    stores) on a workspace this call allocates; when an operand's rows are not contiguous, NT tiles on the
+    weight as stored (dense_backward_input_nt)."""
+    _check_dense("dense_backward_input: shapes do not match (dinp (B, n_in), dout (B, n_out), "
+                 "weight (n_in, n_out), inp (B, n_in))", dinp.shape[0], dout.shape[0], dinp.shape[1],
+                 weight.shape[0], dout.shape[1], weight.shape[1], dout.shape[1])
+    if inp.shape[0] != dinp.shape[0] or inp.shape[1] != dinp.shape[1]:
+        raise ValueError("dense_backward_input: inp must be shaped like dinp (B, n_in)")
+    if _small(dout.shape[0], weight) or not (
+            _rows_contiguous(dinp) and _rows_contiguous(dout) and _rows_contiguous(weight) and _rows_contiguous(inp)):
+        if _small(dout.shape[0], weight):  # inline, as in dense_forward: dot products along weight's rows
+            zero = dinp.dtype.type(0.0)
+            for i in range(dinp.shape[0]):
+                for k in range(dinp.shape[1]):
+                    acc = zero
+                    for j in range(dout.shape[1]):
+                        acc += dout[i, j] * weight[k, j]
+                    dinp[i, k] = acc * activation_grad(inp[i, k], inp_act)
+        else:
+            dense_backward_input_nt(dinp, dout, weight, inp, inp_act)
+        return
+    panels = np.empty(gemm.backward_input_workspace(weight.shape[0], weight.shape[1], dinp), dinp.dtype)
+    gemm.dense_backward_input(dinp, dout, weight, inp, _runtime_code(inp_act), panels)
 
 
 @cpu_jit()

@@ -7,7 +7,9 @@ Public kernels (outputs first; every one OVERWRITES its outputs and allocates no
                               weight_decay, nesterov, first_step, order=None, start=0)
     dense_backward_input(dinp, dout, weight, inp, inp_act, panels)
 each with a serial ``*_naive`` reference beside it, and ``workspace_size(batch, n_in, n_out, dtype)``: the
-length of the ``panels`` buffer the caller provides.
+length of the ``panels`` buffer the caller provides (``forward_workspace``, ``backward_params_workspace`` and
+``backward_input_workspace`` give each kernel's own length inside numba code). fastbp.kernels.cpu's vocabulary
+kernels of the same names call these on a workspace of their own.
 
 How a product runs
     C = A @ B as a grid of TILE_ROWS x NR tiles of C (NR = TILE_VECTORS vectors), each held in vector
@@ -140,6 +142,29 @@ def workspace_size(batch: int, n_in: int, n_out: int, dtype) -> int:
     backward_input = n_out * _round_up(n_in, nr)
     backward_params = batch * (_round_up(n_out, nr) + _round_up(n_in, TILE_ROWS)) + _round_up(n_out, nr)
     return int(max(forward, backward_input, backward_params))
+
+
+@inline
+def forward_workspace(n_in, n_out, like):
+    """Elements of ``panels`` dense_forward needs for a layer of n_in -> n_out units; ``like`` is any array of
+    the operands' dtype (numba code only: the in-kernel form of workspace_size's forward term)."""
+    NR = TILE_VECTORS * simd.lanes(like)
+    return n_in * ((n_out + NR - 1) // NR * NR)
+
+
+@inline
+def backward_params_workspace(batch, n_in, n_out, like):
+    """Elements of ``panels`` dense_backward_params (and _sgd) need: dout's panels, inp^T's panels, the bias sums."""
+    NR = TILE_VECTORS * simd.lanes(like)
+    padded_out = (n_out + NR - 1) // NR * NR
+    return batch * (padded_out + (n_in + TILE_ROWS - 1) // TILE_ROWS * TILE_ROWS) + padded_out
+
+
+@inline
+def backward_input_workspace(n_in, n_out, like):
+    """Elements of ``panels`` dense_backward_input needs: weight^T in panel order."""
+    NR = TILE_VECTORS * simd.lanes(like)
+    return n_out * ((n_in + NR - 1) // NR * NR)
 
 
 @inline

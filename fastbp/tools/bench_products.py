@@ -10,7 +10,7 @@ in ONE process, alternating implementations within each round:
     numpy   np.dot into a preallocated output (OpenBLAS; the product only, no bias or activation);
     cpu     the current kernels: cpu.dense_forward_t on a pre-transposed W (the transpose the drivers do
             first is not timed), cpu.dense_backward_params_t on pre-transposed inp and dout (likewise), and
-            cpu.dense_backward_input (NT tiles on W as stored).
+            cpu.dense_backward_input_nt (NT tiles on W as stored).
 Every implementation runs on the same number of threads (numba.set_num_threads and threadpoolctl).
 Each timing sample repeats a call for at least 20 ms; the table shows medians over rounds of GFLOP/s
 (2 * batch * n_in * n_out per product) and the median over rounds of each round's time ratio (gemm time of
@@ -84,7 +84,7 @@ def _build(product, batch, n_in, n_out, dtype, rng):
     dinp, dinp_np, dinp_cpu = (np.empty((batch, n_in), dtype) for _ in range(3))
     return {"gemm": lambda: gemm.dense_backward_input(dinp, dout, w, y, RELU, panels),
             "numpy": lambda: np.dot(dout, w.T, out=dinp_np),
-            "cpu": lambda: cpu.dense_backward_input(dinp_cpu, dout, w, y, RELU)}
+            "cpu": lambda: cpu.dense_backward_input_nt(dinp_cpu, dout, w, y, RELU)}
 
 
 def _repetitions(call, target=0.02):
