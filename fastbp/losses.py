@@ -109,7 +109,7 @@ class Loss:
             raise ValueError(f"{name} must hold class ids in [0, {k}) (the output size); "
                              f"got values from {arr.min()} to {arr.max()}")
         Y = np.zeros((n_samples, k), dtype=dtype)
-        Y[np.arange(n_samples), arr.astype(np.int64)] = 1
+        Y[np.arange(n_samples), arr.astype(np.int64, copy=False)] = 1
         return Y
 
     def check_device_targets(self, shape: tuple, n_outputs: int, name: str = "y") -> None:
