@@ -204,23 +204,25 @@ class DataParallelTrainer(Trainer):
     # -- training: Trainer.fit's loop, with the step hook filled in ---------------------------------------------
     def fit(self, X, y, epochs: int = 1, *, validation_data=None, target_loss: float | None = None,
             patience: int | None = None, restore_best: bool = True, callbacks=(), on_nonfinite: str = "raise",
-            verbose: bool | int = False):
+            verbose: bool | int = False, sample_weight=None):
         """Train on this rank's shard ``X, y`` (collective; the same arguments on every rank).
 
-        As :meth:`fastbp.Trainer.fit`, with the data and ``validation_data`` given as this rank's shards, and
-        ``verbose`` showing progress on rank 0 only. Returns the global :class:`History`. ``sample_weight`` is
-        not taken yet (a global batch's divisor would be its weight sum over every rank).
+        As :meth:`fastbp.Trainer.fit`, with the data, ``validation_data`` and ``sample_weight`` given as this
+        rank's shards, and ``verbose`` showing progress on rank 0 only. Returns the global :class:`History`.
+        With sample weights, a global batch's loss is its weighted mean over every rank's rows in it (its
+        divisor is their weight sum over every rank); one rank's shard may weigh nothing, not every rank's.
         """
         # 1. Check everything locally, then agree, so that a bad argument on one rank fails every rank.
         plan, error = None, None
         try:
             plan = self._plan_fit(X, y, epochs, validation_data, target_loss, patience, restore_best, callbacks,
-                                  on_nonfinite, verbose)
+                                  on_nonfinite, verbose, sample_weight)
             if plan.X.shape[0] == 0:
                 raise ValueError("this rank's shard of X is empty: give every rank at least one row")
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
             error = exc
         self._agree(error, "checking the arguments of fit")
+        self._check_weights(plan.sample_weight, plan.X.shape[0])
         self._check_same("arguments of fit", dict(
             epochs=plan.epochs, target_loss=plan.target, patience=plan.patience, restore_best=plan.restore_best,
             on_nonfinite=plan.on_nonfinite, n_callbacks=len(plan.callbacks), validation=plan.validation is not None,
@@ -282,22 +284,36 @@ class DataParallelTrainer(Trainer):
         self.timings["steps"].append(steps)
         self._allreduce_seconds = 0.0
 
-    def _global_scores(self, loss: float, correct: int, n: int) -> dict:
-        """Loss (and accuracy) over the union of the ranks' rows, from this rank's mean loss over n rows."""
-        spec, k = self._loss_spec, self.n_outputs
-        loss_sum, correct, n = self._reduce_sum([loss * spec.divisor(n, k) if n else 0.0, correct, n])
-        return super()._global_scores(loss_sum / spec.divisor(int(n), k), int(correct), int(n))
+    def _global_scores(self, loss: float, divisor: float, correct: float, terms: float) -> dict:
+        """Loss (and accuracy) over the union of the ranks' rows, from this rank's (weighted) mean loss and
+        divisor, right accuracy terms and their count."""
+        loss_sum, divisor, correct, terms = self._reduce_sum([loss * divisor, divisor, correct, terms])
+        return super()._global_scores(loss_sum / divisor, divisor, correct, terms)
 
-    def evaluate(self, X, y) -> dict:
-        """``{"loss"}`` (and ``"accuracy"``) over the union of every rank's ``X, y`` shard; collective."""
-        error = None
+    def _sample_weight(self, sample_weight, n: int, allow_all_zero: bool = True):
+        # One rank's shard may weigh nothing; the sum over every rank is checked collectively (_check_weights).
+        return super()._sample_weight(sample_weight, n, allow_all_zero=True)
+
+    def _check_weights(self, weights, n_local: int) -> None:
+        """Collective: refuse sample weights that are 0 on every rank (the weighted mean would be 0 / 0)."""
+        local = n_local if weights is None else float(weights.sum(dtype=np.float64))
+        if self._reduce_sum([local])[0] == 0.0:
+            raise ValueError("sample_weight must not be all zero over every rank's rows (the weighted mean loss "
+                             "would be 0 / 0)")
+
+    def evaluate(self, X, y, sample_weight=None) -> dict:
+        """``{"loss"}`` (and ``"accuracy"``) over the union of every rank's ``X, y`` shard; collective. With
+        ``sample_weight`` (this rank's rows,), weighted means over the union as :meth:`fastbp.Trainer.evaluate`."""
+        error = weights = None
         try:
             Xc, Yc = self._data(X, y)
+            weights = self._sample_weight(sample_weight, Xc.shape[0])
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
             error = exc
         self._agree(error, "checking the arguments of evaluate")
+        self._check_weights(weights, Xc.shape[0])
         self._use_model_parameters(finite=False)
-        return self._scores(Xc, Yc)
+        return self._scores(Xc, Yc, weights)
 
     def _clone(self, lr):
         raise NotImplementedError("choose_learning_rate is not distributed: run it in one process, or run one "

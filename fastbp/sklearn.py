@@ -92,7 +92,7 @@ Where fastbp differs, and why
   ``loss_curve_`` is the weighted mean over the epoch's rows (scikit-learn averages the batches' weighted
   means by their row counts). Early stopping splits the weights with the rows and scores the validation
   set weighted, as scikit-learn. A batch whose weights are all 0 is skipped in in-order training
-  (scikit-learn divides by 0 there). The GPU has no sample weights yet (NotImplementedError).
+  (scikit-learn divides by 0 there). Both devices take sample weights.
 * Not supported yet (raise NotImplementedError, before anything changes): ``MLPRegressor(loss="poisson")``
   (needs a Poisson loss with an exponential output in fastbp's loss table).
 

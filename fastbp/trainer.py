@@ -406,7 +406,8 @@ class Trainer:
             cross-entropy ``-log p[label]``); all weights 1 is the plain mean. Zero weights are allowed (a
             batch whose weights are all 0 contributes a zero gradient); negative, non-finite or all-zero
             weights are refused. The epoch losses in the history are weighted the same way; the validation
-            loss is not. CPU only for now (the GPU raises NotImplementedError).
+            loss is not. Both devices take them (on the GPU a weighted fit runs the per-step launches, not the
+            fused narrow-network kernel).
 
         Per-epoch control (validation, patience, callbacks) runs epochs one compiled call at a time;
         without it, many epochs run inside one call (the history is recorded all the same).
@@ -435,7 +436,7 @@ class Trainer:
                         patience=patience, restore_best=restore_best, callbacks=callbacks,
                         on_nonfinite=on_nonfinite, verbose=verbose, validation=validation, sample_weight=weights)
 
-    def _sample_weight(self, sample_weight, n: int):
+    def _sample_weight(self, sample_weight, n: int, allow_all_zero: bool = False):
         """sample_weight checked: None, or a contiguous (n,) host vector of the model's dtype (None when every
         weight is 1: the same loss, and the fastest path). Refused: wrong shape, negative, non-finite or
         all-zero weights, and any weights on a backend without them."""
@@ -453,13 +454,10 @@ class Trainer:
             raise ValueError("sample_weight must be finite; got NaN or inf")
         if n and w.min() < 0:
             raise ValueError(f"sample_weight must be >= 0; got a minimum of {w.min()!r}")
-        if n and not w.any():
+        if n and not w.any() and not allow_all_zero:
             raise ValueError("sample_weight must not be all zero (the weighted mean loss would be 0 / 0)")
         if np.all(w == 1.0):
             return None
-        if not self._backend.supports_sample_weight:
-            raise NotImplementedError(f"sample_weight is not supported on the {self._backend.device!r} device yet; "
-                                      "train with device='cpu'")
         return np.ascontiguousarray(w, dtype=self.model.dtype)
 
     def _run_fit(self, plan: _FitPlan) -> "History":
@@ -563,8 +561,6 @@ class Trainer:
             weights = {} if plan.sample_weight is None else {"sample_weight": plan.sample_weight}
             return self._backend.train_epochs(plan.X, plan.Y, plan.batch_size, orders, lrs, target, self.steps_done,
                                               **weights)
-        if plan.sample_weight is not None:  # not reached: no stepwise trainer takes weights yet
-            raise NotImplementedError("sample_weight with a trainer that trains step by step")
         return self._train_epochs_stepwise(plan, orders, lrs, target)
 
     # -- the step hook ---------------------------------------------------------------------------------------
@@ -610,6 +606,14 @@ class Trainer:
         batch_starts = np.arange(0, n, batch_size, dtype=np.int64)
         divisors = [float(spec.divisor(min(batch_size, n - start), k)) for start in batch_starts]
         epoch_divisor = float(spec.divisor(n, k))
+        # Weighted (on any process: one whose weights are all 1 passes None and counts its rows as 1 each): a
+        # batch's divisor is its weight sum over every process times one row's divisor, as train_epochs forms it.
+        weighted = self._any_rank(plan.sample_weight is not None)
+        if weighted:
+            local_weights = (np.ones(n_local, dtype=self.model.dtype) if plan.sample_weight is None
+                             else plan.sample_weight)
+            row_divisor = float(spec.divisor(1, k))
+            epoch_divisor = float(self._reduce_sum([local_weights.sum(dtype=np.float64)])[0]) * row_divisor
         if getattr(self, "_step_grads", None) is None:
             self._step_grads = np.zeros(self.model.n_params, dtype=self.model.dtype)  # the one gradient buffer
         grads = self._step_grads
@@ -624,10 +628,18 @@ class Trainer:
             else:
                 shard = (backend.take_rows(plan.X, rows, shard[0]), backend.take_rows(plan.Y, rows, shard[1]))
                 Xe, Ye = shard
+            if weighted:
+                We = local_weights if rows is None else local_weights[rows]
+                shares = [We[a:z].sum(dtype=np.float64) for a, z in zip(row_starts[:-1], row_starts[1:])]
+                divisors = self._reduce_sum(shares) * row_divisor
             total = 0.0
             for b, divisor in enumerate(divisors):
                 a, z = int(row_starts[b]), int(row_starts[b + 1])
-                total += backend.rows_grads(Xe[a:z], Ye[a:z], divisor, grads) * divisor  # this process's rows
+                if divisor == 0.0:  # a batch that weighs nothing: a zero gradient, still a step (as train_epochs)
+                    grads[...] = 0
+                else:  # this process's rows
+                    weights = {"sample_weight": We[a:z]} if weighted else {}
+                    total += backend.rows_grads(Xe[a:z], Ye[a:z], float(divisor), grads, **weights) * divisor
                 self._reduce_gradient(grads)
                 steps += 1
                 backend.apply_update(grads, float(lrs[epoch]), steps)
@@ -696,21 +708,34 @@ class Trainer:
             raise NonFiniteLossError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
-    def _scores(self, Xc, Yc) -> dict:
-        """{"loss"} (and "accuracy" for the classification losses) over Xc, Yc (backend inputs), over every
-        process's rows (see _global_scores)."""
-        n = Xc.shape[0]
-        loss = self._backend.loss_value(Xc, Yc) if n else 0.0
-        correct = 0
-        if n and self._loss_spec.is_classification:
-            correct = self._loss_spec.n_correct(self._backend.predict(Xc, self.n_outputs), self._backend.to_host(Yc))
-        return self._global_scores(loss, correct, n)
+    def _scores(self, Xc, Yc, weights=None) -> dict:
+        """{"loss"} (and "accuracy" for the classification losses) over Xc, Yc (backend inputs), weighted by
+        ``weights`` (n,) when given, over every process's rows (see _global_scores)."""
+        spec, k, n = self._loss_spec, self.n_outputs, Xc.shape[0]
+        if weights is None:  # every row weighs 1: the sums below with w = 1, without forming them
+            divisor, terms = float(spec.divisor(n, k)), float(spec.accuracy_terms(n, k))
+        else:
+            total = float(weights.sum(dtype=np.float64))
+            divisor, terms = total * spec.divisor(1, k), total * spec.accuracy_terms(1, k)
+        loss = correct = 0.0
+        if n:
+            if divisor:
+                loss = self._backend.loss_value(Xc, Yc, sample_weight=weights)
+            if spec.is_classification:
+                predictions, Y = self._backend.predict(Xc, self.n_outputs), self._backend.to_host(Yc)
+                if weights is None:
+                    correct = float(spec.n_correct(predictions, Y))
+                else:  # each row's right share counts w_i times (scikit-learn's accuracy_score(sample_weight=))
+                    row_right = spec.row_accuracy(predictions, Y)
+                    correct = float(np.dot(weights.astype(np.float64), row_right)) * spec.accuracy_terms(1, k)
+        return self._global_scores(loss, divisor, correct, terms)
 
-    def _global_scores(self, loss: float, correct: int, n: int) -> dict:
-        """Scores from this process's mean loss and correct count over n rows (a subclass reduces them)."""
+    def _global_scores(self, loss: float, divisor: float, correct: float, terms: float) -> dict:
+        """Scores from this process's (weighted) mean loss and its divisor, its (weighted) count of right
+        accuracy terms and how many terms there are (a subclass combines them over processes first)."""
         scores = {"loss": float(loss)}
         if self._loss_spec.is_classification:
-            scores["accuracy"] = float(correct / self._loss_spec.accuracy_terms(n, self.n_outputs))
+            scores["accuracy"] = float(correct / terms)
         return scores
 
     # -- inference ------------------------------------------------------------------------------------------
@@ -743,14 +768,7 @@ class Trainer:
         Xc, Yc = self._data(X, y)
         weights = self._sample_weight(sample_weight, Xc.shape[0])
         self._use_model_parameters(finite=False)
-        if weights is None:
-            return self._scores(Xc, Yc)
-        scores = {"loss": self._backend.loss_value(Xc, Yc, sample_weight=weights)}
-        if self._loss_spec.is_classification:
-            right = self._loss_spec.row_accuracy(self._backend.predict(Xc, self.n_outputs), self._backend.to_host(Yc))
-            w64 = weights.astype(np.float64)
-            scores["accuracy"] = float(np.dot(w64, right) / w64.sum())
-        return scores
+        return self._scores(Xc, Yc, weights)
 
     def loss_and_grads(self, X, y, sample_weight=None):
         """The mean loss over X, y and its exact gradients, shaped like the parameters; no update.

@@ -196,3 +196,33 @@ def test_bad_weights_are_refused_and_change_nothing(make, error, message):
     np.testing.assert_array_equal(model.flat_parameters(), before)
     assert trainer.steps_done == 0 and len(trainer.history.loss) == 0
     assert trainer._rng.bit_generator.state == rng_state
+
+
+class StepwiseTrainer(fastbp.Trainer):
+    """Trains through the step hook (rows_grads, then apply_update), as DataParallelTrainer and a clipped GPU
+    fit do: the host-side loop's weighted divisors against the compiled train_epochs'."""
+
+    steps_need_python = True
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("batch_size", [8, None])
+def test_stepwise_loop_matches_train_epochs(loss, batch_size):
+    sizes, act = NETWORKS["narrow"]
+    X, y, w = problem(sizes, loss, 37)
+    w[np.random.default_rng(5).permutation(37)[8:16]] = 0.0  # one batch of epoch 0 weighs nothing
+    fits = []
+    for cls in (fastbp.Trainer, StepwiseTrainer):
+        model = fastbp.MLP(sizes, act, seed=1, dtype=np.float64)
+        trainer = cls(model, loss=loss, optimizer="adam", lr=0.01, batch_size=batch_size, seed=5)
+        history = trainer.fit(X, y, epochs=3, sample_weight=w)
+        fits.append((model.flat_parameters(), history.loss, trainer.steps_done, trainer.opt_state.copy()))
+    (p0, l0, s0, o0), (p1, l1, s1, o1) = fits
+    assert s0 == s1 == 3 * (5 if batch_size else 1)
+    np.testing.assert_allclose(p1, p0, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(o1, o0, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(l1, l0, rtol=1e-12)
+    plain = StepwiseTrainer(fastbp.MLP(sizes, act, seed=1, dtype=np.float64), loss=loss, optimizer="adam",
+                            lr=0.01, batch_size=batch_size, seed=5)
+    plain.fit(X, y, epochs=3)
+    assert np.abs(plain.model.flat_parameters() - p1).max() > 1e-4  # the weights did count

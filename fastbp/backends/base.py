@@ -48,8 +48,6 @@ class Backend(abc.ABC):
     # rows_grads / apply_update instead (CUDA with clip_grad_norm: the norm spans every parameter and is
     # formed on the host between a step's gradient and its update).
     steps_need_host: bool = False
-    # Whether train_epochs, rows_grads and loss_value take sample_weight (per-row loss weights).
-    supports_sample_weight: bool = True
     layout: Layout  # set by __init__, with dtype (numpy dtype of every buffer)
     dtype: np.dtype
 

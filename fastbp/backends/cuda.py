@@ -40,10 +40,13 @@ def unavailable_reason() -> str | None:
     return kernels.unavailable_reason()
 
 
-def _no_sample_weight(sample_weight) -> None:
-    if sample_weight is not None:
-        raise NotImplementedError("sample_weight is not supported on the CUDA device yet (its loss-gradient "
-                                  "kernels have no per-row weights); train with device='cpu'")
+def _divisor(loss: int, n: int, k: int, sample_weight) -> float:
+    """The loss divisor of n rows: loss_divisor's, or with sample weights their float64 sum times one row's
+    (inf when they sum to 0: such rows have no loss, as kernels.cpu.weighted_inv_divisor's 0)."""
+    if sample_weight is None:
+        return float(loss_divisor(loss, n, k))
+    total = float(np.sum(sample_weight, dtype=np.float64)) * loss_divisor(loss, 1, k)
+    return total if total > 0 else float("inf")
 
 
 def _flat(x):
@@ -61,7 +64,6 @@ class CUDABackend(Backend):
     """Runs training and inference for one network on the GPU (or in numba's CUDA simulator)."""
 
     device = "cuda"
-    supports_sample_weight = False  # the loss-gradient kernels have no per-row weights yet
 
     def __init__(self, layout: Layout, act_codes, loss: int, optimizer: int, hyper, dtype):
         self.layout = layout
@@ -105,8 +107,12 @@ class CUDABackend(Backend):
             self._allocate({key: max(self._dims[key], needs.get(key, 0)) for key in self._dims})
         return self._arena
 
-    def _ctrl(self, n: int) -> np.ndarray:
+    def _ctrl(self, n: int, sample_weight=None) -> np.ndarray:
+        """The control words of a call over n rows; with sample_weight (n,) (host) it is uploaded to the
+        arena's weights region and the tail kernel scales each row's loss and gradient by it."""
         arena = self._arena
+        if sample_weight is not None:
+            self._upload(self._F, arena.f_weights, sample_weight)
         ctrl = np.zeros(step.N_CTRL, dtype=np.int64)
         ctrl[step.C_P] = arena.P
         ctrl[step.C_N] = n
@@ -118,6 +124,7 @@ class CUDABackend(Backend):
         ctrl[step.C_F_SCHED] = arena.f_sched
         ctrl[step.C_F_ROWS] = arena.f_rows
         ctrl[step.C_F_HYPER] = arena.f_hyper
+        ctrl[step.C_F_WEIGHTS] = -1 if sample_weight is None else arena.f_weights
         return ctrl
 
     def _upload(self, array, offset: int, values) -> None:
@@ -224,7 +231,6 @@ class CUDABackend(Backend):
     # -- training ---------------------------------------------------------------------------------------------
     def train_epochs(self, X, Y, batch_size: int, orders: np.ndarray, lrs: np.ndarray, target_loss: float,
                      steps_done: int, sample_weight=None):
-        _no_sample_weight(sample_weight)
         if self.steps_need_host:
             raise RuntimeError("CUDABackend.train_epochs cannot clip gradients; train through rows_grads and "
                                "apply_update (fastbp.Trainer does so when steps_need_host is True)")
@@ -235,7 +241,9 @@ class CUDABackend(Backend):
         n_steps = E * per_epoch
         in_order = orders.shape[1] == 0
         self._ensure(capacity=capacity, n=n, n_steps=n_steps, n_orders=0 if in_order else E * n, n_losses=E)
-        fused_plan = fused.fused_plan(self.layout, capacity, self.dtype) if self.use_fused else None
+        # Weighted fits take the step launches (the fused kernel has no per-row weights yet).
+        fused_plan = (fused.fused_plan(self.layout, capacity, self.dtype)
+                      if self.use_fused and sample_weight is None else None)
         if fused_plan is not None:
             self._ensure(n_jobs=1 + len(fused.network_words(self.layout, self.act_codes)))
             plan = table = None
@@ -244,14 +252,14 @@ class CUDABackend(Backend):
         arena = self._arena
         order_offsets = [-1] * E if in_order else [arena.i_orders + e * n for e in range(E)]
         steps, sched = step.step_schedule(self.layout, self.loss, self.optimizer, self.hyper, lrs, n, k, capacity,
-                                          int(steps_done), order_offsets, self.dtype)
+                                          int(steps_done), order_offsets, self.dtype, sample_weight, orders)
         F, I, D = self._F, self._I, self._D
-        self._upload(I, 0, self._ctrl(n))
+        self._upload(I, 0, self._ctrl(n, sample_weight))
         self._upload(I, arena.i_steps, steps)
         if not in_order:
             self._upload(I, arena.i_orders, orders)
         self._upload(F, arena.f_sched, sched)
-        self._upload(D, 0, [target_loss, loss_divisor(self.loss, n, k)])
+        self._upload(D, 0, [target_loss, _divisor(self.loss, n, k, sample_weight)])
         Xf, Yf = _flat(X), _flat(Y)
         with kernels.quiet_launches():
             if fused_plan is not None:
@@ -311,7 +319,7 @@ class CUDABackend(Backend):
         capacity = max(1, min(EVAL_CAPACITY, n))
         return capacity, [(start, min(capacity, n - start)) for start in range(0, n, capacity)]
 
-    def _eval(self, X, Y, accumulate: bool = False, **options):
+    def _eval(self, X, Y, accumulate: bool = False, sample_weight=None, **options):
         """Launch records of one plan per chunk of X's rows (static rows, jobs in one table), the control words
         and job table uploaded; returns (records, chunks). accumulate: chunks after the first add their
         weight gradients to the first's."""
@@ -325,14 +333,13 @@ class CUDABackend(Backend):
                                               rows=rows, accumulate=accumulate and index > 0, **options))
             if self._ensure(n_jobs=len(merged.jobs), scratch=merged.scratch, counters=merged.counters) is arena:
                 break
-        self._upload(self._I, 0, self._ctrl(n))
+        self._upload(self._I, 0, self._ctrl(n, sample_weight))
         self._upload(self._I, arena.i_jobs, merged.place(arena))
         Xf = _flat(X)
         Yf = _flat(Y) if Y is not None else Xf  # predict reads no targets
         return step.step_launch_records(merged, self._F, self._I, Xf, Yf), chunks
 
     def rows_grads(self, X, Y, divisor: float, grads_out: np.ndarray, sample_weight=None) -> float:
-        _no_sample_weight(sample_weight)
         n = X.shape[0]
         P = self.layout.n_params
         if n == 0:  # an empty shard contributes nothing: zeros, not the previous gradient
@@ -341,7 +348,8 @@ class CUDABackend(Backend):
             else:
                 grads_out[...] = 0
             return 0.0
-        records, _ = self._eval(X, Y, accumulate=True, train=True, update=False, advance=False)
+        records, _ = self._eval(X, Y, accumulate=True, sample_weight=sample_weight, train=True, update=False,
+                                advance=False)
         arena = self._arena
         self._upload(self._F, arena.f_inv, [1.0 / float(divisor)])
         with kernels.quiet_launches():
@@ -407,13 +415,12 @@ class CUDABackend(Backend):
         return out
 
     def loss_value(self, X, Y, sample_weight=None) -> float:
-        _no_sample_weight(sample_weight)
         n, k = X.shape[0], Y.shape[1]
         if n == 0:
             return float("nan")
-        records, _ = self._eval(X, Y, train=False)
+        records, _ = self._eval(X, Y, sample_weight=sample_weight, train=False)
         with kernels.quiet_launches():
             for record in records:
                 kernels.launch(*record)
             kernels.launch(*step.loss_sum_record(self._F, self._D, self._arena.f_rows, n))
-        return float(self._D[step.D_EVAL:step.D_EVAL + 1].copy_to_host()[0]) / loss_divisor(self.loss, n, k)
+        return float(self._D[step.D_EVAL:step.D_EVAL + 1].copy_to_host()[0]) / _divisor(self.loss, n, k, sample_weight)

@@ -99,6 +99,7 @@ C_I_JOBS = 11  # offset of the job table in I
 C_F_SCHED = 12  # offset of the per-step scalars in F
 C_F_ROWS = 13  # offset of the epoch's row losses in F
 C_F_HYPER = 14  # offset of the optimizer's hyper-parameters in F
+C_F_WEIGHTS = 15  # offset in F of the data set's sample weights (n,), or -1: every row weighs 1
 N_CTRL = 16
 STOP_TARGET = 1
 STOP_NONFINITE = 2
@@ -108,7 +109,8 @@ STOP_NONFINITE = 2
 S_START, S_ROWS, S_ORDER, S_FIRST = range(4)
 N_STEP_I = 4
 # Per-step scalars F[C_F_SCHED + s * N_STEP_F + ...]: learning rate, Adam's lr / (1 - beta1^t) and
-# sqrt(1 - beta2^t) (float64 on the host, then cast, as the CPU does), 1 / loss divisor of the batch, and
+# sqrt(1 - beta2^t) (float64 on the host, then cast, as the CPU does), 1 / loss divisor of the batch (with
+# sample weights: 1 / (the batch's weight sum * one row's divisor), 0 for a batch that weighs nothing), and
 # the L2 term and decoupled decay factor of pointwise.adam_decay_terms (Adam: wd, 1; AdamW: 0, 1 - lr wd).
 SF_LR, SF_STEP_SIZE, SF_SQRT_BC2, SF_INV, SF_L2, SF_DECAY = range(6)
 N_STEP_F = 6
@@ -319,7 +321,8 @@ def tail_kernel():
             # The last layer of rows [b R, (b+1) R) of the batch: logits (rows, k) = A (rows, n_in) @ W + bias
             # (A: the previous layer's output in F, or the batch's rows of X (n * n_in,)); then per row the
             # fused loss-gradient (pointwise.loss_grad_row) against the row's targets in Y (n * k,), its loss
-            # into the epoch's row losses; then the input gradient dZ (rows, n_in) = (dlogits @ W.T) * act'(A).
+            # into the epoch's row losses (both scaled by the row's sample weight when I[C_F_WEIGHTS] >= 0); then
+            # the input gradient dZ (rows, n_in) = (dlogits @ W.T) * act'(A).
             # TAIL_PREDICT writes the output transform of the logits instead. Block-local: rows need no other
             # block's rows.
             if I[C_STOP] != 0:
@@ -366,8 +369,14 @@ def tail_kernel():
                         output_transform_row(d, z, I[C_LOSS])
                     else:
                         row = start + i if order_off < 0 else I[order_off + start + i]
-                        F[I[jb + T_ROWS_OFF] + start + i] = loss_grad_row(d, z, Y[row * k:(row + 1) * k],
-                                                                          I[C_LOSS], inv)
+                        row_loss = loss_grad_row(d, z, Y[row * k:(row + 1) * k], I[C_LOSS], inv)
+                        weights = I[C_F_WEIGHTS]
+                        if weights >= 0:  # the row counts w times: its loss and gradient scaled (as the CPU)
+                            wr = F[weights + row]
+                            row_loss *= wr
+                            for j in range(k):
+                                d[j] *= wr
+                        F[I[jb + T_ROWS_OFF] + start + i] = row_loss
             if mode == TAIL_TRAIN and I[jb + T_INPUT_GRAD] != 0:
                 cuda.syncthreads()
                 dz = I[jb + T_DZ]
@@ -483,7 +492,8 @@ class ArenaLayout:
         self.f_acts = self.f_sched + N_STEP_F * n_steps
         self.f_deltas = self.f_acts + capacity * units
         self.f_rows = self.f_deltas + capacity * units
-        self.f_scratch = self.f_rows + max(n, 1)
+        self.f_weights = self.f_rows + max(n, 1)  # the sample weights of a weighted call (C_F_WEIGHTS)
+        self.f_scratch = self.f_weights + max(n, 1)
         self.f_size = self.f_scratch + n_scratch
         self.i_steps = N_CTRL
         self.i_orders = self.i_steps + N_STEP_I * n_steps
@@ -698,11 +708,13 @@ def update_record(F, I, P: int, s: int):
 
 
 def step_schedule(layout, loss: int, optimizer: int, hyper, lrs, n: int, k: int, batch_size: int, steps_done: int,
-                  order_offsets, dtype):
+                  order_offsets, dtype, sample_weights=None, orders=None):
     """Host-side per-step tables of a call: (rows (n_steps, N_STEP_I) int64, scalars (n_steps, N_STEP_F) dtype).
 
     order_offsets[e]: the offset in I of epoch e's order, or -1 (in order). Scalars are formed in float64
-    and cast, as the CPU's optimizer_step does."""
+    and cast, as the CPU's optimizer_step does. With sample_weights (n,), each batch's 1 / divisor is
+    1 / (its weight sum * one row's divisor), 0 when its weights sum to 0 (kernels.cpu.weighted_inv_divisor);
+    orders (E, n) then says which rows each epoch's batches hold (empty: in order)."""
     from .pointwise import loss_divisor
 
     starts = np.arange(0, n, batch_size, dtype=np.int64)
@@ -719,8 +731,15 @@ def step_schedule(layout, loss: int, optimizer: int, hyper, lrs, n: int, k: int,
     lr = np.repeat(np.asarray(lrs, dtype=np.float64), per_epoch)
     sched[:, SF_LR] = lr
     fill_adam_scalars(sched, optimizer, hyper, lr, t)
-    inv = np.array([1.0 / loss_divisor(loss, int(r), k) for r in n_rows])
-    sched[:, SF_INV] = np.tile(inv, E)
+    if sample_weights is None:
+        inv = np.tile([1.0 / loss_divisor(loss, int(r), k) for r in n_rows], E)
+    else:
+        w = np.asarray(sample_weights, dtype=np.float64)
+        in_order = orders is None or orders.shape[1] == 0
+        sums = np.concatenate([np.add.reduceat(w if in_order else w[orders[e]], starts) for e in range(E)])
+        divisors = sums * loss_divisor(loss, 1, k)
+        inv = np.divide(1.0, divisors, out=np.zeros_like(divisors), where=divisors > 0)
+    sched[:, SF_INV] = inv
     return steps, sched.astype(dtype)
 
 

@@ -155,15 +155,93 @@ def test_target_loss_and_auto_device(small_launches):
     assert history.loss[-1] <= 5e-3 < history.loss[-2]
 
 
-def test_sample_weight_is_refused_before_anything_changes(small_launches, rng):
-    X, y, _ = make_problem("mse", 12, [3, 4, 2], rng, np.float32)
-    cpu, gpu = pair([3, 4, 2], "relu", np.float32, lr=0.5, batch_size=5)
-    before = gpu.model.flat_parameters()
-    for call in (lambda: gpu.fit(X, y, epochs=1, sample_weight=np.arange(12.0)),
-                 lambda: gpu.evaluate(X, y, sample_weight=np.arange(12.0)),
-                 lambda: gpu.loss_and_grads(X, y, sample_weight=np.arange(12.0))):
-        with pytest.raises(NotImplementedError, match="sample_weight"):
-            call()
-    np.testing.assert_array_equal(gpu.model.flat_parameters(), before)
-    assert gpu.steps_done == 0
-    gpu.fit(X, y, epochs=1, sample_weight=np.ones(12))  # all ones is the unweighted fit, which runs
+def _weights(n, rng, zero_rows=()):
+    w = rng.uniform(0.0, 3.0, size=n)
+    w[::4] = 0.0  # zero weights are allowed
+    w[list(zero_rows)] = 0.0
+    return w
+
+
+# Weighted fits on the GPU take the per-step launches (the fused kernel has no per-row weights) and, clipped,
+# the host's step-by-step loop: each against the CPU's weighted train_epochs from the same orders.
+@pytest.mark.parametrize("sizes,loss,optimizer,kwargs,batch_size", [
+    ([5, 7, 3], "softmax_cross_entropy", "sgd", dict(momentum=0.9), 6),  # one hidden layer
+    ([5, 7, 6, 3], "binary_cross_entropy", "adam", dict(weight_decay=0.01), 8),  # two
+    ([5, 9, 7, 6, 3], "mse", "sgd", dict(nesterov=True, momentum=0.5), 5),  # three
+    ([5, 7, 6, 3], "mse", "adamw", dict(weight_decay=0.05), None),  # full batch, in order
+    ([5, 7, 6, 3], "softmax_cross_entropy", "sgd", dict(momentum=0.9, clip_grad_norm=0.05), 8),  # stepwise
+])
+def test_weighted_fit_matches_cpu(small_launches, sizes, loss, optimizer, kwargs, batch_size, rng):
+    dtype = np.float32
+    X, y, _ = make_problem(loss, 23, sizes, rng, dtype)
+    w = _weights(23, rng)
+    cpu, gpu = pair(sizes, "tanh", dtype, loss=loss, optimizer=optimizer, lr=0.1, batch_size=batch_size, **kwargs)
+    h_cpu, h_gpu = cpu.fit(X, y, epochs=2, sample_weight=w), gpu.fit(X, y, epochs=2, sample_weight=w)
+    tol = (ADAM_PARITY if optimizer.startswith("adam") else PARITY)[dtype]
+    np.testing.assert_allclose(h_gpu.loss, h_cpu.loss, **tol)
+    assert gpu.steps_done == cpu.steps_done
+    np.testing.assert_allclose(gpu.opt_state, cpu.opt_state, **tol)
+    assert_same_params(cpu.model, gpu.model, tol)
+    # The weights did matter: the unweighted fit ends elsewhere.
+    plain, _ = pair(sizes, "tanh", dtype, loss=loss, optimizer=optimizer, lr=0.1, batch_size=batch_size, **kwargs)
+    plain.fit(X, y, epochs=2)
+    assert np.abs(plain.model.weights[0] - gpu.model.weights[0]).max() > 1e-3
+
+
+def test_weighted_fit_with_a_batch_that_weighs_nothing(small_launches, rng):
+    """Epoch 0's second batch holds only zero weights: a zero gradient, and the optimizer still steps (its
+    momentum moves the weights), on both devices; float64 so that the comparison is tight."""
+    dtype = np.float64
+    X, y, _ = make_problem("mse", 20, [4, 6, 2], rng, dtype)
+    order = np.random.default_rng(7).permutation(20)  # the seeded Trainer's first epoch order
+    w = _weights(20, rng, zero_rows=order[5:10])
+    cpu, gpu = pair([4, 6, 2], "sigmoid", dtype, loss="mse", lr=0.2, momentum=0.9, batch_size=5)
+    h_cpu, h_gpu = cpu.fit(X, y, epochs=2, sample_weight=w), gpu.fit(X, y, epochs=2, sample_weight=w)
+    np.testing.assert_allclose(h_gpu.loss, h_cpu.loss, **PARITY[dtype])
+    assert gpu.steps_done == cpu.steps_done == 8
+    assert_same_params(cpu.model, gpu.model, PARITY[dtype])
+
+
+@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "softmax_cross_entropy"])
+def test_weighted_evaluate_and_loss_and_grads_match_cpu(small_launches, monkeypatch, loss, dtype, rng):
+    from fastbp.backends import cuda as backend_module
+
+    monkeypatch.setattr(backend_module, "EVAL_CAPACITY", 4)  # 11 rows: chunks of 4, 4, 3, each weighted
+    sizes = [4, 6, 3]
+    X, y, _ = make_problem(loss, 11, sizes, rng, dtype)
+    w = _weights(11, rng)
+    cpu, gpu = pair(sizes, "relu", dtype, loss=loss)
+    scores, scores_cpu = gpu.evaluate(X, y, sample_weight=w), cpu.evaluate(X, y, sample_weight=w)
+    assert scores.keys() == scores_cpu.keys()
+    for key, value in scores_cpu.items():
+        assert scores[key] == pytest.approx(value, rel=PARITY[dtype]["rtol"])
+    assert scores["loss"] != pytest.approx(gpu.evaluate(X, y)["loss"], rel=1e-3)  # the weights count
+    value, dweights, dbiases = gpu.loss_and_grads(X, y, sample_weight=w)
+    value_cpu, dweights_cpu, dbiases_cpu = cpu.loss_and_grads(X, y, sample_weight=w)
+    assert value == pytest.approx(value_cpu, rel=PARITY[dtype]["rtol"])
+    for a, b in zip(dweights + dbiases, dweights_cpu + dbiases_cpu):
+        np.testing.assert_allclose(a, b, **PARITY[dtype])
+
+
+def test_step_schedule_weighted_divisors():
+    """SF_INV per step: 1 / (the batch's weight sum * one row's divisor), 0 for a batch that weighs nothing,
+    formed over each epoch's own order (an independent sum here, batch by batch)."""
+    from fastbp.kernels import cuda_step as step
+    from fastbp.kernels.pointwise import MSE
+
+    layout = fastbp.MLP([3, 4, 2]).layout
+    n, k, batch = 7, 2, 3
+    w = np.array([1.0, 0.0, 2.0, 0.0, 0.0, 0.5, 4.0])
+    orders = np.array([[0, 1, 2, 3, 4, 5, 6], [1, 3, 4, 6, 0, 2, 5]])
+    _, sched = step.step_schedule(layout, MSE, step.SGD, np.zeros(16), [0.1, 0.1], n, k, batch, 0, [-1, -1],
+                                  np.float64, w, orders)
+    expected = []
+    for order in orders:
+        for start in range(0, n, batch):
+            total = w[order[start:start + batch]].sum() * k  # mse: a row's divisor is its k outputs
+            expected.append(0.0 if total == 0 else 1.0 / total)
+    np.testing.assert_allclose(sched[:, step.SF_INV], expected, rtol=1e-15)
+    assert sched[3, step.SF_INV] == 0.0  # epoch 1's first batch (rows 1, 3, 4) weighs nothing
+    _, plain = step.step_schedule(layout, MSE, step.SGD, np.zeros(16), [0.1, 0.1], n, k, batch, 0, [-1, -1],
+                                  np.float64)
+    np.testing.assert_allclose(plain[:, step.SF_INV], np.tile([1 / 6, 1 / 6, 1 / 2], 2), rtol=1e-15)

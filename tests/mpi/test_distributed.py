@@ -254,3 +254,58 @@ def test_progress_on_rank0_only_keeps_the_ranks_in_step(comm, capsys, verbose):
     assert ("epoch" in err) == (comm.Get_rank() == 0)
     np.testing.assert_allclose(hist.loss, ref_hist.loss, rtol=1e-5)
     assert _same_on_all_ranks(comm, dist.model.flat_parameters())
+
+
+@pytest.mark.parametrize("batch_size", [16, None])
+@pytest.mark.parametrize("zero_shard", [False, True], ids=["weighted", "rank0-weighs-nothing"])
+def test_weighted_fit_and_evaluate_equal_one_process(comm, batch_size, zero_shard):
+    """Each rank passes its shard's weights; a global batch's divisor is its weight sum over every rank. With
+    zero_shard, rank 0's whole shard weighs 0 (allowed: the union does not)."""
+    dtype = np.float64
+    X, y = _data(loss="softmax_cross_entropy", dtype=dtype)
+    w = np.random.default_rng(3).uniform(0.0, 3.0, size=len(X))
+    w[::5] = 0.0
+    Xl, yl = _uneven_shard(X, y, comm)
+    cuts = np.cumsum([0] + comm.allgather(len(Xl)))
+    if zero_shard:
+        w[:cuts[1]] = 0.0
+    wl = w[cuts[comm.Get_rank()]:cuts[comm.Get_rank() + 1]]
+    kw = dict(loss="softmax_cross_entropy", optimizer="adam", lr=0.01, batch_size=batch_size, seed=5)
+    make = dict(sizes=[7, 11, 3], activation="tanh", dtype=dtype, seed=1)
+    dist = DataParallelTrainer(fastbp.MLP(**make), comm=comm, **kw)
+    ref = fastbp.Trainer(fastbp.MLP(**make), **kw)
+    hist = dist.fit(Xl, yl, epochs=3, sample_weight=wl)
+    hist_ref = ref.fit(X, y, epochs=3, sample_weight=w)
+    np.testing.assert_allclose(dist.model.flat_parameters(), ref.model.flat_parameters(), **WEIGHT_TOL[dtype])
+    np.testing.assert_allclose(hist.loss, hist_ref.loss, rtol=1e-12)
+    assert dist.steps_done == ref.steps_done
+    assert _same_on_all_ranks(comm, dist.model.flat_parameters())
+    scores, scores_ref = dist.evaluate(Xl, yl, sample_weight=wl), ref.evaluate(X, y, sample_weight=w)
+    assert scores["loss"] == pytest.approx(scores_ref["loss"], rel=1e-12)
+    assert scores["accuracy"] == pytest.approx(scores_ref["accuracy"], rel=1e-12)
+    assert comm.allgather(scores) == [scores] * comm.Get_size()
+    # The weights counted: the unweighted fit ends elsewhere.
+    plain = DataParallelTrainer(fastbp.MLP(**make), comm=comm, **kw)
+    plain.fit(Xl, yl, epochs=3)
+    assert np.abs(plain.model.flat_parameters() - dist.model.flat_parameters()).max() > 1e-4
+
+
+def test_weights_zero_on_every_rank_are_refused_on_every_rank(comm):
+    X, y = _data()
+    Xl, yl = shard(X, y, comm)
+    trainer = DataParallelTrainer(fastbp.MLP([7, 5, 3], seed=0), comm=comm, loss="softmax_cross_entropy",
+                                  lr=0.1, batch_size=8, seed=0)
+    before = trainer.model.flat_parameters()
+    for call in (lambda: trainer.fit(Xl, yl, epochs=1, sample_weight=np.zeros(len(Xl))),
+                 lambda: trainer.evaluate(Xl, yl, sample_weight=np.zeros(len(Xl)))):
+        with pytest.raises(ValueError, match="sample_weight must not be all zero over every rank"):
+            call()
+    np.testing.assert_array_equal(trainer.model.flat_parameters(), before)
+    assert trainer.steps_done == 0
+    bad = np.ones(len(Xl))
+    if comm.Get_rank() == 1:
+        bad[0] = -1.0
+    expected = ValueError if comm.Get_rank() == 1 else RuntimeError
+    with pytest.raises(expected, match=">= 0|rank 1"):
+        trainer.fit(Xl, yl, epochs=1, sample_weight=bad)
+    assert trainer.steps_done == 0
