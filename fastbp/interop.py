@@ -645,8 +645,8 @@ def state_from_torch(module, *, dtype=None) -> dict:
         raise ValueError(
             f"module[{pending[0]}] is a {type(module[pending[0]]).__name__} after the last nn.Linear, which fastbp "
             "cannot hold: its output layer has no activation, because the loss applies the output transform "
-            "(mse: identity, binary_cross_entropy: sigmoid, softmax_cross_entropy: softmax). Drop the trailing "
-            "module and train with the loss that applies it.")
+            "(mse: identity, binary_cross_entropy: sigmoid, softmax_cross_entropy: softmax, poisson: exp). Drop the "
+            "trailing module and train with the loss that applies it.")
     arrays, natural = [], np.dtype(np.float32)
     for position, (index, layer) in enumerate(linears):
         weight = _tensor_values(torch, layer.weight, index, "weight")

@@ -4,16 +4,18 @@ The compiled math (the fused loss-gradient and the output transform) lives in ``
 under the integer code given here; this table holds the rest, in one place for the Trainer, the
 scikit-learn estimators and the distributed trainer:
 
-- ``output``: the transform ``predict`` applies (identity, sigmoid or softmax);
+- ``output``: the transform ``predict`` applies (identity, sigmoid, softmax or exp);
 - ``divisor(n_rows, n_outputs)``: how many terms the loss is a mean over (PyTorch's ``reduction="mean"``);
 - ``targets(...)``: the check and conversion of user targets into the kernels' (n, k) float matrix, with the
   error messages; ``device_bounds``: the value range a GPU target array is checked against;
 - ``metrics``: the scores ``evaluate`` reports, and ``n_correct(predictions, Y)`` for the accuracy.
 
-Definitions (as PyTorch's ``MSELoss``, ``BCEWithLogitsLoss`` and ``CrossEntropyLoss``, reduction "mean"):
-mse averages ``(out - y)**2`` over every element; binary_cross_entropy averages
-``-[y log q + (1-y) log(1-q)]``, ``q = sigmoid(z)``, over every element; softmax_cross_entropy averages
-``-sum_j y_j log softmax(z)_j`` over samples (``y`` class ids or one-hot / class-probability rows).
+Definitions (as PyTorch's ``MSELoss``, ``BCEWithLogitsLoss``, ``CrossEntropyLoss`` and
+``PoissonNLLLoss(log_input=True)``, reduction "mean"): mse averages ``(out - y)**2`` over every element;
+binary_cross_entropy averages ``-[y log q + (1-y) log(1-q)]``, ``q = sigmoid(z)``, over every element;
+softmax_cross_entropy averages ``-sum_j y_j log softmax(z)_j`` over samples (``y`` class ids or one-hot /
+class-probability rows); poisson averages ``exp(z) - y z`` over every element (the negative log-likelihood of
+counts ``y >= 0`` at the rate ``exp(z)``, less the ``log(y!)`` term, which does not depend on the network).
 
 >>> from fastbp.losses import LOSSES
 >>> spec = LOSSES["softmax_cross_entropy"]
@@ -35,18 +37,18 @@ class Loss:
     """How one loss behaves on the host (see the module docstring)."""
 
     name: str
-    code: int  # the kernels' code: pointwise.MSE, BINARY_CROSS_ENTROPY or SOFTMAX_CROSS_ENTROPY
-    output: str  # the output transform: "identity", "sigmoid" or "softmax"
+    code: int  # the kernels' code: pointwise.MSE, BINARY_CROSS_ENTROPY, SOFTMAX_CROSS_ENTROPY or POISSON
+    output: str  # the output transform: "identity", "sigmoid", "softmax" or "exp"
     device_bounds: tuple | None  # (low, high) that every target value must lie in, or None
 
     @property
     def metrics(self) -> tuple:
         """The scores :meth:`fastbp.Trainer.evaluate` reports for this loss."""
-        return ("loss",) if self.output == "identity" else ("loss", "accuracy")
+        return ("loss", "accuracy") if self.is_classification else ("loss",)
 
     @property
     def is_classification(self) -> bool:
-        return self.output != "identity"
+        return self.output in ("sigmoid", "softmax")
 
     def divisor(self, n_rows: int, n_outputs: int) -> int:
         """How many terms the loss over n_rows rows of n_outputs outputs is a mean over (the kernels' own rule,
@@ -89,6 +91,8 @@ class Loss:
             raise ValueError(f"{name} has {Y.shape[0]} samples but X has {n_samples}")
         if self.output == "sigmoid" and ((Y < 0) | (Y > 1)).any():
             raise ValueError(f"{name} must lie in [0, 1] for {self.name}; got values from {Y.min()} to {Y.max()}")
+        if self.output == "exp" and (Y < 0).any():
+            raise ValueError(f"{name} must be >= 0 (counts or rates) for {self.name}; got values down to {Y.min()}")
         if self.output == "softmax" and (Y < 0).any():
             raise ValueError(f"{name} rows must be class probabilities (>= 0) for {self.name}; "
                              f"got values down to {Y.min()}")
@@ -125,6 +129,7 @@ LOSSES = {
                                  device_bounds=(0.0, 1.0)),
     "softmax_cross_entropy": Loss("softmax_cross_entropy", pointwise.SOFTMAX_CROSS_ENTROPY, "softmax",
                                   device_bounds=(0.0, np.inf)),
+    "poisson": Loss("poisson", pointwise.POISSON, "exp", device_bounds=(0.0, np.inf)),
 }
 
 

@@ -93,8 +93,10 @@ Where fastbp differs, and why
   means by their row counts). Early stopping splits the weights with the rows and scores the validation
   set weighted, as scikit-learn. A batch whose weights are all 0 is skipped in in-order training
   (scikit-learn divides by 0 there). Both devices take sample weights.
-* Not supported yet (raise NotImplementedError, before anything changes): ``MLPRegressor(loss="poisson")``
-  (needs a Poisson loss with an exponential output in fastbp's loss table).
+* ``MLPRegressor(loss="poisson")``: scikit-learn's half Poisson deviance with the exp output
+  (``out_activation_ == "exp"``), trained on fastbp's ``"poisson"`` loss (PyTorch's ``PoissonNLLLoss``,
+  ``exp(z) - y z``); ``loss_`` and ``loss_curve_`` add the deviance's constant ``y log y - y`` back, so they
+  are scikit-learn's numbers. Negative targets are refused with a ValueError (scikit-learn's loss is NaN).
 
 Memory: sparse input is converted to a dense array of the training dtype for ``fit`` (n_samples x
 n_features numbers); ``predict`` converts 4096 rows at a time.
@@ -110,6 +112,7 @@ from numbers import Integral, Real
 import numpy as np
 import scipy.optimize
 import scipy.sparse
+from scipy.special import xlogy
 from sklearn import config_context
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, is_classifier
 from sklearn.exceptions import ConvergenceWarning
@@ -130,7 +133,8 @@ __all__ = ["MLPClassifier", "MLPRegressor"]
 _ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "sigmoid": "sigmoid", "tanh": "tanh",
                 "relu": "relu", "leaky_relu": "leaky_relu"}
 _STOCHASTIC_SOLVERS = ("sgd", "adam")
-_FASTBP_LOSS = {"softmax": "softmax_cross_entropy", "logistic": "binary_cross_entropy", "identity": "mse"}
+_FASTBP_LOSS = {"softmax": "softmax_cross_entropy", "logistic": "binary_cross_entropy", "identity": "mse",
+                "exp": "poisson"}
 _PREDICT_ROWS = 4096  # rows of a sparse input converted to dense at a time by predict
 _NON_FINITE = ("Solver produced non-finite parameter weights. The input data may contain large values and need to "
                "be preprocessed.")
@@ -323,9 +327,21 @@ class _BaseMLP(BaseEstimator):
         k = self.n_outputs_
         if self.out_activation_ == "softmax":
             return 1.0, 1.0
-        if self.out_activation_ == "logistic":
+        if self.out_activation_ in ("logistic", "exp"):  # summed over the outputs (log loss, half deviance)
             return float(k), float(k)
         return 0.5, k / 2.0  # half squared error, averaged over outputs; its gradient summed over them
+
+    def _loss_offset(self, Y, sample_weight=None) -> float:
+        """What scikit-learn's loss over the rows Y (n, k) adds to ratio * fastbp's: for poisson, the (weighted)
+        mean of each row's sum_j (y log y - y), the part of the half Poisson deviance that does not depend on
+        the network (fastbp's loss, as PyTorch's PoissonNLLLoss, leaves it out); 0 for the other losses."""
+        if self.out_activation_ != "exp" or len(Y) == 0:
+            return 0.0
+        Y = np.asarray(Y, dtype=np.float64).reshape(len(Y), -1)
+        rows = (xlogy(Y, Y) - Y).sum(axis=1)
+        if sample_weight is None:
+            return float(rows.mean())
+        return float(np.average(rows, weights=np.asarray(sample_weight, dtype=np.float64)))
 
     # -- coefs_ and intercepts_ --------------------------------------------------------------------------------
     @property
@@ -423,9 +439,6 @@ class _BaseMLP(BaseEstimator):
     # -- fit -------------------------------------------------------------------------------------------------
     def _fit(self, X, y, sample_weight=None, incremental: bool = False):
         hidden = self._hidden_sizes()
-        if getattr(self, "loss", None) == "poisson":
-            raise NotImplementedError("MLPRegressor(loss='poisson') needs a Poisson loss (exponential output) in "
-                                      "fastbp's loss table, which it does not have yet; use loss='squared_error'.")
         rows = getattr(X, "shape", (None,))[0]
         if sample_weight is not None and isinstance(rows, Integral):  # bad weights refused before any change
             _check_sample_weight(sample_weight, rows)
@@ -491,6 +504,7 @@ class _BaseMLP(BaseEstimator):
         Y = np.ascontiguousarray(y, dtype=model.dtype)
         n = X.shape[0]
         r, g = self._ratios()
+        offset = self._loss_offset(Y, sample_weights)
         if sample_weights is not None:  # scikit-learn's _backprop: the weighted mean loss, L2 term over sum(w)
             alpha, n = alpha * float(sample_weights.mean()), float(sample_weights.sum())
             sample_weights = sample_weights.astype(model.dtype)
@@ -506,7 +520,7 @@ class _BaseMLP(BaseEstimator):
             loss, dweights, dbiases = trainer.loss_and_grads(X, Y, sample_weight=sample_weights)
             model.layout.pack(dweights, dbiases, grad)
             weights = x * weight_mask
-            value = r * loss + 0.5 * alpha * float(np.dot(weights, weights)) / n
+            value = r * loss + offset + 0.5 * alpha * float(np.dot(weights, weights)) / n
             return value, grad * g + (alpha / n) * weights
 
         iprint = 1 if (self.verbose is True or self.verbose >= 1) else -1
@@ -664,17 +678,25 @@ class _Epochs:
 
     # -- the two ways of running epochs ----------------------------------------------------------------------
     def run_shuffled(self, X, Y, epochs: int) -> None:
+        offset = self.est._loss_offset(Y, self.w_train)  # history.loss: the weighted mean over the epoch's rows
+
         def callback(trainer, history) -> bool:
             squares = self._weight_squares()
             penalty = 0.5 * self.alpha * self.n_batches * (self.squares + squares) / 2 / self.n
             self.squares = squares
-            return self.end_epoch(history.loss[-1], penalty, history)
+            return self.end_epoch(history.loss[-1], penalty + offset, history)
 
         self.trainer.fit(X, Y, epochs=epochs, callbacks=[callback], sample_weight=self.w_train)
 
     def run_in_order(self, X, Y, epochs: int) -> None:
         trainer, n, batch = self.trainer, self.n, self.batch
         history = History()
+        offset = 0.0  # as the data loss: each batch's (weighted) mean, averaged by row counts
+        for start in range(0, n, batch):
+            stop = min(start + batch, n)
+            w = None if self.w_train is None else self.w_train[start:stop]
+            if w is None or w.any():
+                offset += self.est._loss_offset(Y[start:stop], w) * (stop - start) / n
         for _ in range(epochs):
             total, penalty = 0.0, 0.0
             for start in range(0, n, batch):
@@ -690,7 +712,7 @@ class _Epochs:
             history.epoch.append(len(history.epoch))
             history.time.append(0.0)
             history.lr.append(self.est._lr_)
-            if self.end_epoch(total / n, penalty, history):
+            if self.end_epoch(total / n, penalty + offset, history):
                 break
 
     def close(self) -> None:
@@ -699,6 +721,7 @@ class _Epochs:
 
     # -- scikit-learn's end of an epoch -------------------------------------------------------------------------
     def end_epoch(self, data_loss: float, penalty: float, history) -> bool:
+        """penalty: what scikit-learn's loss adds to ratio * data_loss (its L2 term, and _loss_offset)."""
         est = self.est
         if self.bar is not None:
             self.bar(self.trainer, history)
@@ -950,10 +973,11 @@ def _check_partial_fit_first_call(clf, classes=None) -> bool:
 class MLPRegressor(RegressorMixin, _BaseMLP):
     """Multi-layer perceptron regressor trained by fastbp: scikit-learn's ``MLPRegressor``, compiled.
 
-    Parameters are scikit-learn 1.9's, in its order (``loss`` first: ``"squared_error"``; ``"poisson"`` is not
-    supported yet), plus ``device`` and ``dtype`` as in :class:`MLPClassifier`. ``y`` is (n_samples,) or
-    (n_samples, n_outputs); ``predict`` returns (n_samples,) for one output. ``loss_curve_`` holds scikit-learn's
-    half squared error (plus its penalty term); ``validation_scores_`` holds R^2.
+    Parameters are scikit-learn 1.9's, in its order (``loss`` first: ``"squared_error"`` or ``"poisson"``, the
+    half Poisson deviance with an exp output), plus ``device`` and ``dtype`` as in :class:`MLPClassifier`. ``y``
+    is (n_samples,) or (n_samples, n_outputs); ``predict`` returns (n_samples,) for one output. ``loss_curve_``
+    holds scikit-learn's loss (half squared error or half deviance, plus its penalty term);
+    ``validation_scores_`` holds R^2.
 
     Examples
     --------
@@ -1005,10 +1029,12 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                              dtype=(np.float64, np.float32), reset=reset)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
+        if self.loss == "poisson" and y.size and y.min() < 0:  # before anything is fitted
+            raise ValueError(f"loss='poisson' needs targets y >= 0 (counts or rates); got values down to {y.min()}")
         return X, y
 
     def _out_activation(self) -> str:
-        return "identity"
+        return "exp" if self.loss == "poisson" else "identity"
 
     def _score_validation(self, pred, y_val, sample_weight=None) -> float:
         if not np.isfinite(pred).all():

@@ -159,12 +159,14 @@ class Trainer:
     ----------
     model : MLP
         The network; its ``weights`` / ``biases`` are read at the start of every call and hold the result.
-    loss : {"mse", "binary_cross_entropy", "softmax_cross_entropy"}
-        Defined as PyTorch's ``MSELoss``, ``BCEWithLogitsLoss`` and ``CrossEntropyLoss`` with
-        ``reduction="mean"``. mse: mean over all elements of ``(out - y)**2``, identity output.
-        binary_cross_entropy: mean over all elements of ``-[y log q + (1-y) log(1-q)]``, ``q = sigmoid(z)``.
-        softmax_cross_entropy: mean over samples of ``-log softmax(z)[label]``; ``y`` holds integer class
-        ids ``(n,)`` or one-hot / class-probability rows ``(n, k)``.
+    loss : {"mse", "binary_cross_entropy", "softmax_cross_entropy", "poisson"}
+        Defined as PyTorch's ``MSELoss``, ``BCEWithLogitsLoss``, ``CrossEntropyLoss`` and
+        ``PoissonNLLLoss(log_input=True)`` with ``reduction="mean"``. mse: mean over all elements of
+        ``(out - y)**2``, identity output. binary_cross_entropy: mean over all elements of
+        ``-[y log q + (1-y) log(1-q)]``, ``q = sigmoid(z)``. softmax_cross_entropy: mean over samples of
+        ``-log softmax(z)[label]``; ``y`` holds integer class ids ``(n,)`` or one-hot / class-probability rows
+        ``(n, k)``. poisson: mean over all elements of ``exp(z) - y z`` for counts (or rates) ``y >= 0``; the
+        output is the rate ``exp(z)`` (the log link).
     optimizer : {"sgd", "adam", "adamw"}
         Exactly ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov)``,
         ``torch.optim.Adam(lr, betas, eps, weight_decay)`` (weight decay as L2 added to the gradient) and
@@ -741,7 +743,8 @@ class Trainer:
     # -- inference ------------------------------------------------------------------------------------------
     def predict(self, X) -> np.ndarray:
         """The network's transformed output for X (n, n_in): raw values (mse), sigmoid probabilities
-        (binary_cross_entropy) or softmax probabilities (softmax_cross_entropy), shape (n, n_out).
+        (binary_cross_entropy), softmax probabilities (softmax_cross_entropy) or rates ``exp(z)`` (poisson),
+        shape (n, n_out).
 
         >>> import numpy as np, fastbp
         >>> trainer = fastbp.Trainer(fastbp.MLP([4, 8, 3], seed=0), loss="softmax_cross_entropy")

@@ -54,6 +54,8 @@ def loss_and_dlogits(loss, z, Y):
         ls = log_softmax(z)
         p = np.exp(ls)
         return -(Y * ls).sum() / n, (p * Y.sum(axis=1, keepdims=True) - Y) / n
+    if loss == "poisson":  # PyTorch's PoissonNLLLoss(log_input=True): exp(z) - y z
+        return np.mean(np.exp(z) - Y * z), (np.exp(z) - Y) / (n * k)
     raise ValueError(loss)
 
 
@@ -62,6 +64,8 @@ def output_transform(loss, z):
         return z
     if loss == "binary_cross_entropy":
         return 1.0 / (1.0 + np.exp(-z))
+    if loss == "poisson":
+        return np.exp(z)
     return np.exp(log_softmax(z))
 
 

@@ -198,6 +198,8 @@ class Problem:
             self.Y = rng.normal(size=(n, k)).astype(dtype)
         elif loss == "binary_cross_entropy":
             self.Y = rng.uniform(size=(n, k)).round(1).astype(dtype)
+        elif loss == "poisson":
+            self.Y = rng.poisson(2.0, size=(n, k)).astype(dtype)
         else:  # one-hot rows, and a few rows of class probabilities
             self.Y = naive.one_hot(rng.integers(0, k, size=n), k).astype(dtype)
             self.Y[:3] = rng.dirichlet(np.ones(k), size=3)
@@ -295,6 +297,8 @@ PROBLEMS = {
                                               lr=0.05),
     "2-3-1-relu-bce-plain-sgd": dict(sizes=[2, 3, 1], activations=["relu"], loss="binary_cross_entropy",
                                      optimizer="sgd", hyper=make_hyper(), n=17, batch_size=16, epochs=5, lr=0.2),
+    "5-20-3-tanh-poisson-momentum": dict(sizes=[5, 20, 3], activations=["tanh"], loss="poisson", optimizer="sgd",
+                                         hyper=make_hyper(momentum=0.9), n=41, batch_size=16, epochs=5, lr=0.02),
 }
 # float32 runs against the float64 reference: a few hundred float32 roundings per step, compounded.
 TRAIN_TOLERANCES = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-9, atol=1e-11)}

@@ -17,7 +17,7 @@ from . import naive  # noqa: E402
 from .conftest import TOLERANCES  # noqa: E402
 
 ACTS = ["sigmoid", "relu", "tanh", "identity", "leaky_relu"]
-LOSSES = ["mse", "binary_cross_entropy", "softmax_cross_entropy"]
+LOSSES = ["mse", "binary_cross_entropy", "softmax_cross_entropy", "poisson"]
 DTYPES = [np.float32, np.float64]
 
 COMMON = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -43,6 +43,9 @@ def problems(draw, max_layers=4, max_width=9, max_samples=24):
         Y = y
     elif loss == "binary_cross_entropy":
         y = rng.uniform(size=(n, k))
+        Y = y
+    elif loss == "poisson":
+        y = rng.poisson(1.0, size=(n, k)).astype(float)
         Y = y
     else:
         y = rng.integers(0, k, size=n)
@@ -149,6 +152,10 @@ def corrupt_y(kind, y, loss, k, rng):
         if loss == "binary_cross_entropy":
             y = np.array(y, dtype=np.float64)
             y[rng.integers(n), rng.integers(k)] = rng.choice([-1e-3, 1.0 + 1e-3, 7.0])
+            return y
+        if loss == "poisson":  # counts are >= 0
+            y = np.array(y, dtype=np.float64)
+            y[rng.integers(n), rng.integers(k)] = rng.choice([-1e-3, -2.0])
             return y
         return np.ones((n, k + 1))  # mse: wrong column count
     if kind == "fraction":

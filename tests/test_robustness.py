@@ -303,6 +303,28 @@ def test_logits_of_plus_minus_1e4_stay_finite(loss, dtype):
     assert all(np.isfinite(w).all() for w in model.weights)
 
 
+def test_poisson_log_rates_at_the_extremes(dtype):
+    """poisson's output is exp(z): a log-rate of -1e4 is a rate of 0 and its loss stays finite (-y z), as the
+    reference; one of +1e4 is an infinite rate, so fit stops with NonFiniteLossError and restores the weights
+    (there is no finite form of exp(1e4), in PyTorch either)."""
+    rng = np.random.default_rng(0)
+    model = fastbp.MLP([3, 4, 2], "tanh", dtype=dtype, seed=0)
+    X, y = rng.normal(size=(6, 3)), rng.poisson(2.0, size=(6, 2)).astype(float)
+    trainer = fastbp.Trainer(model, loss="poisson", lr=1e-6, batch_size=None)
+    model.biases[-1][...] = [-1e4, 0.0]
+    value, dweights, dbiases = trainer.loss_and_grads(X, y)
+    ref_value, _, _ = naive.loss_and_grads(model.weights, model.biases, model.activations, "poisson", X, y)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    assert all(np.isfinite(g).all() for g in dweights + dbiases)
+    assert (trainer.predict(X)[:, 0] == 0).all()
+    model.biases[-1][...] = [1e4, 0.0]
+    before = model.flat_parameters()
+    with pytest.raises(fastbp.NonFiniteLossError, match="in epoch 0 "):
+        trainer.fit(X, y, epochs=2)
+    np.testing.assert_array_equal(model.flat_parameters(), before)
+    assert trainer.steps_done == 0
+
+
 @pytest.mark.parametrize("act", ["sigmoid", "relu", "tanh", "identity", "leaky_relu"])
 @pytest.mark.parametrize("loss", LOSSES)
 def test_inputs_of_1e6_scale_stay_finite(act, loss, dtype):

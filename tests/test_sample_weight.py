@@ -2,7 +2,7 @@
 per-row losses (reduction="none") weighted by hand, and the identity "integer weights = repeated rows".
 
 The definition (issue 14): a batch's loss is sum_i w_i l_i / sum_i w_i, l_i the row's loss (the mean over
-its outputs for mse and binary cross-entropy, -log p[label] for softmax cross-entropy).
+its outputs for mse, binary cross-entropy and poisson, -log p[label] for softmax cross-entropy).
 """
 import numpy as np
 import pytest
@@ -15,7 +15,7 @@ NETWORKS = {  # sizes, activation: a narrow network (feature-major step) and a w
     "narrow": ([3, 16, 8, 4], "tanh"),
     "wide": ([20, 160, 4], "relu"),
 }
-LOSSES = ["mse", "binary_cross_entropy", "softmax_cross_entropy"]
+LOSSES = ["mse", "binary_cross_entropy", "softmax_cross_entropy", "poisson"]
 
 
 def problem(sizes, loss, n, seed=0):
@@ -26,6 +26,8 @@ def problem(sizes, loss, n, seed=0):
         y = rng.integers(0, k, size=n)
     elif loss == "binary_cross_entropy":
         y = (rng.random(size=(n, k)) > 0.5).astype(np.float64)
+    elif loss == "poisson":
+        y = rng.poisson(1.5, size=(n, k)).astype(np.float64)
     else:
         y = rng.normal(size=(n, k))
     w = rng.random(n) * 3
@@ -40,6 +42,8 @@ def torch_row_losses(module, X, y, loss):
     target = torch.from_numpy(y)
     if loss == "mse":
         return ((out - target) ** 2).mean(dim=1)
+    if loss == "poisson":
+        return torch.nn.functional.poisson_nll_loss(out, target, log_input=True, reduction="none").mean(dim=1)
     return torch.nn.functional.binary_cross_entropy_with_logits(out, target, reduction="none").mean(dim=1)
 
 
@@ -82,7 +86,8 @@ def test_fit_matches_torch_with_minibatches(network, loss, zero_batch):
         w[np.random.default_rng(5).permutation(37)[8:16]] = 0.0
     model = fastbp.MLP(sizes, act, seed=1, dtype=np.float64)
     module = model.to_torch().double()
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    lr = 0.01 if loss == "poisson" else 0.1  # exp(z) grows fast: 0.1 with momentum diverges on the wide net
+    optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9)
     rng = np.random.default_rng(5)  # the seeded Trainer's per-epoch orders
     losses = []
     for _ in range(3):
@@ -100,7 +105,7 @@ def test_fit_matches_torch_with_minibatches(network, loss, zero_batch):
                     p.grad = torch.zeros_like(p)
             optimizer.step()
         losses.append(epoch / w.sum())
-    history = fastbp.Trainer(model, loss=loss, lr=0.1, momentum=0.9, batch_size=8, seed=5).fit(
+    history = fastbp.Trainer(model, loss=loss, lr=lr, momentum=0.9, batch_size=8, seed=5).fit(
         X, y, epochs=3, sample_weight=w)
     linears = [m for m in module if isinstance(m, torch.nn.Linear)]
     for layer, lin in enumerate(linears):

@@ -522,10 +522,48 @@ def test_weighted_shuffled_fit_with_early_stopping_learns_what_the_weights_say(d
     assert score_b > unweighted.score(X[keep], y[keep])  # the weights changed what was learned
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="loss='poisson' needs a Poisson loss (exp output) in fastbp's loss table")
-def test_poisson_loss_matches_sklearn(data):
-    X, y = data["regression"]
-    params = dict(loss="poisson", hidden_layer_sizes=(6,), solver="lbfgs", max_iter=10, random_state=0)
-    a, b = SkRegressor(**params).fit(X, y), MLPRegressor(**params).fit(X, y)
-    assert b.loss_ == pytest.approx(a.loss_, rel=1e-4) and b.out_activation_ == a.out_activation_ == "exp"
+def _poisson_data(n=300, k=1, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 5))
+    rates = np.exp(0.3 * X[:, :1] + 0.2 * X[:, 1:2] + 0.1 * np.arange(k))
+    y = rng.poisson(rates).astype(float)
+    return X, (y.ravel() if k == 1 else y)
+
+
+@pytest.mark.parametrize("k, weighted", [(1, False), (1, True), (3, False)], ids=["1-output", "weighted", "3-outputs"])
+def test_poisson_lbfgs_matches_sklearn(k, weighted):
+    """scikit-learn's half Poisson deviance (summed over outputs, its y log y - y constant included) with the
+    exp output: lbfgs on fastbp's poisson loss takes scikit-learn's path, so loss_, n_iter_ and the
+    predictions agree to float64 rounding."""
+    X, y = _poisson_data(k=k)
+    w = np.random.default_rng(1).random(len(X)) if weighted else None
+    params = dict(loss="poisson", hidden_layer_sizes=(6,), solver="lbfgs", max_iter=15, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a = SkRegressor(**params).fit(X, y, sample_weight=w)
+        b = MLPRegressor(**params).fit(X, y, sample_weight=w)
+    assert b.out_activation_ == a.out_activation_ == "exp"
+    assert b.loss_ == pytest.approx(a.loss_, rel=1e-9) and b.n_iter_ == a.n_iter_
+    np.testing.assert_allclose(b.predict(X), a.predict(X), rtol=1e-7)
+    assert (b.predict(X) > 0).all()
+
+
+def test_poisson_in_order_sgd_matches_sklearn_epoch_by_epoch():
+    X, y = _poisson_data()
+    params = dict(loss="poisson", hidden_layer_sizes=(6,), solver="sgd", learning_rate_init=0.01, shuffle=False,
+                  batch_size=64, max_iter=8, random_state=0, alpha=0.0)  # as the in-order tests above
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a, b = SkRegressor(**params).fit(X, y), MLPRegressor(**params).fit(X, y)
+    np.testing.assert_allclose(b.loss_curve_, a.loss_curve_, rtol=1e-9)
+    np.testing.assert_allclose(b.predict(X), a.predict(X), rtol=1e-7)
+
+
+def test_poisson_refuses_negative_targets_before_fitting():
+    X, y = _poisson_data(n=40)
+    y[3] = -1.0
+    est = MLPRegressor(loss="poisson", hidden_layer_sizes=(4,), max_iter=5)
+    with pytest.raises(ValueError, match=r"loss='poisson' needs targets y >= 0.*-1"):
+        est.fit(X, y)
+    assert not hasattr(est, "model_")
+    MLPRegressor(loss="squared_error", hidden_layer_sizes=(4,), max_iter=2).fit(X, y)  # fine for squared error

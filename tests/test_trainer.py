@@ -8,7 +8,7 @@ from . import naive
 from .conftest import TOLERANCES
 
 ACTS = ["sigmoid", "relu", "tanh", "identity", "leaky_relu"]
-LOSSES = ["mse", "binary_cross_entropy", "softmax_cross_entropy"]
+LOSSES = ["mse", "binary_cross_entropy", "softmax_cross_entropy", "poisson"]
 
 
 def make_problem(loss, n, sizes, rng, dtype):
@@ -19,6 +19,9 @@ def make_problem(loss, n, sizes, rng, dtype):
         Y = y.astype(np.float64)
     elif loss == "binary_cross_entropy":
         y = rng.uniform(size=(n, k)).astype(dtype)
+        Y = y.astype(np.float64)
+    elif loss == "poisson":
+        y = rng.poisson(1.5, size=(n, k)).astype(dtype)
         Y = y.astype(np.float64)
     else:
         y = rng.integers(0, k, size=n)
@@ -59,7 +62,7 @@ def test_predict_and_evaluate_match_reference(loss, dtype, rng):
     np.testing.assert_allclose(scores["loss"], ref_loss, rtol=1e-5 if dtype == np.float32 else 1e-10)
     if loss == "softmax_cross_entropy":
         assert scores["accuracy"] == pytest.approx(np.mean(Z[-1].argmax(1) == y))
-    if loss == "mse":
+    if loss in ("mse", "poisson"):
         assert "accuracy" not in scores
 
 

@@ -37,6 +37,7 @@ from .pointwise import (
     IDENTITY,
     LEAKY_RELU,
     MSE,
+    POISSON,
     RELU,
     SIGMOID,
     SGD,
@@ -378,8 +379,8 @@ def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
     """Fused loss and gradient, overwritten: dlogits (B, k) = d mean-loss / d logits, row_losses (B,) each
     row's summed loss. logits, targets (B, k); inv_divisor = 1 / loss_divisor(loss, n, k).
 
-    mse and softmax_cross_entropy are written out over the whole (B, k) block here (the same arithmetic as
-    pointwise.loss_grad_row): taking a row view per sample costs a reference-count round trip each, which
+    mse, poisson and softmax_cross_entropy are written out over the whole (B, k) block here (the same
+    arithmetic as pointwise.loss_grad_row): taking a row view per sample costs a reference-count round trip each, which
     was 44 ns a row, more than the arithmetic, and softmax's exps then run as one vectorised loop over the
     block instead of rows of 10. binary_cross_entropy goes row by row through loss_grad_row."""
     prefer_wide_vectors()
@@ -394,6 +395,15 @@ def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
                 diff = logits[i, j] - targets[i, j]
                 total += diff * diff
                 dlogits[i, j] = two_over * diff
+            row_losses[i] = total
+    elif loss == POISSON:  # exp(z) - t z and (exp(z) - t) / divisor: one loop over the block, exps vectorised
+        for i in range(n):
+            total = zero
+            for j in range(k):
+                z = logits[i, j]
+                rate = exp_fast(z)
+                total += rate - targets[i, j] * z
+                dlogits[i, j] = (rate - targets[i, j]) * inv_divisor
             row_losses[i] = total
     elif loss == SOFTMAX_CROSS_ENTROPY:
         # Pass 1: shift each row by its max (stability only); the max waits in row_losses.
@@ -431,7 +441,7 @@ def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
 
 @cpu_jit(**FAST)
 def output_transform(out, logits, loss):
-    """out (B, k) = the loss's output transform of logits (B, k): identity, sigmoid or softmax."""
+    """out (B, k) = the loss's output transform of logits (B, k): identity, sigmoid, softmax or exp."""
     prefer_wide_vectors()
     for i in range(logits.shape[0]):
         output_transform_row(out[i], logits[i], loss)

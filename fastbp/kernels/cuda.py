@@ -811,7 +811,7 @@ def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
 
 
 def output_transform(out, logits, loss):
-    """out (B, k) = the loss's output transform of logits (B, k): identity, sigmoid or softmax."""
+    """out (B, k) = the loss's output transform of logits (B, k): identity, sigmoid, softmax or exp."""
     launch(_output_transform_kernel, _blocks(logits.shape[0], BLOCK_1D), BLOCK_1D, (out, logits, loss))
 
 

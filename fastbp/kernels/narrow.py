@@ -59,6 +59,7 @@ from .pointwise import (
     LEAKY_RELU,
     LEAKY_RELU_SLOPE,
     MSE,
+    POISSON,
     RELU,
     SGD,
     SIGMOID,
@@ -1042,6 +1043,13 @@ def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss, optimizer):
                             q = vselect(z >= zero, inv, e * inv)
                             lane_loss = lane_loss + ((vmax(z, zero) - z * t) + log1p_unit(e))
                             vstore(work, dlogit_at + j * lanes, vselect(mask, (q - t) * inv_divisor, zero))
+                    elif loss == POISSON:
+                        for j in range(k):
+                            z = vload(work, logit_at + j * lanes)
+                            t = vload(work, t_at + j * lanes)
+                            rate = exp_bits(z)
+                            lane_loss = lane_loss + (rate - z * t)
+                            vstore(work, dlogit_at + j * lanes, vselect(mask, (rate - t) * inv_divisor, zero))
                     else:  # SOFTMAX_CROSS_ENTROPY; the max is subtracted for stability only
                         zmax = vload(work, logit_at)
                         for j in range(1, k):
@@ -1146,7 +1154,7 @@ def kernel_for(act_codes, loss: int, optimizer: int):
     key = (SIGMOID in codes, TANH in codes, RELU in codes, LEAKY_RELU in codes, int(loss), int(optimizer))
     kernel = _KERNELS.get(key)
     if kernel is None:
-        if key[4] not in (MSE, BINARY_CROSS_ENTROPY, SOFTMAX_CROSS_ENTROPY):
+        if key[4] not in (MSE, BINARY_CROSS_ENTROPY, SOFTMAX_CROSS_ENTROPY, POISSON):
             raise ValueError(f"unknown loss code {loss}")
         kernel = _KERNELS[key] = _make_kernel(*key)
     return kernel

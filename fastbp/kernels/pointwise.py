@@ -26,7 +26,7 @@ from .._jit import inline
 # fastbp's own (they feed the private optimizer_step driver) and may change.
 __all__ = [
     "IDENTITY", "SIGMOID", "TANH", "RELU", "LEAKY_RELU", "ACTIVATIONS", "ACTIVATION_NAMES", "LEAKY_RELU_SLOPE",
-    "MSE", "BINARY_CROSS_ENTROPY", "SOFTMAX_CROSS_ENTROPY", "LOSSES", "LOSS_NAMES",
+    "MSE", "BINARY_CROSS_ENTROPY", "SOFTMAX_CROSS_ENTROPY", "POISSON", "LOSSES", "LOSS_NAMES",
     "SGD", "ADAM", "ADAMW", "OPTIMIZERS",
     "exp_fast", "sigmoid", "activate", "activation_grad", "loss_divisor", "loss_grad_row", "output_transform_row",
     "sgd_update_one", "adam_decay_terms", "adam_update_one", "clip_coefficient",
@@ -55,11 +55,13 @@ LEAKY_RELU_SLOPE = 0.01
 MSE = 0  # identity output
 BINARY_CROSS_ENTROPY = 1  # sigmoid output
 SOFTMAX_CROSS_ENTROPY = 2  # softmax output
+POISSON = 3  # exp output (the log link): z is the log of the predicted rate
 
 LOSSES = {
     "mse": MSE,
     "binary_cross_entropy": BINARY_CROSS_ENTROPY,
     "softmax_cross_entropy": SOFTMAX_CROSS_ENTROPY,
+    "poisson": POISSON,
 }
 LOSS_NAMES = {code: name for name, code in LOSSES.items()}
 
@@ -177,7 +179,7 @@ def activation_grad(y, act):
 def loss_divisor(loss, n_rows, n_outputs):
     """How many terms the loss is a mean over (PyTorch's default reduction="mean").
 
-    mse and binary_cross_entropy average over every element; softmax_cross_entropy over samples.
+    mse, binary_cross_entropy and poisson average over every element; softmax_cross_entropy over samples.
     """
     if loss == SOFTMAX_CROSS_ENTROPY:
         return n_rows
@@ -211,6 +213,14 @@ def loss_grad_row(dlogits, logits, target, loss, inv_divisor):
             t = target[j]
             total += max(z, zero) - z * t + math.log1p(math.exp(-abs(z)))
             dlogits[j] = (sigmoid(z) - t) * inv_divisor
+    elif loss == POISSON:
+        # PyTorch's PoissonNLLLoss(log_input=True): exp(z) - t z, the Poisson negative log-likelihood of
+        # count t at rate exp(z) without the log(t!) term. exp_fast: inf past the dtype's range, no trap.
+        for j in range(k):
+            z = logits[j]
+            rate = exp_fast(z)
+            total += rate - target[j] * z
+            dlogits[j] = (rate - target[j]) * inv_divisor
     else:  # SOFTMAX_CROSS_ENTROPY: sum_j t_j (logsumexp(z) - z_j); the max is subtracted for stability only.
         zmax = logits[0]
         for j in range(1, k):
@@ -233,7 +243,8 @@ def loss_grad_row(dlogits, logits, target, loss, inv_divisor):
 
 @inline
 def output_transform_row(out, logits, loss):
-    """The loss's output transform for one sample: identity (mse), sigmoid (bce) or softmax (ce)."""
+    """The loss's output transform for one sample: identity (mse), sigmoid (bce), softmax (ce) or exp
+    (poisson: the predicted rate)."""
     k = logits.shape[0]
     if loss == MSE:
         for j in range(k):
@@ -241,6 +252,9 @@ def output_transform_row(out, logits, loss):
     elif loss == BINARY_CROSS_ENTROPY:
         for j in range(k):
             out[j] = sigmoid(logits[j])
+    elif loss == POISSON:
+        for j in range(k):
+            out[j] = exp_fast(logits[j])
     else:
         zmax = logits[0]
         for j in range(1, k):

@@ -62,6 +62,8 @@ class Net:
             self.Y = rng.normal(size=(n, k)).astype(dtype)
         elif loss == "binary_cross_entropy":
             self.Y = rng.uniform(size=(n, k)).astype(dtype)
+        elif loss == "poisson":
+            self.Y = rng.poisson(2.0, size=(n, k)).astype(dtype)
         else:
             self.Y = naive.one_hot(rng.integers(0, k, size=n), k).astype(dtype)
 

@@ -46,6 +46,7 @@ def assert_same_params(cpu_model, cuda_model, tol):
     ("softmax_cross_entropy", "sgd", dict(momentum=0.9, weight_decay=0.01, clip_grad_norm=0.05), 8),
     ("mse", "adam", dict(clip_grad_norm=0.05), None),
     ("mse", "sgd", dict(momentum=0.5, dampening=0.1), None),
+    ("poisson", "sgd", dict(momentum=0.9), 8),
 ])
 def test_fit_matches_cpu_step_for_step(small_launches, loss, optimizer, kwargs, batch_size, rng):
     dtype = np.float32
@@ -70,7 +71,7 @@ def test_fit_matches_cpu_step_for_step(small_launches, loss, optimizer, kwargs, 
         assert np.abs(plain.model.weights[0] - gpu.model.weights[0]).max() > 1e-3
 
 
-@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "softmax_cross_entropy"])
+@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "softmax_cross_entropy", "poisson"])
 def test_loss_and_grads_match_cpu_and_reference(small_launches, loss, dtype, rng):
     sizes = [4, 6, 3]
     X, y, Y = make_problem(loss, 13, sizes, rng, dtype)
@@ -170,6 +171,7 @@ def _weights(n, rng, zero_rows=()):
     ([5, 9, 7, 6, 3], "mse", "sgd", dict(nesterov=True, momentum=0.5), 5),  # three
     ([5, 7, 6, 3], "mse", "adamw", dict(weight_decay=0.05), None),  # full batch, in order
     ([5, 7, 6, 3], "softmax_cross_entropy", "sgd", dict(momentum=0.9, clip_grad_norm=0.05), 8),  # stepwise
+    ([5, 7, 3], "poisson", "sgd", dict(momentum=0.5), 6),
 ])
 def test_weighted_fit_matches_cpu(small_launches, sizes, loss, optimizer, kwargs, batch_size, rng):
     dtype = np.float32
@@ -202,7 +204,7 @@ def test_weighted_fit_with_a_batch_that_weighs_nothing(small_launches, rng):
     assert_same_params(cpu.model, gpu.model, PARITY[dtype])
 
 
-@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "softmax_cross_entropy"])
+@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy", "softmax_cross_entropy", "poisson"])
 def test_weighted_evaluate_and_loss_and_grads_match_cpu(small_launches, monkeypatch, loss, dtype, rng):
     from fastbp.backends import cuda as backend_module
 
