@@ -290,9 +290,8 @@ class DataParallelTrainer(Trainer):
         loss_sum, divisor, correct, terms = self._reduce_sum([loss * divisor, divisor, correct, terms])
         return super()._global_scores(loss_sum / divisor, divisor, correct, terms)
 
-    def _sample_weight(self, sample_weight, n: int, allow_all_zero: bool = True):
-        # One rank's shard may weigh nothing; the sum over every rank is checked collectively (_check_weights).
-        return super()._sample_weight(sample_weight, n, allow_all_zero=True)
+    # One rank's shard may weigh nothing; the sum over every rank is checked collectively (_check_weights).
+    _local_weights_may_all_be_zero = True
 
     def _check_weights(self, weights, n_local: int) -> None:
         """Collective: refuse sample weights that are 0 on every rank (the weighted mean would be 0 / 0)."""

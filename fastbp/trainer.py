@@ -438,10 +438,13 @@ class Trainer:
                         patience=patience, restore_best=restore_best, callbacks=callbacks,
                         on_nonfinite=on_nonfinite, verbose=verbose, validation=validation, sample_weight=weights)
 
-    def _sample_weight(self, sample_weight, n: int, allow_all_zero: bool = False):
+    # Whether this process's weights may all be 0 (a subclass that checks their sum over processes says yes).
+    _local_weights_may_all_be_zero = False
+
+    def _sample_weight(self, sample_weight, n: int):
         """sample_weight checked: None, or a contiguous (n,) host vector of the model's dtype (None when every
         weight is 1: the same loss, and the fastest path). Refused: wrong shape, negative, non-finite or
-        all-zero weights, and any weights on a backend without them."""
+        all-zero weights."""
         if sample_weight is None:
             return None
         if is_gpu_array(sample_weight):
@@ -456,7 +459,7 @@ class Trainer:
             raise ValueError("sample_weight must be finite; got NaN or inf")
         if n and w.min() < 0:
             raise ValueError(f"sample_weight must be >= 0; got a minimum of {w.min()!r}")
-        if n and not w.any() and not allow_all_zero:
+        if n and not w.any() and not self._local_weights_may_all_be_zero:
             raise ValueError("sample_weight must not be all zero (the weighted mean loss would be 0 / 0)")
         if np.all(w == 1.0):
             return None

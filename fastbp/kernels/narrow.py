@@ -58,12 +58,12 @@ from .pointwise import (
     H_WEIGHT_DECAY,
     LEAKY_RELU,
     LEAKY_RELU_SLOPE,
+    LOSS_NAMES,
     MSE,
     POISSON,
     RELU,
     SGD,
     SIGMOID,
-    SOFTMAX_CROSS_ENTROPY,
     TANH,
     activate,
     activation_grad,
@@ -1154,7 +1154,7 @@ def kernel_for(act_codes, loss: int, optimizer: int):
     key = (SIGMOID in codes, TANH in codes, RELU in codes, LEAKY_RELU in codes, int(loss), int(optimizer))
     kernel = _KERNELS.get(key)
     if kernel is None:
-        if key[4] not in (MSE, BINARY_CROSS_ENTROPY, SOFTMAX_CROSS_ENTROPY, POISSON):
+        if key[4] not in LOSS_NAMES:
             raise ValueError(f"unknown loss code {loss}")
         kernel = _KERNELS[key] = _make_kernel(*key)
     return kernel
