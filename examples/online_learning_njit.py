@@ -42,10 +42,9 @@ ACC_SCALE = 10.0
 MIN_STEPS = 2000
 MAX_ERROR_RATIO = 0.8
 
-# A cached function that calls fastbp's kernels must be compiled parallel=True on numba < 0.63, which otherwise
-# segfaults when it loads it from the cache (numba #8578, fixed in 0.63; see fastbp/kernels/API.md).
-NUMBA_VERSION = tuple(int(part) for part in numba.__version__.split(".")[:2])
-JIT = dict(cache=True) if NUMBA_VERSION >= (0, 63) else dict(cache=True, parallel=True)
+# Cached like fastbp's own kernels (numba >= 0.63, which fastbp requires, caches a serial caller of parallel
+# kernels safely: numba #8578; see fastbp/kernels/API.md).
+JIT = dict(cache=True)
 
 
 def acceleration(theta, omega):

@@ -4,7 +4,8 @@
 >>> model = fastbp.MLP([64, 128, 10], activation="relu", seed=0)
 >>> trainer = fastbp.Trainer(model, loss="softmax_cross_entropy", optimizer="sgd", lr=0.1, batch_size=32)
 
-Importing fastbp compiles nothing: kernels compile on first use and are cached on disk.
+Importing fastbp compiles nothing: kernels compile on first use and are cached on disk
+(``fastbp.precompile()`` or ``python -m fastbp precompile`` fills that cache ahead of time).
 """
 from ._version import __version__
 from .checkpoint import CheckpointError
@@ -12,7 +13,8 @@ from .model import MLP
 from .progress import ProgressBar
 from .schedules import Constant, CosineDecay, ExponentialDecay, ReduceLROnPlateau, StepDecay
 from .trainer import History, LearningRateSearch, NonFiniteLossError, Trainer
+from .warm_cache import precompile
 
 __all__ = ["MLP", "Trainer", "History", "LearningRateSearch", "NonFiniteLossError", "CheckpointError",
            "ProgressBar", "Constant", "ExponentialDecay", "StepDecay", "CosineDecay", "ReduceLROnPlateau",
-           "__version__"]
+           "precompile", "__version__"]

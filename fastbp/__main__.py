@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "bench": ("fastbp.bench", "time the standard workloads on every usable device (CPU vs GPU)"),
     "info": ("fastbp.info", "versions, threading, cache and CUDA availability"),
+    "precompile": ("fastbp.warm_cache", "compile the CPU kernels of the common configurations into the disk cache"),
 }
 
 
@@ -16,7 +17,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m fastbp COMMAND [options]\n\ncommands:")
         for name, (_, description) in COMMANDS.items():
-            print(f"  {name:<8} {description}")
+            print(f"  {name:<10} {description}")
         return 0 if argv else 2
     name = argv[0]
     if name not in COMMANDS:

@@ -12,24 +12,23 @@ import os
 import warnings
 
 from numba import njit, types
-from numba.core.errors import NumbaPerformanceWarning
 from numba.extending import intrinsic
 
 CACHE_ENABLED = os.environ.get("FASTBP_CACHE", "1").lower() not in ("0", "false", "no", "off")
 
 
-def cpu_jit(**options):
+def cpu_jit(parallel=False, cache=True, **options):
     """Decorator: ``numba.njit`` with fastbp's defaults, lazily compiled (no signature), cached when possible.
 
-    Every function is compiled with ``parallel=True``, even those without ``prange``: a cached function that
-    is NOT parallel and calls one that is segfaults when it is loaded from the cache (numba #8578, open;
-    marking the caller parallel avoids it, numba #4807). Only ``prange`` loops and whole-array statements
-    run in parallel; plain ``range`` loops stay serial, so the reference kernels stay serial.
+    ``parallel=True`` only on the functions that hold a ``prange`` loop. A cached serial function may call a
+    parallel one since numba 0.63 (numba #8578, fixed by PR #9950; before it, loading such a caller from the
+    cache segfaulted, and fastbp compiled every function parallel): hence ``numba>=0.63``. numba's parfor
+    passes on a function with nothing to parallelise only cost compile time (19 of the fused narrow kernel's
+    54 s cold compile, when it was compiled parallel). ``cache=False`` keeps a function off the disk cache
+    (the product engine while FASTBP_SIMD_BITS overrides its vector width: see fastbp.kernels.simd).
     """
-    parallel = True
-
     def decorate(func):
-        if CACHE_ENABLED:
+        if cache and CACHE_ENABLED:
             try:
                 return njit(cache=True, parallel=parallel, **options)(func)
             except RuntimeError as error:  # "cannot cache function ...: no locator available"
@@ -43,18 +42,6 @@ def cpu_jit(**options):
 
     return decorate
 
-
-# parallel=True on a function without prange (see cpu_jit) makes numba warn that nothing was parallelised.
-# That is expected for fastbp's kernels. numba raises it from different places (its own typed_passes module,
-# or attributed to the kernel's file), so the filter keys on the message, which names the function's file:
-# only warnings about fastbp's kernel files are hidden, a user's own numba code keeps its warnings.
-def hide_expected_parallel_warnings() -> None:
-    warnings.filterwarnings(
-        "ignore", category=NumbaPerformanceWarning,
-        message=r"(?s).*'parallel=True' was specified but no transformation.*fastbp[/\\]kernels[/\\]")
-
-
-hide_expected_parallel_warnings()
 
 # Shared helpers that both targets compile: inlined into every caller (see shared toolchain notes: only
 # inline helpers compile to PTX without a GPU), so they are never compiled or cached on their own.

@@ -124,7 +124,7 @@ def _cuda() -> dict:
 
 def collect(probe_threads: bool = True) -> dict:
     """Everything ``info`` reports, as a dict (keys: versions, python, threading, cache, cuda...)."""
-    from . import __version__
+    from ._version import __version__
 
     return {
         "fastbp": __version__,

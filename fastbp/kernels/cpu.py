@@ -160,7 +160,7 @@ def _dense_forward_rows(out, inp, weight, bias, act, row_start, row_stop):
     _bias_activate_rows(out, bias, act, row_start, row_stop)
 
 
-@cpu_jit(**FAST)
+@cpu_jit(parallel=True, **FAST)
 def dense_forward_axpy(out, inp, weight, bias, act):
     """out = act(inp @ weight + bias), overwritten, in the axpy form on the weight as stored (no workspace, any
     layout of inp): dense_forward's path for batches shorter than a tile of the engine (one-row predictions,
@@ -215,7 +215,7 @@ def _axpy_rows(C, A, B, i0, i1):
                 C[ii, j] += a * B[k, j]
 
 
-@cpu_jit(**FAST)
+@cpu_jit(parallel=True, **FAST)
 def matmul_axpy(C, A, B):
     """C = A @ B, overwritten, in the axpy form (see _axpy_rows). A (M, K) in any layout (a transposed view
     too), B (K, N) and C (M, N) C-contiguous; parallel over ROW_BLOCK-row blocks of C above PARALLEL_MIN_WORK
@@ -604,9 +604,14 @@ def _bias_activate_rows(out, bias, act, i0, i1):
     _activate_flat(out.reshape(out.shape[0] * n)[i0 * n:i1 * n], act)
 
 
-@inline
+@cpu_jit(**FAST)
 def _activate_flat(flat, act):
     # flat[t] = act(flat[t]) over a contiguous block, one vectorised loop per activation.
+    # A compiled function, not an inline helper: numba deep-copies an inlined function's IR at every call
+    # site, and every inlining caller above it copies that copy again; inlined here, this function's four
+    # loops (sigmoid's exp_fast and activate() in them) cost a cold fit 4 s of the 16 s numba spent inlining
+    # (AMD EPYC Zen 4). Called once per row block, so the call itself costs nothing measurable.
+    prefer_wide_vectors()
     zero = flat.dtype.type(0.0)
     if act == IDENTITY:
         return
@@ -625,9 +630,11 @@ def _activate_flat(flat, act):
             flat[t] = activate(flat[t], LEAKY_RELU)
 
 
-@inline
+@cpu_jit(**FAST)
 def _scale_by_activation_grad_rows(dinp, inp, act, i0, i1):
     # dinp[i, :] *= act'(from the output inp[i, :]) for rows i0..i1, as one loop over the contiguous block.
+    # Compiled on its own, as _activate_flat (and for the same reason).
+    prefer_wide_vectors()
     n = dinp.shape[1]
     zero = dinp.dtype.type(0.0)
     if act == IDENTITY:
@@ -660,7 +667,7 @@ def matmul_nt_block(C, A, Bt, row_start, row_stop, col_start, col_stop):
     _nt_block(C, A, Bt, row_start, row_stop, col_start, col_stop)
 
 
-@cpu_jit(**FAST)
+@cpu_jit(parallel=True, **FAST)
 def matmul_nt(C, A, Bt):
     """C = A @ Bt.T, overwritten. A (M, K), Bt (N, K), C (M, N), all C-contiguous; parallel over
     GEMM_TASK_ROWS x GEMM_TASK_COLS blocks of C above PARALLEL_MIN_WORK multiply-adds (each task owns its
@@ -699,7 +706,7 @@ def _transpose_rows(out, inp, i0, i1):
                     out[j, i] = inp[i, j]
 
 
-@cpu_jit(**FAST)
+@cpu_jit(parallel=True, **FAST)
 def transpose(out, inp):
     """out (n, m) = inp (m, n).T, overwritten; parallel over row blocks of inp for large arrays."""
     prefer_wide_vectors()

@@ -43,7 +43,6 @@ cached (a cached kernel of another width would disagree with workspace_size).
 from __future__ import annotations
 
 import math
-import warnings
 
 import numba
 from llvmlite import ir
@@ -102,24 +101,10 @@ def _thread_count(typingctx):
 
 
 def engine_jit(parallel=False):
-    """``numba.njit`` for this module: lazily compiled, cached when possible, ``parallel`` only where asked.
-
-    fastbp._jit.cpu_jit marks every function parallel=True (against numba #8578, fixed in numba 0.63 by PR
-    #9950); here only the functions with a prange are parallel (leaf kernels compile 10-25% faster). Two
-    serial functions call a parallel one (dense_backward_params[_sgd] -> _weight_grad), the pattern #8578 is
-    about: this module therefore needs numba >= 0.63 (the project's venv has 0.68.1).
-    Like cpu_jit, it falls back to no disk cache where numba cannot cache (a read-only install)."""
-
-    def decorate(func):
-        if CACHE:
-            try:
-                return njit(cache=True, parallel=parallel, **FAST)(func)
-            except RuntimeError as error:  # "cannot cache function ...: no locator available"
-                warnings.warn(f"fastbp: numba cannot cache {func.__qualname__} ({error}); compiling without a "
-                              "disk cache.", RuntimeWarning, stacklevel=2)
-        return njit(cache=False, parallel=parallel, **FAST)(func)
-
-    return decorate
+    """``_jit.cpu_jit`` with this module's fast-math freedoms: ``parallel`` only where there is a prange (two
+    serial functions call a parallel one: dense_backward_params[_sgd] -> _weight_grad, which numba >= 0.63
+    caches safely, see cpu_jit)."""
+    return _jit.cpu_jit(parallel=parallel, cache=CACHE, **FAST)
 
 
 # --- workspace ---------------------------------------------------------------------------------------------------

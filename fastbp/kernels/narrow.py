@@ -36,15 +36,14 @@ from __future__ import annotations
 
 import math
 import operator
-import warnings
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, lower_builtin, models, register_model, type_callable
 
-from .._jit import CACHE_ENABLED, cpu_jit, inline, prefer_wide_vectors
+from .._jit import cpu_jit, inline, prefer_wide_vectors
 from . import cpu
 from .pointwise import (
     BINARY_CROSS_ENTROPY,
@@ -90,22 +89,8 @@ FAST = cpu.FAST
 
 
 def narrow_jit(**options):
-    """``numba.njit`` for this module's kernels: cached where possible (as ``_jit.cpu_jit``), NOT parallel.
-
-    cpu_jit compiles everything with parallel=True (a workaround for numba #8578, fixed in numba 0.63 by
-    PR #9950); on a kernel that never runs a parallel region this only costs compile time: numba's parfor
-    passes over the fused kernel took 19 of its 54 s of cold compile here. These kernels call no parallel
-    function, so the issue cannot arise."""
-    def decorate(func):
-        if CACHE_ENABLED:
-            try:
-                return njit(cache=True, **options)(func)
-            except RuntimeError as error:  # "cannot cache function ...: no locator available"
-                warnings.warn(f"fastbp: numba cannot cache {func.__qualname__} ({error}); compiling without a "
-                              "disk cache", RuntimeWarning, stacklevel=2)
-        return njit(cache=False, **options)(func)
-
-    return decorate
+    """``_jit.cpu_jit`` (serial: these kernels hold no prange)."""
+    return cpu_jit(**options)
 
 
 # --- lane vectors: types -------------------------------------------------------------------------------------

@@ -1,0 +1,217 @@
+"""``python -m fastbp precompile`` and ``fastbp.precompile()``: warm the kernel cache before the first fit.
+
+fastbp's CPU kernels compile on first use (tens of seconds for a first fit on an empty cache, see the README)
+and numba keeps them in its disk cache, so the cost is paid once per machine, fastbp version and numba
+version. ``precompile`` pays it ahead of time, in one process: run it where the kernels will be used (an
+image build, a job's setup step) so that the first ``fit`` of a user's script loads its kernels instead of
+compiling them. numba's cache entries are specific to the CPU model they were compiled on (an entry made
+on another CPU is recompiled), so run it on the kind of machine that will train.
+
+What it compiles: everything the CPU target's ``fit``, ``predict``, ``evaluate`` and ``loss_and_grads``
+reach (with and without ``sample_weight``, a validation set, gradient clipping) for each chosen dtype, on
+the three network shapes that take different compiled paths: the fused narrow kernel (every layer at most
+32 wide), the same network's feature-major general path (weighted fits and gradients), and the product engine
+(wider layers). The fused narrow kernel compiles its activations, loss and optimizer in, so it is compiled
+for every combination of the chosen activations, losses and optimizers; the general path takes them as
+runtime codes and compiles once per dtype. Other choices (a mix of activations in one narrow network, a loss
+or optimizer not chosen) still work: they compile on first use. The CUDA target's kernels are not cached on
+disk by numba-cuda and are not compiled here.
+
+The work is done through the public ``Trainer`` on a few rows of data, so it reaches exactly what a user's
+calls reach; the data are tiny, so nearly all the time is compilation. Run it while no other process compiles
+into the same cache: two processes compiling into one cache can race (numba #10128; the README's MPI notes).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+from .kernels.pointwise import ACTIVATIONS, LOSSES, OPTIMIZERS
+
+DTYPES = ("float32", "float64")
+# The defaults: the tutorial's activations and tanh, every loss, the two optimizers most fits use. 24 fused
+# narrow kernels per dtype; ``activations="all"`` etc. widen the set.
+DEFAULT_ACTIVATIONS = ("relu", "sigmoid", "tanh")
+DEFAULT_LOSSES = tuple(LOSSES)
+DEFAULT_OPTIMIZERS = ("sgd", "adam")
+
+# Layer widths of the three paths (see the module docstring): a narrow network (fused kernel; its weighted
+# fits and gradients take the feature-major general path) and a wide one (the product engine). 40 > 32, the
+# widest layer of the narrow paths (fastbp.kernels.narrow.NARROW_MAX_WIDTH, fastbp.kernels.cpu.NARROW_MAX_WIDTH).
+NARROW_SIZES = (3, 8, 4)
+WIDE_SIZES = (3, 40, 4)
+ROWS = 24  # more than a batch, so fits take several steps and a partial last batch
+BATCH = 8
+
+
+def _names(argument: str, value, table, default):
+    """The chosen names as a tuple: ``None`` -> default, ``"all"`` -> every name of ``table``."""
+    if value is None:
+        return tuple(default)
+    if isinstance(value, str):
+        value = tuple(table) if value == "all" else (value,)
+    value = tuple(value)
+    unknown = [name for name in value if name not in table]
+    if unknown or not value:
+        raise ValueError(f"{argument} must be names from {sorted(table)} (or 'all'); got {value!r}")
+    return value
+
+
+@contextmanager
+def _counting_compilations():
+    """Counts the fastbp functions numba compiles in the block (a cache load is not a compilation): yields a
+    one-element list whose item is the count so far."""
+    from numba.core import event
+
+    count = [0]
+
+    class Listener(event.Listener):
+        def on_start(self, ev):
+            if getattr(ev.data["dispatcher"].py_func, "__module__", "").startswith("fastbp"):
+                count[0] += 1
+
+        def on_end(self, ev):
+            pass
+
+    listener = Listener()
+    event.register("numba:compile", listener)
+    try:
+        yield count
+    finally:
+        event.unregister("numba:compile", listener)
+
+
+def _data(sizes, loss: str, dtype, rng):
+    X = rng.standard_normal((ROWS, sizes[0])).astype(dtype)
+    k = sizes[-1]
+    if loss == "softmax_cross_entropy":
+        y = np.arange(ROWS) % k
+    elif loss == "binary_cross_entropy":
+        y = (rng.random((ROWS, k)) < 0.5).astype(dtype)
+    elif loss == "poisson":
+        y = rng.poisson(1.0, (ROWS, k)).astype(dtype)
+    else:
+        y = rng.standard_normal((ROWS, k)).astype(dtype)
+    return X, y
+
+
+def _exercise(sizes, activation: str, loss: str, optimizer: str, dtype, general_path_too: bool, rng) -> None:
+    """One configuration through every public CPU call; general_path_too adds the calls whose kernels take
+    activation, loss and optimizer as runtime codes (compiled once per dtype and path, whatever the codes)."""
+    from .model import MLP
+    from .trainer import Trainer
+
+    X, y = _data(sizes, loss, dtype, rng)
+    model = MLP(list(sizes), activation=activation, dtype=dtype, seed=0)
+    trainer = Trainer(model, loss=loss, optimizer=optimizer, lr=1e-3, batch_size=BATCH)
+    trainer.fit(X, y, epochs=2)  # the fused narrow kernel for a narrow network, else the general path
+    if not general_path_too:
+        return
+    weights = np.linspace(0.5, 1.5, ROWS)
+    trainer.fit(X, y, epochs=1, sample_weight=weights, validation_data=(X, y))
+    Trainer(model, loss=loss, optimizer=optimizer, lr=1e-3, batch_size=None).fit(X, y, epochs=1)
+    Trainer(model, loss=loss, optimizer=optimizer, lr=1e-3, batch_size=BATCH, clip_grad_norm=1.0).fit(X, y, epochs=1)
+    trainer.predict(X)
+    trainer.predict(X[:1])
+    trainer.evaluate(X, y)
+    trainer.evaluate(X, y, sample_weight=weights)
+    trainer.loss_and_grads(X, y)
+    trainer.loss_and_grads(X, y, sample_weight=weights)
+
+
+def precompile(dtypes=DTYPES, activations=None, losses=None, optimizers=None, verbose: bool = False) -> dict:
+    """Compile the CPU kernels of the common configurations into numba's disk cache (see the module docstring).
+
+    Parameters
+    ----------
+    dtypes : names or numpy dtypes among float32, float64 (default both: scikit-learn's estimators train
+        float64 input in float64).
+    activations, losses, optimizers : names (or ``"all"``) for the fused narrow kernel's combinations;
+        default relu, sigmoid, tanh; every loss; sgd and adam.
+    verbose : print one line per configuration as it is done.
+
+    Returns ``{"seconds", "compiled", "configurations", "cache_directory"}``: wall time, how many fastbp
+    functions numba compiled (0 when everything was already cached), configurations run, where the cache is.
+    Raises RuntimeError when kernels cannot be cached (``FASTBP_CACHE=0``, or no writable cache directory):
+    there would be nothing to fill.
+    """
+    from . import info
+
+    if isinstance(dtypes, (str, np.dtype, type)):
+        dtypes = (dtypes,)
+    try:
+        chosen_dtypes = tuple(dict.fromkeys(np.dtype(d).name for d in dtypes))
+    except TypeError as error:
+        raise ValueError(f"dtypes must name float32 and/or float64; got {dtypes!r} ({error})") from None
+    if not chosen_dtypes or any(d not in DTYPES for d in chosen_dtypes):
+        raise ValueError(f"dtypes must name float32 and/or float64; got {dtypes!r}")
+    chosen_activations = _names("activations", activations, ACTIVATIONS, DEFAULT_ACTIVATIONS)
+    chosen_losses = _names("losses", losses, LOSSES, DEFAULT_LOSSES)
+    chosen_optimizers = _names("optimizers", optimizers, OPTIMIZERS, DEFAULT_OPTIMIZERS)
+    if not isinstance(verbose, (bool, int, np.bool_)):
+        raise TypeError(f"verbose must be a bool; got {type(verbose).__name__}")
+    cache = info.collect(probe_threads=False)["cache"]
+    if not cache["writable"]:
+        raise RuntimeError("fastbp.precompile: compiled kernels cannot be cached here "
+                           f"({cache.get('note') or 'cache directory ' + str(cache['directory']) + ' is not writable'})"
+                           "; set NUMBA_CACHE_DIR to a writable folder (and FASTBP_CACHE unset or 1)")
+
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    configurations = 0
+    with _counting_compilations() as compiled:
+        for dtype in chosen_dtypes:
+            for sizes in (WIDE_SIZES, NARROW_SIZES):
+                for index, (activation, loss, optimizer) in enumerate(
+                        itertools.product(chosen_activations, chosen_losses, chosen_optimizers)):
+                    # The general path compiles once per dtype and path: the first combination reaches it.
+                    general_path_too = index == 0
+                    if sizes is WIDE_SIZES and not general_path_too:
+                        break  # the wide network only takes the general path: nothing else to compile
+                    _exercise(sizes, activation, loss, optimizer, dtype, general_path_too, rng)
+                    configurations += 1
+                    if verbose:
+                        path = "general path" if sizes is WIDE_SIZES else "fused narrow kernel"
+                        print(f"fastbp precompile: {dtype} {path} {activation} {loss} {optimizer} "
+                              f"({time.perf_counter() - start:.1f} s, {compiled[0]} compiled)", flush=True)
+    return {"seconds": time.perf_counter() - start, "compiled": compiled[0], "configurations": configurations,
+            "cache_directory": cache["directory"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastbp precompile",
+        description="Compile fastbp's CPU kernels for the common configurations into numba's disk cache, so "
+                    "that first fits load them instead of compiling (run it on the machine kind that trains).")
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES,
+                        help="dtypes to compile for (default: both)")
+    parser.add_argument("--activations", nargs="+", default=None,
+                        help="activations of the fused narrow kernel, or 'all' (default: "
+                             f"{' '.join(DEFAULT_ACTIVATIONS)})")
+    parser.add_argument("--losses", nargs="+", default=None, help="losses, or 'all' (default: all)")
+    parser.add_argument("--optimizers", nargs="+", default=None,
+                        help=f"optimizers, or 'all' (default: {' '.join(DEFAULT_OPTIMIZERS)})")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    args = parser.parse_args(argv)
+
+    def one_or_many(values):
+        return values[0] if values is not None and values == ["all"] else values
+
+    try:
+        summary = precompile(args.dtype, one_or_many(args.activations), one_or_many(args.losses),
+                             one_or_many(args.optimizers), verbose=not args.quiet)
+    except (ValueError, RuntimeError) as error:
+        print(f"fastbp precompile: {error}", file=sys.stderr)
+        return 1
+    print(f"fastbp precompile: {summary['configurations']} configurations, {summary['compiled']} functions "
+          f"compiled in {summary['seconds']:.1f} s; cache: {summary['cache_directory']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
