@@ -8,11 +8,15 @@ other files, numba #10776).
 """
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
+from types import ModuleType as types_module
 
+import llvmlite.binding as llvm
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.core import cgutils, errors
+from numba.extending import intrinsic, lower_builtin, type_callable
 
 CACHE_ENABLED = os.environ.get("FASTBP_CACHE", "1").lower() not in ("0", "false", "no", "off")
 
@@ -30,7 +34,7 @@ def cpu_jit(parallel=False, cache=True, **options):
     def decorate(func):
         if cache and CACHE_ENABLED:
             try:
-                return njit(cache=True, parallel=parallel, **options)(func)
+                dispatcher = njit(cache=True, parallel=parallel, **options)(func)
             except RuntimeError as error:  # "cannot cache function ...: no locator available"
                 warnings.warn(
                     f"fastbp: numba cannot cache {func.__qualname__} ({error}); compiling without a disk cache. "
@@ -38,9 +42,170 @@ def cpu_jit(parallel=False, cache=True, **options):
                     RuntimeWarning,
                     stacklevel=2,
                 )
+            else:
+                dispatcher._cache = _RegisteringCache(dispatcher._cache, func)
+                return dispatcher
         return njit(cache=False, parallel=parallel, **options)(func)
 
     return decorate
+
+
+# --- separately compiled functions ------------------------------------------------------------------------------
+# numba compiles every function into a library of its own and LINKS a callee's whole library into each caller's
+# module, where LLVM optimises it and generates its machine code again. A call tree k levels deep therefore
+# compiles its leaves k times: the product engine's worker, called from the parallel driver (and its outlined
+# parallel body), the layer kernels, the step driver and the epoch driver, was optimised and code-generated
+# six times in a cold fit (AMD EPYC Zen 4: the driver alone took 4.5 s on top of the 6 s worker, 1.7 s with the
+# worker called as below). ``separately_compiled`` compiles a function once per dtype and lets other compiled
+# functions call it through a stable symbol instead (an LLVM declaration resolved when their machine code is
+# loaded, the way numba itself calls its threading layer's get_num_threads), so each piece of code is
+# optimised and generated once. It is for large functions called at coarse grain (a whole product, a batch's
+# loss): LLVM cannot inline across such a call.
+#
+# The symbol must be registered before a caller's machine code is loaded, or the loader has nothing to bind the
+# call to (a null address: a crash). A caller compiled in this process registers it while being typed; a caller
+# loaded from the disk cache does so through _RegisteringCache, which every cpu_jit function carries: before
+# loading, it registers the separately compiled functions the caller's code refers to (found by name among its
+# globals). Only fastbp's own drivers call these; the public kernels (fastbp.kernels.cpu, gemm's
+# dense_forward ...) link their callees as numba does, so a user's cached numba code never depends on a symbol.
+class SeparatelyCompiled:
+    """A compiled function that other compiled functions call by symbol, compiled once per dtype.
+
+    ``signature_for(dtype)`` gives its one signature for a numba float type (every array layout and integer
+    type fixed): a call from compiled code must have those types (literal integers are converted), so that
+    the symbol a cached caller needs can always be rebuilt from the dtype alone. Called from Python, it is
+    the plain dispatcher.
+    """
+
+    def __init__(self, dispatcher, signature_for):
+        self.dispatcher = dispatcher
+        self.signature_for = signature_for
+        self.py_func = dispatcher.py_func
+        self.__name__ = dispatcher.py_func.__name__
+        self.__qualname__ = dispatcher.py_func.__qualname__
+        self.__doc__ = dispatcher.py_func.__doc__
+        self._results = {}  # dtype -> numba's compile result, once its symbol is registered
+        _register_call_typing(self)
+
+    def __call__(self, *args):
+        return self.dispatcher(*args)
+
+    def __repr__(self):
+        return f"<separately compiled {self.__module__}.{self.__qualname__}>"
+
+    def symbol(self, dtype) -> str:
+        return f"fastbp.{self.py_func.__module__}.{self.__qualname__}.{dtype}"
+
+    def register(self, dtype):
+        """Compile (or load from the disk cache) the ``dtype`` version and publish its address; idempotent."""
+        if dtype not in self._results:
+            signature = tuple(self.signature_for(dtype))
+            self.dispatcher.compile(signature)
+            result = self.dispatcher.overloads[signature]
+            address = result.library.get_pointer_to_function(result.fndesc.llvm_func_name)
+            llvm.add_symbol(self.symbol(dtype), address)
+            self._results[dtype] = result
+        return self._results[dtype]
+
+    def match(self, argtypes):
+        """(dtype, signature) of a call from compiled code with ``argtypes``; a TypingError unless they are the
+        function's signature for the dtype of their first float array."""
+        dtype = _first_float_dtype(argtypes)
+        expected = tuple(self.signature_for(dtype)) if dtype is not None else None
+        given = tuple(types.unliteral(t) for t in argtypes)
+        if expected is None or len(given) != len(expected) or any(
+                not _converts(g, e) for g, e in zip(given, expected)):
+            raise errors.TypingError(f"{self.__qualname__} is called by symbol and takes exactly {expected}; got "
+                                     f"{given}")
+        return dtype, expected
+
+
+def separately_compiled(signature_for):
+    """Decorator (above a cpu_jit one): see SeparatelyCompiled."""
+    return lambda dispatcher: SeparatelyCompiled(dispatcher, signature_for)
+
+
+def _first_float_dtype(argtypes):
+    for t in argtypes:
+        if isinstance(t, types.Array) and t.dtype in (types.float32, types.float64):
+            return t.dtype
+    return None
+
+
+def _converts(given, expected):
+    if isinstance(expected, types.Array):
+        return given == expected
+    if isinstance(expected, types.BaseTuple):
+        return isinstance(given, types.BaseTuple) and len(given) == len(expected) and all(
+            _converts(types.unliteral(g), e) for g, e in zip(given, expected))
+    return isinstance(given, (types.Integer, types.Float, types.Boolean)) and isinstance(
+        expected, (types.Integer, types.Float, types.Boolean))
+
+
+def _register_call_typing(function):
+    def typer(context):
+        def call_type(*args):
+            dtype, expected = function.match(args)
+            return function.register(dtype).signature.return_type(*args)
+
+        call_type.pysig = inspect.signature(function.py_func)  # fixed arity (not call_type's *args)
+        return call_type
+
+    type_callable(function)(typer)
+
+    @lower_builtin(function, types.VarArg(types.Any))
+    def lower(context, builder, signature, args):
+        dtype, expected = function.match(signature.args)
+        result = function.register(dtype)
+        values = [context.cast(builder, value, given, wanted)
+                  for value, given, wanted in zip(args, signature.args, expected)]
+        restype = result.signature.return_type
+        callee = cgutils.get_or_insert_function(
+            builder.module, context.call_conv.get_function_type(restype, expected), function.symbol(dtype))
+        status, value = context.call_conv.call_function(builder, callee, restype, expected, values)
+        with cgutils.if_unlikely(builder, status.is_error):
+            context.call_conv.return_status_propagate(builder, status)
+        return value
+
+
+class _RegisteringCache:
+    """numba's disk cache of one cpu_jit function, which first registers the separately compiled functions that
+    the function's code calls (see above) whenever it loads machine code. Everything else is numba's."""
+
+    def __init__(self, cache, func):
+        self._cache = cache
+        self._func = func
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+    def load_overload(self, sig, target_context):
+        dtype = _first_float_dtype(sig.args if hasattr(sig, "args") else sig)
+        if dtype is not None:
+            for callee in _separate_callees(self._func):
+                callee.register(dtype)
+        return self._cache.load_overload(sig, target_context)
+
+
+def _separate_callees(func, seen=None):
+    """The SeparatelyCompiled functions whose symbols func's machine code needs: those its code names (globals,
+    and attributes of the modules it names) and, through the compiled functions it names (inlined or linked:
+    their code becomes func's), those theirs need. A SeparatelyCompiled callee's own needs are registered when
+    it is loaded, so the walk stops there."""
+    seen = set() if seen is None else seen
+    if func in seen:
+        return []
+    seen.add(func)
+    names = func.__code__.co_names
+    values = [func.__globals__.get(name) for name in names]
+    values += [getattr(module, name, None) for module in values if isinstance(module, types_module) for name in names]
+    found = []
+    for value in values:
+        if isinstance(value, SeparatelyCompiled):
+            found.append(value)
+        elif hasattr(value, "py_func") and hasattr(value, "overloads"):  # a numba dispatcher
+            found.extend(_separate_callees(value.py_func, seen))
+    return found
 
 
 # Shared helpers that both targets compile: inlined into every caller (see shared toolchain notes: only

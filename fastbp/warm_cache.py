@@ -9,11 +9,11 @@ on another CPU is recompiled), so run it on the kind of machine that will train.
 
 What it compiles: everything the CPU target's ``fit``, ``predict``, ``evaluate`` and ``loss_and_grads``
 reach (with and without ``sample_weight``, a validation set, gradient clipping) for each chosen dtype, on
-the three network shapes that take different compiled paths: the fused narrow kernel (every layer at most
-32 wide), the same network's feature-major general path (weighted fits and gradients), and the product engine
-(wider layers). The fused narrow kernel compiles its activations, loss and optimizer in, so it is compiled
-for every combination of the chosen activations, losses and optimizers; the general path takes them as
-runtime codes and compiles once per dtype. Other choices (a mix of activations in one narrow network, a loss
+two networks: a narrow one (every layer at most 32 wide: its unweighted fits take the fused narrow kernel,
+everything else the product engine) and a wide one (the product engine only). The fused narrow kernel
+compiles its activations, loss and optimizer in, so it is compiled for every combination of the chosen
+activations, losses and optimizers; the product engine and its drivers take them as runtime codes and compile
+once per dtype. Other choices (a mix of activations in one narrow network, a loss
 or optimizer not chosen) still work: they compile on first use. The CUDA target's kernels are not cached on
 disk by numba-cuda and are not compiled here.
 
@@ -40,9 +40,9 @@ DEFAULT_ACTIVATIONS = ("relu", "sigmoid", "tanh")
 DEFAULT_LOSSES = tuple(LOSSES)
 DEFAULT_OPTIMIZERS = ("sgd", "adam")
 
-# Layer widths of the three paths (see the module docstring): a narrow network (fused kernel; its weighted
-# fits and gradients take the feature-major general path) and a wide one (the product engine). 40 > 32, the
-# widest layer of the narrow paths (fastbp.kernels.narrow.NARROW_MAX_WIDTH, fastbp.kernels.cpu.NARROW_MAX_WIDTH).
+# Layer widths of the two networks (see the module docstring): a narrow one (the fused kernel; its weighted fits,
+# evaluations and gradients take the product engine) and a wide one (the product engine). 40 > 32, the widest
+# layer of the fused narrow kernel's networks (fastbp.kernels.narrow.NARROW_MAX_WIDTH).
 NARROW_SIZES = (3, 8, 4)
 WIDE_SIZES = (3, 40, 4)
 ROWS = 24  # more than a batch, so fits take several steps and a partial last batch

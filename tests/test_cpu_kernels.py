@@ -8,9 +8,9 @@ from fastbp.kernels.pointwise import ACTIVATIONS, ADAM, ADAMW, LOSSES, adam_deca
 from . import naive
 from .conftest import TOLERANCES
 
-# Shapes with 1, primes, and sizes on both sides of the parallel threshold, the row block and the product
-# engine's tiles (6 rows x 64 columns float32 with AVX-512, 4 x 24 with AVX2; fewer rows than a tile take the
-# axpy form); (97, 131, 101) is above PARALLEL_MIN_WORK.
+# Shapes with 1, primes, and sizes on both sides of the parallel threshold, SMALL_PRODUCT (below it: plain
+# loops) and the product engine's tiles (6 rows x 64 columns float32 with AVX-512, 4 x 24 with AVX2);
+# (97, 131, 101) is above PARALLEL_MIN_WORK.
 SHAPES = [(1, 1, 1), (1, 7, 3), (5, 1, 2), (13, 17, 11), (37, 64, 1), (61, 89, 97), (130, 33, 70), (7, 65, 129),
           (97, 131, 101)]
 
@@ -186,29 +186,6 @@ FAST_SHAPES = [(1, 1, 1), (3, 5, 7), (4, 4, 4), (5, 1, 9), (6, 8, 4), (7, 3, 5),
                (37, 64, 1), (61, 67, 65), (130, 33, 70), (67, 129, 63)]
 
 
-@pytest.mark.parametrize("shape", FAST_SHAPES)
-def test_matmul_nt(shape, dtype, rng):
-    M, K, N = shape
-    A = rng.normal(size=(M, K)).astype(dtype)
-    Bt = rng.normal(size=(N, K)).astype(dtype)
-    C = np.full((M, N), np.nan, dtype)
-    cpu.matmul_nt(C, A, Bt)
-    np.testing.assert_allclose(C, A.astype(np.float64) @ Bt.T, **TOLERANCES[dtype])
-
-
-@pytest.mark.parametrize("shape", [(97, 130, 101), (261, 40, 259)])
-def test_matmul_nt_parallel_path(shape, rng):
-    # Above PARALLEL_MIN_WORK the output is split into GEMM_TASK_ROWS x GEMM_TASK_COLS tasks over threads:
-    # one task column, then 3 x 3 tasks with partial blocks at both edges.
-    M, K, N = shape
-    assert M * K * N >= cpu.PARALLEL_MIN_WORK
-    A = rng.normal(size=(M, K))
-    Bt = rng.normal(size=(N, K))
-    C = np.full((M, N), np.nan)
-    cpu.matmul_nt(C, A, Bt)
-    np.testing.assert_allclose(C, A @ Bt.T, **TOLERANCES[np.float64])
-
-
 def test_product_kernel_asks_for_512_bit_vectors():
     # prefer_wide_vectors must reach LLVM as the function attribute, and on a CPU with AVX-512 the tile
     # loop must then use zmm FMAs (without the attribute LLVM stops at ymm on Skylake-server-line CPUs).
@@ -219,9 +196,9 @@ def test_product_kernel_asks_for_512_bit_vectors():
     from fastbp._jit import WIDE_VECTORS_ATTRIBUTE
     from fastbp.kernels.cpu import FAST
 
-    fresh = njit(**FAST)(cpu.matmul_nt_block.py_func)  # a new, uncached compile, so it can be inspected
-    A = np.ones((8, 64), np.float32)
-    fresh(np.empty((8, 8), np.float32), A, A, 0, 8, 0, 8)
+    fresh = njit(**FAST)(cpu.sgd_update.py_func)  # a new, uncached compile, so it can be inspected
+    p = np.ones(64, np.float32)
+    fresh(p, p.copy(), p.copy(), np.float32(0.1), np.float32(0.9), np.float32(0), np.float32(0.01), False, False)
     signature = fresh.signatures[0]
     assert WIDE_VECTORS_ATTRIBUTE in fresh.inspect_llvm(signature)
     from numba.core.codegen import get_host_cpu_features
@@ -230,61 +207,16 @@ def test_product_kernel_asks_for_512_bit_vectors():
         assert re.search(r"vfmadd\w*ps\s+[^\n]*%zmm", fresh.inspect_asm(signature))
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (16, 16), (65, 130), (128, 128), (127, 130), (257, 1031),
-                                   (1031, 1031)])
-def test_transpose(shape, dtype, rng):
-    inp = rng.normal(size=shape).astype(dtype)
-    out = np.full(shape[::-1], np.nan, dtype)
-    cpu.transpose(out, inp)
-    np.testing.assert_array_equal(out, inp.T)
-
-
-@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
-@pytest.mark.parametrize("shape", FAST_SHAPES)
-def test_dense_forward_t_matches_naive(shape, act, dtype, rng):
-    B, n_in, n_out = shape
-    inp = rng.normal(size=(B, n_in)).astype(dtype)
-    w = rng.normal(size=(n_in, n_out)).astype(dtype)
-    b = rng.normal(size=n_out).astype(dtype)
-    out = np.full((B, n_out), np.nan, dtype)
-    expected = np.full((B, n_out), np.nan, dtype)
-    cpu.dense_forward_t(out, inp, np.ascontiguousarray(w.T), b, ACTIVATIONS[act])
-    cpu.dense_forward_naive(expected, inp, w, b, ACTIVATIONS[act])
-    np.testing.assert_allclose(out, expected, **TOLERANCES[dtype])
-    np.testing.assert_allclose(out, naive.ACTIVATIONS[act](inp.astype(np.float64) @ w + b), **TOLERANCES[dtype])
-
-
-@pytest.mark.parametrize("shape", FAST_SHAPES)
-def test_dense_backward_params_t_matches_naive(shape, dtype, rng):
-    B, n_in, n_out = shape
-    inp = rng.normal(size=(B, n_in)).astype(dtype)
-    dout = rng.normal(size=(B, n_out)).astype(dtype)
-    dweight, dbias = np.full((n_in, n_out), np.nan, dtype), np.full(n_out, np.nan, dtype)
-    ref_w, ref_b = np.full((n_in, n_out), np.nan, dtype), np.full(n_out, np.nan, dtype)
-    cpu.dense_backward_params_t(dweight, dbias, np.ascontiguousarray(dout.T), np.ascontiguousarray(inp.T))
-    cpu.dense_backward_params_naive(ref_w, ref_b, dout, inp)
-    np.testing.assert_allclose(dweight, ref_w, **TOLERANCES[dtype])
-    np.testing.assert_allclose(dbias, ref_b, **TOLERANCES[dtype])
-
-
-# The input gradient in both of dense_backward_input's forms: the product engine and the NT fallback (for
-# operands whose rows are not contiguous). (40, 10, 700) takes each kernel's parallel path.
-INPUT_GRAD_KERNELS = {
-    "engine": lambda dinp, dout, w, inp, act: cpu.dense_backward_input(dinp, dout, w, inp, act),
-    "nt": lambda dinp, dout, w, inp, act: cpu.dense_backward_input_nt(dinp, dout, w, inp, act),
-}
-
-
-@pytest.mark.parametrize("kernel", sorted(INPUT_GRAD_KERNELS))
+# The input gradient against its naive reference; (40, 10, 700) takes the engine's parallel path.
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("shape", FAST_SHAPES + [(40, 10, 700)])
-def test_dense_backward_input_matches_naive(shape, act, kernel, dtype, rng):
+def test_dense_backward_input_matches_naive(shape, act, dtype, rng):
     B, n_in, n_out = shape
     inp = naive.ACTIVATIONS[act](rng.normal(size=(B, n_in))).astype(dtype)
     w = rng.normal(size=(n_in, n_out)).astype(dtype)
     dout = rng.normal(size=(B, n_out)).astype(dtype)
     fast, ref = np.full((B, n_in), np.nan, dtype), np.full((B, n_in), np.nan, dtype)
-    INPUT_GRAD_KERNELS[kernel](fast, dout, w, inp, ACTIVATIONS[act])
+    cpu.dense_backward_input(fast, dout, w, inp, ACTIVATIONS[act])
     cpu.dense_backward_input_naive(ref, dout, w, inp, ACTIVATIONS[act])
     np.testing.assert_allclose(fast, ref, **TOLERANCES[dtype])
 
@@ -303,48 +235,18 @@ def test_exp_fast_as_plain_python(dtype):
     np.testing.assert_allclose(sigmoid.py_func(dtype(-3.0)), 1 / (1 + np.exp(3.0)), rtol=1e-6)
 
 
-# --- feature-major kernels (narrow networks) -------------------------------------------------------------------
-@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
-@pytest.mark.parametrize("shape", FAST_SHAPES)
-def test_dense_forward_fm_matches_naive(shape, act, dtype, rng):
-    B, n_in, n_out = shape
-    inp = rng.normal(size=(B, n_in)).astype(dtype)
-    w = rng.normal(size=(n_in, n_out)).astype(dtype)
-    b = rng.normal(size=n_out).astype(dtype)
-    out_t = np.full((n_out, B), np.nan, dtype)
-    expected = np.full((B, n_out), np.nan, dtype)
-    cpu.dense_forward_fm(out_t, np.ascontiguousarray(inp.T), w, b, ACTIVATIONS[act])
-    cpu.dense_forward_naive(expected, inp, w, b, ACTIVATIONS[act])
-    np.testing.assert_allclose(out_t.T, expected, **TOLERANCES[dtype])
-
-
-@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
-@pytest.mark.parametrize("shape", FAST_SHAPES)
-def test_dense_backward_input_fm_matches_naive(shape, act, dtype, rng):
-    B, n_in, n_out = shape
-    inp = naive.ACTIVATIONS[act](rng.normal(size=(B, n_in))).astype(dtype)
-    w = rng.normal(size=(n_in, n_out)).astype(dtype)
-    dout = rng.normal(size=(B, n_out)).astype(dtype)
-    fast_t, ref = np.full((n_in, B), np.nan, dtype), np.full((B, n_in), np.nan, dtype)
-    cpu.dense_backward_input_fm(fast_t, np.ascontiguousarray(dout.T), w, np.ascontiguousarray(inp.T),
-                                ACTIVATIONS[act])
-    cpu.dense_backward_input_naive(ref, dout, w, inp, ACTIVATIONS[act])
-    np.testing.assert_allclose(fast_t.T, ref, **TOLERANCES[dtype])
-
-
-# [64, 40, 10] and [20, 70, 48, 3] with 1 or 7 rows take the axpy forms (short batch, short output layers);
-# with 100 rows the NT forms; [20, 70, 48, 3] also needs W^T of an axpy-forward layer for its input gradient.
+# Narrow and wide layers, a 1-unit layer, batches of one row, a partial batch (7 of 9) and a full one: every
+# network runs on the product engine (the fused narrow kernel is tested in test_narrow.py).
 @pytest.mark.parametrize("sizes", [[1, 16, 1], [3, 1, 2], [5, 32, 7, 3], [2, 33, 2], [64, 40, 10],
                                    [20, 70, 48, 3]],
                          ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("n_rows,capacity", [(1, 1), (7, 9), (100, 100)])
 @pytest.mark.parametrize("loss_name", sorted(LOSSES))
 def test_batch_grads_matches_naive(sizes, n_rows, capacity, loss_name, dtype, rng):
-    """batch_grads on both of its paths: feature-major (every layer <= NARROW_MAX_WIDTH) and transposed-NT."""
+    """batch_grads (the drivers' step) against the float64 numpy reference: the loss and every gradient."""
     from fastbp.layout import Layout
 
     loss = LOSSES[loss_name]
-
     layout = Layout.from_sizes(sizes)
     acts = ["sigmoid", "relu", "tanh"][:len(sizes) - 2]
     codes = np.array([ACTIVATIONS[a] for a in acts] + [ACTIVATIONS["identity"]], np.int64)
@@ -363,21 +265,18 @@ def test_batch_grads_matches_naive(sizes, n_rows, capacity, loss_name, dtype, rn
         Y = rng.poisson(2.0, size=(n_rows, k)).astype(dtype)
     else:
         Y = rng.normal(size=(n_rows, k)).astype(dtype)
-    size = layout.workspace_size(capacity)
-    acts_buf, deltas = np.full(size, np.nan, dtype), np.full(size, np.nan, dtype)
-    acts_buf[:n_rows * sizes[0]] = X.ravel()
-    grads = np.full(layout.n_params, np.nan, dtype)
-    scratch = np.full(cpu.scratch_size(layout.n_params, capacity, int(layout.unit_offsets[-1])), np.nan, dtype)
+    work = cpu.make_workspace(layout, capacity, k, dtype)
+    for buffer in work:  # nan everywhere: a kernel that read what it did not write first would show it
+        buffer[...] = np.nan
+    work.acts[:n_rows * sizes[0]] = X.ravel()
     inv = dtype(1.0 / loss_divisor(loss, n_rows, k))
-    total = cpu.batch_grads(grads, acts_buf, deltas, np.empty(capacity, dtype), scratch, params, Y, layout.sizes,
-                            layout.param_offsets, layout.unit_offsets, capacity, codes, loss, inv, n_rows,
-                            *cpu.path_flags(sizes))
+    total = cpu.batch_grads(params, Y, np.empty(0, dtype), cpu.network(layout, codes, loss), work, inv, n_rows)
     value, dws, dbs = naive.loss_and_grads(weights, biases, acts, loss_name, X, Y)
     # atol: a saturated binary cross-entropy row (|z| ~ 17) loses its 3e-8 in float32 next to z itself.
     np.testing.assert_allclose(total * inv, value, rtol=1e-3 if dtype == np.float32 else 1e-9,
                                atol=1e-6 if dtype == np.float32 else 1e-12)
     expected = layout.pack(dws, dbs, np.empty(layout.n_params))
-    np.testing.assert_allclose(grads, expected, rtol=1e-3 if dtype == np.float32 else 1e-9,
+    np.testing.assert_allclose(work.grads, expected, rtol=1e-3 if dtype == np.float32 else 1e-9,
                                atol=1e-4 if dtype == np.float32 else 1e-11)
 
 
@@ -411,7 +310,8 @@ def test_vocabulary_products_are_the_engine_bit_for_bit(dtype, rng):
 
 
 def test_vocabulary_products_take_operands_whose_rows_are_not_contiguous(dtype, rng):
-    """inp as a transposed view (rows strided): the axpy / NT fallbacks give the reference's results."""
+    """Operands and outputs whose rows are strided (Fortran order): contiguous copies on the engine give the
+    reference's results, written back into the strided outputs."""
     inp, w, b, dout = _layer(rng, dtype)
     inp_f = np.asfortranarray(inp)
     assert not inp_f.flags.c_contiguous
@@ -425,6 +325,12 @@ def test_vocabulary_products_take_operands_whose_rows_are_not_contiguous(dtype, 
     dinp = np.full(inp.shape, np.nan, dtype)
     cpu.dense_backward_input(dinp, np.asfortranarray(dout), w, inp, ACTIVATIONS["identity"])
     np.testing.assert_allclose(dinp, dout.astype(np.float64) @ w.T, **TOLERANCES[dtype])
+    out_f = np.asfortranarray(np.full((inp.shape[0], w.shape[1]), np.nan, dtype))  # a strided output
+    cpu.dense_forward(out_f, inp, np.asfortranarray(w), b, ACTIVATIONS["identity"])
+    np.testing.assert_allclose(out_f, inp.astype(np.float64) @ w + b, **TOLERANCES[dtype])
+    dw_f = np.asfortranarray(np.full_like(w, np.nan))
+    cpu.dense_backward_params(dw_f, db, dout, inp)
+    np.testing.assert_allclose(dw_f, inp.astype(np.float64).T @ dout, **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("call", ["forward", "backward_params", "backward_input"])

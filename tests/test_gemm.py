@@ -50,22 +50,6 @@ def test_dense_forward(shape, act, dtype, rng):
     np.testing.assert_allclose(out_naive, expected, **TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("shape", [(5, 9, 7), (2 * MR + 1, 17, NR32 + 3)], ids=str)
-def test_dense_forward_through_order(shape, dtype, rng):
-    B, n_in, n_out = shape
-    X = _data(rng, dtype, 50, n_in)
-    order = rng.permutation(50).astype(np.int64)
-    start = 11
-    w, b = _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
-    expected = _forward_reference(X[order[start:start + B]], w, b, "tanh")
-    out = np.full((B, n_out), np.nan, dtype)
-    gemm.dense_forward(out, X, w, b, ACTIVATIONS["tanh"], _workspace(B, n_in, n_out, dtype), order, start)
-    np.testing.assert_allclose(out, expected, **TOLERANCES[dtype])
-    out_naive = np.full((B, n_out), np.nan, dtype)
-    gemm.dense_forward_naive(out_naive, X, w, b, ACTIVATIONS["tanh"], order, start)
-    np.testing.assert_allclose(out_naive, expected, **TOLERANCES[dtype])
-
-
 def test_forward_reads_weights_from_flat_parameters(rng):
     # The layout drivers use: weight and bias as views of one flat vector (fastbp.layout).
     from fastbp.layout import Layout
@@ -95,63 +79,6 @@ def test_dense_backward_params(shape, dtype, rng):
         kernel(dweight, dbias, dout, inp, *extra)
         np.testing.assert_allclose(dweight, expected_w, **TOLERANCES[dtype])
         np.testing.assert_allclose(dbias, expected_b, **TOLERANCES[dtype])
-
-
-def test_dense_backward_params_through_order(dtype, rng):
-    B, n_in, n_out = 2 * MR + 3, 11, NR32 + 2
-    X = _data(rng, dtype, 40, n_in)
-    order = rng.permutation(40).astype(np.int64)
-    start = 7
-    dout = _data(rng, dtype, B, n_out)
-    expected_w = X[order[start:start + B]].astype(np.float64).T @ dout
-    for kernel, extra in ((gemm.dense_backward_params, (_workspace(B, n_in, n_out, dtype),)),
-                          (gemm.dense_backward_params_naive, ())):
-        dweight, dbias = np.full((n_in, n_out), np.nan, dtype), np.full(n_out, np.nan, dtype)
-        kernel(dweight, dbias, dout, X, *extra, order, start)
-        np.testing.assert_allclose(dweight, expected_w, **TOLERANCES[dtype])
-        np.testing.assert_allclose(dbias, dout.astype(np.float64).sum(0), **TOLERANCES[dtype])
-
-
-SGD_SETTINGS = [  # (momentum, dampening, weight_decay, nesterov, first_step)
-    (0.0, 0.0, 0.0, False, True),
-    (0.0, 0.0, 0.01, False, False),
-    (0.9, 0.0, 0.0, False, True),
-    (0.9, 0.1, 0.01, False, False),
-    (0.9, 0.0, 0.01, True, False),
-]
-
-
-@pytest.mark.parametrize("setting", SGD_SETTINGS, ids=str)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 2 * MR + 1, NR32 + 5), (13, 64, 10)] + PACKED_A_SHAPES[:1],
-                         ids=str)
-def test_dense_backward_params_sgd(shape, setting, dtype, rng):
-    momentum, dampening, weight_decay, nesterov, first_step = setting
-    B, n_in, n_out = shape
-    inp, dout = _data(rng, dtype, B, n_in), _data(rng, dtype, B, n_out)
-    w0, b0 = _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
-    vw0, vb0 = _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
-    lr = 0.05
-    # torch.optim.SGD in float64 (tests/naive.py); a previous step's buffers when not the first step
-    state = {} if first_step else {0: vw0.astype(np.float64), 1: vb0.astype(np.float64)}
-    grads = [inp.astype(np.float64).T @ dout, dout.astype(np.float64).sum(0)]
-    expected = naive.sgd_step([w0.astype(np.float64), b0.astype(np.float64)], grads, state, lr, momentum,
-                              dampening, weight_decay, nesterov)
-    T = dtype
-    scalars = (T(lr), T(momentum), T(dampening), T(weight_decay), nesterov, first_step)
-    w, b, vw, vb = w0.copy(), b0.copy(), vw0.copy(), vb0.copy()
-    gemm.dense_backward_params_sgd(w, b, vw, vb, dout, inp, _workspace(B, n_in, n_out, dtype), *scalars)
-    wn, bn, vwn, vbn = w0.copy(), b0.copy(), vw0.copy(), vb0.copy()
-    gemm.dense_backward_params_sgd_naive(wn, bn, vwn, vbn, np.empty_like(w0), np.empty_like(b0), dout, inp,
-                                         *scalars)
-    for weight, bias, velocity_w, velocity_b in ((w, b, vw, vb), (wn, bn, vwn, vbn)):
-        np.testing.assert_allclose(weight, expected[0], **TOLERANCES[dtype])
-        np.testing.assert_allclose(bias, expected[1], **TOLERANCES[dtype])
-        if momentum != 0:
-            np.testing.assert_allclose(velocity_w, state[0], **TOLERANCES[dtype])
-            np.testing.assert_allclose(velocity_b, state[1], **TOLERANCES[dtype])
-        else:  # untouched without momentum
-            np.testing.assert_array_equal(velocity_w, vw0)
-            np.testing.assert_array_equal(velocity_b, vb0)
 
 
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
@@ -187,10 +114,7 @@ def _all_kernels(dtype, rng, B, n_in, n_out):
     gemm.dense_backward_params(dweight, dbias, dout, inp, P)
     dinp = np.empty((B, n_in), dtype)
     gemm.dense_backward_input(dinp, dout, w, y, ACTIVATIONS["relu"], P)
-    w2, b2, vw, vb = w.copy(), b.copy(), np.zeros_like(w), np.zeros_like(b)
-    T = dtype
-    gemm.dense_backward_params_sgd(w2, b2, vw, vb, dout, inp, P, T(0.1), T(0.9), T(0), T(0.01), True, True)
-    return out, dweight, dbias, dinp, w2, b2, vw, vb
+    return out, dweight, dbias, dinp
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
@@ -256,9 +180,7 @@ def _battery():
         test_dense_forward(shape, "sigmoid", np.float32, rng)
         test_dense_forward(shape, "relu", np.float64, rng)
         test_dense_backward_params(shape, np.float32, rng)
-        test_dense_backward_params_sgd(shape, SGD_SETTINGS[-1], np.float32, rng)
         test_dense_backward_input(shape, "tanh", np.float32, rng)
-    test_dense_forward_through_order((5, 9, 7), np.float32, rng)
 
 
 def _cpu_flags():

@@ -85,3 +85,37 @@ def test_users_own_numba_code_keeps_its_warning():
         import fastbp  # noqa: F401  (importing fastbp must not filter the user's numba warnings)
         users_function(np.ones(2))
     assert any(issubclass(w.category, NumbaPerformanceWarning) for w in caught)
+
+
+# Each of fastbp's drivers as the FIRST compiled call of a new process with a warm cache. The drivers call the
+# engine, the loss and the optimizer by symbol (fastbp._jit.SeparatelyCompiled); a driver loaded from the disk
+# cache before those symbols are registered would jump to address 0. Each call runs in a process of its own, so
+# that no earlier call can have registered what the next one needs.
+DRIVER_CALLS = {
+    "fit": "trainer.fit(X, y, epochs=1)",
+    "weighted_fit": "trainer.fit(X, y, epochs=1, sample_weight=w)",
+    "predict": "trainer.predict(X)",
+    "evaluate": "trainer.evaluate(X, y)",
+    "loss_and_grads": "trainer.loss_and_grads(X, y, sample_weight=w)",
+    "narrow_fit": "narrow.fit(X[:, :2], y, epochs=1)",
+    "narrow_predict": "narrow.predict(X[:, :2])",
+}
+DRIVER_SCRIPT = """
+    import numpy as np
+    import fastbp
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((50, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 50)
+    w = rng.random(50).astype(np.float32)
+    trainer = fastbp.Trainer(fastbp.MLP([6, 40, 3], "tanh", seed=0), loss="softmax_cross_entropy", optimizer="adam",
+                             batch_size=16, clip_grad_norm=1.0)
+    narrow = fastbp.Trainer(fastbp.MLP([2, 8, 3], "relu", seed=0), loss="softmax_cross_entropy", batch_size=16)
+    {calls}
+    print("done")
+"""
+
+
+def test_each_driver_loads_from_the_cache_as_a_first_call(tmp_path):
+    run_python(DRIVER_SCRIPT.format(calls="; ".join(DRIVER_CALLS.values())), tmp_path)  # fills the cache
+    for name, call in DRIVER_CALLS.items():
+        assert run_python(DRIVER_SCRIPT.format(calls=call), tmp_path).strip() == "done", name

@@ -387,14 +387,14 @@ def test_same_seed_same_weights_bit_for_bit(dtype):
 DETERMINISM_SCRIPT = textwrap.dedent("""
     import hashlib, json, sys
     import numba, numpy as np, fastbp
-    from fastbp.kernels import cpu
+    from fastbp.kernels import cpu, narrow
     rng = np.random.default_rng(0)
     # Large enough that the hidden layers' products take their parallel (prange) path: batch * n_in * n_out
-    # >= PARALLEL_MIN_WORK for both, and wider than NARROW_MAX_WIDTH (the serial feature-major path is not
-    # it). Checked, so a change of either threshold cannot quietly test serial code.
+    # >= PARALLEL_MIN_WORK for both, and wider than narrow.NARROW_MAX_WIDTH (the serial fused narrow kernel is
+    # not it). Checked, so a change of either threshold cannot quietly test serial code.
     X = rng.normal(size=(512, 128)).astype(np.float32)
     y = rng.integers(0, 10, size=512)
-    assert min(128 * 128 * 192, 128 * 192 * 96) >= cpu.PARALLEL_MIN_WORK and 96 > cpu.NARROW_MAX_WIDTH
+    assert min(128 * 128 * 192, 128 * 192 * 96) >= cpu.PARALLEL_MIN_WORK and 96 > narrow.NARROW_MAX_WIDTH
     out = {"threads": numba.get_num_threads()}
     for optimizer in ("sgd", "adam"):
         model = fastbp.MLP([128, 192, 96, 10], "relu", seed=0)

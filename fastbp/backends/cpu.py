@@ -31,7 +31,7 @@ class CPUBackend(Backend):
         self.hyper = np.asarray(hyper, dtype=np.float64).reshape(N_HYPER)
         self.dtype = np.dtype(dtype)
         self._workspaces = {}
-        self._paths = kernels.path_flags(layout.sizes)
+        self._network = kernels.network(layout, self.act_codes, self.loss)
         self.params = np.zeros(layout.n_params, dtype=self.dtype)
         self.opt_state = np.zeros((2, layout.n_params), dtype=self.dtype)
         # Narrow networks (every layer <= narrow.NARROW_MAX_WIDTH units) train in one fused loop nest per block of
@@ -78,22 +78,10 @@ class CPUBackend(Backend):
             out = np.empty((len(rows),) + X.shape[1:], dtype=X.dtype)
         return np.take(X, rows, axis=0, out=out)
 
-    def _workspace(self, capacity: int, n_outputs: int):
+    def _workspace(self, capacity: int, n_outputs: int) -> kernels.Workspace:
         key = (capacity, n_outputs)
         if key not in self._workspaces:
-            size = self.layout.workspace_size(capacity)
-            self._workspaces[key] = dict(
-                acts=np.empty(size, self.dtype),
-                deltas=np.empty(size, self.dtype),
-                targets_batch=np.empty((capacity, n_outputs), self.dtype),
-                row_losses=np.empty(capacity, self.dtype),
-                weights_batch=np.empty(capacity, self.dtype),
-                grads=np.empty(self.layout.n_params, self.dtype),
-                grads_chunk=np.empty(self.layout.n_params, self.dtype),
-                backup=np.empty((3, self.layout.n_params), self.dtype),
-                scratch=np.empty(kernels.scratch_size(self.layout.n_params, capacity,
-                                                      int(self.layout.unit_offsets[-1])), self.dtype),
-            )
+            self._workspaces[key] = kernels.make_workspace(self.layout, capacity, n_outputs, self.dtype)
         return self._workspaces[key]
 
     # -- training -----------------------------------------------------------------------------------------
@@ -106,21 +94,18 @@ class CPUBackend(Backend):
         layout = self.layout
         # Weighted fits take the general path (the fused narrow kernel has no per-row weights yet).
         if self._narrow_kernel is not None and sample_weight is None:
-            ws = self._workspace(1, Y.shape[1])  # grads and backup only
+            work = self._workspace(1, Y.shape[1])  # grads and backup only
             completed = self._narrow_kernel(
-                self.params, self.opt_state, steps, ws["grads"], ws["backup"],
+                self.params, self.opt_state, steps, work.grads, work.backup,
                 self._narrow_workspace(X.shape[0] if orders.shape[1] == 0 else 0), X, Y, orders, lrs, losses,
                 layout.sizes, layout.param_offsets, layout.unit_offsets, self.act_codes, self.hyper, batch_size,
                 target_loss)
             n_reported = min(completed + 1, len(lrs))
             return losses[:n_reported], int(completed), int(steps[0])
-        ws = self._workspace(batch_size, Y.shape[1])
-        weights = () if sample_weight is None else (sample_weight, ws["weights_batch"])
+        work = self._workspace(batch_size, Y.shape[1])
         completed = kernels.train_epochs(
-            self.params, self.opt_state, steps, ws["grads"], ws["acts"], ws["deltas"],
-            ws["targets_batch"], ws["row_losses"], ws["backup"], ws["scratch"], X, Y, orders, lrs, losses,
-            layout.sizes, layout.param_offsets, layout.unit_offsets, self.act_codes, self.loss,
-            self.optimizer, self.hyper, batch_size, target_loss, *self._paths, *weights)
+            self.params, self.opt_state, steps, losses, X, Y, self._weights(sample_weight), orders, lrs,
+            self._network, work, (self.optimizer, self.hyper, int(batch_size), float(target_loss)))
         # An epoch that went non-finite is reported (its loss is in losses[completed]) but not counted.
         n_reported = min(completed + 1, len(lrs))
         return losses[:n_reported], int(completed), int(steps[0])
@@ -134,25 +119,21 @@ class CPUBackend(Backend):
         return work
 
     # -- inference and gradients --------------------------------------------------------------------------
+    def _weights(self, sample_weight) -> np.ndarray:
+        # The drivers take sample weights as an array, empty for none (one compiled version for both).
+        return np.empty(0, self.dtype) if sample_weight is None else sample_weight
+
     @guarded
     def predict(self, X, n_outputs: int) -> np.ndarray:
-        capacity = max(1, min(EVAL_CAPACITY, X.shape[0]))
-        ws = self._workspace(capacity, n_outputs)
+        work = self._workspace(max(1, min(EVAL_CAPACITY, X.shape[0])), n_outputs)
         out = np.empty((X.shape[0], n_outputs), dtype=self.dtype)
-        layout = self.layout
-        kernels.predict(out, ws["acts"], X, self.params, layout.sizes, layout.param_offsets,
-                        layout.unit_offsets, self.act_codes, self.loss, capacity)
+        kernels.predict(out, X, self.params, self._network, work)
         return out
 
     @guarded
     def loss_value(self, X, Y, sample_weight=None) -> float:
-        capacity = max(1, min(EVAL_CAPACITY, X.shape[0]))
-        ws = self._workspace(capacity, Y.shape[1])
-        layout = self.layout
-        weights = () if sample_weight is None else (sample_weight,)
-        return float(kernels.dataset_loss(ws["acts"], ws["deltas"], ws["row_losses"], X, Y, self.params,
-                                          layout.sizes, layout.param_offsets, layout.unit_offsets,
-                                          self.act_codes, self.loss, capacity, *weights))
+        work = self._workspace(max(1, min(EVAL_CAPACITY, X.shape[0])), Y.shape[1])
+        return float(kernels.dataset_loss(X, Y, self._weights(sample_weight), self.params, self._network, work))
 
     # -- one step at a time (for callers that must act between steps, e.g. an allreduce) --------------------
     @guarded
@@ -161,13 +142,9 @@ class CPUBackend(Backend):
         # A power of two: callers whose row count varies per step (one rank's share of a global batch)
         # reuse a few workspaces instead of building one per count.
         capacity = min(EVAL_CAPACITY, 1 << max(0, X.shape[0] - 1).bit_length())
-        ws = self._workspace(capacity, Y.shape[1])
-        layout = self.layout
-        weights = () if sample_weight is None else (sample_weight,)
-        return float(kernels.dataset_grads(grads_out, ws["grads_chunk"], ws["acts"], ws["deltas"], ws["row_losses"],
-                                           ws["scratch"], X, Y, self.params, layout.sizes, layout.param_offsets,
-                                           layout.unit_offsets, self.act_codes, self.loss, capacity,
-                                           float(divisor), *self._paths, *weights))
+        work = self._workspace(capacity, Y.shape[1])
+        return float(kernels.dataset_grads(grads_out, X, Y, self._weights(sample_weight), self.params,
+                                           self._network, work, float(divisor)))
 
     @guarded
     def apply_update(self, grads, lr: float, step: int) -> None:

@@ -1,10 +1,8 @@
 """fastbp's CPU product engine: register-blocked dense-layer products on explicit SIMD vectors (see simd.py).
 
 Public kernels (outputs first; every one OVERWRITES its outputs and allocates nothing):
-    dense_forward(out, inp, weight, bias, act, panels, order=None, start=0)
-    dense_backward_params(dweight, dbias, dout, inp, panels, order=None, start=0)
-    dense_backward_params_sgd(weight, bias, velocity_w, velocity_b, dout, inp, panels, lr, momentum, dampening,
-                              weight_decay, nesterov, first_step, order=None, start=0)
+    dense_forward(out, inp, weight, bias, act, panels)
+    dense_backward_params(dweight, dbias, dout, inp, panels)
     dense_backward_input(dinp, dout, weight, inp, inp_act, panels)
 each with a serial ``*_naive`` reference beside it, and ``workspace_size(batch, n_in, n_out, dtype)``: the
 length of the ``panels`` buffer the caller provides (``forward_workspace``, ``backward_params_workspace`` and
@@ -12,10 +10,14 @@ length of the ``panels`` buffer the caller provides (``forward_workspace``, ``ba
 kernels of the same names call these on a workspace of their own.
 
 How a product runs
-    C = A @ B as a grid of TILE_ROWS x NR tiles of C (NR = TILE_VECTORS vectors), each held in vector
-    registers across the WHOLE summed axis: per k, TILE_VECTORS vector loads of B, TILE_ROWS broadcasts of A,
-    TILE_ROWS * TILE_VECTORS FMAs (the broadcast/outer-product form), then a fused epilogue (bias and
-    activation, activation derivative, or an SGD update) on the tile while it is still in registers.
+    Every product is C = A @ B with A logically (rows of C x depth) and B (depth x columns of C):
+        forward          out (B, n_out) = act(inp @ weight + bias)   A = inp as stored, B = weight
+        weight gradient  dweight (n_in, n_out) = inp^T @ dout         A = inp^T, B = dout (+ its column sums)
+        input gradient   dinp (B, n_in) = (dout @ weight^T) * act'(y) A = dout as stored, B = weight^T
+    C is a grid of TILE_ROWS x NR tiles (NR = TILE_VECTORS vectors), each held in vector registers across the
+    WHOLE depth: per k, TILE_VECTORS vector loads of B, TILE_ROWS broadcasts of A, TILE_ROWS * TILE_VECTORS
+    FMAs (the broadcast/outer-product form), then the product's epilogue (bias and activation, activation
+    derivative, or a plain store) on the tile while it is still in registers.
     AVX2 (16 ymm): 4 x 24 float32 (12 accumulators, 3 loads + 4 broadcasts per 12 FMAs). Measured on a Zen 3
     core with B in L1: 86 GFLOP/s against 77 for the 6 x 16 shape (8 loads per 12 FMAs, the BLIS Haswell
     shape) and 39 for 3 x 32 (17 live registers: spills); an FMA-only loop peaks at 91 there.
@@ -30,6 +32,12 @@ How a product runs
     write of the packed operand, 1/M of the product's work. Zero padding means no masked loads in the k loop:
     edge columns are masked only in the epilogue's stores, edge rows compute on a repeated valid row and
     skip the store.
+
+Compiled once: the three products share one worker (``_task``: packing, the tile loops, the epilogues, the
+product kind a run-time argument) and one parallel driver (``_product``, the module's only prange), so a
+first fit compiles the engine once per dtype instead of once per product (AMD EPYC Zen 4, cold, the three
+products of a fit: 16.4 s as three workers and three drivers). A branch on the kind per stored vector costs
+nothing measurable next to the depth x TILE_ROWS x TILE_VECTORS FMAs before it.
 
 Parallelism: the tile grid is split into numba.get_num_threads() rectangles of whole tiles (rows x panels, the
 split that reads the least), one task each: every output belongs to one task and is summed over all of k
@@ -46,7 +54,7 @@ import math
 
 import numba
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -54,13 +62,12 @@ from .. import _jit
 from .._jit import inline
 from . import simd
 from .pointwise import IDENTITY, LEAKY_RELU, LEAKY_RELU_SLOPE, RELU, SIGMOID, TANH, activate, activation_grad, sigmoid
-from .pointwise import sgd_update_one
 
 # --- the tile shape, from the vector width ---------------------------------------------------------------------
 WIDE = simd.VECTOR_BITS >= 512
 TILE_ROWS = 6 if WIDE else 4  # MR: rows of C per tile (broadcasts of A per k)
 TILE_VECTORS = 4 if WIDE else 3  # vectors of C per tile row (loads of B per k)
-# The weight gradient packs inp^T only for batches longer than this (see _weight_grad).
+# The weight gradient packs inp^T only for batches longer than this (see _product).
 PACK_BROADCAST_MIN_BATCH = 256
 NARROW_ROWS = 6  # rows of the narrow kernel (6 x 2 vectors) used for a last panel of <= 2 vectors
 
@@ -73,10 +80,10 @@ PARALLEL_MIN_WORK = 1 << 20
 # machine): groups of 1, 2, 4, 8 and all 43 panels (96 KiB each) at 0.95, 1.01, 0.94, 0.86, 0.82x OpenBLAS.
 PANEL_GROUP_BYTES = 192 * 1024
 
-# Epilogue kinds (compile-time constants at every call site, so LLVM keeps one).
-_STORE = 0  # C as computed (weight gradient), or an SGD step with gradient C when the hyper-parameters are given
-_FORWARD = 1  # act(C + bias)
-_INPUT_GRAD = 2  # C * act'(y), y the previous layer's stored output
+# The product kinds (run-time values: see "Compiled once" above).
+FORWARD = 0  # out = act(inp @ weight + bias)
+WEIGHT_GRAD = 1  # out = inp^T @ dout, and dout's column sums (the bias gradient)
+INPUT_GRAD = 2  # out = (dout @ weight^T) * act'(y), y the previous layer's stored output
 
 # The floating-point freedoms of cpu.FAST (reassociation and contraction for the scalar epilogue loops; the
 # vector operations of simd carry no flags). Not "nnan"/"ninf": callers test losses with np.isfinite.
@@ -101,10 +108,17 @@ def _thread_count(typingctx):
 
 
 def engine_jit(parallel=False):
-    """``_jit.cpu_jit`` with this module's fast-math freedoms: ``parallel`` only where there is a prange (two
-    serial functions call a parallel one: dense_backward_params[_sgd] -> _weight_grad, which numba >= 0.63
-    caches safely, see cpu_jit)."""
+    """``_jit.cpu_jit`` with this module's fast-math freedoms, cached unless FASTBP_SIMD_BITS forces a width."""
     return _jit.cpu_jit(parallel=parallel, cache=CACHE, **FAST)
+
+
+@inline
+def _runtime(code):
+    # A constant (a kind, an activation code from numba code) as a plain int64: numba compiles a separate
+    # specialisation for each literal argument value (Literal[int]), which would compile the engine once per
+    # kind and code. Measured for activation codes: the engine compiled for a literal code also ran 1.2-2.3x
+    # slower (Intel Xeon, AVX-512: 147 against 172 GFLOP/s at 512x1024x1024).
+    return code + 0
 
 
 # --- workspace ---------------------------------------------------------------------------------------------------
@@ -121,11 +135,11 @@ def workspace_size(batch: int, n_in: int, n_out: int, dtype) -> int:
     """Length of the ``panels`` buffer (elements of ``dtype``) that every kernel of this module needs for one
     layer of n_in -> n_out units and ``batch`` rows: the largest of the forward's packed W (n_in x NR-padded
     n_out), the input gradient's packed W^T (n_out x NR-padded n_in) and the weight gradient's packed dout
-    and inp (batch x (NR-padded n_out + TILE_ROWS-padded n_in) + NR-padded n_out for the bias sums)."""
+    and inp (batch x (NR-padded n_out + TILE_ROWS-padded n_in))."""
     nr = tile_columns(dtype)
     forward = n_in * _round_up(n_out, nr)
     backward_input = n_out * _round_up(n_in, nr)
-    backward_params = batch * (_round_up(n_out, nr) + _round_up(n_in, TILE_ROWS)) + _round_up(n_out, nr)
+    backward_params = batch * (_round_up(n_out, nr) + _round_up(n_in, TILE_ROWS))
     return int(max(forward, backward_input, backward_params))
 
 
@@ -139,10 +153,9 @@ def forward_workspace(n_in, n_out, like):
 
 @inline
 def backward_params_workspace(batch, n_in, n_out, like):
-    """Elements of ``panels`` dense_backward_params (and _sgd) need: dout's panels, inp^T's panels, the bias sums."""
+    """Elements of ``panels`` dense_backward_params needs: dout's panels and inp^T's panels."""
     NR = TILE_VECTORS * simd.lanes(like)
-    padded_out = (n_out + NR - 1) // NR * NR
-    return batch * (padded_out + (n_in + TILE_ROWS - 1) // TILE_ROWS * TILE_ROWS) + padded_out
+    return batch * ((n_out + NR - 1) // NR * NR + (n_in + TILE_ROWS - 1) // TILE_ROWS * TILE_ROWS)
 
 
 @inline
@@ -173,9 +186,13 @@ def _check_vector(a):
 # --- micro-kernels ------------------------------------------------------------------------------------------------
 # C tile = sum over k of (column k of the A tile) x (row k of a B panel). A's element (t, k) is at
 # rows[t] + k * a_step (a_step 1: rows of A as stored; TILE_ROWS: a packed panel); the panel's row k is the
-# NR elements from p_off + k * NR. Accumulators start at zero and stay in registers for all k_count terms.
-@inline
-def _kernel_4x3(A, rows, a_step, P, p_off, k_count):
+# NR elements from p_off + k * NR. Accumulators start at zero and stay in registers for all k_count terms, then
+# go to ``buf`` (the task's tile slot, see _task), row t's vector v at (t * TILE_VECTORS + v) * lanes, for the
+# epilogue (_finish) to read back from L1: one compiled epilogue for both kernel shapes and every product kind,
+# instead of one inlined per kernel call site (1.3 s of cold compile each, AMD EPYC Zen 4). Each kernel is a
+# compiled function of its own, called once per tile.
+@engine_jit()
+def _kernel_4x3(buf, A, rows, a_step, P, p_off, k_count):
     L = simd.lanes(P)
     a0, a1, a2, a3 = rows
     c00 = c01 = c02 = c10 = c11 = c12 = c20 = c21 = c22 = c30 = c31 = c32 = simd.zero(P)
@@ -205,11 +222,22 @@ def _kernel_4x3(A, rows, a_step, P, p_off, k_count):
         a2 += a_step
         a3 += a_step
         b += 3 * L
-    return ((c00, c01, c02), (c10, c11, c12), (c20, c21, c22), (c30, c31, c32))
+    simd.store(buf, 0, c00)
+    simd.store(buf, L, c01)
+    simd.store(buf, 2 * L, c02)
+    simd.store(buf, 3 * L, c10)
+    simd.store(buf, 4 * L, c11)
+    simd.store(buf, 5 * L, c12)
+    simd.store(buf, 6 * L, c20)
+    simd.store(buf, 7 * L, c21)
+    simd.store(buf, 8 * L, c22)
+    simd.store(buf, 9 * L, c30)
+    simd.store(buf, 10 * L, c31)
+    simd.store(buf, 11 * L, c32)
 
 
-@inline
-def _kernel_6x4(A, rows, a_step, P, p_off, k_count):
+@engine_jit()
+def _kernel_6x4(buf, A, rows, a_step, P, p_off, k_count):
     L = simd.lanes(P)
     a0, a1, a2, a3, a4, a5 = rows
     c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = c20 = c21 = c22 = c23 = simd.zero(P)
@@ -257,12 +285,34 @@ def _kernel_6x4(A, rows, a_step, P, p_off, k_count):
         a4 += a_step
         a5 += a_step
         b += 4 * L
-    return ((c00, c01, c02, c03), (c10, c11, c12, c13), (c20, c21, c22, c23), (c30, c31, c32, c33),
-            (c40, c41, c42, c43), (c50, c51, c52, c53))
+    simd.store(buf, 0, c00)
+    simd.store(buf, L, c01)
+    simd.store(buf, 2 * L, c02)
+    simd.store(buf, 3 * L, c03)
+    simd.store(buf, 4 * L, c10)
+    simd.store(buf, 5 * L, c11)
+    simd.store(buf, 6 * L, c12)
+    simd.store(buf, 7 * L, c13)
+    simd.store(buf, 8 * L, c20)
+    simd.store(buf, 9 * L, c21)
+    simd.store(buf, 10 * L, c22)
+    simd.store(buf, 11 * L, c23)
+    simd.store(buf, 12 * L, c30)
+    simd.store(buf, 13 * L, c31)
+    simd.store(buf, 14 * L, c32)
+    simd.store(buf, 15 * L, c33)
+    simd.store(buf, 16 * L, c40)
+    simd.store(buf, 17 * L, c41)
+    simd.store(buf, 18 * L, c42)
+    simd.store(buf, 19 * L, c43)
+    simd.store(buf, 20 * L, c50)
+    simd.store(buf, 21 * L, c51)
+    simd.store(buf, 22 * L, c52)
+    simd.store(buf, 23 * L, c53)
 
 
-@inline
-def _kernel_narrow(A, rows, a_step, P, p_off, k_count):
+@engine_jit()
+def _kernel_narrow(buf, A, rows, a_step, P, p_off, k_count):
     # NARROW_ROWS x 2 vectors, for a layer's last panel when it has at most 2 vectors of columns (a 10-unit
     # output layer, or 1024 = 42 x 24 + 16): the TILE_VECTORS-wide kernel would compute 24 columns for 10
     # there. 6 x 2 vectors: 12 accumulators, the BLIS Haswell shape. Reads P's rows at the panel stride.
@@ -299,7 +349,18 @@ def _kernel_narrow(A, rows, a_step, P, p_off, k_count):
         a4 += a_step
         a5 += a_step
         b += NR
-    return ((c00, c01), (c10, c11), (c20, c21), (c30, c31), (c40, c41), (c50, c51))
+    simd.store(buf, 0 * NR, c00)
+    simd.store(buf, 0 * NR + L, c01)
+    simd.store(buf, 1 * NR, c10)
+    simd.store(buf, 1 * NR + L, c11)
+    simd.store(buf, 2 * NR, c20)
+    simd.store(buf, 2 * NR + L, c21)
+    simd.store(buf, 3 * NR, c30)
+    simd.store(buf, 3 * NR + L, c31)
+    simd.store(buf, 4 * NR, c40)
+    simd.store(buf, 4 * NR + L, c41)
+    simd.store(buf, 5 * NR, c50)
+    simd.store(buf, 5 * NR + L, c51)
 
 
 @inline
@@ -310,114 +371,74 @@ def _narrow_last_panel(n_cols, NR, L, panel_hi):
 
 
 @inline
-def _rows_4(first, n_rows, ld, order, start):
-    # Offsets of the 4 tile rows of A from row ``first`` (rows past n_rows repeat the last one; their results
-    # are never stored). With ``order``, tile row r is row order[start + r] of A (a shuffled mini-batch).
+def _rows_4(first, n_rows, row_step, shift):
+    # Offsets in A of the 4 tile rows from row ``first``: row r at r * row_step + shift. Rows past n_rows repeat
+    # the last one (their results are never stored).
     last = n_rows - 1
-    r0 = min(first, last)
-    r1 = min(first + 1, last)
-    r2 = min(first + 2, last)
-    r3 = min(first + 3, last)
-    if order is None:
-        return (r0 * ld, r1 * ld, r2 * ld, r3 * ld)
-    return (order[start + r0] * ld, order[start + r1] * ld, order[start + r2] * ld, order[start + r3] * ld)
+    return (min(first, last) * row_step + shift, min(first + 1, last) * row_step + shift,
+            min(first + 2, last) * row_step + shift, min(first + 3, last) * row_step + shift)
 
 
 @inline
-def _rows_6(first, n_rows, ld, order, start):
+def _rows_6(first, n_rows, row_step, shift):
     last = n_rows - 1
-    r0 = min(first, last)
-    r1 = min(first + 1, last)
-    r2 = min(first + 2, last)
-    r3 = min(first + 3, last)
-    r4 = min(first + 4, last)
-    r5 = min(first + 5, last)
-    if order is None:
-        return (r0 * ld, r1 * ld, r2 * ld, r3 * ld, r4 * ld, r5 * ld)
-    return (order[start + r0] * ld, order[start + r1] * ld, order[start + r2] * ld, order[start + r3] * ld,
-            order[start + r4] * ld, order[start + r5] * ld)
+    return (min(first, last) * row_step + shift, min(first + 1, last) * row_step + shift,
+            min(first + 2, last) * row_step + shift, min(first + 3, last) * row_step + shift,
+            min(first + 4, last) * row_step + shift, min(first + 5, last) * row_step + shift)
 
 
-@inline
-def _packed_rows_4(base):
-    return (base, base + 1, base + 2, base + 3)
-
-
-@inline
-def _packed_rows_6(base):
-    return (base, base + 1, base + 2, base + 3, base + 4, base + 5)
-
-
-# --- epilogues --------------------------------------------------------------------------------------------------
-@inline
-def _finish_vector(kind, act, out, offset, acc, count, aux, aux_offset, hyper):
-    # One vector of a finished tile: the first ``count`` lanes (1..lanes) go to out's elements from offset.
-    # aux: the bias (kind _FORWARD, element aux_offset), the previous layer's output y (_INPUT_GRAD, laid out
-    # like out), the momentum buffer (_SGD, laid out like out). hyper: _SGD's (lr, momentum, dampening,
-    # weight_decay, nesterov, first_step) in out's dtype (the bools as bools).
+# --- the epilogue ------------------------------------------------------------------------------------------------
+@engine_jit()
+def _finish(kind, act, out, row0, n_rows, col, n_cols, buf, tile_rows, bias, y):
+    """A finished tile, read back from ``buf`` (row t's vector v at (t * TILE_VECTORS + v) * lanes), to out's rows
+    row0 .. min(row0 + tile_rows, n_rows) and columns col .. n_cols (the last vector masked; rows past n_rows
+    repeated a valid row of A and are not stored). FORWARD: + bias[col:], then relu / leaky relu on the vector,
+    sigmoid / tanh by _activate_row on the stored row. INPUT_GRAD: * act'(y), y laid out like out.
+    WEIGHT_GRAD: stored as computed."""
     L = simd.lanes(out)
-    full = count >= L
+    ld_out = _leading(out)
+    ld_y = _leading(y)
     zero = simd.zero(out)
-    if kind == _FORWARD:
-        bias = simd.load(aux, aux_offset) if full else simd.load_partial(aux, aux_offset, count)
-        value = simd.add(acc, bias)
-        if act == RELU:
-            value = simd.max(value, zero)
-        elif act == LEAKY_RELU:
-            value = simd.select_gt(value, zero, value, simd.mul(simd.broadcast(out.dtype.type(LEAKY_RELU_SLOPE)),
-                                                                value))
-        # sigmoid and tanh: applied by _activate_row after the row's stores (scalar code, see there)
-    elif kind == _INPUT_GRAD:
-        y = simd.load(aux, aux_offset) if full else simd.load_partial(aux, aux_offset, count)
-        one = simd.broadcast(out.dtype.type(1.0))
-        if act == RELU:
-            value = simd.select_gt(y, zero, acc, zero)
-        elif act == LEAKY_RELU:
-            value = simd.select_gt(y, zero, acc, simd.mul(acc, simd.broadcast(out.dtype.type(LEAKY_RELU_SLOPE))))
-        elif act == SIGMOID:
-            value = simd.mul(acc, simd.mul(y, simd.sub(one, y)))
-        elif act == TANH:
-            value = simd.mul(acc, simd.sub(one, simd.mul(y, y)))
-        else:
-            value = acc
-    elif hyper is None:  # (forward and input gradient: hyper None prunes the branch below when compiling)
-        value = acc
-    else:
-        lr, momentum, dampening, weight_decay, nesterov, first_step, apply_sgd = hyper
-        value = acc  # the weight gradient itself, unless apply_sgd:
-        if apply_sgd:
-            # An SGD step with gradient acc: pointwise.sgd_update_one lane by lane, in its order of operations
-            # (torch.optim.SGD, foreach=False).
-            p = simd.load(out, offset) if full else simd.load_partial(out, offset, count)
-            g = simd.add(acc, simd.mul(simd.broadcast(weight_decay), p))
-            if momentum != 0:
-                if first_step:
-                    buf = g
-                else:
-                    v = simd.load(aux, aux_offset) if full else simd.load_partial(aux, aux_offset, count)
-                    buf = simd.add(simd.mul(simd.broadcast(momentum), v),
-                                   simd.mul(simd.broadcast(out.dtype.type(1.0) - dampening), g))
-                if full:
-                    simd.store(aux, aux_offset, buf)
-                else:
-                    simd.store_partial(aux, aux_offset, buf, count)
-                if nesterov:
-                    g = simd.add(g, simd.mul(simd.broadcast(momentum), buf))
-                else:
-                    g = buf
-            value = simd.sub(p, simd.mul(simd.broadcast(lr), g))
-    if full:
-        simd.store(out, offset, value)
-    else:
-        simd.store_partial(out, offset, value, count)
+    one = simd.broadcast(out.dtype.type(1.0))
+    slope = simd.broadcast(out.dtype.type(LEAKY_RELU_SLOPE))
+    width = min(TILE_VECTORS * L, n_cols - col)
+    for t in range(min(tile_rows, n_rows - row0)):
+        row = row0 + t
+        for v in range((width + L - 1) // L):
+            c = col + v * L
+            count = min(L, n_cols - c)
+            full = count == L
+            value = simd.load(buf, (t * TILE_VECTORS + v) * L)
+            if kind == FORWARD:
+                value = simd.add(value, simd.load(bias, c) if full else simd.load_partial(bias, c, count))
+                if act == RELU:
+                    value = simd.max(value, zero)
+                elif act == LEAKY_RELU:
+                    value = simd.select_gt(value, zero, value, simd.mul(slope, value))
+            elif kind == INPUT_GRAD:
+                y_at = row * ld_y + c
+                y_value = simd.load(y, y_at) if full else simd.load_partial(y, y_at, count)
+                if act == RELU:
+                    value = simd.select_gt(y_value, zero, value, zero)
+                elif act == LEAKY_RELU:
+                    value = simd.select_gt(y_value, zero, value, simd.mul(value, slope))
+                elif act == SIGMOID:
+                    value = simd.mul(value, simd.mul(y_value, simd.sub(one, y_value)))
+                elif act == TANH:
+                    value = simd.mul(value, simd.sub(one, simd.mul(y_value, y_value)))
+            if full:
+                simd.store(out, row * ld_out + c, value)
+            else:
+                simd.store_partial(out, row * ld_out + c, value, count)
+        if kind == FORWARD and (act == SIGMOID or act == TANH):
+            _activate_row(out, row, col, width, act)
 
 
 @engine_jit()
 def _activate_row(out, row, col, count, act):
     """sigmoid / tanh on out[row, col:col + count], just stored and still in L1: pointwise.activate's two
     branches, called directly, as scalar code (sigmoid's exp is plain arithmetic that LLVM vectorises over the
-    loop; tanh is libm's). A compiled function of its own, called once per tile row: inlined into the tile
-    epilogues it cost about 2 s of the forward's cold compile."""
+    loop; tanh is libm's). A compiled function of its own, called once per tile row."""
     if act == SIGMOID:
         for j in range(col, col + count):
             out[row, j] = sigmoid(out[row, j])
@@ -426,42 +447,20 @@ def _activate_row(out, row, col, count, act):
             out[row, j] = math.tanh(out[row, j])
 
 
-@inline
-def _finish_tile(kind, act, out, ld_out, row0, n_rows, col, n_cols, accs, aux, ld_aux, hyper):
-    # A finished tile (accs: a tuple of rows, each a tuple of vectors) to out's rows row0.. below n_rows (the
-    # others repeated a valid row of A: never stored) and columns col.. below n_cols (the last vector masked).
-    # Written as loops, so that numba types and lowers _finish_vector ONCE (LLVM unrolls them): the same
-    # epilogue written out per accumulator, inlined by numba 12 times, took 100 s to compile (numba deep-copies
-    # the inlined IR per call site), and as separate compiled functions 9 s, LLVM re-optimising each one in
-    # every library that links it.
-    L = simd.lanes(out)
-    for t in range(len(accs)):
-        row = row0 + t
-        if row < n_rows:
-            row_accs = accs[t]
-            offset = row * ld_out + col
-            aux_offset = col if kind == _FORWARD else row * ld_aux + col
-            for v in range(len(row_accs)):
-                count = min(L, n_cols - (col + v * L))
-                if count > 0:
-                    _finish_vector(kind, act, out, offset + v * L, row_accs[v], count, aux, aux_offset + v * L,
-                                   hyper)
-            if kind == _FORWARD and (act == SIGMOID or act == TANH):
-                _activate_row(out, row, col, min(len(row_accs) * L, n_cols - col), act)
-
-
 # The shape's functions, chosen once here (numba then compiles only that shape).
 _kernel = _kernel_6x4 if WIDE else _kernel_4x3
 _rows = _rows_6 if WIDE else _rows_4
-_packed_rows = _packed_rows_6 if WIDE else _packed_rows_4
+# Vectors in a task's tile slot: the larger of the two kernel shapes (a module-level int: stack_vectors needs a
+# compile-time constant).
+TILE_SLOT_VECTORS = max(TILE_ROWS, NARROW_ROWS) * TILE_VECTORS
 
 
-# --- packing ----------------------------------------------------------------------------------------------------
 @engine_jit()
-def _pack_rows(panels, base, B, n_rows, n_cols, panel_lo, panel_hi, sums):
+def _pack_rows(panels, base, B, n_rows, n_cols, panel_lo, panel_hi, sums, with_sums):
     """Panels panel_lo..panel_hi of B (n_rows x n_cols, rows contiguous) into panels[base:]: panel p's row k is
-    B[k, p*NR : p*NR + NR] at base + (p * n_rows + k) * NR, zero-padded past n_cols. With ``sums`` (not None),
-    sums[j] = B[:, j].sum() for the panels' columns, added in row order (the bias gradient: deterministic).
+    B[k, p*NR : p*NR + NR] at base + (p * n_rows + k) * NR, zero-padded past n_cols. With ``with_sums``,
+    sums[j] = B[:, j].sum() for the panels' columns, added in row order (the bias gradient: deterministic);
+    ``sums`` (n_cols,) is not touched otherwise (a run-time flag, not a None: one compiled packer).
     k outermost, so B is read row by row, contiguously (0.76 ms for a 1024 x 1024 float32 W on a Zen 3 core,
     against 1.05 with panels outermost)."""
     L = simd.lanes(panels)
@@ -469,7 +468,7 @@ def _pack_rows(panels, base, B, n_rows, n_cols, panel_lo, panel_hi, sums):
     ld_b = _leading(B)
     zero = simd.zero(panels)
     full_hi = min(panel_hi, n_cols // NR)  # panels before full_hi have all NR columns
-    if sums is not None:
+    if with_sums:
         for j in range(panel_lo * NR, min(panel_hi * NR, n_cols)):
             sums[j] = 0
     for k in range(n_rows):
@@ -479,7 +478,7 @@ def _pack_rows(panels, base, B, n_rows, n_cols, panel_lo, panel_hi, sums):
             for v in range(TILE_VECTORS):
                 x = simd.load(B, src + v * L)
                 simd.store(panels, dst + v * L, x)
-                if sums is not None:
+                if with_sums:
                     j = p * NR + v * L
                     simd.store(sums, j, simd.add(simd.load(sums, j), x))
         for p in range(max(panel_lo, full_hi), panel_hi):  # the last panel, when n_cols is not a multiple of NR
@@ -494,7 +493,7 @@ def _pack_rows(panels, base, B, n_rows, n_cols, panel_lo, panel_hi, sums):
                 else:
                     x = zero
                 simd.store(panels, dst + v * L, x)
-                if sums is not None:
+                if with_sums:
                     j = p * NR + v * L
                     if count >= L:
                         simd.store(sums, j, simd.add(simd.load(sums, j), x))
@@ -534,11 +533,11 @@ def _pack_columns(panels, base, W, n_rows, n_cols, panel_lo, panel_hi):
 
 
 @engine_jit()
-def _pack_broadcast_panels(panels, base, inp, n_rows, n_cols, order, start, group_lo, group_hi):
-    """The weight gradient's A = inp^T in TILE_ROWS-wide panels: group q's element (k, t) is inp[row k,
-    q*TILE_ROWS + t] (0 past n_cols) at base + (q * n_rows + k) * TILE_ROWS; row k is order[start + k] with
-    ``order``. The micro-kernel then broadcasts TILE_ROWS consecutive numbers per k, instead of touching a new
-    row of inp per k (a new page for a 1024-wide layer).
+def _pack_broadcast_panels(panels, base, inp, n_rows, n_cols, group_lo, group_hi):
+    """The weight gradient's A = inp^T in TILE_ROWS-wide panels: group q's element (k, t) is inp[k,
+    q*TILE_ROWS + t] (0 past n_cols) at base + (q * n_rows + k) * TILE_ROWS. The micro-kernel then broadcasts
+    TILE_ROWS consecutive numbers per k, instead of touching a new row of inp per k (a new page for a 1024-wide
+    layer).
 
     Vector copies: a masked load of the group's TILE_ROWS numbers, a whole-vector store whose lanes past
     TILE_ROWS land in the following k's slots (rewritten next), a masked store where the whole vector would
@@ -551,7 +550,7 @@ def _pack_broadcast_panels(panels, base, inp, n_rows, n_cols, order, start, grou
     for chunk in range(group_lo, group_hi, 16):
         chunk_end = min(chunk + 16, group_hi)
         for k in range(n_rows):
-            src = (k if order is None else order[start + k]) * ld_inp
+            src = k * ld_inp
             for q in range(chunk, chunk_end):
                 dst = base + (q * n_rows + k) * TILE_ROWS
                 for c in range(0, TILE_ROWS, L):
@@ -567,117 +566,72 @@ def _pack_broadcast_panels(panels, base, inp, n_rows, n_cols, order, start, grou
                         simd.store_partial(panels, dst + c, x, width)
 
 
-# --- tile workers -------------------------
 @engine_jit()
-def _forward_task(out, inp, order, start, weight, panels, bias, act, tile_lo, tile_hi, panel_lo, panel_hi, pack_lo,
-                  pack_hi):
-    """One task of dense_forward: packs panels pack_lo..pack_hi of the weight (those only this task reads),
-    then act(inp @ weight + bias) for row tiles tile_lo..tile_hi and panels panel_lo..panel_hi of out."""
-    depth = weight.shape[0]
-    _pack_rows(panels, depth - depth, weight, depth, weight.shape[1], pack_lo, pack_hi, None)
+def _pack_b(kind, panels, b, sums, depth, n_cols, panel_lo, panel_hi):
+    """Panels panel_lo..panel_hi of the product's B operand into panels[0:]: the weight (FORWARD), dout with
+    its column sums into ``sums`` (WEIGHT_GRAD), the weight transposed (INPUT_GRAD)."""
+    zero = depth - depth
+    if kind == INPUT_GRAD:
+        _pack_columns(panels, zero, b, n_cols, depth, panel_lo, panel_hi)
+    else:
+        _pack_rows(panels, zero, b, depth, n_cols, panel_lo, panel_hi, sums, kind == WEIGHT_GRAD)
+
+
+@engine_jit()
+def _task(kind, act, out, a, b, vec, y, panels, span):
+    """One task of a product (see the module notes): packs the parts of the operands only this task reads, then
+    runs its rectangle of tiles with the kind's epilogue.
+
+    out (n_rows, n_cols) the product's output; a, b the operands as the caller holds them (FORWARD: inp (B,
+    n_in), weight (n_in, n_out); WEIGHT_GRAD: inp (B, n_in), dout (B, n_out); INPUT_GRAD: dout (B, n_out),
+    weight (n_in, n_out)); vec the bias (FORWARD) or the bias gradient (WEIGHT_GRAD, written by the packing of
+    dout); y (B, n_in) the previous layer's output (INPUT_GRAD). span: (tile_lo, tile_hi, panel_lo, panel_hi,
+    pack_lo, pack_hi, a_pack_lo, a_pack_hi, a_packed): the task's row tiles and panels, the panels of B and the
+    groups of inp^T it packs, and whether the weight gradient reads inp^T packed (see _product)."""
+    tile_lo, tile_hi, panel_lo, panel_hi, pack_lo, pack_hi, a_pack_lo, a_pack_hi, a_packed = span
     n_rows = out.shape[0]
     n_cols = out.shape[1]
-    NR = TILE_VECTORS * simd.lanes(out)
-    ld_out = _leading(out)
-    ld_inp = _leading(inp)
+    L = simd.lanes(out)
+    NR = TILE_VECTORS * L
+    depth = b.shape[1] if kind == INPUT_GRAD else b.shape[0]
+    _pack_b(kind, panels, b, vec, depth, n_cols, pack_lo, pack_hi)
+    # A's tile row r is at r * row_step + shift in A, its element k a_step further per k: rows of A as stored
+    # (forward, input gradient), columns of inp as stored or inp^T's packed groups (weight gradient). One 2-D
+    # array either way, so that the micro-kernel has one call site.
+    a_base = depth * ((n_cols + NR - 1) // NR) * NR
+    if a_packed:
+        _pack_broadcast_panels(panels, a_base, a, depth, n_rows, a_pack_lo, a_pack_hi)
+        n_groups = (n_rows + TILE_ROWS - 1) // TILE_ROWS
+        A = panels[a_base:a_base + n_groups * depth * TILE_ROWS].reshape((n_groups * depth, TILE_ROWS))
+        row_step = 1
+        a_step = TILE_ROWS
+    elif kind == WEIGHT_GRAD:
+        A = a
+        row_step = 1
+        a_step = _leading(a)
+    else:
+        A = a
+        row_step = _leading(a)
+        a_step = 1
+    buf = simd.stack_vectors(out, TILE_SLOT_VECTORS)
     panel_group = _panel_group(depth, NR, out.itemsize)
-    narrow = _narrow_last_panel(n_cols, NR, simd.lanes(out), panel_hi)
+    narrow = (not a_packed) and _narrow_last_panel(n_cols, NR, L, panel_hi)
     wide_hi = panel_hi - 1 if narrow else panel_hi
     for group in range(panel_lo, wide_hi, panel_group):
         group_end = min(group + panel_group, wide_hi)
         for tile in range(tile_lo, tile_hi):
             row0 = tile * TILE_ROWS
-            rows = _rows(row0, n_rows, ld_inp, order, start)
+            # packed groups: group q (q * TILE_ROWS = row0) starts at row0 * depth, its row t at + t
+            rows = _rows(row0, n_rows, row_step, row0 * (depth - 1) if a_packed else 0)
             for p in range(group, group_end):
-                accs = _kernel(inp, rows, 1, panels, p * depth * NR, depth)
-                _finish_tile(_FORWARD, act, out, ld_out, row0, n_rows, p * NR, n_cols, accs, bias, 0, None)
+                _kernel(buf, A, rows, a_step, panels, p * depth * NR, depth)
+                _finish(kind, act, out, row0, n_rows, p * NR, n_cols, buf, _runtime(TILE_ROWS), vec, y)
     if narrow and wide_hi >= panel_lo:
         row_end = min(tile_hi * TILE_ROWS, n_rows)  # this task's rows only
         for row0 in range(tile_lo * TILE_ROWS, row_end, NARROW_ROWS):
-            rows = _rows_6(row0, row_end, ld_inp, order, start)
-            accs = _kernel_narrow(inp, rows, 1, panels, wide_hi * depth * NR, depth)
-            _finish_tile(_FORWARD, act, out, ld_out, row0, row_end, wide_hi * NR, n_cols, accs, bias, 0, None)
-
-
-@engine_jit()
-def _weight_grad_task(out, velocity, sums, dout, inp, order, start, panels, hyper, a_packed, tile_lo, tile_hi,
-                      panel_lo, panel_hi, pack_tile_lo, pack_tile_hi, pack_lo, pack_hi):
-    """One task of the weight gradient: packs panels pack_lo..pack_hi of dout (with their column sums into
-    ``sums``) and inp^T's groups pack_tile_lo..pack_tile_hi (the parts only this task reads), then inp^T @ dout
-    for row tiles tile_lo..tile_hi and panels panel_lo..panel_hi of out (n_in, n_out). dout's panels lie in
-    panels from 0, inp^T's after them. hyper = (lr, momentum, dampening, weight_decay, nesterov, first_step,
-    apply): with apply False out = the gradient, with apply True out (the weights) and velocity take an SGD
-    step with it instead (one compiled worker for both: a runtime branch per vector costs nothing measurable,
-    a second compiled worker about 8 s of cold compile)."""
-    depth = dout.shape[0]
-    NR = TILE_VECTORS * simd.lanes(out)
-    a_base = depth * ((out.shape[1] + NR - 1) // NR) * NR
-    _pack_rows(panels, depth - depth, dout, depth, out.shape[1], pack_lo, pack_hi, sums)
-    _pack_broadcast_panels(panels, a_base, inp, depth, out.shape[0], order, start, pack_tile_lo, pack_tile_hi)
-    n_rows = out.shape[0]
-    n_cols = out.shape[1]
-    ld_out = _leading(out)
-    ld_velocity = _leading(velocity)
-    panel_group = _panel_group(depth, NR, out.itemsize)
-    # A: inp^T's packed groups (TILE_ROWS numbers per k) or inp as stored (tile row t broadcasts
-    # inp[k, row0 + t], a_step = inp's row stride); one 2-D array either way, so one kernel call site.
-    if a_packed:
-        n_groups = (n_rows + TILE_ROWS - 1) // TILE_ROWS
-        A = panels[a_base:a_base + n_groups * depth * TILE_ROWS].reshape((n_groups * depth, TILE_ROWS))
-        a_step = TILE_ROWS
-    else:
-        A = inp
-        a_step = _leading(inp)
-    narrow = (not a_packed) and _narrow_last_panel(n_cols, NR, simd.lanes(out), panel_hi)
-    wide_hi = panel_hi - 1 if narrow else panel_hi
-    for group in range(panel_lo, wide_hi, panel_group):
-        group_end = min(group + panel_group, wide_hi)
-        for tile in range(tile_lo, tile_hi):
-            row0 = tile * TILE_ROWS
-            rows = _packed_rows(tile * depth * TILE_ROWS) if a_packed else _rows(row0, n_rows, 1, None, 0)
-            for p in range(group, group_end):
-                accs = _kernel(A, rows, a_step, panels, p * depth * NR, depth)
-                _finish_tile(_STORE, IDENTITY, out, ld_out, row0, n_rows, p * NR, n_cols, accs, velocity,
-                             ld_velocity, hyper)
-    if narrow and wide_hi >= panel_lo:
-        row_end = min(tile_hi * TILE_ROWS, n_rows)
-        for row0 in range(tile_lo * TILE_ROWS, row_end, NARROW_ROWS):
-            rows = _rows_6(row0, row_end, 1, None, 0)
-            accs = _kernel_narrow(A, rows, a_step, panels, wide_hi * depth * NR, depth)
-            _finish_tile(_STORE, IDENTITY, out, ld_out, row0, row_end, wide_hi * NR, n_cols, accs, velocity,
-                         ld_velocity, hyper)
-
-
-@engine_jit()
-def _input_grad_task(dinp, dout, weight, panels, y, act, tile_lo, tile_hi, panel_lo, panel_hi, pack_lo, pack_hi):
-    """One task of dense_backward_input: packs panels pack_lo..pack_hi of weight^T (those only this task
-    reads), then (dout @ weight^T) * act'(y) for row tiles tile_lo..tile_hi and panels panel_lo..panel_hi of
-    dinp (B, n_in); y (B, n_in) is the previous layer's output."""
-    depth = weight.shape[1]
-    _pack_columns(panels, depth - depth, weight, weight.shape[0], depth, pack_lo, pack_hi)
-    n_rows = dinp.shape[0]
-    n_cols = dinp.shape[1]
-    NR = TILE_VECTORS * simd.lanes(dinp)
-    panel_group = _panel_group(depth, NR, dinp.itemsize)
-    ld_dinp = _leading(dinp)
-    ld_dout = _leading(dout)
-    ld_y = _leading(y)
-    narrow = _narrow_last_panel(n_cols, NR, simd.lanes(dinp), panel_hi)
-    wide_hi = panel_hi - 1 if narrow else panel_hi
-    for group in range(panel_lo, wide_hi, panel_group):
-        group_end = min(group + panel_group, wide_hi)
-        for tile in range(tile_lo, tile_hi):
-            row0 = tile * TILE_ROWS
-            rows = _rows(row0, n_rows, ld_dout, None, 0)
-            for p in range(group, group_end):
-                accs = _kernel(dout, rows, 1, panels, p * depth * NR, depth)
-                _finish_tile(_INPUT_GRAD, act, dinp, ld_dinp, row0, n_rows, p * NR, n_cols, accs, y, ld_y, None)
-    if narrow and wide_hi >= panel_lo:
-        row_end = min(tile_hi * TILE_ROWS, n_rows)
-        for row0 in range(tile_lo * TILE_ROWS, row_end, NARROW_ROWS):
-            rows = _rows_6(row0, row_end, ld_dout, None, 0)
-            accs = _kernel_narrow(dout, rows, 1, panels, wide_hi * depth * NR, depth)
-            _finish_tile(_INPUT_GRAD, act, dinp, ld_dinp, row0, row_end, wide_hi * NR, n_cols, accs, y, ld_y, None)
+            rows = _rows_6(row0, row_end, row_step, 0)
+            _kernel_narrow(buf, A, rows, a_step, panels, wide_hi * depth * NR, depth)
+            _finish(kind, act, out, row0, row_end, wide_hi * NR, n_cols, buf, _runtime(NARROW_ROWS), vec, y)
 
 
 @inline
@@ -707,6 +661,66 @@ def _task_grid(n_tiles, n_panels, n_threads, a_size, b_size):
     return best_rows, best_cols
 
 
+@engine_jit(parallel=True)
+def _product(kind, act, out, a, b, vec, y, panels):
+    """The product ``kind`` (see _task for the operands), on the calling thread or as one parallel region of
+    numba.get_num_threads() tasks. The module's only prange: each prange is a separately compiled function
+    that links the whole worker."""
+    n_rows = out.shape[0]
+    n_cols = out.shape[1]
+    if n_rows == 0 or n_cols == 0:
+        return
+    depth = b.shape[1] if kind == INPUT_GRAD else b.shape[0]
+    NR = TILE_VECTORS * simd.lanes(out)
+    n_panels = (n_cols + NR - 1) // NR
+    n_tiles = (n_rows + TILE_ROWS - 1) // TILE_ROWS
+    zero = n_rows - n_rows
+    # The weight gradient reads inp^T packed (TILE_ROWS numbers per k, contiguous) when there are many panels of
+    # dout to reuse it and inp's rows are a page or more apart or the batch is long; else tile row t broadcasts
+    # inp[k, row0 + t] as stored. Zen 3 core, float32, one thread, ms packed / as stored: 512 x 1024 -> 1024
+    # 15.3 / 21.2 (rows 4 KiB apart: one L1 set, 128 lines of L2), 128 x 1024 -> 1024 4.3 / 5.4, 512 x 256 ->
+    # 256 1.14 / 1.18, 128 x 784 -> 256 0.83 / 0.79, 128 x 256 -> 256 0.27 / 0.26; 512 x 1024 -> 10 (one panel)
+    # 0.36x OpenBLAS packed, 1.1x as stored.
+    a_packed = kind == WEIGHT_GRAD and n_panels > 2 and (depth > PACK_BROADCAST_MIN_BATCH
+                                                        or n_rows * out.itemsize >= 4096)
+    n_a_tiles = n_tiles if a_packed else zero
+    n_threads = _thread_count()
+    if n_threads == 1 or n_rows * n_cols * depth < PARALLEL_MIN_WORK:
+        _task(kind, act, out, a, b, vec, y, panels,
+              (zero, n_tiles, zero, n_panels, zero, n_panels, zero, n_a_tiles, zero + a_packed))
+        return
+    # A is (n_rows x depth), B (depth x n_cols) for every kind
+    row_tasks, col_tasks = _task_grid(n_tiles, n_panels, n_threads, n_rows * depth, depth * n_cols)
+    shared_b = row_tasks > 1  # tasks share B's panels: pack them all first, here (1/B of the product's work)
+    shared_a = col_tasks > 1 and a_packed  # tasks share inp^T's groups
+    if shared_b:
+        _pack_b(kind, panels, b, vec, depth, n_cols, zero, n_panels)
+    if shared_a:
+        _pack_broadcast_panels(panels, depth * n_panels * NR, a, depth, n_rows, zero, n_tiles)
+    for task in prange(row_tasks * col_tasks):
+        r = task // col_tasks
+        c = task % col_tasks
+        tile_lo = r * n_tiles // row_tasks
+        tile_hi = (r + 1) * n_tiles // row_tasks
+        panel_lo = c * n_panels // col_tasks
+        panel_hi = (c + 1) * n_panels // col_tasks
+        a_hi = tile_lo if shared_a or not a_packed else tile_hi
+        _task(kind, act, out, a, b, vec, y, panels,
+              (tile_lo, tile_hi, panel_lo, panel_hi, panel_lo, panel_lo if shared_b else panel_hi, tile_lo, a_hi,
+               zero + a_packed))
+
+
+def _product_signature(f):
+    matrix = types.Array(f, 2, "C")
+    vector = types.Array(f, 1, "C")
+    return (types.int64, types.int64, matrix, matrix, matrix, vector, matrix, vector)
+
+
+# The product as fastbp's drivers (fastbp.kernels.cpu) call it: by symbol, compiled once per dtype (see
+# _jit.SeparatelyCompiled); the public kernels below link _product as numba does.
+product = _jit.SeparatelyCompiled(_product, _product_signature)
+
+
 @inline
 def _check_panels(panels, needed):
     _check_vector(panels)
@@ -715,193 +729,67 @@ def _check_panels(panels, needed):
 
 
 # --- public kernels ----------------------------------------------------------------------------------------------
-@engine_jit(parallel=True)
-def dense_forward(out, inp, weight, bias, act, panels, order=None, start=0):
+@engine_jit()
+def dense_forward(out, inp, weight, bias, act, panels):
     """out = act(inp @ weight + bias), overwritten, the bias and activation fused into each tile's stores.
 
     Parameters
     ----------
-    out : (B, n_out) array, rows contiguous
-    inp : (B, n_in) array, rows contiguous; with ``order``, any (n, n_in) array whose rows
-        ``order[start:start + B]`` are this batch (the first layer reading a shuffled data set, no copy).
+    out : (B, n_out) array, rows contiguous.
+    inp : (B, n_in) array, rows contiguous.
     weight : (n_in, n_out) array as stored in fastbp's flat parameters, rows contiguous.
     bias : (n_out,) array.
     act : int, a pointwise activation code (IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU).
     panels : 1-D array of at least ``workspace_size(B, n_in, n_out, dtype)`` elements (overwritten: the
         weight in panel order).
-    order : optional int64 array of row indices into ``inp``; start : int, the batch's first position in it.
 
     All float arrays share one dtype (float32 or float64). Each output is summed over n_in in index order by
     one task, so the result does not depend on the number of threads.
     """
-    n_rows = out.shape[0]
-    n_in = weight.shape[0]
     n_out = weight.shape[1]
-    if inp.shape[1] != n_in or out.shape[1] != n_out or bias.shape[0] != n_out:
-        raise ValueError("dense_forward: shapes do not match (out (B, n_out), inp (B, n_in), weight (n_in, n_out))")
-    if order is None and inp.shape[0] != n_rows:
-        raise ValueError("dense_forward: inp and out must have the same number of rows")
+    if inp.shape[1] != weight.shape[0] or out.shape[1] != n_out or bias.shape[0] != n_out or (
+            inp.shape[0] != out.shape[0]):
+        raise ValueError("dense_forward: shapes do not match (out (B, n_out), inp (B, n_in), weight (n_in, n_out), "
+                         "bias (n_out,))")
     _check_rows(out)
     _check_rows(inp)
     _check_rows(weight)
     _check_vector(bias)
-    NR = TILE_VECTORS * simd.lanes(out)
-    n_panels = (n_out + NR - 1) // NR
-    _check_panels(panels, n_panels * NR * n_in)
-    if n_rows == 0 or n_out == 0:
-        return
-    n_tiles = (n_rows + TILE_ROWS - 1) // TILE_ROWS
-    zero = n_rows - n_rows  # a variable 0: a literal would compile a second specialisation of the worker
-    n_threads = _thread_count()
-    if n_threads == 1 or n_rows * n_in * n_out < PARALLEL_MIN_WORK:
-        _forward_task(out, inp, order, start + zero, weight, panels, bias, act, zero, n_tiles, zero, n_panels, zero,
-                      n_panels)
-        return
-    row_tasks, col_tasks = _task_grid(n_tiles, n_panels, n_threads, n_rows * n_in, n_in * n_out)
-    shared = row_tasks > 1  # tasks share panels: pack them all first, here (1/B of the product's work)
-    if shared:
-        _pack_rows(panels, zero, weight, n_in, n_out, zero, n_panels, None)
-    # ONE parallel loop (each numba prange is a separately compiled function that links the whole worker)
-    for task in prange(row_tasks * col_tasks):
-        r = task // col_tasks
-        c = task % col_tasks
-        panel_lo = c * n_panels // col_tasks
-        panel_hi = (c + 1) * n_panels // col_tasks
-        _forward_task(out, inp, order, start + zero, weight, panels, bias, act, r * n_tiles // row_tasks,
-                      (r + 1) * n_tiles // row_tasks, panel_lo, panel_hi, panel_lo, panel_lo if shared else panel_hi)
-
-
-@engine_jit(parallel=True)
-def _weight_grad(dweight, velocity, sums, dout, inp, panels, order, start, hyper):
-    # The weight gradient, or its SGD step (hyper's last entry True), with the bias gradient into ``sums``. Layout of
-    # panels: dout's panels (batch x NR-padded n_out) from 0, then inp^T's TILE_ROWS-wide panels.
-    n_in = dweight.shape[0]
-    n_out = dweight.shape[1]
-    batch = dout.shape[0]
-    NR = TILE_VECTORS * simd.lanes(dweight)
-    n_panels = (n_out + NR - 1) // NR
-    n_tiles = (n_in + TILE_ROWS - 1) // TILE_ROWS
-    zero = batch - batch
-    # inp^T is packed (TILE_ROWS numbers per k, contiguous) when there are many panels of dout to reuse it and
-    # inp's rows are a page or more apart or the batch is long, or to read rows through ``order``; else tile
-    # row t broadcasts inp[k, row0 + t] as stored. Zen 3 core, float32, one thread, ms packed / as stored:
-    # 512 x 1024 -> 1024 15.3 / 21.2 (rows 4 KiB apart: one L1 set, 128 lines of L2), 128 x 1024 -> 1024
-    # 4.3 / 5.4, 512 x 256 -> 256 1.14 / 1.18, 128 x 784 -> 256 0.83 / 0.79, 128 x 256 -> 256 0.27 / 0.26;
-    # 512 x 1024 -> 10 (one panel) 0.36x OpenBLAS packed, 1.1x as stored.
-    a_packed = order is not None or (n_panels > 2 and (batch > PACK_BROADCAST_MIN_BATCH
-                                                       or n_in * dweight.itemsize >= 4096))
-    n_a_tiles = n_tiles if a_packed else zero
-    n_threads = _thread_count()
-    if n_threads == 1 or batch * n_in * n_out < PARALLEL_MIN_WORK:
-        _weight_grad_task(dweight, velocity, sums, dout, inp, order, start, panels, hyper, a_packed, zero, n_tiles,
-                          zero, n_panels, zero, n_a_tiles, zero, n_panels)
-        return
-    row_tasks, col_tasks = _task_grid(n_tiles, n_panels, n_threads, batch * n_in, batch * n_out)
-    shared_b = row_tasks > 1  # tasks share dout's panels: pack them first, here
-    shared_a = col_tasks > 1 and a_packed  # tasks share inp^T's groups
-    if shared_b:
-        _pack_rows(panels, zero, dout, batch, n_out, zero, n_panels, sums)
-    if shared_a:
-        _pack_broadcast_panels(panels, batch * n_panels * NR, inp, batch, n_in, order, start, zero, n_tiles)
-    for task in prange(row_tasks * col_tasks):
-        r = task // col_tasks
-        c = task % col_tasks
-        tile_lo = r * n_tiles // row_tasks
-        tile_hi = (r + 1) * n_tiles // row_tasks
-        panel_lo = c * n_panels // col_tasks
-        panel_hi = (c + 1) * n_panels // col_tasks
-        _weight_grad_task(dweight, velocity, sums, dout, inp, order, start, panels, hyper, a_packed, tile_lo, tile_hi,
-                          panel_lo, panel_hi, tile_lo, tile_lo if shared_a or not a_packed else tile_hi, panel_lo,
-                          panel_lo if shared_b else panel_hi)
-
-
-@inline
-def _check_weight_grad(dweight, dbias, dout, inp, order, panels):
-    n_in = dweight.shape[0]
-    n_out = dweight.shape[1]
-    batch = dout.shape[0]
-    if dout.shape[1] != n_out or inp.shape[1] != n_in or dbias.shape[0] != n_out:
-        raise ValueError("dense_backward_params: shapes do not match (dweight (n_in, n_out), dout (B, n_out), "
-                         "inp (B, n_in), dbias (n_out,))")
-    if order is None and inp.shape[0] != batch:
-        raise ValueError("dense_backward_params: inp and dout must have the same number of rows")
-    _check_rows(dweight)
-    _check_rows(dout)
-    _check_rows(inp)
-    _check_vector(dbias)
-    NR = TILE_VECTORS * simd.lanes(dweight)
-    n_panels = (n_out + NR - 1) // NR
-    n_tiles = (n_in + TILE_ROWS - 1) // TILE_ROWS
-    _check_panels(panels, batch * (n_panels * NR + n_tiles * TILE_ROWS) + n_panels * NR)
+    _check_panels(panels, forward_workspace(weight.shape[0], n_out, out))
+    _product(_runtime(FORWARD), _runtime(act), out, inp, weight, bias, out, panels)
 
 
 @engine_jit()
-def dense_backward_params(dweight, dbias, dout, inp, panels, order=None, start=0):
+def dense_backward_params(dweight, dbias, dout, inp, panels):
     """dweight = inp.T @ dout and dbias = dout.sum(0), overwritten.
 
     Parameters
     ----------
     dweight : (n_in, n_out) array; dbias : (n_out,) array.
     dout : (B, n_out) array, d loss / d this layer's pre-activation.
-    inp : (B, n_in) array, this layer's input; with ``order``, any (n, n_in) array whose rows
-        ``order[start:start + B]`` are this batch's inputs.
+    inp : (B, n_in) array, this layer's input.
     panels : 1-D array of at least ``workspace_size(B, n_in, n_out, dtype)`` elements (overwritten).
-    order, start : as in dense_forward.
 
     Every sum runs over the batch in row order (dbias as well): results do not depend on the thread count.
     """
-    _check_weight_grad(dweight, dbias, dout, inp, order, panels)
-    if dweight.shape[0] == 0 or dweight.shape[1] == 0:
+    n_in = dweight.shape[0]
+    n_out = dweight.shape[1]
+    if dout.shape[1] != n_out or inp.shape[1] != n_in or dbias.shape[0] != n_out or inp.shape[0] != dout.shape[0]:
+        raise ValueError("dense_backward_params: shapes do not match (dweight (n_in, n_out), dbias (n_out,), "
+                         "dout (B, n_out), inp (B, n_in))")
+    _check_rows(dweight)
+    _check_rows(dout)
+    _check_rows(inp)
+    _check_vector(dbias)
+    _check_panels(panels, backward_params_workspace(dout.shape[0], n_in, n_out, dweight))
+    if dout.shape[0] == 0:  # no rows: zero gradients (the product below would not touch them)
+        dweight[:, :] = 0
+        dbias[:] = 0
         return
-    T = dweight.dtype.type
-    off = dweight.shape[0] < 0  # a runtime False: a literal would type the tuple differently (a second compile)
-    no_step = (T(0.0), T(0.0), T(0.0), T(0.0), off, off, off)  # see _weight_grad_task: apply = False
-    _weight_grad(dweight, dweight, dbias, dout, inp, panels, order, start + 0 * dweight.shape[0], no_step)
+    _product(_runtime(WEIGHT_GRAD), _runtime(IDENTITY), dweight, inp, dout, dbias, dweight, panels)
 
 
 @engine_jit()
-def dense_backward_params_sgd(weight, bias, velocity_w, velocity_b, dout, inp, panels, lr, momentum, dampening,
-                              weight_decay, nesterov, first_step, order=None, start=0):
-    """One torch.optim.SGD step of a layer's weight and bias with the gradients inp.T @ dout and dout.sum(0),
-    fused into the weight gradient's tiles: the gradient never goes to memory (pointwise.sgd_update_one's
-    arithmetic, lane by lane).
-
-    Parameters
-    ----------
-    weight : (n_in, n_out) array, updated in place; bias : (n_out,) array, updated in place.
-    velocity_w, velocity_b : the momentum buffers, shaped like weight and bias, updated in place (not read on
-        the first step or without momentum).
-    dout, inp, order, start : as in dense_backward_params.
-    panels : 1-D array of at least ``workspace_size(B, n_in, n_out, dtype)`` elements (overwritten).
-    lr, momentum, dampening, weight_decay : scalars in the parameters' dtype; nesterov, first_step : bools.
-
-    The layer's input gradient needs the weight BEFORE this step: call dense_backward_input first.
-    """
-    _check_weight_grad(weight, bias, dout, inp, order, panels)
-    if velocity_w.shape[0] != weight.shape[0] or velocity_w.shape[1] != weight.shape[1] or (
-            velocity_b.shape[0] != bias.shape[0]):
-        raise ValueError("dense_backward_params_sgd: the velocities must be shaped like weight and bias")
-    _check_rows(velocity_w)
-    _check_vector(velocity_b)
-    n_in = weight.shape[0]
-    n_out = weight.shape[1]
-    if n_in == 0 or n_out == 0:
-        return
-    batch = dout.shape[0]
-    NR = TILE_VECTORS * simd.lanes(weight)
-    n_panels = (n_out + NR - 1) // NR
-    n_tiles = (n_in + TILE_ROWS - 1) // TILE_ROWS
-    sums_start = batch * (n_panels * NR + n_tiles * TILE_ROWS)
-    sums = panels[sums_start:sums_start + n_out]
-    T = weight.dtype.type  # one tuple type whatever the caller's scalar types: one compiled worker
-    on = weight.shape[0] >= 0  # a runtime True (see dense_backward_params)
-    hyper = (T(lr), T(momentum), T(dampening), T(weight_decay), bool(nesterov), bool(first_step), on)
-    _weight_grad(weight, velocity_w, sums, dout, inp, panels, order, start + 0 * weight.shape[0], hyper)
-    for j in range(n_out):
-        sgd_update_one(bias, velocity_b, sums, j, hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], hyper[5])
-
-
-@engine_jit(parallel=True)
 def dense_backward_input(dinp, dout, weight, inp, inp_act, panels):
     """dinp = (dout @ weight.T) * act'(inp), overwritten: the gradient w.r.t. the PREVIOUS layer's
     pre-activation, with that layer's activation derivative (pointwise.activation_grad, from its output
@@ -927,55 +815,33 @@ def dense_backward_input(dinp, dout, weight, inp, inp_act, panels):
     _check_rows(dout)
     _check_rows(weight)
     _check_rows(inp)
-    NR = TILE_VECTORS * simd.lanes(dinp)
-    n_panels = (n_in + NR - 1) // NR
-    _check_panels(panels, n_panels * NR * n_out)
-    if batch == 0 or n_in == 0:
+    _check_panels(panels, backward_input_workspace(n_in, n_out, dinp))
+    if n_out == 0:  # an empty sum: zero gradients
+        dinp[:, :] = 0
         return
-    n_tiles = (batch + TILE_ROWS - 1) // TILE_ROWS
-    zero = batch - batch
-    n_threads = _thread_count()
-    if n_threads == 1 or batch * n_in * n_out < PARALLEL_MIN_WORK:
-        _input_grad_task(dinp, dout, weight, panels, inp, inp_act, zero, n_tiles, zero, n_panels, zero, n_panels)
-        return
-    row_tasks, col_tasks = _task_grid(n_tiles, n_panels, n_threads, batch * n_out, n_in * n_out)
-    shared = row_tasks > 1
-    if shared:
-        _pack_columns(panels, zero, weight, n_in, n_out, zero, n_panels)
-    for task in prange(row_tasks * col_tasks):
-        r = task // col_tasks
-        c = task % col_tasks
-        panel_lo = c * n_panels // col_tasks
-        panel_hi = (c + 1) * n_panels // col_tasks
-        _input_grad_task(dinp, dout, weight, panels, inp, inp_act, r * n_tiles // row_tasks,
-                         (r + 1) * n_tiles // row_tasks, panel_lo, panel_hi, panel_lo, panel_lo if shared else panel_hi)
+    _product(_runtime(INPUT_GRAD), _runtime(inp_act), dinp, dout, weight, panels, inp, panels)
 
 
 # --- references (serial, obviously right; no fast-math) ------------------------------------------------------------
-def _reference_jit(func):
-    return njit(cache=CACHE)(func)
-
-
-@_reference_jit
-def dense_forward_naive(out, inp, weight, bias, act, order=None, start=0):
-    """dense_forward's reference: out[i, j] = act(bias[j] + sum_k inp[row i, k] * weight[k, j])."""
+@_jit.cpu_jit(cache=CACHE)
+def dense_forward_naive(out, inp, weight, bias, act):
+    """dense_forward's reference: out[i, j] = act(bias[j] + sum_k inp[i, k] * weight[k, j])."""
     for i in range(out.shape[0]):
-        row = i if order is None else order[start + i]
         for j in range(weight.shape[1]):
             acc = bias[j]
             for k in range(weight.shape[0]):
-                acc += inp[row, k] * weight[k, j]
+                acc += inp[i, k] * weight[k, j]
             out[i, j] = activate(acc, act)
 
 
-@_reference_jit
-def dense_backward_params_naive(dweight, dbias, dout, inp, order=None, start=0):
-    """dense_backward_params' reference: dweight[k, j] = sum_i inp[row i, k] * dout[i, j], dbias = dout.sum(0)."""
+@_jit.cpu_jit(cache=CACHE)
+def dense_backward_params_naive(dweight, dbias, dout, inp):
+    """dense_backward_params' reference: dweight[k, j] = sum_i inp[i, k] * dout[i, j], dbias = dout.sum(0)."""
     for k in range(dweight.shape[0]):
         for j in range(dweight.shape[1]):
             acc = dweight.dtype.type(0.0)
             for i in range(dout.shape[0]):
-                acc += inp[i if order is None else order[start + i], k] * dout[i, j]
+                acc += inp[i, k] * dout[i, j]
             dweight[k, j] = acc
     for j in range(dbias.shape[0]):
         acc = dbias.dtype.type(0.0)
@@ -984,23 +850,7 @@ def dense_backward_params_naive(dweight, dbias, dout, inp, order=None, start=0):
         dbias[j] = acc
 
 
-@_reference_jit
-def dense_backward_params_sgd_naive(weight, bias, velocity_w, velocity_b, dweight, dbias, dout, inp, lr, momentum,
-                                    dampening, weight_decay, nesterov, first_step, order=None, start=0):
-    """dense_backward_params_sgd's reference: the gradients into dweight, dbias (scratch, overwritten), then
-    pointwise.sgd_update_one over every element of weight and bias."""
-    dense_backward_params_naive(dweight, dbias, dout, inp, order, start)
-    n = weight.shape[0] * weight.shape[1]
-    flat_w = weight.reshape(n)
-    flat_v = velocity_w.reshape(n)
-    flat_g = dweight.reshape(n)
-    for i in range(n):
-        sgd_update_one(flat_w, flat_v, flat_g, i, lr, momentum, dampening, weight_decay, nesterov, first_step)
-    for j in range(bias.shape[0]):
-        sgd_update_one(bias, velocity_b, dbias, j, lr, momentum, dampening, weight_decay, nesterov, first_step)
-
-
-@_reference_jit
+@_jit.cpu_jit(cache=CACHE)
 def dense_backward_input_naive(dinp, dout, weight, inp, inp_act):
     """dense_backward_input's reference: dinp[i, k] = (sum_j dout[i, j] * weight[k, j]) * act'(inp[i, k])."""
     for i in range(dout.shape[0]):

@@ -40,6 +40,10 @@ The operations (compiled code only; ``x`` an array, a float or a vector gives th
     select_gt(x, y, a, b)             a where x > y, else b (lane by lane; b where either is nan)
     hsum(v)                           sum of the lanes, as a pairwise tree in a fixed order (deterministic)
     extract(v, i)                     lane i (i a compile-time constant or a variable)
+    stack_vectors(x, count)           a 1-D array of count * lanes elements of x's element type in the calling
+                                      function's stack frame (count a compile-time constant; contents
+                                      undefined; valid until that function returns): a register tile's
+                                      spill slot, without a heap allocation
     load_transposed(a, offset, stride) the lanes x lanes block whose row t is a's elements from
                                       offset + t * stride, transposed: a tuple whose vector k holds
                                       element k of every row (log2(lanes) rounds of shuffles)
@@ -500,3 +504,31 @@ def load_transposed(typingctx, array, offset, stride):
         return context.make_tuple(builder, result, rows)
 
     return result(array, offset, stride), codegen
+
+
+@intrinsic
+def stack_vectors(typingctx, like, count):
+    """A 1-D C-contiguous array of ``count`` vectors' worth of elements (count * lanes) of like's element type,
+    in the stack frame of the function that calls this (an alloca in its entry block, 64-byte aligned), so
+    it lives until that function returns; its contents start undefined. ``count`` must be a compile-time
+    constant (a module-level int). No heap allocation and no reference counting: pass it to callees, never
+    return it."""
+    dtype = _element_type(like)
+    _require(dtype is not None, f"stack_vectors() needs a float32/float64 array, scalar or vector, not {like}")
+    _require(isinstance(count, types.IntegerLiteral) and count.literal_value > 0,
+             f"stack_vectors() needs a positive constant count, not {count}")
+    n_elements = count.literal_value * vector_type(dtype).lanes
+    array_type = types.Array(dtype, 1, "C")
+
+    def codegen(context, builder, signature, args):
+        element = context.get_data_type(dtype)
+        with builder.goto_entry_block():
+            data = builder.alloca(element, size=ir.Constant(ir.IntType(types.intp.bitwidth), n_elements))
+            data.align = 64
+        array = context.make_array(array_type)(context, builder)
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(element))
+        context.populate_array(array, data=data, shape=[context.get_constant(types.intp, n_elements)],
+                               strides=[itemsize], itemsize=itemsize, meminfo=None)
+        return array._getvalue()
+
+    return array_type(like, count), codegen

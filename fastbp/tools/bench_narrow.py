@@ -121,14 +121,11 @@ def cpu_kernel_runner(w1: W1):
     from fastbp.kernels import cpu
 
     lay, P, cap = w1.layout, w1.layout.n_params, w1.X.shape[0]
-    size = lay.workspace_size(cap)
     params = w1.params0.copy()
     losses = np.empty(w1.epochs)
-    args = (params, np.zeros((2, P), w1.dtype), np.zeros(1, np.int64), np.empty(P, w1.dtype),
-            np.empty(size, w1.dtype), np.empty(size, w1.dtype), np.empty((cap, 1), w1.dtype), np.empty(cap, w1.dtype),
-            np.empty((3, P), w1.dtype), np.empty(cpu.scratch_size(P, cap, int(lay.unit_offsets[-1])), w1.dtype),
-            w1.X, w1.Y, w1.orders, w1.lrs, losses, lay.sizes, lay.param_offsets, lay.unit_offsets, w1.act_codes, 0, 0,
-            w1.hyper, cap, -np.inf, *cpu.path_flags(lay.sizes))
+    args = (params, np.zeros((2, P), w1.dtype), np.zeros(1, np.int64), losses, w1.X, w1.Y, np.empty(0, w1.dtype),
+            w1.orders, w1.lrs, cpu.network(lay, w1.act_codes, 0), cpu.make_workspace(lay, cap, 1, w1.dtype),
+            (0, w1.hyper, cap, -np.inf))
 
     def run():
         params[:] = w1.params0
@@ -335,12 +332,9 @@ def _shape_runners(sizes, dtype, batch_size, n, epochs, rng):
     narrow_args = (p_n, np.zeros((2, P), dtype), np.zeros(1, np.int64), np.empty(P, dtype), np.empty((3, P), dtype),
                    narrow.make_workspace(sizes, dtype, n), X, Y, orders, lrs, np.empty(epochs), lay.sizes,
                    lay.param_offsets, lay.unit_offsets, codes, hyper, batch_size, -np.inf)
-    size = lay.workspace_size(batch_size)
-    scratch = np.empty(cpu.scratch_size(P, batch_size, int(lay.unit_offsets[-1])), dtype)
-    cpu_args = (p_c, np.zeros((2, P), dtype), np.zeros(1, np.int64), np.empty(P, dtype), np.empty(size, dtype),
-                np.empty(size, dtype), np.empty((batch_size, sizes[-1]), dtype), np.empty(batch_size, dtype),
-                np.empty((3, P), dtype), scratch, X, Y, orders, lrs, np.empty(epochs), lay.sizes, lay.param_offsets,
-                lay.unit_offsets, codes, loss, 0, hyper, batch_size, -np.inf, *cpu.path_flags(lay.sizes))
+    cpu_args = (p_c, np.zeros((2, P), dtype), np.zeros(1, np.int64), np.empty(epochs), X, Y, np.empty(0, dtype),
+                orders, lrs, cpu.network(lay, codes, loss), cpu.make_workspace(lay, batch_size, sizes[-1], dtype),
+                (0, hyper, batch_size, -np.inf))
 
     def run_narrow():
         p_n[:] = params0

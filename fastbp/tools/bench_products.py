@@ -7,10 +7,7 @@ in ONE process, alternating implementations within each round:
     gemm    fastbp.kernels.gemm: forward act(inp @ W + b) with relu, dW = inp.T @ dout and db, dinp = (dout @ W.T)
             * relu'(inp); each call includes its packing (the forward packs W, the input gradient W^T, the
             weight gradient dout and inp) and its fused epilogue;
-    numpy   np.dot into a preallocated output (OpenBLAS; the product only, no bias or activation);
-    cpu     the current kernels: cpu.dense_forward_t on a pre-transposed W (the transpose the drivers do
-            first is not timed), cpu.dense_backward_params_t on pre-transposed inp and dout (likewise), and
-            cpu.dense_backward_input_nt (NT tiles on W as stored).
+    numpy   np.dot into a preallocated output (OpenBLAS; the product only, no bias or activation).
 Every implementation runs on the same number of threads (numba.set_num_threads and threadpoolctl).
 Each timing sample repeats a call for at least 20 ms; the table shows medians over rounds of GFLOP/s
 (2 * batch * n_in * n_out per product) and the median over rounds of each round's time ratio (gemm time of
@@ -59,7 +56,7 @@ def _lscpu_model() -> str:
 
 def _build(product, batch, n_in, n_out, dtype, rng):
     """{implementation: zero-argument callable} for one product on fresh data."""
-    from fastbp.kernels import cpu, gemm
+    from fastbp.kernels import gemm
     from fastbp.kernels.pointwise import RELU
 
     inp = rng.normal(size=(batch, n_in)).astype(dtype)
@@ -68,23 +65,18 @@ def _build(product, batch, n_in, n_out, dtype, rng):
     dout = rng.normal(size=(batch, n_out)).astype(dtype)
     panels = np.empty(gemm.workspace_size(batch, n_in, n_out, dtype), dtype)
     if product == "forward":
-        out, out_np, out_cpu = (np.empty((batch, n_out), dtype) for _ in range(3))
-        w_t = np.ascontiguousarray(w.T)
+        out, out_np = (np.empty((batch, n_out), dtype) for _ in range(2))
         return {"gemm": lambda: gemm.dense_forward(out, inp, w, b, RELU, panels),
-                "numpy": lambda: np.dot(inp, w, out=out_np),
-                "cpu": lambda: cpu.dense_forward_t(out_cpu, inp, w_t, b, RELU)}
+                "numpy": lambda: np.dot(inp, w, out=out_np)}
     if product == "weight_grad":
-        dw, dw_np, dw_cpu = (np.empty((n_in, n_out), dtype) for _ in range(3))
-        db, db_cpu = np.empty(n_out, dtype), np.empty(n_out, dtype)
-        inp_t, dout_t = np.ascontiguousarray(inp.T), np.ascontiguousarray(dout.T)
+        dw, dw_np = (np.empty((n_in, n_out), dtype) for _ in range(2))
+        db = np.empty(n_out, dtype)
         return {"gemm": lambda: gemm.dense_backward_params(dw, db, dout, inp, panels),
-                "numpy": lambda: np.dot(inp.T, dout, out=dw_np),
-                "cpu": lambda: cpu.dense_backward_params_t(dw_cpu, db_cpu, dout_t, inp_t)}
+                "numpy": lambda: np.dot(inp.T, dout, out=dw_np)}
     y = np.abs(inp)  # a relu layer's output
-    dinp, dinp_np, dinp_cpu = (np.empty((batch, n_in), dtype) for _ in range(3))
+    dinp, dinp_np = (np.empty((batch, n_in), dtype) for _ in range(2))
     return {"gemm": lambda: gemm.dense_backward_input(dinp, dout, w, y, RELU, panels),
-            "numpy": lambda: np.dot(dout, w.T, out=dinp_np),
-            "cpu": lambda: cpu.dense_backward_input_nt(dinp_cpu, dout, w, y, RELU)}
+            "numpy": lambda: np.dot(dout, w.T, out=dinp_np)}
 
 
 def _repetitions(call, target=0.02):
@@ -140,12 +132,12 @@ def main(argv=None):
     print(f"CPU: {cpu_name()}; vectors: {simd.VECTOR_BITS} bits ({simd.VECTOR_BITS_REASON}); tile "
           f"{gemm.TILE_ROWS} x {gemm.tile_columns(dtype)} {args.dtype}; numba {numba.__version__}, numpy "
           f"{np.__version__}; {rounds} alternating rounds, medians")
-    print(f"{'threads':>7}  {'shape':34} {'product':12} {'gemm':>7} {'numpy':>7} {'cpu':>7}   "
-          f"{'numpy/gemm':>10} {'cpu/gemm':>9}   (GFLOP/s; time ratios, > 1: gemm faster)")
+    print(f"{'threads':>7}  {'shape':34} {'product':12} {'gemm':>7} {'numpy':>7}   "
+          f"{'numpy/gemm':>10}   (GFLOP/s; time ratios, > 1: gemm faster)")
     for threads in args.threads:
         for _, label, product, gflops, ratios in measure(threads, rounds, dtype, shapes, products):
-            print(f"{threads:>7}  {label:34} {product:12} {gflops['gemm']:7.1f} {gflops['numpy']:7.1f} "
-                  f"{gflops['cpu']:7.1f}   {ratios['numpy']:10.2f} {ratios['cpu']:9.2f}", flush=True)
+            print(f"{threads:>7}  {label:34} {product:12} {gflops['gemm']:7.1f} {gflops['numpy']:7.1f}   "
+                  f"{ratios['numpy']:10.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -87,20 +87,14 @@ def cpu_train(net, batch_size, orders, lrs, target, params=None, opt_state=None,
     opt_state)."""
     from fastbp.kernels import cpu
 
-    layout = net.layout
-    P = layout.n_params
     params = (net.params if params is None else params).copy()
-    opt_state = np.zeros((2, P), net.dtype) if opt_state is None else opt_state.copy()
+    opt_state = np.zeros((2, net.layout.n_params), net.dtype) if opt_state is None else opt_state.copy()
     steps = np.array([steps_done], dtype=np.int64)
-    size = layout.workspace_size(batch_size)
-    k = net.Y.shape[1]
     losses = np.empty(len(lrs))
+    work = cpu.make_workspace(net.layout, batch_size, net.Y.shape[1], net.dtype)
     completed = cpu.train_epochs(
-        params, opt_state, steps, np.empty(P, net.dtype), np.empty(size, net.dtype), np.empty(size, net.dtype),
-        np.empty((batch_size, k), net.dtype), np.empty(batch_size, net.dtype), np.empty((3, P), net.dtype),
-        np.empty(cpu.scratch_size(P, batch_size, int(layout.unit_offsets[-1])), net.dtype), net.X, net.Y, orders,
-        np.asarray(lrs, np.float64), losses, layout.sizes, layout.param_offsets, layout.unit_offsets, net.act_codes,
-        net.loss, net.optimizer, net.hyper, batch_size, target, *cpu.path_flags(layout.sizes))
+        params, opt_state, steps, losses, net.X, net.Y, np.empty(0, net.dtype), orders, np.asarray(lrs, np.float64),
+        cpu.network(net.layout, net.act_codes, net.loss), work, (net.optimizer, net.hyper, batch_size, target))
     # The epochs that ran: the completed ones, plus the non-finite one that ended the call (a target stop is
     # a completed epoch; CPUBackend's min(completed + 1, E) would add an unwritten entry after one).
     target_stop = 0 < completed < len(lrs) and losses[completed - 1] <= target
@@ -111,17 +105,10 @@ def cpu_train(net, batch_size, orders, lrs, target, params=None, opt_state=None,
 def cpu_grads(net, X, Y, divisor, params=None):
     from fastbp.kernels import cpu
 
-    layout = net.layout
-    P = layout.n_params
-    capacity = max(1, X.shape[0])
-    size = layout.workspace_size(capacity)
-    grads = np.empty(P, net.dtype)
-    value = cpu.dataset_grads(grads, np.empty(P, net.dtype), np.empty(size, net.dtype), np.empty(size, net.dtype),
-                              np.empty(capacity, net.dtype),
-                              np.empty(cpu.scratch_size(P, capacity, int(layout.unit_offsets[-1])), net.dtype),
-                              X, Y, net.params if params is None else params, layout.sizes, layout.param_offsets,
-                              layout.unit_offsets, net.act_codes, net.loss, capacity, float(divisor),
-                              *cpu.path_flags(layout.sizes))
+    grads = np.empty(net.layout.n_params, net.dtype)
+    work = cpu.make_workspace(net.layout, max(1, X.shape[0]), Y.shape[1], net.dtype)
+    value = cpu.dataset_grads(grads, X, Y, np.empty(0, net.dtype), net.params if params is None else params,
+                              cpu.network(net.layout, net.act_codes, net.loss), work, float(divisor))
     return float(value), grads
 
 
@@ -373,14 +360,12 @@ def test_predict_and_loss_value_match_cpu(small_launches, monkeypatch, loss, dty
     net = Net([3, 5, 4], "relu", loss, "sgd", dtype, 10)
     backend = net.backend(False)
     X, Y = device_data(backend, net)
-    layout = net.layout
     out = np.empty((10, 4), dtype)
-    cpu.predict(out, np.empty(layout.workspace_size(10), dtype), net.X, net.params, layout.sizes, layout.param_offsets,
-                layout.unit_offsets, net.act_codes, net.loss, 10)
+    work = cpu.make_workspace(net.layout, 10, 4, dtype)
+    network = cpu.network(net.layout, net.act_codes, net.loss)
+    cpu.predict(out, net.X, net.params, network, work)
     np.testing.assert_allclose(backend.predict(X, 4), out, **PARITY[dtype])
-    ref = cpu.dataset_loss(np.empty(layout.workspace_size(10), dtype), np.empty(layout.workspace_size(10), dtype),
-                           np.empty(10, dtype), net.X, net.Y, net.params, layout.sizes, layout.param_offsets,
-                           layout.unit_offsets, net.act_codes, net.loss, 10)
+    ref = cpu.dataset_loss(net.X, net.Y, np.empty(0, dtype), net.params, network, work)
     assert backend.loss_value(X, Y) == pytest.approx(float(ref), rel=PARITY[dtype]["rtol"])
 
 
