@@ -8,6 +8,9 @@ from __future__ import annotations
 import importlib
 
 DEVICES = ("cpu", "cuda", "auto")
+# Whether a trainer on this device (as named by the user) may make compiled CPU calls, the calls that
+# Trainer(n_threads=) sizes: "auto" may pick the CPU, so n_threads applies there.
+MAKES_CPU_CALLS = {"cpu": True, "cuda": False, "auto": True}
 
 
 def cuda_unavailable_reason() -> str | None:
