@@ -12,13 +12,14 @@ one place; checkpoints write that dict.
 """
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import backends, checkpoint, schedules
+from . import _compile_notice, backends, checkpoint, schedules
 from ._interrupt import deferred_keyboard_interrupt
 from ._threads import check_n_threads
 from ._validation import as_float_matrix, check_bool, check_choice, check_float, check_int, is_gpu_array, shown
@@ -92,6 +93,18 @@ def _refuse_cpu_threads_on_gpu(n_threads, device: str) -> None:
         raise ValueError(f"n_threads={n_threads} has no effect with device={device!r}: it sets the threads of CPU "
                          "calls and a GPU trainer makes none. Leave n_threads=None, or use device='auto' (n_threads "
                          "then applies when the CPU is chosen)")
+
+
+def _reports_compiling(call: str):
+    """Decorator of the Trainer's public calls: a call that compiles fastbp's kernels for more than a second
+    says so once per process, on stderr (fastbp._compile_notice)."""
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            with _compile_notice.watching(lambda: f"Trainer.{call} with {self._compile_words()}"):
+                return method(self, *args, **kwargs)
+        return wrapper
+    return decorate
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -376,6 +389,13 @@ class Trainer:
                 parts.append(f"{name}={getattr(self, name)!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
+    def _compile_words(self) -> str:
+        """What this trainer's kernels are compiled for, in a few words (for the compile notice)."""
+        model = self.model
+        acts = "/".join(dict.fromkeys(model.activations)) or "no hidden"
+        return (f"a {'-'.join(map(str, model.sizes))} {acts} network ({model.dtype.name}, {self.loss}, "
+                f"{self.optimizer})")
+
     # -- arguments ----------------------------------------------------------------------------------------
     @staticmethod
     def _check_lr(lr):
@@ -537,6 +557,7 @@ class Trainer:
             return None
         return np.ascontiguousarray(w, dtype=self.model.dtype)
 
+    @_reports_compiling("fit")
     def _run_fit(self, plan: _FitPlan) -> "History":
         plan.n = n = self._rows_per_epoch(plan.X.shape[0])
         plan.batch_size = n if self.batch_size is None else min(self.batch_size, n)
@@ -816,6 +837,7 @@ class Trainer:
         return scores
 
     # -- inference ------------------------------------------------------------------------------------------
+    @_reports_compiling("predict")
     def predict(self, X) -> np.ndarray:
         """The network's transformed output for X (n, n_in): raw values (mse), sigmoid probabilities
         (binary_cross_entropy), softmax probabilities (softmax_cross_entropy) or rates ``exp(z)`` (poisson),
@@ -831,6 +853,7 @@ class Trainer:
         self._use_model_parameters(finite=False)  # NaN parameters give NaN outputs: no O(P) check per call
         return np.asarray(self._backend.predict(Xc, self.n_outputs))
 
+    @_reports_compiling("evaluate")
     def evaluate(self, X, y, sample_weight=None) -> dict:
         """``{"loss": mean loss}``, plus ``"accuracy"`` for the classification losses.
 
@@ -848,6 +871,7 @@ class Trainer:
         self._use_model_parameters(finite=False)
         return self._scores(Xc, Yc, weights)
 
+    @_reports_compiling("loss_and_grads")
     def loss_and_grads(self, X, y, sample_weight=None):
         """The mean loss over X, y and its exact gradients, shaped like the parameters; no update.
 
