@@ -1,4 +1,5 @@
-"""Plots of training runs (needs the optional extra ``pip install 'fastbp[plot]'``, i.e. matplotlib).
+"""Plots of training runs (needs the optional extra ``plot``, i.e. matplotlib:
+``pip install -e '.[plot]'`` in a clone).
 
 Every function draws into ``ax`` (a new figure's Axes when None) and returns the Axes, so plots combine
 into the user's own figures. Nothing here picks a matplotlib backend: scripts that only save files

@@ -7,7 +7,7 @@ kernels. Change the import and keep the code::
 
     from fastbp.sklearn import MLPClassifier   # was: from sklearn.neural_network import MLPClassifier
 
-Needs the optional extra ``pip install 'fastbp[sklearn]'`` (``import fastbp`` alone never imports
+Needs the optional extra ``sklearn`` (``pip install -e '.[sklearn]'`` in a clone; ``import fastbp`` alone never imports
 scikit-learn). Two parameters are fastbp's own: ``device`` ("cpu", "cuda", "auto") and ``dtype`` (None: the
 training dtype follows the input as in scikit-learn; "float32" / "float64" force one).
 
