@@ -5,8 +5,10 @@ Every implementation starts from the same initial weights (PyTorch's nn.Linear i
 and copied into each), uses the same hyper-parameters and float32, and runs in this one process; the
 implementations are timed alternately, round after round, and the table reports medians and the ratio of
 each peer's time to fastbp's (a ratio > 1 means fastbp is faster). A peer that is not installed is skipped.
-See fastbp/bench.py for the workload definitions. W1's unit is the whole 1000-epoch training, the others'
-one epoch. With the full sizes this takes a few minutes (W3, W4 dominate); --samples shrinks W2-W4.
+See fastbp/bench.py (or python -m fastbp bench --help) for the workload definitions. W1's unit is the whole
+1000-epoch training, the others' one epoch. With the full sizes this takes a few minutes (W3, W4 dominate);
+--samples shrinks W2-W4. Compilation is done before any timing. On a machine running other work, set
+OMP_WAIT_POLICY=PASSIVE and --threads (see docs/performance.md): spinning threads distort every ratio.
 The GPU peers (``fastbp-cuda``: fastbp.Trainer(device="cuda") with the data uploaded once; ``pytorch-cuda``:
 the PyTorch loop with the model and data on the GPU) end each timed unit with a synchronisation and are
 skipped, with the reason, where no GPU is usable.
@@ -241,9 +243,9 @@ def print_workload(name, times, n):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", default="W1,W2,W3,W4")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="W1,W2,W3,W4", help="comma-separated subset (default: all four)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported (default 3)")
     parser.add_argument("--samples", type=int, default=None, help="shrink W2-W4 to this many samples")
     parser.add_argument("--peers", default="pytorch,jax,numpy,fastbp-cuda,pytorch-cuda",
                         help="comma-separated; the -cuda peers are skipped where no GPU is usable")

@@ -11,8 +11,10 @@ Prints the error on held-out states of another trajectory before and after train
 did not fall below 0.8 of its start), the training loss along the way, and the time per step against two other ways
 of running the same loop: (a) driven from Python, calling the same kernels once per step, and (b) calling
 fastbp.Trainer.fit on one row per step. All three compute the same numbers, and the program checks that
-they end with the same parameters. CPU only: these are the CPU kernels. Takes a few seconds (the first run
-also compiles the kernels, about 10 s, cached afterwards).
+they end with the same parameters. CPU only: these are the CPU kernels. Takes a few seconds once the kernels
+are compiled; the first run on a machine also compiles them (once; numba caches them on disk), and the
+timings exclude that. --steps must be at least 2000: online learning from one trajectory needs a few
+thousand steps before the held-out error falls reliably.
 
     python examples/online_learning_njit.py [--steps 200000] [--trainer-steps 2000] [--lr 0.02] [--seed 0]
 """
@@ -194,14 +196,18 @@ def cpu_name() -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200_000, help="simulation (and training) steps")
-    parser.add_argument("--trainer-steps", type=int, default=2000, help="steps timed with Trainer.fit per row")
-    parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200_000,
+                        help=f"simulation (and training) steps, at least {MIN_STEPS} (default: 200000)")
+    parser.add_argument("--trainer-steps", type=int, default=2000,
+                        help="steps timed with Trainer.fit per row, at least 1 (default: 2000)")
+    parser.add_argument("--lr", type=float, default=0.02, help="SGD learning rate (default: 0.02)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the kicks (default: 0)")
     args = parser.parse_args(argv)
     if args.steps < MIN_STEPS or args.trainer_steps < 1:
-        parser.error(f"--steps must be at least {MIN_STEPS} and --trainer-steps at least 1")
+        parser.error(f"--steps must be at least {MIN_STEPS} (the held-out error needs a few thousand steps to "
+                     f"fall reliably) and --trainer-steps at least 1; got --steps {args.steps} and --trainer-steps "
+                     f"{args.trainer_steps}")
 
     rng = np.random.default_rng(args.seed)
     kicks = random_kicks(rng, 64)
@@ -261,7 +267,8 @@ def main(argv=None):
         print(f"  steps {first:7d}-{first + window - 1:7d}: mean training loss {mean:.5f}")
     print(f"held-out mse (acceleration / {ACC_SCALE:.0f}): {error_before:.5f} before, {error_after:.5f} after; "
           f"rms error {math.sqrt(error_after) * ACC_SCALE:.3f} rad/s^2")
-    print(f"\nCPU: {cpu_name()}, numba {numba.__version__}, first compile or cache load {warm_up:.1f} s")
+    print(f"\nCPU: {cpu_name()}, numba {numba.__version__}, first compile or cache load {warm_up:.1f} s "
+          "(not in the timings below)")
     print(f"  @njit loop calling fastbp kernels    {njit_us:8.2f} us/step")
     others = (("(a) Python loop, same kernels", python_us), ("(b) Trainer.fit on one row per step", trainer_us))
     for label, us in others:

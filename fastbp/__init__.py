@@ -5,8 +5,11 @@
 >>> trainer = fastbp.Trainer(model, loss="softmax_cross_entropy", optimizer="sgd", lr=0.1, batch_size=32)
 
 Importing fastbp compiles nothing: kernels compile on first use and are cached on disk
-(``fastbp.precompile()`` or ``python -m fastbp precompile`` fills that cache ahead of time).
+(``fastbp.precompile()`` or ``python -m fastbp precompile`` fills that cache ahead of time). A call that
+compiles for more than a second says so once, in one line on stderr (``FASTBP_QUIET_COMPILE=1`` hides it);
+``fastbp.compile_seconds()`` counts the seconds spent compiling.
 """
+from ._compile_notice import compile_seconds
 from ._version import __version__
 from .checkpoint import CheckpointError
 from .model import MLP
@@ -17,4 +20,4 @@ from .warm_cache import precompile
 
 __all__ = ["MLP", "Trainer", "History", "LearningRateSearch", "NonFiniteLossError", "CheckpointError",
            "ProgressBar", "Constant", "ExponentialDecay", "StepDecay", "CosineDecay", "ReduceLROnPlateau",
-           "precompile", "__version__"]
+           "precompile", "compile_seconds", "__version__"]

@@ -8,11 +8,35 @@ import numbers
 import numpy as np
 
 
-def check_choice(name: str, value, choices) -> str:
-    """``value`` must be one of ``choices`` (strings); suggests the closest on a typo."""
+def shown(value) -> str:
+    """``repr(value)`` as the user would write it: numpy scalars as Python numbers (``-1.0``, not numpy 2's
+    ``np.float64(-1.0)``), tuples and lists of them likewise."""
+    if isinstance(value, np.generic):
+        return repr(value.item())
+    if isinstance(value, (tuple, list)) and len(value) <= 16:
+        inner = ", ".join(shown(v) for v in value)
+        return f"({inner}{',' if len(value) == 1 else ''})" if isinstance(value, tuple) else f"[{inner}]"
+    return repr(value)
+
+
+def check_choice(name: str, value, choices, hints: dict | None = None) -> str:
+    """``value`` must be one of ``choices`` (strings); suggests the closest on a typo.
+
+    ``hints`` maps names that users of other libraries write (lower case, e.g. ``"gpu"``) to the sentence that
+    says what to write instead: a close spelling is not always the right answer ("gpu" is spelled like "cpu"
+    but means "cuda").
+
+    >>> check_choice("device", "gpu", ("cpu", "cuda"), hints={"gpu": "Did you mean 'cuda'?"})
+    Traceback (most recent call last):
+    ...
+    ValueError: device must be one of ['cpu', 'cuda']; got 'gpu'. Did you mean 'cuda'?
+    """
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, one of {sorted(choices)}; got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be a string, one of {sorted(choices)}; got {type(value).__name__} {shown(value)}")
     if value not in choices:
+        key = value.lower().replace("-", "_").replace(" ", "_")
+        if hints and key in hints:
+            raise ValueError(f"{name} must be one of {sorted(choices)}; got {value!r}. {hints[key]}")
         # Case-insensitive first ("MSE" -> "mse"), then by spelling ("tahn" -> "tanh").
         lowered = {str(c).lower(): c for c in choices}
         close = [lowered[value.lower()]] if value.lower() in lowered else [
@@ -24,7 +48,7 @@ def check_choice(name: str, value, choices) -> str:
 
 def check_bool(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be True or False; got {type(value).__name__} {shown(value)}")
     return bool(value)
 
 
@@ -32,7 +56,7 @@ def check_int(name: str, value, minimum: int | None = None, allow_none: bool = F
     if value is None and allow_none:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer; got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be an integer; got {type(value).__name__} {shown(value)}")
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
@@ -44,7 +68,7 @@ def check_float(name: str, value, minimum: float | None = None, exclusive_minimu
     if value is None and allow_none:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {shown(value)}")
     value = float(value)
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value}")

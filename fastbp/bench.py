@@ -1,6 +1,6 @@
 """``python -m fastbp bench``: time the standard workloads W1-W4 on every usable device and on plain numpy.
 
-The workloads (the project's speed targets; see the README's "Benchmarks" section):
+The workloads (the project's speed targets; see docs/performance.md):
 
 ====  ===============================  ====================  =========================  ======================
 name  data                             network               training                   timed unit
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -268,19 +269,66 @@ def _csv(text, convert=str):
     return [convert(part) for part in text.split(",") if part.strip()]
 
 
+# What --help and a loaded machine's run say about threads (issue 29: on a machine running other work, the W2
+# epoch took 125 ms against numpy's 1.8 ms, 0.01x; with OMP_WAIT_POLICY=PASSIVE 2.5 ms).
+BUSY_MACHINE_NOTE = (
+    "On a machine running other work, compare within one run and set the threads first. numba's OpenMP "
+    "threads spin while they wait, and a parallel loop waits for its slowest thread: one W2 epoch measured "
+    "125 ms on a loaded 2-core machine against numpy's 1.8 ms, and 2.5 ms with OMP_WAIT_POLICY=PASSIVE. "
+    "Before starting Python, set OMP_WAIT_POLICY=PASSIVE (for numba's omp threading layer, which python -m "
+    "fastbp info names), or fewer threads with NUMBA_NUM_THREADS. On an idle machine the defaults are fastest.")
+
+
+def _describe_workloads() -> str:
+    lines = ["workloads (time per unit: W1 a whole 1000-epoch fit, W2-W4 one epoch):"]
+    for name, spec in WORKLOADS.items():
+        batch = "full batch" if spec["batch_size"] is None else f"batch {spec['batch_size']}"
+        sizes = "-".join(map(str, spec["sizes"]))
+        lines.append(f"  {name}  {sizes} {spec['activation']}, {spec['loss']}, {batch}, lr {spec['lr']}, "
+                     f"{spec['samples']} samples")
+    return "\n".join(lines)
+
+
+def _loaded_machine() -> str | None:
+    """A one-line warning when the 1-minute load average says other work is running, else None."""
+    import os
+
+    try:
+        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    except (AttributeError, OSError):  # no load average on this platform
+        return None
+    if load < 0.5 * cpus:
+        return None
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    advice = ("" if policy and policy.upper() == "PASSIVE" else
+              " Timings on a loaded machine vary widely; OMP_WAIT_POLICY=PASSIVE (set before Python starts) makes "
+              "fastbp's waiting threads yield the cores (see --help).")
+    return f"note: load average {load:.1f} on {cpus} logical CPUs: other work is running.{advice}"
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastbp bench", description=__doc__.splitlines()[0])
+    sweep = ", ".join(map(str, SWEEP["batch"]))
+    parser = argparse.ArgumentParser(
+        prog="python -m fastbp bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Time the standard workloads W1-W4 on every usable device and on plain numpy.\n\n"
+                    + _describe_workloads(),
+        epilog=textwrap.fill("Times are medians over --repeats after a warm-up run (which compiles). "
+                             + BUSY_MACHINE_NOTE, width=100))
     parser.add_argument("--workloads", default="W1,W2,W3,W4", help="comma-separated subset of W1,W2,W3,W4")
     parser.add_argument("--samples", type=int, default=None, help="samples for W2-W4 (default: the full sizes)")
     parser.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes to sweep (W2-W4)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case; the median is reported")
     parser.add_argument("--devices", default="cpu,cuda", help="comma-separated: cpu, cuda")
     parser.add_argument("--no-numpy", action="store_true", help="skip the numpy reference")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--plot", nargs="?", const="bench.png", default=None, metavar="FILE.png",
-                        help="time per unit vs batch size, one curve per device (default file bench.png); "
-                             "sweeps SWEEP unless --batch-sizes are given")
+                        help="draw time per unit against batch size, one curve per device (default file "
+                             f"bench.png); without --batch-sizes it sweeps batch sizes {sweep} (up to the data "
+                             f"set's size) and, for W1, {', '.join(map(str, SWEEP['W1']))} samples (a full batch)")
     args = parser.parse_args(argv)
+    note = _loaded_machine()
+    if note:
+        print(note, file=sys.stderr)
     workloads = _csv(args.workloads, str.upper)
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:

@@ -120,6 +120,13 @@ def _read(path) -> tuple[dict, dict]:
         raise CheckpointError(f"{path!r} is not a readable fastbp checkpoint ({error})") from None
     except (OSError, EOFError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"{path!r} is truncated or corrupt; cannot read it ({error})") from None
+    except Exception as error:  # noqa: BLE001
+        # A damaged zip directory makes the zip reader raise what it raises for zips it cannot handle: a changed
+        # "version needed" field gives NotImplementedError("zip file version 11.4"), an unknown compression
+        # method NotImplementedError too, a bad count OverflowError. All mean a damaged file here (fastbp writes
+        # plain stored zip entries), and every damaged file gets the same error.
+        raise CheckpointError(f"{path!r} is truncated or corrupt; cannot read it "
+                              f"({type(error).__name__}: {error})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise CheckpointError(f"{path!r} is a single .npy array, not a fastbp checkpoint (.npz)")
     try:

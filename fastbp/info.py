@@ -142,7 +142,7 @@ def collect(probe_threads: bool = True) -> dict:
 def format_report(info: dict) -> str:
     """The human-readable report of :func:`collect`'s dict."""
     t, c, g = info["threading"], info["cache"], info["cuda"]
-    numba_cuda = info["numba_cuda"] or "not installed (pip install 'fastbp[cuda]')"
+    numba_cuda = info["numba_cuda"] or "not installed (the cuda extra: pip install -e '.[cuda]' in the clone)"
     lines = [
         f"fastbp      {info['fastbp']}",
         f"numba       {info['numba']}",

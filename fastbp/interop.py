@@ -71,6 +71,21 @@ METADATA_PREFIX = "fastbp."
 # The reference reader (safetensors' MAX_HEADER_SIZE) refuses longer headers: past it, the 8 leading bytes
 # are almost surely not a header length at all (another file type).
 MAX_HEADER_BYTES = 100_000_000
+# Files people pass to load_safetensors by mistake, known by their first bytes (each format's magic number), so
+# that the error says what the file is instead of reading its first 8 bytes as a header length.
+_OTHER_FORMATS = (
+    (b"PK\x03\x04", "a zip archive: an .npz file (a fastbp checkpoint: read it with fastbp.MLP.load or "
+                     "fastbp.Trainer.load) or a PyTorch torch.save file (.pt / .pth: load it with torch.load, then "
+                     "fastbp.MLP.from_torch)"),
+    (b"PK\x05\x06", "an empty zip archive"),
+    (b"\x93NUMPY", "a numpy .npy array (numpy.load reads it)"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (a Keras .h5 model, for instance)"),
+    (b"\x80\x02", "a Python pickle (a legacy torch.save file?); fastbp never loads pickles"),
+    (b"\x80\x03", "a Python pickle (a legacy torch.save file?); fastbp never loads pickles"),
+    (b"\x80\x04", "a Python pickle; fastbp never loads pickles"),
+    (b"\x80\x05", "a Python pickle; fastbp never loads pickles"),
+    (b"\x1f\x8b", "a gzip-compressed file: decompress it first"),
+)
 # Stored dtype -> (bytes per value, little-endian numpy dtype it decodes to). BF16 has no numpy dtype: its two
 # bytes are the high half of a float32, decoded by a shift.
 _DTYPES = {"F64": (8, "<f8"), "F32": (4, "<f4"), "F16": (2, "<f2"), "BF16": (2, "<u2")}
@@ -314,13 +329,16 @@ def _read_header(file, path: str) -> tuple[dict, dict, int]:
     if len(prefix) < 8:
         raise CheckpointError(f"{path!r} is truncated: a safetensors file starts with an 8-byte header length; "
                               f"it has only {size} bytes")
+    for signature, what in _OTHER_FORMATS:
+        if prefix.startswith(signature):
+            raise CheckpointError(f"{path!r} is not a safetensors file: it is {what}")
     n = int.from_bytes(prefix, "little")
     if n > MAX_HEADER_BYTES:
         raise CheckpointError(f"{path!r} is not a safetensors file: its first 8 bytes give a header length of {n} "
                               f"bytes, over the format's limit of {MAX_HEADER_BYTES} (another file type, or corrupt)")
     if 8 + n > size:
-        raise CheckpointError(f"{path!r} is truncated or not a safetensors file: its header length ({n} bytes) "
-                              f"reaches beyond the end of the file ({size} bytes)")
+        raise CheckpointError(f"{path!r} is not a safetensors file, or a truncated one: its first 8 bytes, read as "
+                              f"the header length, give {n} bytes, beyond the end of the file ({size} bytes)")
     raw = file.read(n)
     try:
         text = raw.decode("utf-8")

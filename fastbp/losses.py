@@ -133,6 +133,22 @@ LOSSES = {
 }
 
 
+# Names users of other libraries write, with what fastbp calls them (check_choice shows these hints): a close
+# spelling is not the answer here ("cross_entropy" is spelled like 'binary_cross_entropy', but a PyTorch user
+# means nn.CrossEntropyLoss, which is 'softmax_cross_entropy').
+_CROSS_ENTROPY_HINT = (
+    "For class labels (PyTorch's nn.CrossEntropyLoss) use 'softmax_cross_entropy': one output per class, y holds "
+    "class ids (n,) or one-hot / probability rows (n, k). For independent yes/no targets (nn.BCEWithLogitsLoss) "
+    "use 'binary_cross_entropy': y in [0, 1], one column per target.")
+LOSS_HINTS = {name: _CROSS_ENTROPY_HINT for name in (
+    "cross_entropy", "crossentropy", "crossentropyloss", "ce", "categorical_crossentropy",
+    "categorical_cross_entropy", "sparse_categorical_crossentropy", "log_loss", "nll", "nll_loss")}
+LOSS_HINTS |= {name: "Did you mean 'binary_cross_entropy'?" for name in ("bce", "binary_crossentropy",
+                                                                        "bcewithlogitsloss")}
+LOSS_HINTS |= {name: "Did you mean 'mse'?" for name in ("mean_squared_error", "squared_error", "l2", "mseloss")}
+LOSS_HINTS |= {name: "Did you mean 'poisson'?" for name in ("poisson_nll", "poissonnllloss", "poisson_nll_loss")}
+
+
 def get_loss(name) -> Loss:
     """The table entry for ``name``; a clear error (with a suggestion on a typo) otherwise."""
-    return LOSSES[check_choice("loss", name, LOSSES)]
+    return LOSSES[check_choice("loss", name, LOSSES, hints=LOSS_HINTS)]

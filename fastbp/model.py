@@ -11,6 +11,16 @@ from ._validation import check_choice, check_dtype, check_int
 from .kernels.pointwise import ACTIVATIONS, LEAKY_RELU_SLOPE
 from .layout import Layout
 
+# Names of activations fastbp does not have, whose closest spelling would mislead ("gelu" is spelled like relu).
+_OWN = "the hidden activations are 'relu', 'leaky_relu', 'tanh', 'sigmoid' and 'identity'"
+ACTIVATION_HINTS = {name: f"fastbp has no {name}; {_OWN}." for name in ("gelu", "elu", "selu", "silu", "swish",
+                                                                         "mish", "softplus", "relu6", "prelu")}
+ACTIVATION_HINTS |= {name: f"{name} is an output transform, set by the Trainer's loss (softmax: "
+                           f"'softmax_cross_entropy', sigmoid: 'binary_cross_entropy'); {_OWN}."
+                     for name in ("softmax", "log_softmax")}
+ACTIVATION_HINTS["linear"] = "Did you mean 'identity'?"
+ACTIVATION_HINTS["none"] = "Did you mean 'identity'?"
+
 # What _attach rebuilds; never pickled (see MLP.__getstate__).
 _PARAMETER_ATTRIBUTES = ("_flat", "_weight_views", "_bias_views", "weights", "biases")
 
@@ -63,6 +73,10 @@ class MLP:
             raise ValueError(f"sizes needs at least two layers (input and output); got {sizes}")
         n_hidden = len(sizes) - 2
         if isinstance(activation, str):
+            check_choice("activation", activation, ACTIVATIONS, hints=ACTIVATION_HINTS)
+            if n_hidden == 0 and activation != "relu":
+                raise ValueError(f"activation={activation!r} has no effect: MLP({sizes}) has no hidden layer, and the "
+                                 "output's transform comes from the Trainer's loss. Leave activation out (or pass [])")
             activations = [activation] * n_hidden
         elif isinstance(activation, Sequence):
             activations = list(activation)
@@ -72,7 +86,7 @@ class MLP:
         else:
             raise TypeError(f"activation must be a name or a list of names; got {type(activation).__name__}")
         self.activations = [check_choice(f"activation[{i}]" if not isinstance(activation, str) else "activation",
-                                         a, ACTIVATIONS) for i, a in enumerate(activations)]
+                                         a, ACTIVATIONS, hints=ACTIVATION_HINTS) for i, a in enumerate(activations)]
         self.dtype = check_dtype("dtype", dtype)
         self.seed = check_int("seed", seed, minimum=0, allow_none=True)
         self.sizes = sizes

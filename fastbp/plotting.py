@@ -1,4 +1,5 @@
-"""Plots of training runs (needs the optional extra ``pip install 'fastbp[plot]'``, i.e. matplotlib).
+"""Plots of training runs (needs the optional extra ``plot``, i.e. matplotlib:
+``pip install -e '.[plot]'`` in a clone).
 
 Every function draws into ``ax`` (a new figure's Axes when None) and returns the Axes, so plots combine
 into the user's own figures. Nothing here picks a matplotlib backend: scripts that only save files
@@ -67,7 +68,7 @@ def plot_history(history: Any, ax=None, *, log_scale: bool = True, title: str | 
     >>> import numpy as np, fastbp
     >>> from fastbp.plotting import plot_history
     >>> X = np.linspace(-1, 1, 32, dtype=np.float32).reshape(-1, 1)
-    >>> trainer = fastbp.Trainer(fastbp.MLP([1, 8, 1], "tanh", seed=0), lr=0.1, batch_size=None)
+    >>> trainer = fastbp.Trainer(fastbp.MLP([1, 8, 1], "tanh", seed=0), loss="mse", lr=0.1, batch_size=None)
     >>> ax = plot_history(trainer.fit(X, 2 * X, epochs=20, validation_data=(X, 2 * X)))
     >>> ax.get_xlabel()
     'epoch'

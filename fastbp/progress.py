@@ -19,6 +19,8 @@ import sys
 import time
 from typing import IO
 
+from ._validation import check_choice, check_int
+
 
 def _format_seconds(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
@@ -53,7 +55,7 @@ class ProgressBar:
     --------
     >>> import sys, numpy as np, fastbp
     >>> X = np.zeros((10, 2), np.float32); y = np.zeros((10, 1), np.float32)
-    >>> trainer = fastbp.Trainer(fastbp.MLP([2, 4, 1], seed=0), lr=0.1, batch_size=None)
+    >>> trainer = fastbp.Trainer(fastbp.MLP([2, 4, 1], seed=0), loss="mse", lr=0.1, batch_size=None)
     >>> bar = fastbp.ProgressBar(total_epochs=2, n_samples=10, stream=sys.stdout, mode="lines")
     >>> _ = trainer.fit(X, y, epochs=2, callbacks=[bar])  # doctest: +ELLIPSIS
     epoch 1/2 ...
@@ -62,8 +64,18 @@ class ProgressBar:
 
     def __init__(self, total_epochs: int | None = None, n_samples: int | None = None, stream: IO | None = None,
                  mode: str = "auto", every: int | None = None, width: int = 24):
-        if mode not in ("auto", "bar", "lines"):
-            raise ValueError(f"mode must be 'auto', 'bar' or 'lines'; got {mode!r}")
+        check_choice("mode", mode, ("auto", "bar", "lines"))
+        total_epochs = check_int("total_epochs", total_epochs, minimum=0, allow_none=True)
+        n_samples = check_int("n_samples", n_samples, minimum=1, allow_none=True)
+        every = check_int("every", every, minimum=1, allow_none=True)
+        width = check_int("width", width, minimum=1)
+        if stream is not None and not callable(getattr(stream, "write", None)):
+            raise TypeError(f"stream must be a file-like object with a write method (such as sys.stdout); got "
+                            f"{type(stream).__name__}")
+        # A bar redraws every epoch: `every` (which epochs get a line) would do nothing there.
+        if mode == "bar" and every is not None:
+            raise ValueError(f"every={every} has no effect with mode='bar' (the bar is redrawn every epoch); it "
+                             "chooses which epochs get a line in mode='lines' or 'auto'")
         self.total_epochs = total_epochs
         self.n_samples = n_samples
         self.stream = sys.stderr if stream is None else stream

@@ -7,7 +7,7 @@ kernels. Change the import and keep the code::
 
     from fastbp.sklearn import MLPClassifier   # was: from sklearn.neural_network import MLPClassifier
 
-Needs the optional extra ``pip install 'fastbp[sklearn]'`` (``import fastbp`` alone never imports
+Needs the optional extra ``sklearn`` (``pip install -e '.[sklearn]'`` in a clone; ``import fastbp`` alone never imports
 scikit-learn). Two parameters are fastbp's own: ``device`` ("cpu", "cuda", "auto") and ``dtype`` (None: the
 training dtype follows the input as in scikit-learn; "float32" / "float64" force one).
 
@@ -475,7 +475,9 @@ class _BaseMLP(BaseEstimator):
         self.out_activation_ = self._out_activation()
         for stale in ("_trainer_", "_trainer_settings_", "_trainer_state_"):
             self.__dict__.pop(stale, None)
-        model = MLP(layer_units, _ACTIVATIONS[self.activation], dtype=dtype)
+        # One name per hidden layer: a network without hidden layers gets [] (MLP refuses an activation that
+        # would have no effect; scikit-learn's estimator accepts and ignores it there).
+        model = MLP(layer_units, [_ACTIVATIONS[self.activation]] * (len(layer_units) - 2), dtype=dtype)
         factor = 2.0 if self.activation in ("logistic", "sigmoid") else 6.0
         for layer in range(len(layer_units) - 1):
             fan_in, fan_out = layer_units[layer], layer_units[layer + 1]

@@ -12,16 +12,17 @@ one place; checkpoints write that dict.
 """
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import backends, checkpoint, schedules
+from . import _compile_notice, backends, checkpoint, schedules
 from ._interrupt import deferred_keyboard_interrupt
 from ._threads import check_n_threads
-from ._validation import as_float_matrix, check_bool, check_choice, check_float, check_int, is_gpu_array
+from ._validation import as_float_matrix, check_bool, check_choice, check_float, check_int, is_gpu_array, shown
 from .kernels.pointwise import (
     H_BETA1,
     H_BETA2,
@@ -34,7 +35,7 @@ from .kernels.pointwise import (
     N_HYPER,
     OPTIMIZERS,
 )
-from .losses import LOSSES
+from .losses import LOSS_HINTS, LOSSES
 from .model import MLP
 from .schedules import Constant
 
@@ -58,6 +59,52 @@ SETTINGS = ("loss", "optimizer", "momentum", "dampening", "nesterov", "weight_de
 # Settings added after format version 1 was first written, with the value a state without them means.
 LATER_SETTINGS = {"n_threads": None, "clip_grad_norm": None}
 HISTORY_LISTS = ("epoch", "loss", "val_loss", "val_accuracy", "lr", "time")
+# The optimizer settings and their defaults (torch.optim's), and which optimizer reads which: a setting the
+# chosen optimizer does not read must keep its default, or the Trainer refuses it (torch.optim.Adam has no
+# momentum argument at all: Trainer(optimizer="adam", momentum=0.9) trained exactly as momentum=0 before).
+OPTIMIZER_SETTING_DEFAULTS = {"momentum": 0.0, "dampening": 0.0, "nesterov": False, "betas": (0.9, 0.999),
+                              "eps": 1e-8}
+OPTIMIZER_SETTINGS = {"sgd": ("momentum", "dampening", "nesterov"), "adam": ("betas", "eps"),
+                      "adamw": ("betas", "eps")}
+# What a setting is called in the optimizers that have no such setting, for the error message.
+_INSTEAD = {"momentum": "Adam's momentum is betas[0]", "dampening": "Adam has no dampening",
+            "nesterov": "Adam has no Nesterov variant", "betas": "SGD's momentum is momentum=",
+            "eps": "SGD has no eps"}
+# device names users of other libraries try (check_choice shows the hint instead of the closest spelling).
+DEVICE_HINTS = {name: "Did you mean 'cuda' (an NVIDIA GPU; 'auto' picks it when one is usable)?"
+                for name in ("gpu", "cuda:0", "nvidia", "gpu:0", "cuda0")}
+
+
+def _refuse_unused_settings(optimizer: str, **settings) -> None:
+    """Raise if a setting the optimizer does not read was given a value other than its default."""
+    for name, value in settings.items():
+        if name not in OPTIMIZER_SETTINGS[optimizer] and value != OPTIMIZER_SETTING_DEFAULTS[name]:
+            users = [o for o, names in OPTIMIZER_SETTINGS.items() if name in names]
+            raise ValueError(f"{name}={shown(value)} has no effect with optimizer={optimizer!r} "
+                             f"({_INSTEAD[name]}); {name} applies to optimizer="
+                             f"{' or '.join(repr(o) for o in users)}. Leave it out, or choose that optimizer.")
+    if optimizer == "sgd" and settings["momentum"] == 0.0 and settings["dampening"] != 0.0:
+        raise ValueError(f"dampening={shown(settings['dampening'])} has no effect without momentum (it damps the "
+                         "momentum buffer); set momentum > 0 or leave dampening out")
+
+
+def _refuse_cpu_threads_on_gpu(n_threads, device: str) -> None:
+    if n_threads is not None and not backends.MAKES_CPU_CALLS[device]:
+        raise ValueError(f"n_threads={n_threads} has no effect with device={device!r}: it sets the threads of CPU "
+                         "calls and a GPU trainer makes none. Leave n_threads=None, or use device='auto' (n_threads "
+                         "then applies when the CPU is chosen)")
+
+
+def _reports_compiling(call: str):
+    """Decorator of the Trainer's public calls: a call that compiles fastbp's kernels for more than a second
+    says so once per process, on stderr (fastbp._compile_notice)."""
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            with _compile_notice.watching(lambda: f"Trainer.{call} with {self._compile_words()}"):
+                return method(self, *args, **kwargs)
+        return wrapper
+    return decorate
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -84,6 +131,33 @@ class History:
 
     def as_dict(self) -> dict:
         return {key: list(self[key]) for key in self.keys()} | {"stop_reason": self.stop_reason}
+
+    def __repr__(self) -> str:
+        """A one-line summary (every list in full is in ``as_dict()`` or the attributes).
+
+        >>> History(epoch=[0, 1, 2], loss=[0.9, 0.5, 0.4], lr=[0.1] * 3, time=[0.01] * 3)
+        History(3 epochs (0-2), loss 0.9 -> 0.4, lr 0.1, 0.01 s/epoch, stop_reason='epochs')
+        """
+        n = len(self.loss)
+        if n == 0:
+            return f"History(no epochs, stop_reason={self.stop_reason!r})"
+        span = f"{self.epoch[0]}-{self.epoch[-1]}" if len(self.epoch) == n and n > 1 else (
+            f"{self.epoch[0]}" if len(self.epoch) == n else "?")
+        parts = [f"{n} epoch{'s' if n != 1 else ''} ({span})",
+                 f"loss {self.loss[0]:.4g} -> {self.loss[-1]:.4g}" if n > 1 else f"loss {self.loss[0]:.4g}"]
+        if self.val_loss:
+            best = int(np.argmin(self.val_loss))
+            # The best epoch is named only when every epoch was validated (lists of equal length).
+            where = f" at epoch {self.epoch[best]}" if len(self.val_loss) == len(self.epoch) == n else ""
+            parts.append(f"val_loss {self.val_loss[-1]:.4g} (best {self.val_loss[best]:.4g}{where})")
+        if self.val_accuracy:
+            parts.append(f"val_accuracy {self.val_accuracy[-1]:.4g}")
+        if self.lr:
+            low, high = min(self.lr), max(self.lr)
+            parts.append(f"lr {high:.4g}" if low == high else f"lr {self.lr[0]:.4g} -> {self.lr[-1]:.4g}")
+        if self.time:
+            parts.append(f"{sum(self.time) / len(self.time):.3g} s/epoch")
+        return f"History({', '.join(parts)}, stop_reason={self.stop_reason!r})"
 
 
 @dataclass
@@ -189,7 +263,8 @@ class Trainer:
         caller's ``numba.get_num_threads()`` is restored after it, also when it raises (numba keeps the count
         per Python thread, so other threads are not affected; fit's callbacks run with the caller's count).
         ``None`` (default) leaves numba's setting as it is. Results do not depend on it (bit-identical). It
-        can be changed later (``trainer.n_threads = 2``); the GPU ignores it.
+        can be changed later (``trainer.n_threads = 2``). Refused with ``device="cuda"`` (a GPU trainer makes no
+        CPU calls); with ``device="auto"`` it applies when the CPU is chosen.
     clip_grad_norm : float or None
         Clip each step's gradient to this 2-norm over all parameters, exactly as
         ``torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)`` called between ``backward()``
@@ -208,7 +283,7 @@ class Trainer:
     True
     """
 
-    def __init__(self, model: MLP, loss: str = "mse", optimizer: str = "sgd", lr=0.01, *, momentum: float = 0.0,
+    def __init__(self, model: MLP, loss: str, optimizer: str = "sgd", lr=0.01, *, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float | None = None,
                  betas: tuple = (0.9, 0.999), eps: float = 1e-8, batch_size: int | None = 32,
                  device: str = "cpu", seed: int | None = None, n_threads: int | None = None,
@@ -216,7 +291,7 @@ class Trainer:
         if not isinstance(model, MLP):
             raise TypeError(f"model must be a fastbp.MLP; got {type(model).__name__}")
         self.model = model
-        self.loss = check_choice("loss", loss, LOSSES)
+        self.loss = check_choice("loss", loss, LOSSES, hints=LOSS_HINTS)
         self._loss_spec = LOSSES[self.loss]
         self.optimizer = check_choice("optimizer", optimizer, OPTIMIZERS)
         self.lr = lr
@@ -227,7 +302,7 @@ class Trainer:
             weight_decay = DEFAULT_WEIGHT_DECAY[self.optimizer]
         weight_decay = check_float("weight_decay", weight_decay, minimum=0.0)
         check_bool("nesterov", nesterov)
-        if nesterov and (momentum <= 0 or dampening != 0):
+        if self.optimizer == "sgd" and nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening = 0 (as in torch.optim.SGD); "
                              f"got momentum={momentum}, dampening={dampening}")
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -236,12 +311,16 @@ class Trainer:
         beta2 = check_float("betas[1]", betas[1], minimum=0.0, maximum=1.0, exclusive_maximum=True)
         eps = check_float("eps", eps, minimum=0.0, exclusive_minimum=True)
         self.batch_size = check_int("batch_size", batch_size, minimum=1, allow_none=True)
-        self.device = backends.resolve_device(check_choice("device", device, backends.DEVICES))
+        check_choice("device", device, backends.DEVICES, hints=DEVICE_HINTS)
         self.seed = check_int("seed", seed, minimum=0, allow_none=True)
         n_threads = check_n_threads("n_threads", n_threads)
+        _refuse_cpu_threads_on_gpu(n_threads, device)
+        self.device = backends.resolve_device(device)
         if clip_grad_norm is not None:
             clip_grad_norm = check_float("clip_grad_norm", clip_grad_norm, minimum=0.0, exclusive_minimum=True)
         self._clip_grad_norm = clip_grad_norm
+        _refuse_unused_settings(self.optimizer, momentum=momentum, dampening=dampening, nesterov=bool(nesterov),
+                                betas=(beta1, beta2), eps=eps)
         self.momentum, self.dampening, self.nesterov = momentum, dampening, bool(nesterov)
         self.weight_decay, self.betas, self.eps = weight_decay, (beta1, beta2), eps
 
@@ -278,7 +357,9 @@ class Trainer:
 
     @n_threads.setter
     def n_threads(self, value) -> None:
-        self._backend.n_threads = check_n_threads("n_threads", value)
+        value = check_n_threads("n_threads", value)
+        _refuse_cpu_threads_on_gpu(value, self.device)
+        self._backend.n_threads = value
 
     @property
     def lr_scale(self) -> float:
@@ -299,15 +380,21 @@ class Trainer:
                  f"optimizer={self.optimizer!r}", f"lr={self.lr!r}", f"batch_size={self.batch_size!r}"]
         if self.lr_scale != 1.0:
             parts.append(f"lr_scale={self.lr_scale!r}")
-        defaults = dict(momentum=0.0, dampening=0.0, nesterov=False,
-                        weight_decay=DEFAULT_WEIGHT_DECAY[self.optimizer], betas=(0.9, 0.999),
-                        eps=1e-8, device="cpu", seed=None, n_threads=None, clip_grad_norm=None)
+        defaults = OPTIMIZER_SETTING_DEFAULTS | dict(weight_decay=DEFAULT_WEIGHT_DECAY[self.optimizer], device="cpu",
+                                                     seed=None, n_threads=None, clip_grad_norm=None)
         if model.dtype != np.float32:
             parts.append(f"dtype={model.dtype.name}")
         for name, default in defaults.items():
             if getattr(self, name) != default:
                 parts.append(f"{name}={getattr(self, name)!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
+
+    def _compile_words(self) -> str:
+        """What this trainer's kernels are compiled for, in a few words (for the compile notice)."""
+        model = self.model
+        acts = "/".join(dict.fromkeys(model.activations)) or "no hidden"
+        return (f"a {'-'.join(map(str, model.sizes))} {acts} network ({model.dtype.name}, {self.loss}, "
+                f"{self.optimizer})")
 
     # -- arguments ----------------------------------------------------------------------------------------
     @staticmethod
@@ -393,7 +480,8 @@ class Trainer:
             Stop once an epoch's training loss is <= this value ("train until good enough").
         patience : int or None
             Early stopping: stop after this many epochs without a lower validation loss; with
-            ``restore_best`` the weights of the best epoch are put back. Needs ``validation_data``.
+            ``restore_best`` (default True) the weights of the best epoch are put back. Needs
+            ``validation_data``; ``restore_best=False`` without ``patience`` is refused (it would do nothing).
         callbacks : sequence of callables ``callback(trainer, history) -> bool | None``
             Called after every epoch; returning True stops training. ``fastbp.ReduceLROnPlateau(...)`` is one.
         on_nonfinite : {"raise", "warn"}
@@ -427,6 +515,10 @@ class Trainer:
         check_choice("on_nonfinite", on_nonfinite, ("raise", "warn"))
         if patience is not None and validation_data is None:
             raise ValueError("patience (early stopping) needs validation_data=(X_val, y_val)")
+        if patience is None and not restore_best:
+            raise ValueError("restore_best=False has no effect without early stopping: it decides whether the best "
+                             "epoch's weights are put back when patience= stops training. Pass patience= too, or "
+                             "leave restore_best out")
         callbacks = self._check_callbacks(callbacks)
         Xh, Yh = self._check_data(X, y)
         weights = self._sample_weight(sample_weight, Xh.shape[0])
@@ -458,13 +550,14 @@ class Trainer:
         if not np.all(np.isfinite(w)):
             raise ValueError("sample_weight must be finite; got NaN or inf")
         if n and w.min() < 0:
-            raise ValueError(f"sample_weight must be >= 0; got a minimum of {w.min()!r}")
+            raise ValueError(f"sample_weight must be >= 0; got a minimum of {float(w.min())}")
         if n and not w.any() and not self._local_weights_may_all_be_zero:
             raise ValueError("sample_weight must not be all zero (the weighted mean loss would be 0 / 0)")
         if np.all(w == 1.0):
             return None
         return np.ascontiguousarray(w, dtype=self.model.dtype)
 
+    @_reports_compiling("fit")
     def _run_fit(self, plan: _FitPlan) -> "History":
         plan.n = n = self._rows_per_epoch(plan.X.shape[0])
         plan.batch_size = n if self.batch_size is None else min(self.batch_size, n)
@@ -744,6 +837,7 @@ class Trainer:
         return scores
 
     # -- inference ------------------------------------------------------------------------------------------
+    @_reports_compiling("predict")
     def predict(self, X) -> np.ndarray:
         """The network's transformed output for X (n, n_in): raw values (mse), sigmoid probabilities
         (binary_cross_entropy), softmax probabilities (softmax_cross_entropy) or rates ``exp(z)`` (poisson),
@@ -759,6 +853,7 @@ class Trainer:
         self._use_model_parameters(finite=False)  # NaN parameters give NaN outputs: no O(P) check per call
         return np.asarray(self._backend.predict(Xc, self.n_outputs))
 
+    @_reports_compiling("evaluate")
     def evaluate(self, X, y, sample_weight=None) -> dict:
         """``{"loss": mean loss}``, plus ``"accuracy"`` for the classification losses.
 
@@ -776,6 +871,7 @@ class Trainer:
         self._use_model_parameters(finite=False)
         return self._scores(Xc, Yc, weights)
 
+    @_reports_compiling("loss_and_grads")
     def loss_and_grads(self, X, y, sample_weight=None):
         """The mean loss over X, y and its exact gradients, shaped like the parameters; no update.
 
@@ -812,6 +908,7 @@ class Trainer:
         Each candidate trains a copy of the current model (same initial weights, same shuffling seed) for
         ``epochs`` epochs on the training part; neither the model nor this trainer changes. Without
         ``validation_data``, the last ``validation_fraction`` of a seeded shuffle of X is held out.
+        ``validation_fraction`` with ``validation_data`` is refused (nothing is split off then).
         A candidate whose loss diverges scores inf. Returns a :class:`LearningRateSearch`; use its
         ``best_lr`` with ``trainer.set_lr(best_lr)`` or a new Trainer.
 
@@ -831,6 +928,9 @@ class Trainer:
         if not candidates:
             raise ValueError("candidates must name at least one learning rate; got an empty sequence")
         epochs = check_int("epochs", epochs, minimum=1)
+        if validation_data is not None and validation_fraction != 0.2:
+            raise ValueError(f"validation_fraction={shown(validation_fraction)} has no effect with validation_data "
+                             "(nothing is split off X then); pass one or the other")
         self.model.check_parameters()
         # Check everything before any training: the data, then the validation set or the split.
         Xh, Yh = self._check_data(X, y)
@@ -961,7 +1061,7 @@ class Trainer:
         device : {"cpu", "cuda", "auto"}, optional
             Overrides the stored device (e.g. to resume a GPU run on a machine without one)."""
         if device is not None:
-            check_choice("device", device, backends.DEVICES)
+            check_choice("device", device, backends.DEVICES, hints=DEVICE_HINTS)
         if lr is not None:
             cls._check_lr(lr)
         if not isinstance(state, dict) or not isinstance(state.get("trainer"), dict) or "model" not in state:
@@ -978,7 +1078,17 @@ class Trainer:
             if not isinstance(settings["betas"], list):
                 raise ValueError(f"betas must be a list; got {settings['betas']!r}")
             settings["betas"] = tuple(settings["betas"])
+            # Files written before unused settings were refused may hold, say, momentum with adam: it had no
+            # effect on the training they record, so it is dropped rather than refused.
+            if isinstance(settings["optimizer"], str) and settings["optimizer"] in OPTIMIZER_SETTINGS:
+                for name in OPTIMIZER_SETTING_DEFAULTS:
+                    if name not in OPTIMIZER_SETTINGS[settings["optimizer"]]:
+                        settings[name] = OPTIMIZER_SETTING_DEFAULTS[name]
+            if settings["optimizer"] == "sgd" and settings["momentum"] == 0:
+                settings["dampening"] = 0.0
             settings["device"] = device or settings["device"]
+            if not backends.MAKES_CPU_CALLS.get(settings["device"], True):  # a CPU run resumed on a GPU
+                settings["n_threads"] = None
             trainer = cls(model, lr=stored_lr, **settings)
             trainer.load_state_dict(state)
         except (TypeError, ValueError) as error:
@@ -1015,7 +1125,7 @@ class Trainer:
         device : {"cpu", "cuda", "auto"}, optional
             Overrides the stored device (e.g. to resume a GPU run on a machine without one)."""
         if device is not None:
-            check_choice("device", device, backends.DEVICES)
+            check_choice("device", device, backends.DEVICES, hints=DEVICE_HINTS)
         if lr is not None:
             cls._check_lr(lr)
         kind, state = checkpoint.read(path)

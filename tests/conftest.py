@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -18,8 +20,6 @@ def rng():
 # Hypothesis: modest example counts by default so the whole suite stays fast on two cores; no deadline (the
 # first example of a test may compile kernels). HYPOTHESIS_PROFILE=thorough runs many more.
 try:
-    import os
-
     from hypothesis import settings
 
     settings.register_profile("fastbp", max_examples=20, deadline=None, print_blob=True)
@@ -27,3 +27,8 @@ try:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fastbp"))
 except ImportError:  # hypothesis is a test extra; the property tests skip themselves without it
     pass
+
+# The one-line compile notice (fastbp._compile_notice) goes to stderr in whichever test first compiles for more
+# than a second, which depends on the state of the kernel cache: tests that read stderr must not see it.
+# tests/test_compile_notice.py runs its own processes without this setting.
+os.environ.setdefault("FASTBP_QUIET_COMPILE", "1")

@@ -130,7 +130,7 @@ CASES = [
     ("mlp-seed-negative", None, mlp(seed=-1), ValueError, r"seed must be >= 0; got -1", None),
     ("mlp-seed-float", None, mlp(seed=1.5), TypeError, r"seed must be an integer; got float", None),
     # -- Trainer ------------------------------------------------------------------------------------------
-    ("trainer-model-type", None, lambda t: fastbp.Trainer("model"), TypeError,
+    ("trainer-model-type", None, lambda t: fastbp.Trainer("model", loss="mse"), TypeError,
      r"model must be a fastbp.MLP; got str", None),
     ("trainer-loss-typo", None, trainer_with(loss="softmax_crossentropy"), ValueError,
      r"loss must be one of \[.*\]; got 'softmax_crossentropy'. Did you mean 'softmax_cross_entropy'\?", None),
@@ -165,6 +165,39 @@ CASES = [
     ("trainer-eps-zero", None, trainer_with(optimizer="adam", eps=0.0), ValueError, r"eps must be > 0", None),
     ("trainer-weight-decay", None, trainer_with(weight_decay=-1.0), ValueError, r"weight_decay must be >= 0", None),
     ("trainer-seed-negative", None, trainer_with(seed=-3), ValueError, r"seed must be >= 0; got -3", None),
+    # Options the chosen optimizer (or device) does not read are refused, naming the option (torch.optim.Adam has
+    # no momentum argument; before, these trained exactly as if they had been left out).
+    ("trainer-momentum-with-adam", None, trainer_with(optimizer="adam", momentum=0.9), ValueError,
+     r"momentum=0.9 has no effect with optimizer='adam' \(Adam's momentum is betas\[0\]\); momentum applies to "
+     r"optimizer='sgd'", None),
+    ("trainer-momentum-with-adamw", None, trainer_with(optimizer="adamw", momentum=0.5), ValueError,
+     r"momentum=0.5 has no effect with optimizer='adamw'", None),
+    ("trainer-nesterov-with-adam", None, trainer_with(optimizer="adam", nesterov=True), ValueError,
+     r"nesterov=True has no effect with optimizer='adam'", None),
+    ("trainer-dampening-with-adam", None, trainer_with(optimizer="adam", dampening=0.1), ValueError,
+     r"dampening=0.1 has no effect with optimizer='adam'", None),
+    ("trainer-betas-with-sgd", None, trainer_with(optimizer="sgd", betas=(0.8, 0.99)), ValueError,
+     r"betas=\(0.8, 0.99\) has no effect with optimizer='sgd' \(SGD's momentum is momentum=\); betas applies to "
+     r"optimizer='adam' or 'adamw'", None),
+    ("trainer-eps-with-sgd", None, trainer_with(eps=1e-6), ValueError,
+     r"eps=1e-06 has no effect with optimizer='sgd'", None),
+    ("trainer-dampening-without-momentum", None, trainer_with(dampening=0.5), ValueError,
+     r"dampening=0.5 has no effect without momentum", None),
+    ("trainer-n-threads-with-cuda", None, trainer_with(device="cuda", n_threads=1), ValueError,
+     r"n_threads=1 has no effect with device='cuda'", None),
+    ("trainer-loss-cross-entropy", None, trainer_with(loss="cross_entropy"), ValueError,
+     r"got 'cross_entropy'. For class labels \(PyTorch's nn.CrossEntropyLoss\) use 'softmax_cross_entropy'.*"
+     r"For independent yes/no targets \(nn.BCEWithLogitsLoss\) use 'binary_cross_entropy'", None),
+    ("trainer-device-gpu", None, trainer_with(device="gpu"), ValueError, r"got 'gpu'. Did you mean 'cuda'", None),
+    ("mlp-activation-without-hidden-layer", None, mlp(sizes=[4, K], activation="tanh"), ValueError,
+     r"activation='tanh' has no effect: MLP\(\[4, 3\]\) has no hidden layer", None),
+    ("mlp-activation-gelu", None, mlp(activation="gelu"), ValueError, r"got 'gelu'. fastbp has no gelu", None),
+    ("mlp-activation-softmax", None, mlp(activation="softmax"), ValueError,
+     r"softmax is an output transform, set by the Trainer's loss", None),
+    ("progress-every-with-bar", None, lambda t: fastbp.ProgressBar(5, mode="bar", every=2), ValueError,
+     r"every=2 has no effect with mode='bar'", None),
+    ("progress-total-epochs-type", None, lambda t: fastbp.ProgressBar("5"), TypeError,
+     r"total_epochs must be an integer; got str", None),
     # -- fit: arguments -------------------------------------------------------------------------------------
     ("fit-epochs-negative", None, fit(epochs=-1), ValueError, r"epochs must be >= 0; got -1", None),
     ("fit-epochs-float", None, fit(epochs=2.5), TypeError, r"epochs must be an integer; got float", None),
@@ -189,6 +222,8 @@ CASES = [
     ("fit-on-nonfinite", None, fit(on_nonfinite="ignore"), ValueError,
      r"on_nonfinite must be one of \['raise', 'warn'\]; got 'ignore'", None),
     ("fit-restore-best-type", None, fit(restore_best="yes"), TypeError, r"restore_best must be True or False", None),
+    ("fit-restore-best-without-patience", None, fit(restore_best=False), ValueError,
+     r"restore_best=False has no effect without early stopping", None),
     # -- fit: X -----------------------------------------------------------------------------------------------
     ("X-1d", None, fit(X=X0[:, 0]), ValueError,
      r"X must be a 2-D array of shape \(n_samples, n_features\); got shape \(10,\) \(use .reshape", None),
@@ -298,6 +333,9 @@ CASES = [
      r"epochs must be >= 1; got 0", None),
     ("search-fraction-one", None, lambda t: t.choose_learning_rate(X0, Y0, validation_fraction=1.0), ValueError,
      r"validation_fraction must be < 1", None),
+    ("search-fraction-with-validation-data", None,
+     lambda t: t.choose_learning_rate(X0, Y0, validation_data=(X0, Y0), validation_fraction=0.5), ValueError,
+     r"validation_fraction=0.5 has no effect with validation_data", None),
     ("search-fraction-tiny", None, lambda t: t.choose_learning_rate(X0, Y0, validation_fraction=0.01), ValueError,
      r"validation_fraction=0.01 of 10 samples leaves no training or no validation samples", None),
     ("search-y-short", None, lambda t: t.choose_learning_rate(X0, Y0[:4]), ValueError,
@@ -394,3 +432,30 @@ def test_epochs_zero_is_a_no_op():
     history = trainer.fit(X0, Y0, epochs=0)
     assert history.loss == []
     assert_unchanged(before, snapshot(trainer))
+
+
+def test_loss_is_required():
+    """No default loss: Trainer(model) used to train with MSE whatever the targets were."""
+    with pytest.raises(TypeError, match=r"missing 1 required positional argument: 'loss'"):
+        fastbp.Trainer(fastbp.MLP([4, 5, K], seed=0))
+
+
+def test_sample_weight_message_shows_plain_numbers():
+    """numpy 2 reprs scalars as np.float64(-1.0); messages show the number as the user wrote it."""
+    trainer = fastbp.Trainer(fastbp.MLP([4, 5, K], seed=0), loss="softmax_cross_entropy")
+    with pytest.raises(ValueError, match=r"sample_weight must be >= 0; got a minimum of -1.0$"):
+        trainer.fit(X0, Y0, sample_weight=np.r_[-1.0, np.ones(N - 1)])
+    with pytest.raises(TypeError, match=r"seed must be an integer; got float64 1.5$"):
+        fastbp.MLP([4, K], seed=np.float64(1.5))
+
+
+def test_settings_an_optimizer_does_not_read_are_accepted_at_their_defaults():
+    """Leaving an unused setting at its default (or passing the default explicitly) is not an error, and an old
+    checkpoint that stored momentum with adam (which it ignored) still loads, without it."""
+    model = fastbp.MLP([4, 5, K], seed=0)
+    fastbp.Trainer(model, loss="mse", optimizer="adam", momentum=0.0, dampening=0.0, nesterov=False)
+    fastbp.Trainer(model, loss="mse", optimizer="sgd", betas=(0.9, 0.999), eps=1e-8)
+    state = fastbp.Trainer(model, loss="mse", optimizer="adam").state_dict()
+    state["trainer"] |= {"momentum": 0.9, "dampening": 0.5}
+    restored = fastbp.Trainer.from_state_dict(state)
+    assert (restored.optimizer, restored.momentum, restored.dampening) == ("adam", 0.0, 0.0)

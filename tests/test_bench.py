@@ -39,3 +39,28 @@ def test_numpy_reference_learns():
     before = loss()
     net.train(X, Y, 32, 0.1, 10, np.random.default_rng(0))
     assert loss() < 0.7 * before  # 2.30 -> 1.20 with this seed
+
+
+def test_help_is_plain_text_and_says_how_threads_behave_on_a_busy_machine(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    raw = capsys.readouterr().out
+    text = " ".join(raw.split())  # argparse wraps the option help
+    assert "SWEEP" not in text and "``" not in text  # no internal names, no reStructuredText
+    assert "16, 32, 64, 128, 256, 512, 1024, 4096" in text and "OMP_WAIT_POLICY=PASSIVE" in text
+    for name, spec in bench.WORKLOADS.items():
+        assert f"{name}  {'-'.join(map(str, spec['sizes']))} {spec['activation']}" in raw
+
+
+def test_a_loaded_machine_gets_a_note(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    note = bench._loaded_machine()
+    assert note.startswith("note: load average 5.0 on 2 logical CPUs") and "OMP_WAIT_POLICY=PASSIVE" in note
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert bench._loaded_machine() is None

@@ -459,9 +459,15 @@ BAD_FILES = [
                                 r"0 bytes"),
     ("5-bytes", corrupt(raw=b"\x01\x02\x03\x04\x05"), r"it has only 5 bytes"),
     ("header-past-end", corrupt(raw=struct.pack("<Q", 1000) + b"{}"),
-     r"header length \(1000 bytes\) reaches beyond the end of the file \(10 bytes\)"),
-    ("huge-header-length", corrupt(raw=b"PK\x03\x04\x14\x00\x00\x00" + b"\0" * 100),
+     r"is not a safetensors file, or a truncated one: its first 8 bytes, read as the header length, give 1000 "
+     r"bytes, beyond the end of the file \(10 bytes\)"),
+    ("huge-header-length", corrupt(raw=b"\xff" * 8 + b"\0" * 100),
      r"is not a safetensors file: its first 8 bytes give a header length of \d+ bytes, over the format's limit"),
+    ("zip", corrupt(raw=b"PK\x03\x04\x14\x00\x00\x00" + b"\0" * 100),
+     r"is not a safetensors file: it is a zip archive: an .npz file \(a fastbp checkpoint: read it with "
+     r"fastbp.MLP.load"),
+    ("npy", corrupt(raw=b"\x93NUMPY\x01\x00" + b"\0" * 100), r"is not a safetensors file: it is a numpy .npy array"),
+    ("pickle", corrupt(raw=b"\x80\x04\x95" + b"\0" * 100), r"is not a safetensors file: it is a Python pickle"),
     ("data-cut-short", corrupt(body=40), r"tensor '2.weight': its data_offsets \[36, 60\] reach beyond the 40 data "
                                          r"bytes after the header: the file is truncated or corrupt"),
     ("not-utf8", corrupt(raw=struct.pack("<Q", 4) + b"{\xff\xfe}"), r"its header is not UTF-8 text"),

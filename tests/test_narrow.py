@@ -486,4 +486,4 @@ def test_the_cpu_backend_trains_narrow_networks_with_the_fused_kernel(monkeypatc
     np.testing.assert_allclose(fused.model.flat_parameters(), general.model.flat_parameters(), rtol=2e-5,
                                atol=1e-6)
     np.testing.assert_allclose(fused.history.loss, general.history.loss, rtol=1e-5)
-    assert fastbp.Trainer(fastbp.MLP([5, narrow.NARROW_MAX_WIDTH + 1, 3]))._backend._narrow_kernel is None
+    assert fastbp.Trainer(fastbp.MLP([5, narrow.NARROW_MAX_WIDTH + 1, 3]), loss="mse")._backend._narrow_kernel is None

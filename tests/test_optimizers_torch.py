@@ -122,7 +122,7 @@ def test_adamw_checkpoint_round_trip(tmp_path):
 @pytest.mark.parametrize("bad, message", [("adamx", "optimizer"), ("AdamW", "optimizer")])
 def test_unknown_optimizer_is_refused(bad, message):
     with pytest.raises(ValueError, match=message):
-        fastbp.Trainer(fastbp.MLP([2, 3, 1]), optimizer=bad)
+        fastbp.Trainer(fastbp.MLP([2, 3, 1]), loss="mse", optimizer=bad)
 
 
 # -- clip_grad_norm: torch.nn.utils.clip_grad_norm_ between backward() and step() ----------------------------
@@ -183,11 +183,11 @@ def test_clipped_update_step_norm():
                                         (float("inf"), ValueError), ("1", TypeError), (True, TypeError)])
 def test_bad_clip_grad_norm_is_refused(bad, error):
     with pytest.raises(error, match="clip_grad_norm"):
-        fastbp.Trainer(fastbp.MLP([2, 3, 1]), clip_grad_norm=bad)
+        fastbp.Trainer(fastbp.MLP([2, 3, 1]), loss="mse", clip_grad_norm=bad)
 
 
 def test_clip_grad_norm_is_saved_and_fixed(tmp_path):
-    trainer = fastbp.Trainer(fastbp.MLP([2, 3, 1]), clip_grad_norm=0.5)
+    trainer = fastbp.Trainer(fastbp.MLP([2, 3, 1]), loss="mse", clip_grad_norm=0.5)
     assert "clip_grad_norm=0.5" in repr(trainer)
     with pytest.raises(AttributeError):
         trainer.clip_grad_norm = 1.0

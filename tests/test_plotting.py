@@ -16,7 +16,7 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 def test_plot_history_from_a_fit():
     X = np.linspace(-1, 1, 32, dtype=np.float32).reshape(-1, 1)
-    trainer = fastbp.Trainer(fastbp.MLP([1, 8, 1], "tanh", seed=0), lr=0.1, batch_size=None)
+    trainer = fastbp.Trainer(fastbp.MLP([1, 8, 1], "tanh", seed=0), loss="mse", lr=0.1, batch_size=None)
     history = trainer.fit(X, 2 * X, epochs=5, validation_data=(X, 2 * X))
     ax = plot_history(history)
     train, val = ax.get_lines()

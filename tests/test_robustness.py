@@ -147,13 +147,14 @@ def test_a_small_fit_runs_in_one_compiled_call():
 
 def test_the_first_call_of_a_large_fit_is_one_epoch():
     """W3's network on 60000 rows: the guess (several seconds an epoch) gives a first call of one epoch."""
-    trainer = fastbp.Trainer(fastbp.MLP([784, 256, 256, 10], "relu", seed=0), batch_size=128)
+    trainer = fastbp.Trainer(fastbp.MLP([784, 256, 256, 10], "relu", seed=0), loss="softmax_cross_entropy",
+                             batch_size=128)
     plan = fastbp.trainer._FitPlan(X=None, Y=None, epochs=10, target=None, validation=None, patience=None,
                                    restore_best=False, callbacks=[], on_nonfinite="raise", verbose=0)
     plan.n, plan.batch_size = 60000, 128
     assert trainer._first_chunk(plan, max_chunk=69) == 1
     plan.n, plan.batch_size = 100, 100  # W1: 1-16-1, full batch: a whole 1000-epoch fit at once
-    w1 = fastbp.Trainer(fastbp.MLP([1, 16, 1], "sigmoid", seed=0))
+    w1 = fastbp.Trainer(fastbp.MLP([1, 16, 1], "sigmoid", seed=0), loss="mse")
     assert w1._first_chunk(plan, max_chunk=1000) == 1000
 
 

@@ -150,7 +150,7 @@ def test_weights_of_one_are_the_unweighted_fit_bit_for_bit():
     results = []
     for w in (None, np.ones(30)):
         model = fastbp.MLP(sizes, act, seed=1)
-        fastbp.Trainer(model, lr=0.1, batch_size=8, seed=2).fit(X, y, epochs=3, sample_weight=w)
+        fastbp.Trainer(model, loss="mse", lr=0.1, batch_size=8, seed=2).fit(X, y, epochs=3, sample_weight=w)
         results.append(model.flat_parameters())
     np.testing.assert_array_equal(results[0], results[1])
 
@@ -191,7 +191,7 @@ BAD_WEIGHTS = [
 def test_bad_weights_are_refused_and_change_nothing(make, error, message):
     X, y, _ = problem([3, 5, 2], "mse", 10)
     model = fastbp.MLP([3, 5, 2], seed=0)
-    trainer = fastbp.Trainer(model, lr=0.1, batch_size=4, seed=1)
+    trainer = fastbp.Trainer(model, loss="mse", lr=0.1, batch_size=4, seed=1)
     before, rng_state = model.flat_parameters(), trainer._rng.bit_generator.state
     for call in (lambda w: trainer.fit(X, y, epochs=2, sample_weight=w),
                  lambda w: trainer.evaluate(X, y, sample_weight=w),

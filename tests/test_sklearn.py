@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from sklearn.base import clone  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.datasets import load_digits, load_iris  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.model_selection import GridSearchCV, cross_val_score, train_test_split  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
@@ -222,3 +222,17 @@ def test_cuda_device_without_a_gpu_says_why():
         pytest.skip("CUDA is usable here")
     with pytest.raises(RuntimeError, match="device='cuda' cannot be used"):
         MLPClassifier(device="cuda", max_iter=1).fit(np.zeros((4, 2)), [0, 1, 0, 1])
+
+
+def test_solver_specific_parameters_keep_scikit_learns_behaviour():
+    """scikit-learn's estimators accept parameters that only some solvers read (momentum with adam, beta_1 with
+    sgd, an activation without hidden layers) and ignore them; so do fastbp's: the estimator hands the Trainer
+    only what the solver reads, and the Trainer's refusal of unused options never reaches the user here."""
+    X, y = load_iris(return_X_y=True)
+    for solver in ("adam", "sgd", "lbfgs"):
+        kwargs = dict(momentum=0.5, nesterovs_momentum=False, beta_1=0.5, beta_2=0.9, epsilon=1e-6,
+                      hidden_layer_sizes=(), activation="tanh", max_iter=3, random_state=0, solver=solver)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf = MLPClassifier(**kwargs).fit(X, y)
+        assert [c.shape for c in clf.coefs_] == [(4, 3)]

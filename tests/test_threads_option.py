@@ -177,6 +177,6 @@ def test_repr_shows_the_model_the_rate_and_the_settings_that_differ_from_the_def
     assert ", lr_scale=0.1," in repr(trainer) and "\n" not in repr(trainer)
     # weight_decay is shown against the optimizer's own default (AdamW's is 0.01, torch's).
     model = fastbp.MLP([2, 3, 1])
-    assert "weight_decay" not in repr(fastbp.Trainer(model, optimizer="adamw"))
-    assert "weight_decay=0.0)" in repr(fastbp.Trainer(model, optimizer="adamw", weight_decay=0.0))
-    assert "weight_decay=0.01)" in repr(fastbp.Trainer(model, optimizer="sgd", weight_decay=0.01))
+    assert "weight_decay" not in repr(fastbp.Trainer(model, loss="mse", optimizer="adamw"))
+    assert "weight_decay=0.0)" in repr(fastbp.Trainer(model, loss="mse", optimizer="adamw", weight_decay=0.0))
+    assert "weight_decay=0.01)" in repr(fastbp.Trainer(model, loss="mse", optimizer="sgd", weight_decay=0.01))

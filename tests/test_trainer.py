@@ -258,8 +258,8 @@ def test_cuda_device_without_gpu_says_why():
     if cuda_unavailable_reason() is None:
         pytest.skip("a usable GPU is present")
     with pytest.raises(RuntimeError, match="device='cuda' cannot be used"):
-        fastbp.Trainer(fastbp.MLP([2, 1]), device="cuda")
-    assert fastbp.Trainer(fastbp.MLP([2, 1]), device="auto").device == "cpu"
+        fastbp.Trainer(fastbp.MLP([2, 1]), loss="mse", device="cuda")
+    assert fastbp.Trainer(fastbp.MLP([2, 1]), loss="mse", device="auto").device == "cpu"
 
 
 @pytest.mark.slow
@@ -287,3 +287,20 @@ def test_digits_reach_95_percent():
                              lr=0.1, batch_size=32, seed=0)
     trainer.fit(X_train, y_train, epochs=20)
     assert trainer.evaluate(X_test, y_test)["accuracy"] >= 0.95
+
+
+def test_history_prints_a_short_summary():
+    """print(history) is one line of what happened, not every list in full (the lists stay on the object)."""
+    X = np.linspace(-1, 1, 40, dtype=np.float32).reshape(-1, 1)
+    trainer = fastbp.Trainer(fastbp.MLP([1, 8, 2], "tanh", seed=0), loss="softmax_cross_entropy", lr=0.5,
+                             batch_size=None, seed=0)
+    y = (X[:, 0] > 0).astype(int)
+    history = trainer.fit(X, y, epochs=300, validation_data=(X, y))
+    text = repr(history)
+    assert "\n" not in text and len(text) < 250 and str(history) == text
+    best = int(np.argmin(history.val_loss))
+    assert text.startswith(f"History(300 epochs (0-299), loss {history.loss[0]:.4g} -> {history.loss[-1]:.4g}, ")
+    assert f"val_loss {history.val_loss[-1]:.4g} (best {history.val_loss[best]:.4g} at epoch {best})" in text
+    assert f"val_accuracy {history.val_accuracy[-1]:.4g}" in text and "lr 0.5," in text
+    assert text.endswith("stop_reason='epochs')")
+    assert repr(fastbp.History()) == "History(no epochs, stop_reason='epochs')"

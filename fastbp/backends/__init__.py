@@ -8,6 +8,11 @@ from __future__ import annotations
 import importlib
 
 DEVICES = ("cpu", "cuda", "auto")
+# fastbp is installed from a clone or a wheel built from one (it is not on PyPI): how to add the cuda extra.
+CUDA_EXTRA_INSTALL = "pip install -e '.[cuda]' in the fastbp clone (or the fastbp wheel with [cuda])"
+# Whether a trainer on this device (as named by the user) may make compiled CPU calls, the calls that
+# Trainer(n_threads=) sizes: "auto" may pick the CPU, so n_threads applies there.
+MAKES_CPU_CALLS = {"cpu": True, "cuda": False, "auto": True}
 
 
 def cuda_unavailable_reason() -> str | None:
@@ -17,7 +22,7 @@ def cuda_unavailable_reason() -> str | None:
     except ModuleNotFoundError as error:
         if error.name == __name__ + ".cuda":
             return "this fastbp build has no CUDA target"
-        return (f"the CUDA extra is not installed ({error}); install it with: pip install 'fastbp[cuda]'")
+        return (f"the CUDA extra is not installed ({error}); install it with: {CUDA_EXTRA_INSTALL}")
     return cuda_backend.unavailable_reason()
 
 

@@ -10,9 +10,9 @@ import sys
 {block}
 import fastbp
 from fastbp.backends import cuda_unavailable_reason
-print(fastbp.Trainer(fastbp.MLP([2, 1]), device="auto").device)
+print(fastbp.Trainer(fastbp.MLP([2, 1]), loss="mse", device="auto").device)
 try:
-    fastbp.Trainer(fastbp.MLP([2, 1]), device="cuda")
+    fastbp.Trainer(fastbp.MLP([2, 1]), loss="mse", device="cuda")
     print("cuda ok")
 except RuntimeError as error:
     print(error)
@@ -30,7 +30,7 @@ def run(block="", **env):
 def test_without_numba_cuda_the_cpu_works_and_cuda_says_how_to_fix():
     lines = run("sys.modules['numba_cuda'] = None  # as if the cuda extra were not installed")
     assert lines[0] == "cpu"
-    assert "device='cuda' cannot be used" in lines[1] and "pip install 'fastbp[cuda]'" in lines[1]
+    assert "device='cuda' cannot be used" in lines[1] and "pip install -e '.[cuda]'" in lines[1]
     assert lines[2] == "numba.cuda not imported"
 
 

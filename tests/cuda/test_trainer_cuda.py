@@ -130,7 +130,7 @@ def test_device_arrays_are_checked_on_the_device(small_launches, rng):
     with pytest.raises(ValueError, match=r"lie in \[0.0, 1.0\]"):
         gpu.fit(X, kernels.to_device(y + 1))
     with pytest.raises(TypeError, match="CPU device needs a host array"):
-        fastbp.Trainer(fastbp.MLP([3, 2], seed=0)).fit(kernels.to_device(X), y)
+        fastbp.Trainer(fastbp.MLP([3, 2], seed=0), loss="mse").fit(kernels.to_device(X), y)
 
 
 @pytest.mark.filterwarnings("ignore:.*encountered in scalar:RuntimeWarning")
