@@ -56,12 +56,12 @@ from .pointwise import (
     activation_grad,
     adam_decay_terms,
     adam_update_one,
+    binary_cross_entropy_term,
     clip_coefficient,
     exp_fast,
     loss_divisor,
-    loss_grad_row,
-    output_transform_row,
     sgd_update_one,
+    sigmoid,
 )
 
 # The public, stable surface (documented in fastbp/kernels/API.md): kernels a user's own numba code may call.
@@ -271,10 +271,11 @@ def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
     """Fused loss and gradient, overwritten: dlogits (B, k) = d mean-loss / d logits, row_losses (B,) each
     row's summed loss. logits, targets (B, k); inv_divisor = 1 / loss_divisor(loss, n, k).
 
-    mse, poisson and softmax_cross_entropy are written out over the whole (B, k) block here (the same
-    arithmetic as pointwise.loss_grad_row): taking a row view per sample costs a reference-count round trip each, which
-    was 44 ns a row, more than the arithmetic, and softmax's exps then run as one vectorised loop over the
-    block instead of rows of 10. binary_cross_entropy goes row by row through loss_grad_row."""
+    The losses are written out over the whole (B, k) block here (the same arithmetic as
+    pointwise.loss_grad_row; binary cross-entropy's element through pointwise.binary_cross_entropy_term):
+    taking a row view per sample costs a reference-count round trip each, which was 44 ns a row, more than the
+    arithmetic, and softmax's exps then run as one vectorised loop over the block instead of rows of 10.
+    Inlining loss_grad_row for binary cross-entropy also cost this function 1.4 s of cold compile."""
     prefer_wide_vectors()
     n = logits.shape[0]
     k = logits.shape[1]
@@ -326,17 +327,69 @@ def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
                 total += t * (log_sum_exp - logits[i, j])
                 dlogits[i, j] = (dlogits[i, j] * scale - t) * inv_divisor
             row_losses[i] = total
-    else:  # the constant code lets LLVM drop loss_grad_row's other branches (compile time)
+    else:  # BINARY_CROSS_ENTROPY
         for i in range(n):
-            row_losses[i] = loss_grad_row(dlogits[i], logits[i], targets[i], BINARY_CROSS_ENTROPY, inv_divisor)
+            total = zero
+            for j in range(k):
+                term, grad = binary_cross_entropy_term(logits[i, j], targets[i, j])
+                total += term
+                dlogits[i, j] = grad * inv_divisor
+            row_losses[i] = total
 
 
 @cpu_jit(**FAST)
 def output_transform(out, logits, loss):
-    """out (B, k) = the loss's output transform of logits (B, k): identity, sigmoid, softmax or exp."""
+    """out (B, k) = the loss's output transform of logits (B, k): identity, sigmoid, softmax or exp.
+
+    Over the whole block, as loss_grad (pointwise.output_transform_row's arithmetic, one vectorised loop per
+    pass instead of a row view and its reference count per sample; inlining output_transform_row per row cost
+    this function about 1 s more of cold compile)."""
     prefer_wide_vectors()
-    for i in range(logits.shape[0]):
-        output_transform_row(out[i], logits[i], loss)
+    n = logits.shape[0]
+    k = logits.shape[1]
+    if loss == MSE:
+        for i in range(n):
+            for j in range(k):
+                out[i, j] = logits[i, j]
+    elif loss == BINARY_CROSS_ENTROPY:
+        for i in range(n):
+            for j in range(k):
+                out[i, j] = sigmoid(logits[i, j])
+    elif loss == POISSON:
+        for i in range(n):
+            for j in range(k):
+                out[i, j] = exp_fast(logits[i, j])
+    else:  # SOFTMAX_CROSS_ENTROPY: exp(z - max) / sum, the max subtracted for stability only
+        for i in range(n):
+            zmax = logits[i, 0]
+            for j in range(1, k):
+                zmax = max(zmax, logits[i, j])
+            for j in range(k):
+                out[i, j] = logits[i, j] - zmax
+        for i in range(n):
+            for j in range(k):
+                out[i, j] = exp_fast(out[i, j])
+        for i in range(n):
+            total = out.dtype.type(0.0)
+            for j in range(k):
+                total += out[i, j]
+            inv_total = out.dtype.type(1.0) / total
+            for j in range(k):
+                out[i, j] *= inv_total
+
+
+@inline
+def _sgd_loop(params, velocity, grads, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    for i in range(params.shape[0]):
+        sgd_update_one(params, velocity, grads, i, lr, momentum, dampening, weight_decay, nesterov, first_step)
+
+
+@inline
+def _adam_loop(params, exp_avg, exp_avg_sq, grads, lr, beta1, beta2, eps, weight_decay, step_size,
+               sqrt_bias_correction2, decay):
+    for i in range(params.shape[0]):
+        adam_update_one(params, exp_avg, exp_avg_sq, grads, i, lr, beta1, beta2, eps, weight_decay,
+                        step_size, sqrt_bias_correction2, decay)
 
 
 @cpu_jit(**FAST)
@@ -344,8 +397,7 @@ def sgd_update(params, velocity, grads, lr, momentum, dampening, weight_decay, n
     """torch.optim.SGD step over flat vectors (P,), in place. Scalars in the parameters' dtype.
     Serial: about 1 ns a parameter, ~1% of a W4 step; a parallel path cost a second of cold compile."""
     prefer_wide_vectors()
-    for i in range(params.shape[0]):
-        sgd_update_one(params, velocity, grads, i, lr, momentum, dampening, weight_decay, nesterov, first_step)
+    _sgd_loop(params, velocity, grads, lr, momentum, dampening, weight_decay, nesterov, first_step)
 
 
 @cpu_jit(**FAST)
@@ -354,18 +406,22 @@ def adam_update(params, exp_avg, exp_avg_sq, grads, lr, beta1, beta2, eps, weigh
     """torch.optim.Adam (decay = 1) or AdamW (weight_decay = 0, decay = 1 - lr * wd) step over flat vectors
     (P,), in place; see pointwise.adam_update_one. Scalars in the parameters' dtype. Serial."""
     prefer_wide_vectors()
-    for i in range(params.shape[0]):
-        adam_update_one(params, exp_avg, exp_avg_sq, grads, i, lr, beta1, beta2, eps, weight_decay,
-                        step_size, sqrt_bias_correction2, decay)
+    _adam_loop(params, exp_avg, exp_avg_sq, grads, lr, beta1, beta2, eps, weight_decay, step_size,
+               sqrt_bias_correction2, decay)
+
+
+@inline
+def _gather_rows(out, source, order, start):
+    for r in range(out.shape[0]):
+        src = order[start + r]
+        for j in range(source.shape[1]):
+            out[r, j] = source[src, j]
 
 
 @cpu_jit()
 def gather_rows(out, source, order, start):
     """out[r] = source[order[start + r]] for r < out.shape[0], overwritten: one mini-batch, contiguous."""
-    for r in range(out.shape[0]):
-        src = order[start + r]
-        for j in range(source.shape[1]):
-            out[r, j] = source[src, j]
+    _gather_rows(out, source, order, start)
 
 
 # --- views into flat buffers ---------------------------------------------------------------------------------
@@ -544,11 +600,8 @@ def _loss_signature(f):
 loss_block = SeparatelyCompiled(loss_grad, _loss_signature)
 
 
-@cpu_jit(**FAST)
-def clip_grad_norm(grads, max_norm):
-    """Scale grads (P,) in place as torch.nn.utils.clip_grad_norm_(params, max_norm) does (one 2-norm over all
-    parameters, summed in float64); returns the norm. Serial (deterministic for any thread count): about
-    0.5 ns a parameter, 1 ms on W4's 2.1 M beside a 35 ms step."""
+@inline
+def _clip_grad_norm(grads, max_norm):
     total = 0.0
     for i in range(grads.shape[0]):
         g = np.float64(grads[i])
@@ -561,13 +614,21 @@ def clip_grad_norm(grads, max_norm):
     return math.sqrt(total)
 
 
+@cpu_jit(**FAST)
+def clip_grad_norm(grads, max_norm):
+    """Scale grads (P,) in place as torch.nn.utils.clip_grad_norm_(params, max_norm) does (one 2-norm over all
+    parameters, summed in float64); returns the norm. Serial (deterministic for any thread count): about
+    0.5 ns a parameter, 1 ms on W4's 2.1 M beside a 35 ms step."""
+    return _clip_grad_norm(grads, max_norm)
+
+
 def _optimizer_signature(f):
     vector = types.Array(f, 1, "C")
     return (vector, types.Array(f, 2, "C"), vector, types.float64, types.int64, types.Array(types.float64, 1, "C"),
             types.int64)
 
 
-@cpu_jit()
+@cpu_jit(**FAST)
 def _optimizer_step(params, opt_state, grads, lr, optimizer, hyper, step):
     """One optimizer update of the flat params (P,) in place; ``step`` counts from 1 (torch's state['step']).
     With hyper[H_CLIP] > 0 the gradient is first clipped to that norm (clip_grad_norm: overwrites grads), so
@@ -575,10 +636,13 @@ def _optimizer_step(params, opt_state, grads, lr, optimizer, hyper, step):
 
     opt_state (2, P): SGD's momentum buffer in row 0; Adam's (and AdamW's) exp_avg and exp_avg_sq in rows 0 and 1.
     hyper: float64 vector indexed by pointwise.H_*; bias corrections are formed in float64, then cast.
+    The clip and update loops are inlined (the public clip_grad_norm, adam_update and sgd_update run the same
+    loops): one compiled function where four cost a cold fit about 0.4 s more.
     """
+    prefer_wide_vectors()
     dtype = params.dtype.type
     if hyper[H_CLIP] > 0.0:
-        clip_grad_norm(grads, hyper[H_CLIP])
+        _clip_grad_norm(grads, hyper[H_CLIP])
     weight_decay = dtype(hyper[H_WEIGHT_DECAY])
     if optimizer != SGD:
         beta1 = hyper[H_BETA1]
@@ -586,11 +650,11 @@ def _optimizer_step(params, opt_state, grads, lr, optimizer, hyper, step):
         step_size = lr / (1.0 - beta1 ** step)
         sqrt_bc2 = np.sqrt(1.0 - beta2 ** step)
         l2, decay = adam_decay_terms(optimizer, lr, hyper[H_WEIGHT_DECAY])
-        adam_update(params, opt_state[0], opt_state[1], grads, dtype(lr), dtype(beta1), dtype(beta2),
-                    dtype(hyper[H_EPS]), dtype(l2), dtype(step_size), dtype(sqrt_bc2), dtype(decay))
+        _adam_loop(params, opt_state[0], opt_state[1], grads, dtype(lr), dtype(beta1), dtype(beta2),
+                   dtype(hyper[H_EPS]), dtype(l2), dtype(step_size), dtype(sqrt_bc2), dtype(decay))
     else:
-        sgd_update(params, opt_state[0], grads, dtype(lr), dtype(hyper[H_MOMENTUM]), dtype(hyper[H_DAMPENING]),
-                   weight_decay, hyper[H_NESTEROV] != 0.0, step == 1)
+        _sgd_loop(params, opt_state[0], grads, dtype(lr), dtype(hyper[H_MOMENTUM]), dtype(hyper[H_DAMPENING]),
+                  weight_decay, hyper[H_NESTEROV] != 0.0, step == 1)
 
 
 optimizer_step = SeparatelyCompiled(_optimizer_step, _optimizer_signature)
@@ -638,9 +702,9 @@ def train_epochs(params, opt_state, steps_done, epoch_losses, X, Y, sample_weigh
                 for r in range(batch_weights.shape[0]):
                     batch_weights[r] = sample_weights[start + r]
             else:
-                gather_rows(inputs, X, orders[epoch], start)
+                _gather_rows(inputs, X, orders[epoch], start)
                 batch_targets = work.targets[:n_rows]
-                gather_rows(batch_targets, Y, orders[epoch], start)
+                _gather_rows(batch_targets, Y, orders[epoch], start)
                 for r in range(batch_weights.shape[0]):
                     batch_weights[r] = sample_weights[orders[epoch, start + r]]
             if weighted:

@@ -455,7 +455,7 @@ _rows = _rows_6 if WIDE else _rows_4
 TILE_SLOT_VECTORS = max(TILE_ROWS, NARROW_ROWS) * TILE_VECTORS
 
 
-@engine_jit()
+@inline
 def _pack_rows(panels, base, B, n_rows, n_cols, panel_lo, panel_hi, sums, with_sums):
     """Panels panel_lo..panel_hi of B (n_rows x n_cols, rows contiguous) into panels[base:]: panel p's row k is
     B[k, p*NR : p*NR + NR] at base + (p * n_rows + k) * NR, zero-padded past n_cols. With ``with_sums``,
@@ -501,7 +501,7 @@ def _pack_rows(panels, base, B, n_rows, n_cols, panel_lo, panel_hi, sums, with_s
                         simd.store_partial(sums, j, simd.add(simd.load_partial(sums, j, count), x), count)
 
 
-@engine_jit()
+@inline
 def _pack_columns(panels, base, W, n_rows, n_cols, panel_lo, panel_hi):
     """Panels panel_lo..panel_hi of W^T (n_cols x n_rows) into panels[base:]: panel p's row k holds
     W[p*NR + t, k] for t < NR (0 past n_rows) at base + (p * n_cols + k) * NR. The transposing copy the input
@@ -532,7 +532,7 @@ def _pack_columns(panels, base, W, n_rows, n_cols, panel_lo, panel_hi):
                         panels[dst + k * NR + block * L + t] = W[row, k] if row < n_rows else zero
 
 
-@engine_jit()
+@inline
 def _pack_broadcast_panels(panels, base, inp, n_rows, n_cols, group_lo, group_hi):
     """The weight gradient's A = inp^T in TILE_ROWS-wide panels: group q's element (k, t) is inp[k,
     q*TILE_ROWS + t] (0 past n_cols) at base + (q * n_rows + k) * TILE_ROWS. The micro-kernel then broadcasts
@@ -567,14 +567,20 @@ def _pack_broadcast_panels(panels, base, inp, n_rows, n_cols, group_lo, group_hi
 
 
 @engine_jit()
-def _pack_b(kind, panels, b, sums, depth, n_cols, panel_lo, panel_hi):
-    """Panels panel_lo..panel_hi of the product's B operand into panels[0:]: the weight (FORWARD), dout with
-    its column sums into ``sums`` (WEIGHT_GRAD), the weight transposed (INPUT_GRAD)."""
+def _pack(kind, panels, a, b, sums, depth, n_rows, n_cols, span):
+    """The parts of a product's operands a task packs: panels span[0]..span[1] of B into panels[0:] (the weight
+    for FORWARD, dout with its column sums into ``sums`` for WEIGHT_GRAD, the weight transposed for INPUT_GRAD),
+    and groups span[2]..span[3] of inp^T after them (WEIGHT_GRAD with A packed). One compiled function: the
+    three packers inlined once each (as separate functions they cost a cold compile 0.4-0.5 s more)."""
+    panel_lo, panel_hi, group_lo, group_hi = span
     zero = depth - depth
     if kind == INPUT_GRAD:
         _pack_columns(panels, zero, b, n_cols, depth, panel_lo, panel_hi)
     else:
         _pack_rows(panels, zero, b, depth, n_cols, panel_lo, panel_hi, sums, kind == WEIGHT_GRAD)
+    if group_hi > group_lo:
+        NR = TILE_VECTORS * simd.lanes(panels)
+        _pack_broadcast_panels(panels, depth * ((n_cols + NR - 1) // NR) * NR, a, depth, n_rows, group_lo, group_hi)
 
 
 @engine_jit()
@@ -594,13 +600,12 @@ def _task(kind, act, out, a, b, vec, y, panels, span):
     L = simd.lanes(out)
     NR = TILE_VECTORS * L
     depth = b.shape[1] if kind == INPUT_GRAD else b.shape[0]
-    _pack_b(kind, panels, b, vec, depth, n_cols, pack_lo, pack_hi)
+    _pack(kind, panels, a, b, vec, depth, n_rows, n_cols, (pack_lo, pack_hi, a_pack_lo, a_pack_hi))
     # A's tile row r is at r * row_step + shift in A, its element k a_step further per k: rows of A as stored
     # (forward, input gradient), columns of inp as stored or inp^T's packed groups (weight gradient). One 2-D
     # array either way, so that the micro-kernel has one call site.
     a_base = depth * ((n_cols + NR - 1) // NR) * NR
     if a_packed:
-        _pack_broadcast_panels(panels, a_base, a, depth, n_rows, a_pack_lo, a_pack_hi)
         n_groups = (n_rows + TILE_ROWS - 1) // TILE_ROWS
         A = panels[a_base:a_base + n_groups * depth * TILE_ROWS].reshape((n_groups * depth, TILE_ROWS))
         row_step = 1
@@ -725,10 +730,9 @@ def _product(kind, act, out, a, b, vec, y, panels):
     row_tasks, col_tasks = _task_grid(n_tiles, n_panels, n_threads, n_rows * depth, depth * n_cols)
     shared_b = row_tasks > 1  # tasks share B's panels: pack them all first, here (1/B of the product's work)
     shared_a = col_tasks > 1 and a_packed  # tasks share inp^T's groups
-    if shared_b:
-        _pack_b(kind, panels, b, vec, depth, n_cols, zero, n_panels)
-    if shared_a:
-        _pack_broadcast_panels(panels, depth * n_panels * NR, a, depth, n_rows, zero, n_tiles)
+    if shared_b or shared_a:
+        _pack(kind, panels, a, b, vec, depth, n_rows, n_cols,
+              (zero, n_panels if shared_b else zero, zero, n_tiles if shared_a else zero))
     for task in prange(row_tasks * col_tasks):
         r = task // col_tasks
         c = task % col_tasks

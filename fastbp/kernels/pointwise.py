@@ -28,7 +28,8 @@ __all__ = [
     "IDENTITY", "SIGMOID", "TANH", "RELU", "LEAKY_RELU", "ACTIVATIONS", "ACTIVATION_NAMES", "LEAKY_RELU_SLOPE",
     "MSE", "BINARY_CROSS_ENTROPY", "SOFTMAX_CROSS_ENTROPY", "POISSON", "LOSSES", "LOSS_NAMES",
     "SGD", "ADAM", "ADAMW", "OPTIMIZERS",
-    "exp_fast", "sigmoid", "activate", "activation_grad", "loss_divisor", "loss_grad_row", "output_transform_row",
+    "exp_fast", "sigmoid", "activate", "activation_grad", "loss_divisor", "binary_cross_entropy_term",
+    "loss_grad_row", "output_transform_row",
     "sgd_update_one", "adam_decay_terms", "adam_update_one", "clip_coefficient",
 ]
 
@@ -187,6 +188,19 @@ def loss_divisor(loss, n_rows, n_outputs):
 
 
 @inline
+def binary_cross_entropy_term(z, t):
+    """One output's binary cross-entropy with logits and its gradient: (loss, d loss / dz) =
+    (-[t log q + (1-t) log(1-q)], q - t) with q = sigmoid(z), computed as max(z, 0) - z t + log1p(exp(-|z|))
+    (no log(0), finite for any z) from one exp of a non-positive number."""
+    zero = type(z)(0.0)
+    one = type(z)(1.0)
+    e = exp_fast(-abs(z))
+    inv = one / (one + e)
+    q = inv if z >= zero else e * inv  # sigmoid(z), as sigmoid() computes it
+    return max(z, zero) - z * t + math.log1p(e), q - t
+
+
+@inline
 def loss_grad_row(dlogits, logits, target, loss, inv_divisor):
     """Fused loss and gradient for one sample: writes dlogits (k,), returns the row's summed loss.
 
@@ -207,12 +221,10 @@ def loss_grad_row(dlogits, logits, target, loss, inv_divisor):
             total += diff * diff
             dlogits[j] = two_over * diff
     elif loss == BINARY_CROSS_ENTROPY:
-        # -[t log q + (1-t) log(1-q)] with q = sigmoid(z) equals max(z,0) - z t + log1p(exp(-|z|)).
         for j in range(k):
-            z = logits[j]
-            t = target[j]
-            total += max(z, zero) - z * t + math.log1p(math.exp(-abs(z)))
-            dlogits[j] = (sigmoid(z) - t) * inv_divisor
+            term, grad = binary_cross_entropy_term(logits[j], target[j])
+            total += term
+            dlogits[j] = grad * inv_divisor
     elif loss == POISSON:
         # PyTorch's PoissonNLLLoss(log_input=True): exp(z) - t z, the Poisson negative log-likelihood of
         # count t at rate exp(z) without the log(t!) term. exp_fast: inf past the dtype's range, no trap.
