@@ -162,8 +162,8 @@ class watching:
 
     def __enter__(self):
         w = _watch
-        if len(w.registered) < 2:
-            _register()
+        if len(w.registered) < 2 and ("cpu" not in w.registered or "numba.cuda.core.event" in sys.modules):
+            _register()  # once for numba, once more if numba-cuda is imported later
         with w.lock:
             if w.calls == 0:
                 w.call_seconds = 0.0

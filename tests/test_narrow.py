@@ -255,7 +255,7 @@ class Problem:
         work = cpu.make_workspace(self.layout, self.batch_size, self.Y.shape[1], self.dtype)
         completed = cpu.train_epochs(
             params, opt_state, steps, losses, self.X, self.Y, np.empty(0, self.dtype), self.orders[:len(lrs)], lrs,
-            cpu.network(self.layout, self.act_codes, LOSSES[self.loss]), work,
+            tuple(cpu.network(self.layout, self.act_codes, LOSSES[self.loss])), tuple(work),
             (self.opt_code, self.hyper, self.batch_size, target_loss))
         return completed, losses, params, opt_state, steps
 

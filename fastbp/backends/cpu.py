@@ -31,7 +31,8 @@ class CPUBackend(Backend):
         self.hyper = np.asarray(hyper, dtype=np.float64).reshape(N_HYPER)
         self.dtype = np.dtype(dtype)
         self._workspaces = {}
-        self._network = kernels.network(layout, self.act_codes, self.loss)
+        # The drivers take the Network and each Workspace as plain tuples (see kernels.cpu.train_epochs).
+        self._network = tuple(kernels.network(layout, self.act_codes, self.loss))
         self.params = np.zeros(layout.n_params, dtype=self.dtype)
         self.opt_state = np.zeros((2, layout.n_params), dtype=self.dtype)
         # Narrow networks (every layer <= narrow.NARROW_MAX_WIDTH units) train in one fused loop nest per block of
@@ -78,10 +79,11 @@ class CPUBackend(Backend):
             out = np.empty((len(rows),) + X.shape[1:], dtype=X.dtype)
         return np.take(X, rows, axis=0, out=out)
 
-    def _workspace(self, capacity: int, n_outputs: int) -> kernels.Workspace:
+    def _workspace(self, capacity: int, n_outputs: int) -> tuple:
+        """The fields of a kernels.Workspace of ``capacity`` rows, as a plain tuple (see _network)."""
         key = (capacity, n_outputs)
         if key not in self._workspaces:
-            self._workspaces[key] = kernels.make_workspace(self.layout, capacity, n_outputs, self.dtype)
+            self._workspaces[key] = tuple(kernels.make_workspace(self.layout, capacity, n_outputs, self.dtype))
         return self._workspaces[key]
 
     # -- training -----------------------------------------------------------------------------------------
@@ -94,7 +96,7 @@ class CPUBackend(Backend):
         layout = self.layout
         # Weighted fits take the general path (the fused narrow kernel has no per-row weights yet).
         if self._narrow_kernel is not None and sample_weight is None:
-            work = self._workspace(1, Y.shape[1])  # grads and backup only
+            work = kernels.Workspace(*self._workspace(1, Y.shape[1]))  # grads and backup only
             completed = self._narrow_kernel(
                 self.params, self.opt_state, steps, work.grads, work.backup,
                 self._narrow_workspace(X.shape[0] if orders.shape[1] == 0 else 0), X, Y, orders, lrs, losses,

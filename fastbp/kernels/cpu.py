@@ -21,7 +21,8 @@ ones are tested against.
 Above the kernels sit the CPU-only drivers that run a whole step, epoch or many epochs inside one
 compiled call (``train_epochs``, ``predict``, ``dataset_loss``, ``dataset_grads``; ``batch_grads`` and
 ``optimizer_step`` beneath them), so Python is touched once per call rather than once per layer and step.
-They take the network and the workspace as two named tuples (``Network``, ``Workspace``), and they call
+They take the network and the workspace as two named tuples (``Network``, ``Workspace``; from Python, as plain
+tuples, which numba's dispatcher types faster), and they call
 the engine, the loss and the optimizer by symbol (``fastbp._jit.SeparatelyCompiled``): each is compiled
 once per dtype instead of once per driver that reaches it.
 
@@ -643,7 +644,8 @@ optimizer_step = SeparatelyCompiled(_optimizer_step, _optimizer_signature)
 
 
 @cpu_jit()
-def train_epochs(params, opt_state, steps_done, epoch_losses, X, Y, sample_weights, orders, lrs, net, work, settings):
+def train_epochs(params, opt_state, steps_done, epoch_losses, X, Y, sample_weights, orders, lrs, net_fields, work_fields,
+                 settings):
     """Train ``len(lrs)`` epochs in one call; returns how many completed.
 
     params (P,), opt_state (2, P), steps_done (1,) int64: updated in place. epoch_losses (E,) float64: written,
@@ -652,13 +654,17 @@ def train_epochs(params, opt_state, steps_done, epoch_losses, X, Y, sample_weigh
     sum_i w_i l_i / sum_i w_i (l_i the row's loss: the mean over its outputs for mse and binary cross-entropy),
     each epoch's the same over all n rows; a batch whose weights are all 0 gives a zero gradient (the optimizer
     still steps, as it would on any zero gradient). orders (E, n) int64: each epoch's sample order; an (E, 0)
-    array means "in order". lrs (E,) float64: each epoch's learning rate. net: a Network; work: a Workspace
-    of batch_size rows. settings: (optimizer code, hyper (N_HYPER,) float64, batch_size, target_loss).
+    array means "in order". lrs (E,) float64: each epoch's learning rate. net_fields, work_fields: a Network
+    and a Workspace of batch_size rows as plain tuples (tuple(network(...)): numba's dispatcher types a plain
+    tuple in C and a named tuple in Python, 1.4 us a call more; the drivers name the fields again inside).
+    settings: (optimizer code, hyper (N_HYPER,) float64, batch_size, target_loss).
     Stops early after an epoch whose loss is not finite (params and opt_state are then restored to that
     epoch's start, and the returned count excludes it) or whose loss is <= target_loss.
     No parallel region runs outside the engine's (explicit copies, see _copy_rows).
     """
     optimizer, hyper, batch_size, target_loss = settings
+    net = Network(*net_fields)
+    work = Workspace(*work_fields)
     n = X.shape[0]
     k = Y.shape[1]
     n_params = params.shape[0]
@@ -714,9 +720,11 @@ def train_epochs(params, opt_state, steps_done, epoch_losses, X, Y, sample_weigh
 
 
 @cpu_jit()
-def predict(out, X, params, net, work):
+def predict(out, X, params, net_fields, work_fields):
     """out (n, k) = the network's transformed output for X (n, n_in), computed capacity rows at a time (the
-    Workspace's)."""
+    Workspace's). net_fields, work_fields: plain tuples, as in train_epochs."""
+    net = Network(*net_fields)
+    work = Workspace(*work_fields)
     n = X.shape[0]
     capacity = work.row_losses.shape[0]
     for start in range(0, n, capacity):
@@ -727,14 +735,17 @@ def predict(out, X, params, net, work):
 
 
 @cpu_jit()
-def dataset_grads(grads, X, Y, sample_weights, params, net, work, divisor):
+def dataset_grads(grads, X, Y, sample_weights, params, net_fields, work_fields, divisor):
     """Sum of the row losses of X (n, n_in), Y (n, k) divided by ``divisor``, and its exact gradient into
     grads (P,), overwritten. ``divisor`` is loss_divisor(loss, n, k) for the mean over this set, or the
     global batch's divisor when these rows are one process's share of it.
 
     Works capacity rows at a time (the Workspace's): each chunk's gradient is already scaled by 1 / divisor,
     so the chunks add up to the whole set's gradient. sample_weights (n,) or empty: each row's loss counts w_i
-    times (the divisor is then the weighted one: sum of the weights times one row's divisor)."""
+    times (the divisor is then the weighted one: sum of the weights times one row's divisor). net_fields,
+    work_fields: plain tuples, as in train_epochs."""
+    net = Network(*net_fields)
+    work = Workspace(*work_fields)
     n = X.shape[0]
     capacity = work.row_losses.shape[0]
     inv_divisor = params.dtype.type(1.0 / divisor)
@@ -755,10 +766,12 @@ def dataset_grads(grads, X, Y, sample_weights, params, net, work, divisor):
 
 
 @cpu_jit()
-def dataset_loss(X, Y, sample_weights, params, net, work):
+def dataset_loss(X, Y, sample_weights, params, net_fields, work_fields):
     """Mean loss over all of X (n, n_in), Y (n, k) under the current params, capacity rows at a time (the
     Workspace's); with sample_weights (n,) (not empty), the weighted mean sum_i w_i l_i / sum_i w_i (l_i: the
-    row's loss)."""
+    row's loss). net_fields, work_fields: plain tuples, as in train_epochs."""
+    net = Network(*net_fields)
+    work = Workspace(*work_fields)
     n = X.shape[0]
     k = Y.shape[1]
     capacity = work.row_losses.shape[0]

@@ -188,10 +188,12 @@ def _check_vector(a):
 # rows[t] + k * a_step (a_step 1: rows of A as stored; TILE_ROWS: a packed panel); the panel's row k is the
 # NR elements from p_off + k * NR. Accumulators start at zero and stay in registers for all k_count terms, then
 # go to ``buf`` (the task's tile slot, see _task), row t's vector v at (t * TILE_VECTORS + v) * lanes, for the
-# epilogue (_finish) to read back from L1: one compiled epilogue for both kernel shapes and every product kind,
-# instead of one inlined per kernel call site (1.3 s of cold compile each, AMD EPYC Zen 4). Each kernel is a
-# compiled function of its own, called once per tile.
-@engine_jit()
+# epilogue (_finish) to read back from L1: an epilogue written as loops over a slot, for both kernel shapes and
+# every product kind, compiles in a third of the time of one unrolled over the accumulators (1.3 s a call site
+# on an AMD EPYC Zen 4). Kernels and epilogue are inlined into _task, one call site each: as compiled functions
+# of their own, their two calls a tile (some 40 arguments each: an array is passed field by field) cost the W2
+# epoch 10-20%.
+@inline
 def _kernel_4x3(buf, A, rows, a_step, P, p_off, k_count):
     L = simd.lanes(P)
     a0, a1, a2, a3 = rows
@@ -236,7 +238,7 @@ def _kernel_4x3(buf, A, rows, a_step, P, p_off, k_count):
     simd.store(buf, 11 * L, c32)
 
 
-@engine_jit()
+@inline
 def _kernel_6x4(buf, A, rows, a_step, P, p_off, k_count):
     L = simd.lanes(P)
     a0, a1, a2, a3, a4, a5 = rows
@@ -311,7 +313,7 @@ def _kernel_6x4(buf, A, rows, a_step, P, p_off, k_count):
     simd.store(buf, 23 * L, c53)
 
 
-@engine_jit()
+@inline
 def _kernel_narrow(buf, A, rows, a_step, P, p_off, k_count):
     # NARROW_ROWS x 2 vectors, for a layer's last panel when it has at most 2 vectors of columns (a 10-unit
     # output layer, or 1024 = 42 x 24 + 16): the TILE_VECTORS-wide kernel would compute 24 columns for 10
@@ -388,7 +390,7 @@ def _rows_6(first, n_rows, row_step, shift):
 
 
 # --- the epilogue ------------------------------------------------------------------------------------------------
-@engine_jit()
+@inline
 def _finish(kind, act, out, row0, n_rows, col, n_cols, buf, tile_rows, bias, y):
     """A finished tile, read back from ``buf`` (row t's vector v at (t * TILE_VECTORS + v) * lanes), to out's rows
     row0 .. min(row0 + tile_rows, n_rows) and columns col .. n_cols (the last vector masked; rows past n_rows

@@ -124,7 +124,8 @@ def cpu_kernel_runner(w1: W1):
     params = w1.params0.copy()
     losses = np.empty(w1.epochs)
     args = (params, np.zeros((2, P), w1.dtype), np.zeros(1, np.int64), losses, w1.X, w1.Y, np.empty(0, w1.dtype),
-            w1.orders, w1.lrs, cpu.network(lay, w1.act_codes, 0), cpu.make_workspace(lay, cap, 1, w1.dtype),
+            w1.orders, w1.lrs, tuple(cpu.network(lay, w1.act_codes, 0)),
+            tuple(cpu.make_workspace(lay, cap, 1, w1.dtype)),
             (0, w1.hyper, cap, -np.inf))
 
     def run():
@@ -333,7 +334,8 @@ def _shape_runners(sizes, dtype, batch_size, n, epochs, rng):
                    narrow.make_workspace(sizes, dtype, n), X, Y, orders, lrs, np.empty(epochs), lay.sizes,
                    lay.param_offsets, lay.unit_offsets, codes, hyper, batch_size, -np.inf)
     cpu_args = (p_c, np.zeros((2, P), dtype), np.zeros(1, np.int64), np.empty(epochs), X, Y, np.empty(0, dtype),
-                orders, lrs, cpu.network(lay, codes, loss), cpu.make_workspace(lay, batch_size, sizes[-1], dtype),
+                orders, lrs, tuple(cpu.network(lay, codes, loss)),
+                tuple(cpu.make_workspace(lay, batch_size, sizes[-1], dtype)),
                 (0, hyper, batch_size, -np.inf))
 
     def run_narrow():

@@ -94,7 +94,8 @@ def cpu_train(net, batch_size, orders, lrs, target, params=None, opt_state=None,
     work = cpu.make_workspace(net.layout, batch_size, net.Y.shape[1], net.dtype)
     completed = cpu.train_epochs(
         params, opt_state, steps, losses, net.X, net.Y, np.empty(0, net.dtype), orders, np.asarray(lrs, np.float64),
-        cpu.network(net.layout, net.act_codes, net.loss), work, (net.optimizer, net.hyper, batch_size, target))
+        tuple(cpu.network(net.layout, net.act_codes, net.loss)), tuple(work),
+        (net.optimizer, net.hyper, batch_size, target))
     # The epochs that ran: the completed ones, plus the non-finite one that ended the call (a target stop is
     # a completed epoch; CPUBackend's min(completed + 1, E) would add an unwritten entry after one).
     target_stop = 0 < completed < len(lrs) and losses[completed - 1] <= target
@@ -108,7 +109,7 @@ def cpu_grads(net, X, Y, divisor, params=None):
     grads = np.empty(net.layout.n_params, net.dtype)
     work = cpu.make_workspace(net.layout, max(1, X.shape[0]), Y.shape[1], net.dtype)
     value = cpu.dataset_grads(grads, X, Y, np.empty(0, net.dtype), net.params if params is None else params,
-                              cpu.network(net.layout, net.act_codes, net.loss), work, float(divisor))
+                              tuple(cpu.network(net.layout, net.act_codes, net.loss)), tuple(work), float(divisor))
     return float(value), grads
 
 
@@ -362,7 +363,7 @@ def test_predict_and_loss_value_match_cpu(small_launches, monkeypatch, loss, dty
     X, Y = device_data(backend, net)
     out = np.empty((10, 4), dtype)
     work = cpu.make_workspace(net.layout, 10, 4, dtype)
-    network = cpu.network(net.layout, net.act_codes, net.loss)
+    network, work = tuple(cpu.network(net.layout, net.act_codes, net.loss)), tuple(work)
     cpu.predict(out, net.X, net.params, network, work)
     np.testing.assert_allclose(backend.predict(X, 4), out, **PARITY[dtype])
     ref = cpu.dataset_loss(net.X, net.Y, np.empty(0, dtype), net.params, network, work)
