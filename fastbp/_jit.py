@@ -8,6 +8,7 @@ other files, numba #10776).
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import warnings
@@ -169,15 +170,31 @@ def _register_call_typing(function):
 
 
 class _RegisteringCache:
-    """numba's disk cache of one cpu_jit function, which first registers the separately compiled functions that
-    the function's code calls (see above) whenever it loads machine code. Everything else is numba's."""
+    """numba's disk cache of one cpu_jit function, with two additions; everything else is numba's.
+
+    - Before it loads machine code, it registers the separately compiled functions that the function's code
+      calls (see above).
+    - Its entries are keyed by the code of everything the function's machine code holds or calls, not only by
+      its own bytecode and file: numba's key would keep serving a caller compiled against an older callee (an
+      edited helper, a changed tile shape; numba #10776), which with a symbol call means a call into a function
+      whose name or arguments have changed. The fingerprint (_fingerprint) covers the compiled and inlined
+      functions its code names, transitively, the intrinsics, and the module-level numbers they read.
+    """
 
     def __init__(self, cache, func):
         self._cache = cache
         self._func = func
+        self._dependencies = None
+        index_key = cache._index_key
+        cache._index_key = lambda sig, codegen: index_key(sig, codegen) + (self.dependencies(),)
 
     def __getattr__(self, name):
         return getattr(self._cache, name)
+
+    def dependencies(self) -> str:
+        if self._dependencies is None:  # computed at first use: the module's globals all exist by then
+            self._dependencies = _fingerprint(self._func)
+        return self._dependencies
 
     def load_overload(self, sig, target_context):
         dtype = _first_float_dtype(sig.args if hasattr(sig, "args") else sig)
@@ -185,6 +202,62 @@ class _RegisteringCache:
             for callee in _separate_callees(self._func):
                 callee.register(dtype)
         return self._cache.load_overload(sig, target_context)
+
+
+def _fingerprint(func) -> str:
+    """sha256 over the code that func's machine code is built from, besides func itself: the bytecode and
+    constants of every Python function its code reaches through the globals it names (numba dispatchers, inline
+    helpers, separately compiled functions, intrinsics' definitions), their module-level numbers (numba
+    freezes globals into the code), and each separately compiled function's symbol."""
+    digest = hashlib.sha256()
+    seen = set()
+    pending = [func]
+    while pending:
+        function = pending.pop()
+        if function in seen:
+            continue
+        seen.add(function)
+        code = function.__code__
+        digest.update(function.__module__.encode() + b"." + function.__qualname__.encode())
+        digest.update(_code_bytes(code))
+        names = sorted(_all_names(code))  # sorted: a set's order changes with every process's string hashing
+        scope = function.__globals__
+        values = [(name, scope.get(name)) for name in names]
+        values += [(f"{module.__name__}.{name}", getattr(module, name, None)) for _, module in list(values)
+                   if isinstance(module, types_module) for name in names]
+        for name, value in values:
+            if isinstance(value, SeparatelyCompiled):
+                digest.update(value.symbol("").encode())
+                pending.append(value.py_func)
+            elif hasattr(value, "py_func") and hasattr(value, "overloads"):  # a numba dispatcher
+                pending.append(value.py_func)
+            elif hasattr(value, "_defn") and callable(value._defn):  # a numba intrinsic
+                pending.append(value._defn)
+            elif isinstance(value, (bool, int, float, str)):
+                digest.update(f"{name}={value!r}".encode())
+    return digest.hexdigest()
+
+
+def _code_bytes(code) -> bytes:
+    # A code object's bytecode and constants, nested code objects (closures, lambdas) included.
+    parts = [code.co_code]
+    for constant in code.co_consts:
+        if hasattr(constant, "co_code"):
+            parts.append(_code_bytes(constant))
+        elif isinstance(constant, frozenset):  # its repr's order depends on the process's string hashing
+            parts.append(repr(sorted(map(repr, constant))).encode())
+        else:
+            parts.append(repr(constant).encode())
+    return b"\x00".join(parts)
+
+
+def _all_names(code) -> set:
+    # The global and attribute names a code object and its nested code objects use.
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if hasattr(constant, "co_code"):
+            names |= _all_names(constant)
+    return names
 
 
 def _separate_callees(func, seen=None):

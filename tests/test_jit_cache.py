@@ -119,3 +119,37 @@ def test_each_driver_loads_from_the_cache_as_a_first_call(tmp_path):
     run_python(DRIVER_SCRIPT.format(calls="; ".join(DRIVER_CALLS.values())), tmp_path)  # fills the cache
     for name, call in DRIVER_CALLS.items():
         assert run_python(DRIVER_SCRIPT.format(calls=call), tmp_path).strip() == "done", name
+
+
+def test_cache_entry_follows_the_code_it_calls(tmp_path):
+    """numba keys a cached function by its own bytecode and file only, so a caller compiled against an older
+    callee in another file kept being served (numba #10776). fastbp's cpu_jit keys it by everything its
+    machine code is built from: after the callee's file changes, the caller recompiles and sees the change."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "caller.py").write_text(textwrap.dedent("""
+        from fastbp._jit import cpu_jit
+        from . import callee
+
+        @cpu_jit()
+        def outer(x):
+            return callee.inner(x) + 1.0
+    """))
+    callee = package / "callee.py"
+    code = """
+        import sys
+        sys.path.insert(0, {path!r})
+        from pkg import caller
+        print(caller.outer(1.0), caller.outer.stats.cache_hits.most_common(1) != [])
+    """.format(path=str(tmp_path))
+    for value, expected in (("2.0", "3.0 False"), ("2.0", "3.0 True"), ("5.0", "6.0 False")):
+        callee.write_text(textwrap.dedent(f"""
+            from fastbp._jit import cpu_jit
+            SCALE = {value}
+
+            @cpu_jit()
+            def inner(x):
+                return x * SCALE
+        """))
+        assert run_python(code, tmp_path / "cache").split() == expected.split(), value
