@@ -11,7 +11,7 @@ mpi_cache="$NUMBA_CACHE_DIR/mpi"
 run_pytest timeout 900 "$mpiexec" -n 2 env NUMBA_NUM_THREADS=1 \
   sh -c 'NUMBA_CACHE_DIR="$0/rank$PMI_RANK" exec "$@"' "$mpi_cache" \
   "$py" -m mpi4py -m pytest tests/mpi -q -p no:cacheprovider
-"$py" examples/distributed.py --help >/dev/null
+"$py" examples/data_parallel.py --help >/dev/null
 run_pytest timeout 300 "$mpiexec" -n 2 env NUMBA_NUM_THREADS=1 \
   sh -c 'NUMBA_CACHE_DIR="$0/rank$PMI_RANK" exec "$@"' "$mpi_cache" \
-  "$py" -m mpi4py examples/distributed.py --samples 2000 --epochs 2
+  "$py" -m mpi4py examples/data_parallel.py --samples 2000 --epochs 2

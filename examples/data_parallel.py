@@ -6,9 +6,9 @@ split across the ranks by where its rows live, and one in-place Allreduce of the
 numbers, 1.08 MB in float32) per step averages it. Rank 0 prints the global loss per epoch, then the time
 per step split into compute and the Allreduce, and a microbenchmark of the Allreduce alone.
 
-    mpiexec -n 2 python -m mpi4py examples/distributed.py               # about 5 s per epoch here
-    mpiexec -n 1 python -m mpi4py examples/distributed.py --reference   # fastbp.Trainer, one process
-    python examples/distributed.py --samples 2000 --epochs 1            # smoke test, one rank
+    mpiexec -n 2 python -m mpi4py examples/data_parallel.py               # about 5 s per epoch here
+    mpiexec -n 1 python -m mpi4py examples/data_parallel.py --reference   # fastbp.Trainer, one process
+    python examples/data_parallel.py --samples 2000 --epochs 1            # smoke test, one rank
 
 On a machine with few cores give each rank its share of threads: NUMBA_NUM_THREADS=1 with 2 ranks on 2 cores.
 With --device cuda each rank uses one GPU (rank r takes GPU r % count through CUDA_VISIBLE_DEVICES set by
