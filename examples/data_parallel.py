@@ -40,6 +40,9 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true",
                         help="train with fastbp.Trainer in this one process instead (no MPI)")
     parser.add_argument("--allreduce-repeats", type=int, default=200)
+    parser.add_argument("--collective-timeout", type=float, default=600.0,
+                        help="seconds a rank waits for the others in one collective before the job is aborted "
+                             "(0: wait forever, MPI's blocking behaviour)")
     args = parser.parse_args()
 
     import fastbp
@@ -68,6 +71,7 @@ def main() -> None:
     X_local, y_local = (a.copy() for a in shard(X, y, comm))
     del X, y
     # Compile on a few rows first, so the timings below are training only.
+    settings["collective_timeout"] = args.collective_timeout or None
     warm = DataParallelTrainer(fastbp.MLP(sizes, "relu", seed=0), comm=comm, **settings)
     warm.fit(X_local[:256], y_local[:256], epochs=1)
     trainer = DataParallelTrainer(fastbp.MLP(sizes, "relu", seed=0), comm=comm, **settings)
