@@ -11,8 +11,10 @@ from fastbp.distributed import DataParallelTrainer, MismatchError, shard, shard_
 
 from ._jobs import run_child_job
 
-# Weights after 3 epochs, distributed vs one process: they differ only in the order in which the ranks'
-# per-row gradients are summed (float32: a few ulps per step, amplified a little by training).
+# Weights after 3 short epochs (39 steps at most), distributed vs one process: they differ only in the order in
+# which the ranks' per-row gradients are summed. float64 holds 1e-10 however long the run; the float32 tolerance
+# holds for short runs only: rounding differences grow with the steps (W3 after 1,407 steps: up to 6.1e-3, 98.5%
+# of the weights outside this tolerance, as far as float32 itself is from float64; docs/scale-out.md).
 WEIGHT_TOL = {np.float32: dict(rtol=1e-4, atol=1e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
 
 
