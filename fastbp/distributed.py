@@ -100,8 +100,8 @@ __all__ = ["DataParallelTrainer", "shard", "shard_bounds", "MismatchError", "Col
 
 # How long a rank waits in one collective operation before it declares the ranks that have not arrived hung:
 # generous, because the wait includes the other ranks' work since the previous collective. The longest
-# legitimate gap is a rank compiling the kernels on a cold cache at the first fit (42-69 s measured in issue
-# 30 on a quiet 2-core machine; see docs/scale-out.md) while the others load theirs, or rank 0 writing a
+# legitimate gap is a rank compiling the kernels on a cold cache at its first fit (45 s on the project's 2-core
+# machine, 42-69 s in issue 30; docs/scale-out.md) while the others load theirs, or rank 0 writing a
 # checkpoint to slow storage.
 DEFAULT_COLLECTIVE_TIMEOUT = 600.0
 # Polling (see "How the timeout waits" above). A W3 step's wait for the slower of 2 ranks is about 0.1-2 ms.
