@@ -137,12 +137,12 @@ def test_cache_entry_follows_the_code_it_calls(tmp_path):
             return callee.inner(x) + 1.0
     """))
     callee = package / "callee.py"
-    code = """
+    code = f"""
         import sys
-        sys.path.insert(0, {path!r})
+        sys.path.insert(0, {str(tmp_path)!r})
         from pkg import caller
         print(caller.outer(1.0), caller.outer.stats.cache_hits.most_common(1) != [])
-    """.format(path=str(tmp_path))
+    """
     for value, expected in (("2.0", "3.0 False"), ("2.0", "3.0 True"), ("5.0", "6.0 False")):
         callee.write_text(textwrap.dedent(f"""
             from fastbp._jit import cpu_jit
