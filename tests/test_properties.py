@@ -110,6 +110,9 @@ def test_training_matches_reference_steps(p, optimizer, lr, batch_size, epochs, 
             _, dw, db = naive.loss_and_grads(params[:L], params[L:], activations, loss, X[idx], Y[idx])
             step = naive.sgd_step if optimizer == "sgd" else naive.adam_step
             params = step(params, dw + db, state, lr, **kwargs)
+    # A run that diverges (poisson's exp overflows on a large step) is the non-finite tests' business: fit raises
+    # NonFiniteLossError there. Hypothesis found MLP([1, 1]), poisson, sgd, lr 0.125, batch 2.
+    assume(all(np.all(np.isfinite(q)) and np.all(np.abs(q) < 1e100) for q in params))
     history = trainer.fit(X, y, epochs=epochs)
     assert len(history.loss) == epochs
     for got, ref in zip(model.weights + model.biases, params):
