@@ -124,6 +124,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import type_of_target, unique_labels
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._blas_free import sum_of_products, sum_of_squares
 from .model import MLP
 from .progress import ProgressBar
 from .trainer import History, NonFiniteLossError, Trainer
@@ -522,7 +523,7 @@ class _BaseMLP(BaseEstimator):
             loss, dweights, dbiases = trainer.loss_and_grads(X, Y, sample_weight=sample_weights)
             model.layout.pack(dweights, dbiases, grad)
             weights = x * weight_mask
-            value = r * loss + offset + 0.5 * alpha * float(np.dot(weights, weights)) / n
+            value = r * loss + offset + 0.5 * alpha * sum_of_products(weights, weights) / n
             return value, grad * g + (alpha / n) * weights
 
         iprint = 1 if (self.verbose is True or self.verbose >= 1) else -1
@@ -675,8 +676,7 @@ class _Epochs:
             self.bar = ProgressBar(1 if incremental else est.max_iter, n_samples=n, mode="lines", every=1)
 
     def _weight_squares(self) -> float:
-        return float(sum(np.dot(w.ravel().astype(np.float64), w.ravel().astype(np.float64))
-                         for w in self.est.model_.weights))
+        return sum_of_squares(self.est.model_.weights)  # never np.dot: see fastbp._blas_free
 
     # -- the two ways of running epochs ----------------------------------------------------------------------
     def run_shuffled(self, X, Y, epochs: int) -> None:

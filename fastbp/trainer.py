@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _compile_notice, backends, checkpoint, schedules
+from ._blas_free import sum_of_products
 from ._interrupt import deferred_keyboard_interrupt
 from ._threads import check_n_threads
 from ._validation import as_float_matrix, check_bool, check_choice, check_float, check_int, is_gpu_array, shown
@@ -825,7 +826,7 @@ class Trainer:
                     correct = float(spec.n_correct(predictions, Y))
                 else:  # each row's right share counts w_i times (scikit-learn's accuracy_score(sample_weight=))
                     row_right = spec.row_accuracy(predictions, Y)
-                    correct = float(np.dot(weights.astype(np.float64), row_right)) * spec.accuracy_terms(1, k)
+                    correct = sum_of_products(weights, row_right) * spec.accuracy_terms(1, k)
         return self._global_scores(loss, divisor, correct, terms)
 
     def _global_scores(self, loss: float, divisor: float, correct: float, terms: float) -> dict:

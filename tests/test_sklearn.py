@@ -236,3 +236,34 @@ def test_solver_specific_parameters_keep_scikit_learns_behaviour():
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf = MLPClassifier(**kwargs).fit(X, y)
         assert [c.shape for c in clf.coefs_] == [(4, 3)]
+
+
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_epoch_loop_never_hands_a_long_vector_to_blas(digits, monkeypatch, early_stopping):
+    """Between two compiled epochs, a BLAS call on more than 10000 numbers wakes OpenBLAS's threads, which then
+    spin for about 50 ms on the cores numba's parallel regions wait for: the per-epoch np.dot over the weights
+    made each epoch of a 100-128-5 fit 5x slower (issue 27; fastbp._blas_free). Here np.dot refuses long
+    vectors during fits of a network with 12810 weights, with and without the validation score."""
+    real_dot = np.dot
+
+    def guarded_dot(a, b, *args, **kwargs):
+        assert min(np.size(a), np.size(b)) <= 10000, "a BLAS dot over a long vector inside the epoch loop"
+        return real_dot(a, b, *args, **kwargs)
+
+    X_train, _, y_train, _ = digits
+    X = np.hstack([X_train, X_train[:, :36]]).astype(np.float32)  # 100 features: 100 x 128 + 128 x 10 weights
+    monkeypatch.setattr(np, "dot", guarded_dot)
+    clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=3, early_stopping=early_stopping, random_state=0)
+    clf.fit(X, y_train, sample_weight=np.linspace(0.5, 1.5, len(X)))
+    assert len(clf.loss_curve_) == 3
+
+
+def test_sums_without_blas_match_numpy(rng):
+    from fastbp._blas_free import sum_of_products, sum_of_squares
+
+    a = rng.normal(size=30001).astype(np.float32)
+    b = rng.normal(size=(3, 10000, 1)).astype(np.float32)
+    assert sum_of_products(a, a) == pytest.approx(np.dot(a.astype(np.float64), a.astype(np.float64)), rel=1e-12)
+    assert sum_of_squares([a, b]) == pytest.approx(float((a.astype(np.float64) ** 2).sum()
+                                                         + (b.astype(np.float64) ** 2).sum()), rel=1e-12)
+    assert sum_of_products(np.array([True, False]), np.array([2.0, 3.0])) == 2.0
