@@ -978,7 +978,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             elif len(np.setdiff1d(classes, self.classes_, assume_unique=True)):
                 raise ValueError(f"`y` has classes not in `self.classes_`. `self.classes_` has {self.classes_}. "
                                  f"'y' has {classes}.")
-        y = self._label_binarizer.transform(y).astype(bool)
+        y = _binarize(self._label_binarizer, y)
         return X, y
 
     def _out_activation(self) -> str:
@@ -1035,6 +1035,21 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         tags = super().__sklearn_tags__()
         tags.classifier_tags.multi_label = True
         return tags
+
+
+def _binarize(binarizer: LabelBinarizer, y) -> np.ndarray:
+    """``binarizer.transform(y).astype(bool)`` for labels of the fitted classes (the callers checked them):
+    one column for two classes (the second one), one per class beyond, all False for a single class,
+    multilabel indicator rows as given. Formed directly for 1-D labels: scikit-learn's transform goes
+    through type_of_target and a sparse matrix, 2.4 ms of a 1797-row digits fit's 8 ms of fixed cost."""
+    classes = binarizer.classes_
+    if y.ndim != 1 or binarizer.y_type_.startswith("multilabel"):
+        return binarizer.transform(y).astype(bool)
+    if len(classes) == 1:
+        return np.zeros((len(y), 1), dtype=bool)
+    if len(classes) == 2:
+        return (y == classes[1]).reshape(-1, 1)
+    return y[:, None] == classes[None, :]
 
 
 def _check_partial_fit_first_call(clf, classes=None) -> bool:

@@ -267,3 +267,18 @@ def test_sums_without_blas_match_numpy(rng):
     assert sum_of_squares([a, b]) == pytest.approx(float((a.astype(np.float64) ** 2).sum()
                                                          + (b.astype(np.float64) ** 2).sum()), rel=1e-12)
     assert sum_of_products(np.array([True, False]), np.array([2.0, 3.0])) == 2.0
+
+
+def test_labels_become_scikit_learns_indicator_rows():
+    from sklearn.preprocessing import LabelBinarizer
+
+    from fastbp.sklearn import _binarize
+
+    rng = np.random.default_rng(0)
+    cases = [rng.integers(0, 5, 40), rng.integers(0, 2, 40) * 7 - 3, np.array(["b", "a", "c", "a"] * 5),
+             np.array(["yes"] * 6), np.array([1.0, 2.0] * 4), rng.integers(0, 2, (30, 3))]
+    for y in cases:
+        binarizer = LabelBinarizer().fit(y)
+        np.testing.assert_array_equal(_binarize(binarizer, y), binarizer.transform(y).astype(bool))
+    binarizer = LabelBinarizer().fit(np.arange(4))  # partial_fit: classes fitted first, y holds some of them
+    np.testing.assert_array_equal(_binarize(binarizer, np.array([3, 3, 1])), binarizer.transform([3, 3, 1]) == 1)
