@@ -282,3 +282,30 @@ def test_labels_become_scikit_learns_indicator_rows():
         np.testing.assert_array_equal(_binarize(binarizer, y), binarizer.transform(y).astype(bool))
     binarizer = LabelBinarizer().fit(np.arange(4))  # partial_fit: classes fitted first, y holds some of them
     np.testing.assert_array_equal(_binarize(binarizer, np.array([3, 3, 1])), binarizer.transform([3, 3, 1]) == 1)
+
+
+def test_lbfgs_solves_with_one_blas_thread_and_restores_the_count(monkeypatch):
+    """L-BFGS-B's vector operations are BLAS calls whose spinning threads slowed the compiled loss and
+    gradient between them 3x (fastbp._blas_free): the solve runs with one BLAS thread, and the process's
+    setting comes back after it."""
+    import scipy.optimize
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+    before = blas_threads()
+    if not before or max(before) == 1:
+        pytest.skip("BLAS runs one thread here already: nothing to limit")
+    seen = []
+    real_minimize = scipy.optimize.minimize
+
+    def watched_minimize(*args, **kwargs):
+        seen.append(blas_threads())
+        return real_minimize(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.optimize, "minimize", watched_minimize)
+    X, y = load_iris(return_X_y=True)
+    MLPClassifier(hidden_layer_sizes=(8,), solver="lbfgs", max_iter=5, random_state=0).fit(X, y)
+    assert seen and all(n == 1 for n in seen[0])
+    assert blas_threads() == before
