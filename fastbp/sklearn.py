@@ -33,7 +33,9 @@ What is the same as scikit-learn
   scikit-learn stratifies: single-output classification, i.e. binary targets; scikit-learn 1.9 does not
   stratify multiclass or multilabel splits).
 * Stopping, schedules, messages: ``tol`` / ``n_iter_no_change`` (``np.inf`` runs ``max_iter`` epochs),
-  ``early_stopping`` (best weights restored), ``learning_rate="adaptive"`` (rate / 5, "Setting learning
+  ``early_stopping`` (best weights restored; a fit whose weights overflow does not raise but, as scikit-learn's
+  since its issue 29504, records NaN epochs up to ``max_iter`` and keeps the best weights it saw),
+  ``learning_rate="adaptive"`` (rate / 5, "Setting learning
   rate to ..."), ``"invscaling"`` (scikit-learn changes the rate at the end of each epoch to
   ``learning_rate_init / (t_ + 1) ** power_t``, ``t_`` the samples seen: a per-epoch rule, followed exactly),
   ``verbose`` lines on stdout ("Iteration 1, loss = 0.69314718", "Validation score: ...", the "did not
@@ -43,12 +45,13 @@ What is the same as scikit-learn
   ``shuffle=False`` (mini-batches in row order), ``batch_size="auto"`` = ``min(200, n_samples)``.
 * When the rate changes under momentum (invscaling, adaptive), scikit-learn's velocity keeps the old rate's
   steps; torch's momentum buffer is multiplied by the new rate. The estimator rescales the buffer by
-  ``old_rate / new_rate`` at each change (through ``Trainer.state_dict`` / ``load_state_dict``), which makes
-  the two updates equal.
+  ``old_rate / new_rate`` at each change (``Trainer.scale_momentum``), which makes the two updates equal.
 * Inputs: dense arrays of any numeric dtype (float32 trains in float32, everything else in float64, as
   scikit-learn), scipy.sparse CSR / CSC matrices, pandas DataFrames (``feature_names_in_``).
 * Attributes: ``coefs_``, ``intercepts_`` (readable, settable as a whole list or item by item, and editable
-  in place: they are the model's own arrays; shapes are checked), ``loss_``, ``best_loss_``,
+  in place: they are the model's own arrays; shapes are checked; assigned on an estimator never fitted, with
+  ``n_features_in_`` and ``n_outputs_``, as in scikit-learn's worked example, they are where the next
+  ``partial_fit`` or warm-started ``fit`` starts, the architecture theirs), ``loss_``, ``best_loss_``,
   ``loss_curve_``, ``validation_scores_``, ``best_validation_score_``, ``t_``, ``n_iter_``, ``n_layers_``,
   ``n_outputs_``, ``out_activation_``, ``classes_``, ``n_features_in_``, ``feature_names_in_``. As in
   scikit-learn, lbfgs fits set ``loss_`` and ``n_iter_`` but no ``loss_curve_``.
@@ -59,9 +62,7 @@ Where fastbp differs, and why
   ``random_state``), not from scikit-learn's, so the batches differ from scikit-learn's run and results
   agree statistically, not bit for bit. With ``shuffle=False`` the batches are scikit-learn's (row order),
   and an sgd fit with ``alpha=0`` follows scikit-learn's trajectory to rounding (tests/test_sklearn_compat.py).
-  In-order training calls ``Trainer.fit`` once per mini-batch (the Trainer always shuffles a multi-batch
-  epoch): about 0.2 ms of Python per mini-batch (digits, 100 hidden units: 8.7 instead of 6.2 ms an epoch
-  at batch 200, 20 instead of 7 ms at batch 32).
+  Both run through one ``Trainer.fit`` (``shuffle=True`` or ``False``), one compiled call per epoch.
 * Adam's epsilon. scikit-learn computes ``lr * sqrt(1 - beta_2^t) / (1 - beta_1^t) * m / (sqrt(v) + eps)``;
   fastbp (torch) computes ``lr * m_hat / (sqrt(v_hat) + eps)``. They are the same update with
   scikit-learn's eps being ``eps / sqrt(1 - beta_2^t)`` in torch's form: 32x larger at the first step,
@@ -70,8 +71,10 @@ Where fastbp differs, and why
   parameter; the estimators use ``wd = alpha / batch_size`` (in scikit-learn's units), the pull scikit-learn
   puts on the weights, and the biases get the same pull (scikit-learn leaves them alone). The last, smaller
   batch of an epoch gets ``alpha / batch_size`` rather than scikit-learn's ``alpha / n_last``. The penalty
-  term inside ``loss_curve_`` is computed from the weights at the start and end of each epoch (scikit-learn
-  sums it over the batches; with ``shuffle=False`` it is summed over the batches too). lbfgs is exact.
+  term inside ``loss_curve_``: scikit-learn adds ``alpha / 2 ||W_b||^2 / n`` for each batch's starting
+  weights ``W_b``; fastbp has the squared norm at the start and end of each epoch only and sums the batches'
+  terms as if it changed linearly in between (exact for a one-batch epoch; within 1e-3 of scikit-learn's
+  loss in tests/test_sklearn_compat.py). lbfgs is exact.
 * float32. The kernels sum in their own (fixed) order, so float32 results differ from scikit-learn's float32
   results by rounding; prediction of float64 input by a float32-trained model is computed in float32 (and
   returned as float64, as scikit-learn returns it).
@@ -86,13 +89,13 @@ Where fastbp differs, and why
   leaves its tag False).
 * ``sample_weight`` (scikit-learn 1.9's definition: each batch's loss is the weighted mean of its rows'
   losses). Equal weights only rescale ``alpha`` and are exact. Unequal weights run ``Trainer.fit(sample_weight=)``:
-  lbfgs and in-order (``shuffle=False``) sgd/adam follow scikit-learn to rounding (the L2 term over the
-  batch's weight sum, as scikit-learn); with shuffled batches the L2 term uses the mean weight (scikit-learn
-  divides by each batch's own weight sum, which fastbp's one weight decay per fit cannot), and
-  ``loss_curve_`` is the weighted mean over the epoch's rows (scikit-learn averages the batches' weighted
-  means by their row counts). Early stopping splits the weights with the rows and scores the validation
-  set weighted, as scikit-learn. A batch whose weights are all 0 is skipped in in-order training
-  (scikit-learn divides by 0 there). Both devices take sample weights.
+  lbfgs follows scikit-learn to rounding, and so do in-order (``shuffle=False``) sgd/adam with ``alpha=0``;
+  the L2 term of sgd/adam uses the mean weight (scikit-learn divides by each batch's own weight sum, which
+  fastbp's one weight decay per fit cannot), and ``loss_curve_`` is the weighted mean over the epoch's rows
+  (scikit-learn averages the batches' weighted means by their row counts). Early stopping splits the weights
+  with the rows and scores the validation set weighted, as scikit-learn. A batch whose weights are all 0
+  gives a zero gradient, and the optimizer still steps (scikit-learn divides by 0 there and its weights
+  become NaN). Both devices take sample weights.
 * ``MLPRegressor(loss="poisson")``: scikit-learn's half Poisson deviance with the exp output
   (``out_activation_ == "exp"``), trained on fastbp's ``"poisson"`` loss (PyTorch's ``PoissonNLLLoss``,
   ``exp(z) - y z``); ``loss_`` and ``loss_curve_`` add the deviance's constant ``y log y - y`` back, so they
@@ -123,7 +126,9 @@ from sklearn.utils import check_random_state, column_or_1d
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import type_of_target, unique_labels
 from sklearn.utils.validation import check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
 
+from ._blas_free import sum_of_products, sum_of_squares
 from .model import MLP
 from .progress import ProgressBar
 from .trainer import History, NonFiniteLossError, Trainer
@@ -260,6 +265,10 @@ def _dense(X, dtype) -> np.ndarray:
     return np.ascontiguousarray(X, dtype=dtype)
 
 
+# Where coefs_ / intercepts_ assigned on a never-fitted estimator are kept until a fit starts from them.
+_BY_HAND = {"coefs_": "_coefs_set_by_hand", "intercepts_": "_intercepts_set_by_hand"}
+
+
 class _ParameterList(list):
     """``coefs_`` / ``intercepts_``: the model's own arrays; ``est.coefs_[l] = array`` copies into them."""
 
@@ -344,10 +353,17 @@ class _BaseMLP(BaseEstimator):
         return float(np.average(rows, weights=np.asarray(sample_weight, dtype=np.float64)))
 
     # -- coefs_ and intercepts_ --------------------------------------------------------------------------------
+    # On a fitted estimator they are the model's own arrays. Assigned on one that was never fitted (as in
+    # scikit-learn's worked example, tests/test_mlp.py::test_fit: coefs_ = [0] * 2, then coefs_[0] = array, ...),
+    # the list itself is kept, as scikit-learn keeps it, and becomes the starting point of the next partial_fit
+    # or warm-started fit (_adopt_parameters_set_by_hand); a fit without warm_start draws new weights.
     @property
     def coefs_(self) -> list:
         """Weight matrices, ``coefs_[l]`` of shape ``(n_units[l], n_units[l + 1])``: the model's own arrays.
-        Edit them in place, assign ``coefs_[l] = array`` or ``coefs_ = [arrays]`` (copied in, shape checked)."""
+        Edit them in place, assign ``coefs_[l] = array`` or ``coefs_ = [arrays]`` (copied in, shape checked).
+        Assigned before any fit, they are where the next ``partial_fit`` (or ``fit`` with ``warm_start``) starts."""
+        if "model_" not in self.__dict__ and _BY_HAND["coefs_"] in self.__dict__:
+            return self.__dict__[_BY_HAND["coefs_"]]
         check_is_fitted(self, "model_")
         return _ParameterList(self.model_.weights, "coefs_")
 
@@ -358,6 +374,8 @@ class _BaseMLP(BaseEstimator):
     @property
     def intercepts_(self) -> list:
         """Bias vectors, ``intercepts_[l]`` of shape ``(n_units[l + 1],)`` (settable like ``coefs_``)."""
+        if "model_" not in self.__dict__ and _BY_HAND["intercepts_"] in self.__dict__:
+            return self.__dict__[_BY_HAND["intercepts_"]]
         check_is_fitted(self, "model_")
         return _ParameterList(self.model_.biases, "intercepts_")
 
@@ -366,9 +384,11 @@ class _BaseMLP(BaseEstimator):
         self._set_parameters(arrays, "intercepts_", self.model_.biases if hasattr(self, "model_") else None)
 
     def _set_parameters(self, arrays, name: str, targets) -> None:
-        if targets is None:
-            raise AttributeError(f"{name} can be set on a fitted {type(self).__name__} only (fit it first: the "
-                                 "architecture comes from the data)")
+        if targets is None:  # never fitted: kept as given (checked when a fit starts from them)
+            if isinstance(arrays, (str, bytes)) or not hasattr(arrays, "__iter__"):
+                raise TypeError(f"{name} must be a list of arrays, one per layer; got {type(arrays).__name__}")
+            self.__dict__[_BY_HAND[name]] = arrays if isinstance(arrays, list) else list(arrays)
+            return
         arrays = list(arrays)
         if len(arrays) != len(targets):
             raise ValueError(f"{name} must be a list of {len(targets)} arrays; got {len(arrays)}")
@@ -442,7 +462,9 @@ class _BaseMLP(BaseEstimator):
         rows = getattr(X, "shape", (None,))[0]
         if sample_weight is not None and isinstance(rows, Integral):  # bad weights refused before any change
             _check_sample_weight(sample_weight, rows)
-        first_pass = not hasattr(self, "model_") or (not self.warm_start and not incremental)
+        # scikit-learn's rule: the weights are drawn anew unless coefs_ exist (fitted, or set by hand) and the
+        # call continues from them (partial_fit, warm_start).
+        first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         X, y = self._validate_input(X, y, incremental, reset=first_pass)
         weight = _check_sample_weight(sample_weight, X.shape[0])
         weights = None
@@ -451,8 +473,10 @@ class _BaseMLP(BaseEstimator):
         alpha = float(self.alpha) if weight is None else float(self.alpha) / weight
         if y.ndim == 1:
             y = y.reshape((-1, 1))
-        if not first_pass and y.shape[1] != self.n_outputs_:
+        if not first_pass and y.shape[1] != getattr(self, "n_outputs_", y.shape[1]):
             raise ValueError(f"y has {y.shape[1]} outputs; this estimator was fitted with {self.n_outputs_}")
+        if not first_pass and "model_" not in self.__dict__:  # coefs_ set by hand: checked before any change
+            self._adopt_parameters_set_by_hand(X.shape[1], y.shape[1], self._training_dtype(X.dtype))
         self.n_outputs_ = y.shape[1]
         layer_units = [X.shape[1], *hidden, self.n_outputs_]
         random_state = check_random_state(self.random_state)
@@ -469,34 +493,83 @@ class _BaseMLP(BaseEstimator):
     def _initialize(self, layer_units: list, dtype: np.dtype, random_state) -> None:
         """scikit-learn's _initialize: counters, the output, and the initial weights drawn as scikit-learn
         draws them (Glorot uniform for weights and biases, in layer order, from random_state)."""
-        self.n_iter_ = 0
-        self.t_ = 0
-        self.n_layers_ = len(layer_units)
-        self.out_activation_ = self._out_activation()
-        for stale in ("_trainer_", "_trainer_settings_", "_trainer_state_"):
-            self.__dict__.pop(stale, None)
-        # One name per hidden layer: a network without hidden layers gets [] (MLP refuses an activation that
-        # would have no effect; scikit-learn's estimator accepts and ignores it there).
-        model = MLP(layer_units, [_ACTIVATIONS[self.activation]] * (len(layer_units) - 2), dtype=dtype)
+        model = self._new_model(layer_units, dtype)
         factor = 2.0 if self.activation in ("logistic", "sigmoid") else 6.0
         for layer in range(len(layer_units) - 1):
             fan_in, fan_out = layer_units[layer], layer_units[layer + 1]
             bound = np.sqrt(factor / (fan_in + fan_out))
             model.weights[layer][...] = random_state.uniform(-bound, bound, (fan_in, fan_out))
             model.biases[layer][...] = random_state.uniform(-bound, bound, fan_out)
+        self._start_from(model, keep_given=False)
+
+    def _new_model(self, layer_units: list, dtype) -> MLP:
+        # One name per hidden layer: a network without hidden layers gets [] (MLP refuses an activation that
+        # would have no effect; scikit-learn's estimator accepts and ignores it there).
+        return MLP(layer_units, [_ACTIVATIONS[self.activation]] * (len(layer_units) - 2), dtype=dtype)
+
+    def _start_from(self, model: MLP, keep_given: bool) -> None:
+        """model_ becomes ``model``, with scikit-learn's counters and curves of a first fit; with ``keep_given``
+        (weights set by hand) those already assigned by hand are kept, as scikit-learn's worked example sets
+        them."""
+        for stale in ("_trainer_", "_trainer_settings_", "_trainer_state_", *_BY_HAND.values()):
+            self.__dict__.pop(stale, None)
+        start = {"n_iter_": 0, "t_": 0, "n_layers_": len(model.sizes), "out_activation_": self._out_activation()}
+        if self.solver in _STOCHASTIC_SOLVERS:
+            start |= {"loss_curve_": [], "_no_improvement_count": 0}
+            if self.early_stopping:
+                start |= {"validation_scores_": [], "best_validation_score_": -np.inf, "best_loss_": None}
+            else:
+                start |= {"best_loss_": np.inf, "validation_scores_": None, "best_validation_score_": None}
+        for name, value in start.items():
+            if not (keep_given and name in self.__dict__):
+                setattr(self, name, value)
         self.model_ = model
         self._best_parameters = model.flat_parameters()
-        if self.solver in _STOCHASTIC_SOLVERS:
-            self.loss_curve_ = []
-            self._no_improvement_count = 0
-            if self.early_stopping:
-                self.validation_scores_ = []
-                self.best_validation_score_ = -np.inf
-                self.best_loss_ = None
-            else:
-                self.best_loss_ = np.inf
-                self.validation_scores_ = None
-                self.best_validation_score_ = None
+
+    def _adopt_parameters_set_by_hand(self, n_features: int, n_outputs: int, dtype: np.dtype) -> None:
+        """coefs_ and intercepts_ assigned on a never-fitted estimator (with n_features_in_ and n_outputs_, as
+        scikit-learn's worked example does) become the model the next partial_fit / warm-started fit starts
+        from, as in scikit-learn; the architecture is theirs. Checked first: nothing changes if they are
+        refused."""
+        given = {name: self.__dict__.get(key) for name, key in _BY_HAND.items()}
+        missing = [name for name, arrays in given.items() if arrays is None]
+        if missing:
+            raise ValueError(f"{missing[0]} was not set: a fit starts from hand-set weights only when both coefs_ "
+                             "and intercepts_ are set (one array per layer each)")
+        try:
+            coefs = [np.asarray(c, dtype=np.float64) for c in given["coefs_"]]
+            intercepts = [np.asarray(b, dtype=np.float64) for b in given["intercepts_"]]
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"coefs_ and intercepts_ must hold numeric arrays ({error})") from None
+        if not coefs or len(coefs) != len(intercepts):
+            raise ValueError(f"coefs_ and intercepts_ must hold one array per layer each; got {len(coefs)} and "
+                             f"{len(intercepts)}")
+        for layer, (w, b) in enumerate(zip(coefs, intercepts)):
+            if w.ndim != 2:
+                raise ValueError(f"coefs_[{layer}] must be a matrix (n_in, n_out); got shape {w.shape}")
+            if layer and w.shape[0] != coefs[layer - 1].shape[1]:
+                raise ValueError(f"coefs_[{layer}] must have {coefs[layer - 1].shape[1]} rows (the columns of "
+                                 f"coefs_[{layer - 1}]); got shape {w.shape}")
+            if b.shape != (w.shape[1],):
+                raise ValueError(f"intercepts_[{layer}] must have shape {(w.shape[1],)}; got {b.shape}")
+            if not (np.isfinite(w).all() and np.isfinite(b).all()):
+                raise ValueError(f"coefs_[{layer}] or intercepts_[{layer}] contains NaN or inf")
+        layer_units = [coefs[0].shape[0]] + [w.shape[1] for w in coefs]
+        if layer_units[0] != n_features:
+            raise ValueError(f"coefs_[0] has {layer_units[0]} rows, one per input feature; X has {n_features} "
+                             "features")
+        if layer_units[-1] != n_outputs:
+            raise ValueError(f"coefs_[-1] has {layer_units[-1]} columns, one per output; y has {n_outputs} "
+                             f"outputs{' (one logistic output for two classes)' if is_classifier(self) else ''}")
+        for name, wanted in (("n_layers_", len(layer_units)), ("out_activation_", self._out_activation())):
+            if name in self.__dict__ and getattr(self, name) != wanted:
+                raise ValueError(f"{name}={getattr(self, name)!r} was set by hand, but these coefs_ and targets "
+                                 f"make it {wanted!r}")
+        model = self._new_model(layer_units, dtype)
+        for layer, (w, b) in enumerate(zip(coefs, intercepts)):
+            model.weights[layer][...] = w
+            model.biases[layer][...] = b
+        self._start_from(model, keep_given=True)
 
     # -- lbfgs -----------------------------------------------------------------------------------------------
     def _fit_lbfgs(self, X, y, alpha: float, sample_weights=None) -> None:
@@ -522,7 +595,7 @@ class _BaseMLP(BaseEstimator):
             loss, dweights, dbiases = trainer.loss_and_grads(X, Y, sample_weight=sample_weights)
             model.layout.pack(dweights, dbiases, grad)
             weights = x * weight_mask
-            value = r * loss + offset + 0.5 * alpha * float(np.dot(weights, weights)) / n
+            value = r * loss + offset + 0.5 * alpha * sum_of_products(weights, weights) / n
             return value, grad * g + (alpha / n) * weights
 
         iprint = 1 if (self.verbose is True or self.verbose >= 1) else -1
@@ -530,8 +603,14 @@ class _BaseMLP(BaseEstimator):
         options = {"maxfun": self.max_fun, "maxiter": self.max_iter, "gtol": self.tol}
         if old_scipy:  # scikit-learn passes iprint only where scipy still takes it
             options["iprint"] = iprint
-        result = scipy.optimize.minimize(loss_and_grad, model.flat_parameters().astype(np.float64),
-                                         method="L-BFGS-B", jac=True, options=options)
+        # L-BFGS-B's own vector operations over the P parameters are BLAS calls (scipy's OpenBLAS): above
+        # 10000 numbers they wake its threads, which then spin while the next compiled loss_and_grads waits for
+        # the cores they hold (fastbp._blas_free). One BLAS thread for the solve, process-wide and restored
+        # after (threadpoolctl, scikit-learn's own tool for this): 100-128-5 float64, 40 iterations on 15000 rows,
+        # 2.6-3.0 s -> 0.9-1.3 s on the 2-vCPU AMD EPYC Zen 4.
+        with threadpool_limits(limits=1, user_api="blas"):
+            result = scipy.optimize.minimize(loss_and_grad, model.flat_parameters().astype(np.float64),
+                                             method="L-BFGS-B", jac=True, options=options)
         self.n_iter_ = _check_optimize_result(result, self.max_iter)
         self.loss_ = np.float64(result.fun)
         model.set_flat_parameters(result.x)
@@ -583,10 +662,7 @@ class _BaseMLP(BaseEstimator):
         loop = _Epochs(self, trainer, alpha, n, batch, incremental, X_val, y_val, w_train, w_val)
         epochs = 1 if incremental else self.max_iter
         try:
-            if self.shuffle and batch < n:
-                loop.run_shuffled(X_train, Y_train, epochs)
-            else:  # in order: one Trainer.fit per mini-batch (the Trainer shuffles any multi-batch epoch)
-                loop.run_in_order(X_train, Y_train, epochs)
+            loop.run(X_train, Y_train, epochs, shuffle=bool(self.shuffle))
         except NonFiniteLossError:
             raise ValueError(_NON_FINITE) from None
         except KeyboardInterrupt:
@@ -675,46 +751,56 @@ class _Epochs:
             self.bar = ProgressBar(1 if incremental else est.max_iter, n_samples=n, mode="lines", every=1)
 
     def _weight_squares(self) -> float:
-        return float(sum(np.dot(w.ravel().astype(np.float64), w.ravel().astype(np.float64))
-                         for w in self.est.model_.weights))
+        return sum_of_squares(self.est.model_.weights)  # never np.dot: see fastbp._blas_free
 
-    # -- the two ways of running epochs ----------------------------------------------------------------------
-    def run_shuffled(self, X, Y, epochs: int) -> None:
+    # -- the epochs ---------------------------------------------------------------------------------------------
+    def run(self, X, Y, epochs: int, shuffle: bool) -> None:
+        """``epochs`` epochs of Trainer.fit (shuffled mini-batches, or in row order), scikit-learn's end of an
+        epoch after each (a callback). A diverging fit with early stopping goes on as scikit-learn's does (see
+        _run_diverged_epochs); without early stopping the NonFiniteLossError reaches _fit_stochastic."""
         offset = self.est._loss_offset(Y, self.w_train)  # history.loss: the weighted mean over the epoch's rows
 
         def callback(trainer, history) -> bool:
-            squares = self._weight_squares()
-            penalty = 0.5 * self.alpha * self.n_batches * (self.squares + squares) / 2 / self.n
+            # scikit-learn adds 0.5 alpha ||W_b||^2 / n for each batch b, W_b the weights the batch starts from;
+            # with ||W||^2 linear over the epoch, from s0 at its start to s1 at its end, those B terms sum to
+            # s0 (B + 1) / 2 + s1 (B - 1) / 2 (exact for one batch).
+            squares, batches = self._weight_squares(), self.n_batches
+            penalty = 0.5 * self.alpha * (self.squares * (batches + 1) + squares * (batches - 1)) / 2 / self.n
             self.squares = squares
             return self.end_epoch(history.loss[-1], penalty + offset, history)
 
-        self.trainer.fit(X, Y, epochs=epochs, callbacks=[callback], sample_weight=self.w_train)
+        try:
+            self.trainer.fit(X, Y, epochs=epochs, callbacks=[callback], sample_weight=self.w_train, shuffle=shuffle)
+        except NonFiniteLossError:
+            if self.X_val is None:
+                raise
+            self._run_diverged_epochs(epochs)
 
-    def run_in_order(self, X, Y, epochs: int) -> None:
-        trainer, n, batch = self.trainer, self.n, self.batch
+    def _run_diverged_epochs(self, epochs: int) -> None:
+        """scikit-learn's epochs after its weights went non-finite, without training them. scikit-learn keeps
+        going on NaN weights: every later epoch's loss is NaN, its validation score is that of NaN weights
+        (NaN for a regressor, the share of the first class for a classifier, whose argmax of NaNs is 0), a NaN
+        score resets the no-improvement count (a comparison with NaN is False), so the fit runs to max_iter,
+        warns, and puts back the best weights it saw (scikit-learn's issue 29504: no error). The trainer
+        stopped at the epoch whose loss went non-finite, with the weights before it; the score of NaN weights
+        is computed once, and the end of each remaining epoch is scikit-learn's, with that score."""
+        est, model = self.est, self.est.model_
+        finite = model.flat_parameters()
+        model.set_flat_parameters(np.full(model.n_params, np.nan))
+        try:
+            score = est._validation_score(self.trainer, self.X_val, self.y_val, self.w_val)
+        finally:
+            model.set_flat_parameters(finite)
         history = History()
-        offset = 0.0  # as the data loss: each batch's (weighted) mean, averaged by row counts
-        for start in range(0, n, batch):
-            stop = min(start + batch, n)
-            w = None if self.w_train is None else self.w_train[start:stop]
-            if w is None or w.any():
-                offset += self.est._loss_offset(Y[start:stop], w) * (stop - start) / n
-        for _ in range(epochs):
-            total, penalty = 0.0, 0.0
-            for start in range(0, n, batch):
-                stop = min(start + batch, n)
-                penalty += 0.5 * self.alpha * self._weight_squares() / n
-                trainer.batch_size = stop - start  # one step on exactly these rows
-                w = None if self.w_train is None else self.w_train[start:stop]
-                if w is not None and not w.any():
-                    continue  # scikit-learn divides by the batch's zero weight sum here; fastbp skips the step
-                total += trainer.fit(X[start:stop], Y[start:stop], epochs=1, sample_weight=w).loss[0] * (stop - start)
-            trainer.batch_size = batch
-            history.loss.append(total / n)
+        while est.n_iter_ < epochs:
             history.epoch.append(len(history.epoch))
+            history.loss.append(np.nan)
+            history.lr.append(est._lr_)
             history.time.append(0.0)
-            history.lr.append(self.est._lr_)
-            if self.end_epoch(total / n, penalty + offset, history):
+            # Best weights NaN (a classifier's NaN score above every earlier one): scikit-learn's
+            # "non-finite parameter weights" error, raised by _fit once they are put back.
+            if self.end_epoch(np.nan, 0.0, history, validation_score=score, weights=lambda: np.full(
+                    model.n_params, np.nan, dtype=model.dtype)):
                 break
 
     def close(self) -> None:
@@ -722,8 +808,10 @@ class _Epochs:
             self.bar.close()
 
     # -- scikit-learn's end of an epoch -------------------------------------------------------------------------
-    def end_epoch(self, data_loss: float, penalty: float, history) -> bool:
-        """penalty: what scikit-learn's loss adds to ratio * data_loss (its L2 term, and _loss_offset)."""
+    def end_epoch(self, data_loss: float, penalty: float, history, validation_score=None, weights=None) -> bool:
+        """penalty: what scikit-learn's loss adds to ratio * data_loss (its L2 term, and _loss_offset).
+        validation_score: the epoch's score when already known; weights: what gives the flat parameters that
+        a new best score keeps (default: the model's)."""
         est = self.est
         if self.bar is not None:
             self.bar(self.trainer, history)
@@ -733,7 +821,7 @@ class _Epochs:
         est.loss_curve_.append(est.loss_)
         if est.verbose:
             print(f"Iteration {est.n_iter_:d}, loss = {est.loss_:.8f}")
-        self._update_no_improvement_count()
+        self._update_no_improvement_count(validation_score, weights)
         if est.solver == "sgd" and est.learning_rate == "invscaling":
             self.set_lr(float(est.learning_rate_init) / (est.t_ + 1) ** est.power_t)
         if est._no_improvement_count > est.n_iter_no_change:
@@ -753,10 +841,11 @@ class _Epochs:
                           "hasn't converged yet.", ConvergenceWarning, stacklevel=2)
         return False
 
-    def _update_no_improvement_count(self) -> None:
+    def _update_no_improvement_count(self, score=None, weights=None) -> None:
         est = self.est
         if self.X_val is not None:
-            score = est._validation_score(self.trainer, self.X_val, self.y_val, self.w_val)
+            if score is None:
+                score = est._validation_score(self.trainer, self.X_val, self.y_val, self.w_val)
             est.validation_scores_.append(score)
             if est.verbose:
                 print(f"Validation score: {est.validation_scores_[-1]:f}")
@@ -766,7 +855,7 @@ class _Epochs:
                 est._no_improvement_count = 0
             if score > est.best_validation_score_:
                 est.best_validation_score_ = score
-                est._best_parameters = est.model_.flat_parameters()
+                est._best_parameters = est.model_.flat_parameters() if weights is None else weights()
         else:
             if est.loss_curve_[-1] > est.best_loss_ - est.tol:
                 est._no_improvement_count += 1
@@ -798,10 +887,8 @@ class _Epochs:
         old = est._lr_
         if lr == old:
             return
-        if trainer.momentum > 0 and trainer.steps_done > 0:
-            state = trainer.state_dict()
-            state["opt_state"][0] *= old / lr
-            trainer.load_state_dict(state)
+        if trainer.optimizer == "sgd" and trainer.momentum > 0:
+            trainer.scale_momentum(old / lr)
         est._lr_ = lr
         trainer.set_lr(lr * est._ratios()[1])
 
@@ -898,7 +985,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             elif len(np.setdiff1d(classes, self.classes_, assume_unique=True)):
                 raise ValueError(f"`y` has classes not in `self.classes_`. `self.classes_` has {self.classes_}. "
                                  f"'y' has {classes}.")
-        y = self._label_binarizer.transform(y).astype(bool)
+        y = _binarize(self._label_binarizer, y)
         return X, y
 
     def _out_activation(self) -> str:
@@ -955,6 +1042,21 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         tags = super().__sklearn_tags__()
         tags.classifier_tags.multi_label = True
         return tags
+
+
+def _binarize(binarizer: LabelBinarizer, y) -> np.ndarray:
+    """``binarizer.transform(y).astype(bool)`` for labels of the fitted classes (the callers checked them):
+    one column for two classes (the second one), one per class beyond, all False for a single class,
+    multilabel indicator rows as given. Formed directly for 1-D labels: scikit-learn's transform goes
+    through type_of_target and a sparse matrix, 2.4 ms of a 1797-row digits fit's 8 ms of fixed cost."""
+    classes = binarizer.classes_
+    if y.ndim != 1 or binarizer.y_type_.startswith("multilabel"):
+        return binarizer.transform(y).astype(bool)
+    if len(classes) == 1:
+        return np.zeros((len(y), 1), dtype=bool)
+    if len(classes) == 2:
+        return (y == classes[1]).reshape(-1, 1)
+    return y[:, None] == classes[None, :]
 
 
 def _check_partial_fit_first_call(clf, classes=None) -> bool:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _compile_notice, backends, checkpoint, schedules
+from ._blas_free import sum_of_products
 from ._interrupt import deferred_keyboard_interrupt
 from ._threads import check_n_threads
 from ._validation import as_float_matrix, check_bool, check_choice, check_float, check_int, is_gpu_array, shown
@@ -220,10 +221,11 @@ class _FitPlan:
     verbose: object
     validation: tuple | None
     sample_weight: object = None  # (n_local,) in the backend's form, or None (every weight 1)
+    shuffle_requested: bool = True  # fit's shuffle argument (False: batches in row order)
     # Set when the fit starts (collectively, in a distributed trainer):
     n: int = 0  # rows per epoch over every process (the data's rows in one process)
     batch_size: int = 0
-    shuffle: bool = False
+    shuffle: bool = False  # whether the epochs draw orders: requested and more than one batch
 
 
 class Trainer:
@@ -467,7 +469,7 @@ class Trainer:
     # -- the one training loop ------------------------------------------------------------------------------
     def fit(self, X, y, epochs: int = 1, *, validation_data=None, target_loss: float | None = None,
             patience: int | None = None, restore_best: bool = True, callbacks=(), on_nonfinite: str = "raise",
-            verbose: bool | int = False, sample_weight=None):
+            verbose: bool | int = False, sample_weight=None, shuffle: bool = True):
         """Train for ``epochs`` epochs (or until a stopping rule fires) and return the :class:`History`.
 
         Parameters
@@ -498,20 +500,26 @@ class Trainer:
             weights are refused. The epoch losses in the history are weighted the same way; the validation
             loss is not. Both devices take them (on the GPU a weighted fit runs the per-step launches, not the
             fused narrow-network kernel).
+        shuffle : bool
+            True (default): every epoch visits the rows in a new random order (the trainer's RNG, seeded by
+            ``seed``) when they make more than one batch. False: batches of consecutive rows in the order given
+            (rows ``0..b-1``, then ``b..2b-1``, ...), the same every epoch, and the shuffling RNG does not
+            advance (what scikit-learn's ``shuffle=False`` and a DataLoader without shuffling do).
 
         Per-epoch control (validation, patience, callbacks) runs epochs one compiled call at a time;
         without it, many epochs run inside one call (the history is recorded all the same).
         """
         return self._run_fit(self._plan_fit(X, y, epochs, validation_data, target_loss, patience, restore_best,
-                                            callbacks, on_nonfinite, verbose, sample_weight))
+                                            callbacks, on_nonfinite, verbose, sample_weight, shuffle))
 
     def _plan_fit(self, X, y, epochs, validation_data, target_loss, patience, restore_best, callbacks,
-                  on_nonfinite, verbose, sample_weight=None) -> _FitPlan:
+                  on_nonfinite, verbose, sample_weight=None, shuffle=True) -> _FitPlan:
         """Every argument of fit checked on the host, then converted; nothing is changed."""
         epochs = check_int("epochs", epochs, minimum=0)
         target = check_float("target_loss", target_loss, allow_none=True)
         patience = check_int("patience", patience, minimum=1, allow_none=True)
         restore_best = check_bool("restore_best", restore_best)
+        shuffle = check_bool("shuffle", shuffle)
         check_choice("on_nonfinite", on_nonfinite, ("raise", "warn"))
         if patience is not None and validation_data is None:
             raise ValueError("patience (early stopping) needs validation_data=(X_val, y_val)")
@@ -528,7 +536,8 @@ class Trainer:
             validation = tuple(self._backend.as_input(a) for a in validation)
         return _FitPlan(X=self._backend.as_input(Xh), Y=self._backend.as_input(Yh), epochs=epochs, target=target,
                         patience=patience, restore_best=restore_best, callbacks=callbacks,
-                        on_nonfinite=on_nonfinite, verbose=verbose, validation=validation, sample_weight=weights)
+                        on_nonfinite=on_nonfinite, verbose=verbose, validation=validation, sample_weight=weights,
+                        shuffle_requested=shuffle)
 
     # Whether this process's weights may all be 0 (a subclass that checks their sum over processes says yes).
     _local_weights_may_all_be_zero = False
@@ -561,7 +570,8 @@ class Trainer:
     def _run_fit(self, plan: _FitPlan) -> "History":
         plan.n = n = self._rows_per_epoch(plan.X.shape[0])
         plan.batch_size = n if self.batch_size is None else min(self.batch_size, n)
-        plan.shuffle = plan.batch_size < n  # a full batch's gradient does not depend on the order
+        # A full batch's gradient does not depend on the order: shuffling it would only draw permutations.
+        plan.shuffle = plan.shuffle_requested and plan.batch_size < n
         callbacks = list(plan.callbacks)
         progress = None
         if plan.verbose and self._prints():
@@ -825,7 +835,7 @@ class Trainer:
                     correct = float(spec.n_correct(predictions, Y))
                 else:  # each row's right share counts w_i times (scikit-learn's accuracy_score(sample_weight=))
                     row_right = spec.row_accuracy(predictions, Y)
-                    correct = float(np.dot(weights.astype(np.float64), row_right)) * spec.accuracy_terms(1, k)
+                    correct = sum_of_products(weights, row_right) * spec.accuracy_terms(1, k)
         return self._global_scores(loss, divisor, correct, terms)
 
     def _global_scores(self, loss: float, divisor: float, correct: float, terms: float) -> dict:
@@ -981,6 +991,36 @@ class Trainer:
         """
         self._schedule = self._check_lr(lr)
         self.lr = lr
+
+    def scale_momentum(self, factor: float) -> None:
+        """Multiply SGD's momentum buffer by ``factor`` (>= 0), where the trainer keeps it (CPU or GPU).
+
+        torch's buffer sums gradients and each step multiplies it by the current rate, so after a change of
+        rate from ``old`` to ``new`` the velocity's steps are ``new / old`` times what they were. Libraries whose
+        velocity holds the steps themselves (scikit-learn's SGD, Keras's) keep their size across the change;
+        ``scale_momentum(old / new)`` together with :meth:`set_lr` gives torch's update exactly those steps
+        (``fastbp.sklearn`` does so for ``learning_rate="adaptive"`` and ``"invscaling"``). Before the first
+        step there is no buffer yet (the first step starts it from the gradient) and nothing changes.
+
+        Refused (ValueError) for Adam and AdamW, whose state holds moments of the gradient that a change of
+        rate leaves valid, and for SGD without momentum, which keeps no buffer.
+
+        >>> import fastbp
+        >>> trainer = fastbp.Trainer(fastbp.MLP([2, 1]), loss="mse", lr=0.1, momentum=0.9)
+        >>> trainer.set_lr(0.02)
+        >>> trainer.scale_momentum(0.1 / 0.02)  # the velocity keeps the steps it took at lr=0.1
+        """
+        factor = check_float("factor", factor, minimum=0.0)
+        if self.optimizer != "sgd":
+            raise ValueError(f"scale_momentum has no effect with optimizer={self.optimizer!r}: its state holds moments "
+                             "of the gradient, which a change of rate leaves valid; it applies to optimizer='sgd' "
+                             "with momentum > 0")
+        if self.momentum == 0.0:
+            raise ValueError("scale_momentum has no effect without momentum (SGD keeps no buffer then); construct the "
+                             "Trainer with momentum > 0")
+        state = np.array(self._backend.optimizer_state())  # a copy on every device
+        state[0] *= factor
+        self._backend.set_optimizer_state(state)
 
     # -- state -------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

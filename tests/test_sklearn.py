@@ -236,3 +236,76 @@ def test_solver_specific_parameters_keep_scikit_learns_behaviour():
             warnings.simplefilter("ignore", ConvergenceWarning)
             clf = MLPClassifier(**kwargs).fit(X, y)
         assert [c.shape for c in clf.coefs_] == [(4, 3)]
+
+
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_epoch_loop_never_hands_a_long_vector_to_blas(digits, monkeypatch, early_stopping):
+    """Between two compiled epochs, a BLAS call on more than 10000 numbers wakes OpenBLAS's threads, which then
+    spin for about 50 ms on the cores numba's parallel regions wait for: the per-epoch np.dot over the weights
+    made each epoch of a 100-128-5 fit 5x slower (issue 27; fastbp._blas_free). Here np.dot refuses long
+    vectors during fits of a network with 12810 weights, with and without the validation score."""
+    real_dot = np.dot
+
+    def guarded_dot(a, b, *args, **kwargs):
+        assert min(np.size(a), np.size(b)) <= 10000, "a BLAS dot over a long vector inside the epoch loop"
+        return real_dot(a, b, *args, **kwargs)
+
+    X_train, _, y_train, _ = digits
+    X = np.hstack([X_train, X_train[:, :36]]).astype(np.float32)  # 100 features: 100 x 128 + 128 x 10 weights
+    monkeypatch.setattr(np, "dot", guarded_dot)
+    clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=3, early_stopping=early_stopping, random_state=0)
+    clf.fit(X, y_train, sample_weight=np.linspace(0.5, 1.5, len(X)))
+    assert len(clf.loss_curve_) == 3
+
+
+def test_sums_without_blas_match_numpy(rng):
+    from fastbp._blas_free import sum_of_products, sum_of_squares
+
+    a = rng.normal(size=30001).astype(np.float32)
+    b = rng.normal(size=(3, 10000, 1)).astype(np.float32)
+    assert sum_of_products(a, a) == pytest.approx(np.dot(a.astype(np.float64), a.astype(np.float64)), rel=1e-12)
+    assert sum_of_squares([a, b]) == pytest.approx(float((a.astype(np.float64) ** 2).sum()
+                                                         + (b.astype(np.float64) ** 2).sum()), rel=1e-12)
+    assert sum_of_products(np.array([True, False]), np.array([2.0, 3.0])) == 2.0
+
+
+def test_labels_become_scikit_learns_indicator_rows():
+    from sklearn.preprocessing import LabelBinarizer
+
+    from fastbp.sklearn import _binarize
+
+    rng = np.random.default_rng(0)
+    cases = [rng.integers(0, 5, 40), rng.integers(0, 2, 40) * 7 - 3, np.array(["b", "a", "c", "a"] * 5),
+             np.array(["yes"] * 6), np.array([1.0, 2.0] * 4), rng.integers(0, 2, (30, 3))]
+    for y in cases:
+        binarizer = LabelBinarizer().fit(y)
+        np.testing.assert_array_equal(_binarize(binarizer, y), binarizer.transform(y).astype(bool))
+    binarizer = LabelBinarizer().fit(np.arange(4))  # partial_fit: classes fitted first, y holds some of them
+    np.testing.assert_array_equal(_binarize(binarizer, np.array([3, 3, 1])), binarizer.transform([3, 3, 1]) == 1)
+
+
+def test_lbfgs_solves_with_one_blas_thread_and_restores_the_count(monkeypatch):
+    """L-BFGS-B's vector operations are BLAS calls whose spinning threads slowed the compiled loss and
+    gradient between them 3x (fastbp._blas_free): the solve runs with one BLAS thread, and the process's
+    setting comes back after it."""
+    import scipy.optimize
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+    before = blas_threads()
+    if not before or max(before) == 1:
+        pytest.skip("BLAS runs one thread here already: nothing to limit")
+    seen = []
+    real_minimize = scipy.optimize.minimize
+
+    def watched_minimize(*args, **kwargs):
+        seen.append(blas_threads())
+        return real_minimize(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.optimize, "minimize", watched_minimize)
+    X, y = load_iris(return_X_y=True)
+    MLPClassifier(hidden_layer_sizes=(8,), solver="lbfgs", max_iter=5, random_state=0).fit(X, y)
+    assert seen and all(n == 1 for n in seen[0])
+    assert blas_threads() == before

@@ -6,6 +6,7 @@ digits rows keep it fast."""
 import contextlib
 import inspect
 import io
+import re
 import warnings
 
 import numpy as np
@@ -444,8 +445,9 @@ def test_setting_coefs_changes_the_model(data):
         b.coefs_[1] = np.zeros(3)
     with pytest.raises(ValueError, match="list of 2 arrays"):
         b.intercepts_ = [np.zeros(6)]
-    with pytest.raises(AttributeError, match="fitted"):
-        MLPClassifier().coefs_ = a.coefs_
+    unfitted = MLPClassifier()  # kept as given until a partial_fit / warm-started fit starts from them
+    unfitted.coefs_ = a.coefs_
+    assert unfitted.coefs_ is a.coefs_ and not hasattr(unfitted, "model_")
 
 
 # -- sample weights ---------------------------------------------------------------------------------------------
@@ -567,3 +569,174 @@ def test_poisson_refuses_negative_targets_before_fitting():
         est.fit(X, y)
     assert not hasattr(est, "model_")
     MLPRegressor(loss="squared_error", hidden_layer_sizes=(4,), max_iter=2).fit(X, y)  # fine for squared error
+
+
+# -- a diverging fit (scikit-learn's issue 29504) ----------------------------------------------------------------
+def test_diverging_sgd_with_early_stopping_keeps_the_best_weights_as_sklearn():
+    """The issue's example: the weights overflow after a few epochs. scikit-learn does not raise: it runs to
+    max_iter on NaN weights (NaN losses and scores, each resetting the no-improvement count), warns, and puts
+    back the best weights it saw. fastbp stops training at the first non-finite epoch and records the rest as
+    scikit-learn would; the best weights (epoch 1 here) are scikit-learn's to rounding."""
+    from sklearn.datasets import load_iris
+
+    X, y = load_iris(return_X_y=True)
+    params = dict(hidden_layer_sizes=100, activation="identity", solver="sgd", learning_rate_init=1,
+                  early_stopping=True, n_iter_no_change=10, max_iter=20, random_state=0)
+    fitted, messages = [], []
+    for estimator in (SkRegressor, MLPRegressor):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            fitted.append(estimator(**params).fit(X, y))
+        messages.append([str(w.message) for w in record if w.category is ConvergenceWarning])
+    a, b = fitted
+    assert messages[1] == messages[0] == ["Stochastic Optimizer: Maximum iterations (20) reached and the "
+                                          "optimization hasn't converged yet."]
+    assert b.n_iter_ == a.n_iter_ == 20 and len(b.loss_curve_) == len(b.validation_scores_) == 20
+    np.testing.assert_allclose(b.loss_curve_[:4], a.loss_curve_[:4], rtol=1e-6)  # growing by 1e5 an epoch
+    assert np.isnan(b.loss_curve_[5:]).all() and np.isnan(a.loss_curve_[5:]).all()
+    assert np.isnan(b.validation_scores_[4:]).all() and np.isnan(a.validation_scores_[4:]).all()
+    assert b.best_validation_score_ == pytest.approx(a.best_validation_score_, rel=1e-6)
+    np.testing.assert_allclose(b.predict(X), a.predict(X), rtol=1e-6)
+    assert all(np.isfinite(c).all() for c in b.coefs_ + b.intercepts_)
+
+
+def test_diverging_classifier_scores_nan_weights_as_sklearn_does():
+    """A float32 classifier that overflows: scikit-learn's validation score of NaN weights is the share of the
+    first class (the argmax of NaN rows is 0), which fastbp reproduces; the best epoch's finite weights come
+    back, and they score best_validation_score_ on scikit-learn's held-out rows."""
+    from sklearn.datasets import load_iris
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_iris(return_X_y=True)
+    X = (X * 1000).astype(np.float32)
+    params = dict(hidden_layer_sizes=(50,), solver="sgd", learning_rate_init=1e6, early_stopping=True,
+                  n_iter_no_change=100, max_iter=12, shuffle=False, random_state=0)
+    with np.errstate(all="ignore"):  # scikit-learn's overflow warnings
+        a, b = (estimator(**params).fit(X, y) for estimator in (SkClassifier, MLPClassifier))
+    assert b.n_iter_ == a.n_iter_ == 12
+    assert not np.isfinite(b.loss_curve_[-1]) and not np.isfinite(a.loss_curve_[-1])
+    assert b.validation_scores_ == a.validation_scores_ and b.best_validation_score_ == a.best_validation_score_
+    rng = np.random.RandomState(0)  # scikit-learn's split: its random state after the initial draws
+    for fan_in, fan_out in ((4, 50), (50, 3)):
+        rng.uniform(size=(fan_in, fan_out)), rng.uniform(size=fan_out)
+    _, X_val, _, y_val = train_test_split(X, y, random_state=rng, test_size=0.1)
+    assert b.score(X_val, y_val) == b.best_validation_score_
+    assert all(np.isfinite(c).all() for c in b.coefs_ + b.intercepts_)
+
+
+def test_diverging_fit_without_early_stopping_raises_as_sklearn():
+    from sklearn.datasets import load_iris
+
+    X, y = load_iris(return_X_y=True)
+    params = dict(hidden_layer_sizes=100, activation="identity", solver="sgd", learning_rate_init=1, max_iter=20,
+                  random_state=0)
+    for estimator in (SkRegressor, MLPRegressor):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(ValueError, match="Solver produced non-finite parameter weights"):
+                estimator(**params).fit(X, y)
+
+
+# -- weights set by hand on an unfitted estimator -----------------------------------------------------------------
+def _set_worked_example_weights(mlp):
+    """scikit-learn's worked example (sklearn/neural_network/tests/test_mlp.py::test_fit): the attributes it sets
+    by hand before its partial_fit (the private gradient and velocity buffers only scikit-learn reads)."""
+    mlp.coefs_ = [0] * 2
+    mlp.intercepts_ = [0] * 2
+    mlp.n_outputs_ = 1
+    mlp.coefs_[0] = np.array([[0.1, 0.2], [0.3, 0.1], [0.5, 0]])
+    mlp.coefs_[1] = np.array([[0.1], [0.2]])
+    mlp.intercepts_[0] = np.array([0.1, 0.1])
+    mlp.intercepts_[1] = np.array([1.0])
+    mlp.n_features_in_ = 3
+    mlp.n_iter_ = 0
+    mlp.n_layers_ = 3
+    mlp.out_activation_ = "logistic"
+    mlp.t_ = 0
+    mlp.best_loss_ = np.inf
+    mlp.loss_curve_ = []
+    mlp._no_improvement_count = 0
+    if isinstance(mlp, SkClassifier):
+        mlp.learning_rate_ = 0.1
+        mlp._coef_grads, mlp._intercept_grads = [0] * 2, [0] * 2
+        mlp._intercept_velocity = [np.zeros_like(b) for b in mlp.intercepts_]
+        mlp._coef_velocity = [np.zeros_like(w) for w in mlp.coefs_]
+    return mlp
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.0])
+def test_weights_set_by_hand_start_partial_fit_as_in_sklearns_worked_example(alpha):
+    X, y = np.array([[0.6, 0.8, 0.7]]), np.array([0])
+    params = dict(solver="sgd", learning_rate_init=0.1, alpha=alpha, activation="logistic", random_state=1,
+                  max_iter=1, hidden_layer_sizes=2, momentum=0)
+    a, b = (_set_worked_example_weights(estimator(**params)).partial_fit(X, y, classes=[0, 1])
+            for estimator in (SkClassifier, MLPClassifier))
+    if alpha:  # the worked example's figures (its comments do the arithmetic), to its 3 decimals
+        np.testing.assert_allclose(b.coefs_[0], [[0.098, 0.195756], [0.2956664, 0.096008], [0.4939998, -0.002244]],
+                                   atol=1.5e-3)
+        np.testing.assert_allclose(b.coefs_[1], [[0.04706], [0.154089]], atol=1.5e-3)
+    for p, q in zip(a.coefs_, b.coefs_):  # one step from the hand-set weights: scikit-learn's to rounding
+        np.testing.assert_allclose(q, p, rtol=0, atol=1e-12)
+    # fastbp's weight decay also pulls the biases (module docstring): one step takes lr * alpha * b0 more.
+    for p, q, b0 in zip(a.intercepts_, b.intercepts_, ([0.1, 0.1], [1.0])):
+        np.testing.assert_allclose(q, p - 0.1 * alpha * np.array(b0), rtol=0, atol=1e-12)
+    assert (b.n_iter_, b.t_, len(b.loss_curve_)) == (a.n_iter_, a.t_, len(a.loss_curve_)) == (1, 1, 1)
+    assert b.loss_curve_[0] == pytest.approx(a.loss_curve_[0], rel=1e-12)
+    if not alpha:
+        assert b.predict_proba(X)[0, 1] == pytest.approx(a.predict_proba(X)[0, 1], rel=1e-12)
+
+
+@pytest.mark.parametrize("target", ["regression", "multiclass"])
+def test_weights_set_by_hand_start_a_warm_fit_and_a_cold_fit_draws_anew(data, target):
+    """With n_features_in_ and n_outputs_ (and nothing else) set beside them, hand-set coefs_ and intercepts_
+    are where a warm-started fit starts, as in scikit-learn (which also needs the counters set; fastbp starts
+    them as a first fit does); a fit without warm_start draws scikit-learn's initial weights instead."""
+    X, y = data[target]
+    theirs, ours = _pair(target)
+    k = 1 if target == "regression" else 10
+    rng = np.random.default_rng(0)
+    start = ([rng.normal(0, 0.3, (64, 7)), rng.normal(0, 0.3, (7, k))], [rng.normal(0, 0.1, 7), np.zeros(k)])
+    params = dict(hidden_layer_sizes=(7,), solver="sgd", shuffle=False, alpha=0.0, learning_rate_init=0.01,
+                  max_iter=3, random_state=0)
+    fitted = []
+    for estimator in (theirs, ours):
+        est = estimator(warm_start=True, **params)
+        est.coefs_, est.intercepts_ = [w.copy() for w in start[0]], [b.copy() for b in start[1]]
+        est.n_features_in_, est.n_outputs_ = 64, k
+        if estimator is theirs:  # scikit-learn reads these without setting them
+            est.n_layers_, est.out_activation_ = 3, "identity" if k == 1 else "softmax"
+            est.n_iter_, est.t_, est.loss_curve_, est._no_improvement_count, est.best_loss_ = 0, 0, [], 0, np.inf
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            fitted.append(est.fit(X, y))
+    _assert_same_parameters(*fitted, atol=1e-10)
+    np.testing.assert_allclose(fitted[1].loss_curve_, fitted[0].loss_curve_, rtol=1e-10)
+    cold = ours(**params)
+    cold.coefs_, cold.intercepts_ = start
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        cold.fit(X, y)
+        drawn = ours(**params).fit(X, y)
+    _assert_same_parameters(cold, drawn, atol=0)
+
+
+def test_weights_set_by_hand_are_checked_before_anything_changes(data):
+    X, y = data["regression"]
+    cases = {"coefs_[1] must have 7 rows": ([np.zeros((64, 7)), np.zeros((6, 1))], [np.zeros(7), np.zeros(1)]),
+             "intercepts_[0] must have shape (7,)": ([np.zeros((64, 7)), np.zeros((7, 1))], [np.zeros(6), np.zeros(1)]),
+             "coefs_[0] has 10 rows, one per input feature; X has 64": ([np.zeros((10, 7)), np.zeros((7, 1))],
+                                                                        [np.zeros(7), np.zeros(1)]),
+             "coefs_[-1] has 2 columns, one per output; y has 1": ([np.zeros((64, 7)), np.zeros((7, 2))],
+                                                                   [np.zeros(7), np.zeros(2)]),
+             "NaN or inf": ([np.full((64, 7), np.nan), np.zeros((7, 1))], [np.zeros(7), np.zeros(1)]),
+             "intercepts_ was not set": ([np.zeros((64, 7)), np.zeros((7, 1))], None)}
+    for message, (coefs, intercepts) in cases.items():
+        est = MLPRegressor(hidden_layer_sizes=(7,), max_iter=2)
+        est.coefs_ = coefs
+        if intercepts is not None:
+            est.intercepts_ = intercepts
+        with pytest.raises(ValueError, match=re.escape(message)):
+            est.partial_fit(X, y)
+        assert not hasattr(est, "model_") and not hasattr(est, "n_outputs_") and est.coefs_ is not None
+    with pytest.raises(TypeError, match="coefs_ must be a list of arrays"):
+        MLPRegressor().coefs_ = 3.0

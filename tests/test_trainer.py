@@ -159,6 +159,79 @@ def test_minibatch_training_matches_reference_steps(optimizer, kwargs, rng):
         np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_unshuffled_fit_takes_the_batches_in_row_order(weighted, rng):
+    """shuffle=False: batches of consecutive rows, the last one partial, the same every epoch (the reference
+    steps), and the shuffling RNG untouched: a later shuffled fit draws what a fresh trainer's first would."""
+    model = fastbp.MLP([5, 7, 3], activation="tanh", dtype=np.float64, seed=2)
+    X, y = rng.normal(size=(23, 5)), rng.integers(0, 3, size=23)
+    Y = naive.one_hot(y, 3)
+    w = rng.uniform(0.2, 2.0, 23) if weighted else None
+    params = [a.copy() for a in model.weights + model.biases]
+    kwargs = dict(momentum=0.9, nesterov=True, weight_decay=1e-3)
+    trainer = fastbp.Trainer(model, loss="softmax_cross_entropy", lr=0.05, batch_size=8, seed=11, **kwargs)
+    state = {}
+    for _ in range(3):
+        for start in range(0, 23, 8):
+            rows = slice(start, start + 8)
+            if weighted:  # the batch's weighted mean loss: rows repeated in proportion is the same gradient
+                _, dw, db = _weighted_reference_grads(params, X[rows], Y[rows], w[rows])
+            else:
+                _, dw, db = naive.loss_and_grads(params[:2], params[2:], ["tanh"], "softmax_cross_entropy", X[rows],
+                                                 Y[rows])
+            params = naive.sgd_step(params, dw + db, state, 0.05, **kwargs)
+    rng_state = trainer._rng.bit_generator.state
+    trainer.fit(X, y, epochs=3, shuffle=False, sample_weight=w)
+    for got, ref in zip(model.weights + model.biases, params):
+        np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12)
+    assert trainer._rng.bit_generator.state == rng_state
+    with pytest.raises(TypeError, match="shuffle must be True or False"):
+        trainer.fit(X, y, shuffle="no")
+
+
+def _weighted_reference_grads(params, X, Y, w):
+    """The weighted mean loss sum_i w_i l_i / sum_i w_i and its gradients, from per-row reference gradients."""
+    parts = [naive.loss_and_grads(params[:2], params[2:], ["tanh"], "softmax_cross_entropy", X[i:i + 1], Y[i:i + 1])
+             for i in range(len(X))]
+    total = w.sum()
+    loss = sum(wi * p[0] for wi, p in zip(w, parts)) / total
+    dw = [sum(wi * p[1][l] for wi, p in zip(w, parts)) / total for l in range(2)]
+    db = [sum(wi * p[2][l] for wi, p in zip(w, parts)) / total for l in range(2)]
+    return loss, dw, db
+
+
+def test_scale_momentum_multiplies_the_buffer_for_the_next_steps(rng):
+    """scale_momentum(c) then a step equals the reference step from c times the buffer; refused where it would
+    do nothing (Adam's state, SGD without momentum)."""
+    X, y = rng.normal(size=(16, 3)), rng.normal(size=(16, 2))
+    model = fastbp.MLP([3, 4, 2], "tanh", dtype=np.float64, seed=0)
+    trainer = fastbp.Trainer(model, loss="mse", lr=0.1, momentum=0.9, batch_size=None)
+    trainer.fit(X, y, epochs=2)
+    params = [a.copy() for a in model.weights + model.biases]
+    layout = model.layout
+    buffer = trainer.opt_state[0].copy()
+    state = {}
+    for layer in range(layout.n_layers):
+        bw, bb = layout.views(buffer, layer)
+        state[layer], state[layout.n_layers + layer] = 0.25 * bw, 0.25 * bb
+    trainer.scale_momentum(0.25)
+    np.testing.assert_allclose(trainer.opt_state[0], 0.25 * buffer, rtol=0)
+    _, dw, db = naive.loss_and_grads(params[:2], params[2:], ["tanh"], "mse", X, y)
+    expected = naive.sgd_step(params, dw + db, state, 0.1, momentum=0.9)
+    trainer.fit(X, y, epochs=1)
+    for got, ref in zip(model.weights + model.biases, expected):
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
+    for bad, error, message in ((-1.0, ValueError, "factor must be >= 0"), (np.nan, ValueError, "finite"),
+                                ("2", TypeError, "factor must be a real number")):
+        with pytest.raises(error, match=message):
+            trainer.scale_momentum(bad)
+    adam = fastbp.Trainer(fastbp.MLP([3, 2]), loss="mse", optimizer="adam")
+    with pytest.raises(ValueError, match="no effect with optimizer='adam'"):
+        adam.scale_momentum(2.0)
+    with pytest.raises(ValueError, match="no effect without momentum"):
+        fastbp.Trainer(fastbp.MLP([3, 2]), loss="mse").scale_momentum(2.0)
+
+
 def test_fit_continues_from_user_edited_weights(rng):
     model = fastbp.MLP([3, 4, 1], activation="relu", dtype=np.float64, seed=0)
     trainer = fastbp.Trainer(model, loss="mse", lr=0.1, batch_size=None)

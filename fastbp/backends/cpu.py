@@ -5,6 +5,8 @@ copied), and keeps the optimizer state between calls.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 from .._threads import guarded
@@ -16,6 +18,20 @@ from .base import Backend
 
 # Rows per chunk when predicting or evaluating a whole data set: bounds the workspace, not the result.
 EVAL_CAPACITY = 4096
+# Workspaces kept between calls, least recently used dropped first. A fit needs one (its batch size; the fused
+# narrow kernel's gradient buffers are a second), its validation one more; calls over other row counts get a
+# power-of-two capacity (eval_capacity), so a server answering requests of any size cycles through at most 13
+# capacities (1 .. EVAL_CAPACITY) and holds at most MAX_WORKSPACES of them. Before this bound, every distinct
+# row count kept its own workspace for the trainer's lifetime: 40 predicts of different sizes on a
+# 1024-1024-1024-10 network grew a process from 193 to 1321 MiB resident (issue 27).
+MAX_WORKSPACES = 4
+
+
+def eval_capacity(n_rows: int) -> int:
+    """The workspace capacity of a predict / evaluate / gradient call over n_rows rows: the smallest power of
+    two >= n_rows, at most EVAL_CAPACITY (larger calls run EVAL_CAPACITY rows at a time). Rounding up costs
+    at most twice the rows' activations and bounds the distinct capacities to log2(EVAL_CAPACITY) + 1."""
+    return min(EVAL_CAPACITY, 1 << max(0, n_rows - 1).bit_length())
 
 
 class CPUBackend(Backend):
@@ -30,7 +46,7 @@ class CPUBackend(Backend):
         self.optimizer = int(optimizer)
         self.hyper = np.asarray(hyper, dtype=np.float64).reshape(N_HYPER)
         self.dtype = np.dtype(dtype)
-        self._workspaces = {}
+        self._workspaces = OrderedDict()  # (capacity, n_outputs) -> Workspace fields, least recently used first
         # The drivers take the Network and each Workspace as plain tuples (see kernels.cpu.train_epochs).
         self._network = tuple(kernels.network(layout, self.act_codes, self.loss))
         self.params = np.zeros(layout.n_params, dtype=self.dtype)
@@ -80,11 +96,19 @@ class CPUBackend(Backend):
         return np.take(X, rows, axis=0, out=out)
 
     def _workspace(self, capacity: int, n_outputs: int) -> tuple:
-        """The fields of a kernels.Workspace of ``capacity`` rows, as a plain tuple (see _network)."""
+        """The fields of a kernels.Workspace for batches of up to ``capacity`` rows, as a plain tuple (see
+        _network): a kept one, or a new one (the least recently used is dropped beyond MAX_WORKSPACES, so memory
+        stays bounded whatever row counts arrive)."""
         key = (capacity, n_outputs)
-        if key not in self._workspaces:
-            self._workspaces[key] = tuple(kernels.make_workspace(self.layout, capacity, n_outputs, self.dtype))
-        return self._workspaces[key]
+        work = self._workspaces.get(key)
+        if work is None:
+            while len(self._workspaces) >= MAX_WORKSPACES:
+                self._workspaces.popitem(last=False)
+            work = self._workspaces[key] = tuple(kernels.make_workspace(self.layout, capacity, n_outputs,
+                                                                        self.dtype))
+        else:
+            self._workspaces.move_to_end(key)
+        return work
 
     # -- training -----------------------------------------------------------------------------------------
     @guarded
@@ -127,14 +151,14 @@ class CPUBackend(Backend):
 
     @guarded
     def predict(self, X, n_outputs: int) -> np.ndarray:
-        work = self._workspace(max(1, min(EVAL_CAPACITY, X.shape[0])), n_outputs)
+        work = self._workspace(eval_capacity(X.shape[0]), n_outputs)
         out = np.empty((X.shape[0], n_outputs), dtype=self.dtype)
         kernels.predict(out, X, self.params, self._network, work)
         return out
 
     @guarded
     def loss_value(self, X, Y, sample_weight=None) -> float:
-        work = self._workspace(max(1, min(EVAL_CAPACITY, X.shape[0])), Y.shape[1])
+        work = self._workspace(eval_capacity(X.shape[0]), Y.shape[1])
         return float(kernels.dataset_loss(X, Y, self._weights(sample_weight), self.params, self._network, work))
 
     # -- one step at a time (for callers that must act between steps, e.g. an allreduce) --------------------
@@ -143,8 +167,7 @@ class CPUBackend(Backend):
         """grads_out (P,) = gradient of (sum of the row losses of X, Y) / divisor (see Backend.rows_grads)."""
         # A power of two: callers whose row count varies per step (one rank's share of a global batch)
         # reuse a few workspaces instead of building one per count.
-        capacity = min(EVAL_CAPACITY, 1 << max(0, X.shape[0] - 1).bit_length())
-        work = self._workspace(capacity, Y.shape[1])
+        work = self._workspace(eval_capacity(X.shape[0]), Y.shape[1])
         return float(kernels.dataset_grads(grads_out, X, Y, self._weights(sample_weight), self.params,
                                            self._network, work, float(divisor)))
 
