@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import pickle
 import warnings
 from types import ModuleType as types_module
 
@@ -179,6 +180,11 @@ class _RegisteringCache:
       edited helper, a changed tile shape; numba #10776), which with a symbol call means a call into a function
       whose name or arguments have changed. The fingerprint (_fingerprint) covers the compiled and inlined
       functions its code names, transitively, the intrinsics, and the module-level numbers they read.
+    - Each entry's machine code goes to a file named after its key (_save_by_key), not after a counter: two
+      processes compiling different signatures or closure values of one function into one cache at once
+      (joblib workers, MPI ranks) both took the first free number, and one index could then name the other's
+      machine code: a later process silently ran a kernel compiled for another configuration (numba #10128;
+      seen here with the fused narrow kernel, tanh weights computed by a sigmoid kernel).
     """
 
     def __init__(self, cache, func):
@@ -187,6 +193,9 @@ class _RegisteringCache:
         self._dependencies = None
         index_key = cache._index_key
         cache._index_key = lambda sig, codegen: index_key(sig, codegen) + (self.dependencies(),)
+        cache_file = getattr(cache, "_cache_file", None)
+        if cache_file is not None and hasattr(cache_file, "_data_name_pattern"):
+            cache_file.save = lambda key, data: _save_by_key(cache_file, key, data)
 
     def __getattr__(self, name):
         return getattr(self._cache, name)
@@ -202,6 +211,21 @@ class _RegisteringCache:
             for callee in _separate_callees(self._func):
                 callee.register(dtype)
         return self._cache.load_overload(sig, target_context)
+
+
+def _save_by_key(cache_file, key, data):
+    """numba's IndexDataCacheFile.save, with the data file named after a hash of the key: whatever the
+    interleaving of processes saving into one cache, an index entry can only name the file of its own key (an
+    index written over by another process loses entries: those recompile). Data files of keys that no longer
+    occur (after an edit or an upgrade) stay behind until the cache directory is cleared."""
+    overloads = cache_file._load_index()
+    name = overloads.get(key)
+    if name is None:
+        digest = hashlib.sha256(pickle.dumps(key, protocol=4)).hexdigest()[:20]
+        name = cache_file._data_name_pattern.replace("{number:d}", digest)
+        overloads[key] = name
+        cache_file._save_index(overloads)
+    cache_file._save_data(name, data)
 
 
 def _fingerprint(func) -> str:

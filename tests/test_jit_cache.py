@@ -1,5 +1,6 @@
 """Compilation promises: import compiles nothing, a second process loads kernels from the disk cache,
 and a function that cannot be cached still works (with a warning) instead of failing at import."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -153,3 +154,26 @@ def test_cache_entry_follows_the_code_it_calls(tmp_path):
                 return x * SCALE
         """))
         assert run_python(code, tmp_path / "cache").split() == expected.split(), value
+
+
+def test_concurrent_saves_never_mix_up_machine_code(tmp_path, monkeypatch):
+    """Two processes that save different entries of one function into one cache at once each start from the
+    index as they read it: numba named both data files '.1.nbc', so the index one process wrote could name the
+    data file the other wrote last (numba #10128). fastbp's caches name a data file after its key, so an entry
+    loads its own machine code or nothing (a recompile), never another entry's."""
+    source = tmp_path / "module_for_cache.py"
+    source.write_text("def add(a):\n    return a + 1\n")
+    spec = importlib.util.spec_from_file_location("module_for_cache", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cache_file = fastbp._jit.cpu_jit()(module.add)._cache._cache._cache_file
+    save_data = cache_file._save_data
+    writes = []
+    monkeypatch.setattr(cache_file, "_load_index", lambda: {})  # both read the index before either saved
+    monkeypatch.setattr(cache_file, "_save_data", lambda name, data: writes.append((name, data)))
+    cache_file.save(("process B",), b"machine code B")  # B writes its index first ...
+    cache_file.save(("process A",), b"machine code A")  # ... A's index is the one that stays,
+    monkeypatch.undo()
+    for name, data in reversed(writes):  # ... and B's data file is written last
+        save_data(name, data)
+    assert cache_file.load(("process A",)) == b"machine code A"
