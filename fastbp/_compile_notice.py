@@ -1,6 +1,6 @@
 """One line on stderr when a public call spends more than a second compiling fastbp's kernels.
 
-A first fit on an empty kernel cache compiles for tens of seconds (a 64-256-256-10 relu fit: about 27 s on
+A first fit on an empty kernel cache compiles for seconds (a 32-64-64-5 relu fit: about 12 s on
 the project's 2-core AMD EPYC) with nothing else to show for it; issue 29 found new users waiting in
 silence. numba announces every compilation it starts and ends as a "numba:compile" event (``numba.core.event``,
 and ``numba.cuda.core.event`` for numba-cuda's kernels); a listener here times the compilations of fastbp's

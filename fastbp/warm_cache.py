@@ -1,6 +1,6 @@
 """``python -m fastbp precompile`` and ``fastbp.precompile()``: warm the kernel cache before the first fit.
 
-fastbp's CPU kernels compile on first use (tens of seconds for a first fit on an empty cache, see the README)
+fastbp's CPU kernels compile on first use (seconds for a first fit on an empty cache: docs/performance.md)
 and numba keeps them in its disk cache, so the cost is paid once per machine, fastbp version and numba
 version. ``precompile`` pays it ahead of time, in one process: run it where the kernels will be used (an
 image build, a job's setup step) so that the first ``fit`` of a user's script loads its kernels instead of
