@@ -3,8 +3,9 @@
 numba's ``cache=True`` writes compiled code beside the module, falls back to ``~/.cache/numba`` and honours
 ``NUMBA_CACHE_DIR``; when nothing is writable it raises at decoration time ("no locator available"), which
 would make ``import fastbp`` fail on a read-only install. We try caching and fall back to none.
-Set ``FASTBP_CACHE=0`` to turn caching off (numba caches can go stale across edits of inlined helpers in
-other files, numba #10776).
+Set ``FASTBP_CACHE=0`` to turn caching off. Unlike numba's own, fastbp's cache entries follow edits of the
+helpers they inline or call in other files (numba #10776) and are safe to write from several processes at
+once (numba #10128): see _RegisteringCache.
 """
 from __future__ import annotations
 

@@ -18,8 +18,9 @@ or optimizer not chosen) still work: they compile on first use. The CUDA target'
 disk by numba-cuda and are not compiled here.
 
 The work is done through the public ``Trainer`` on a few rows of data, so it reaches exactly what a user's
-calls reach; the data are tiny, so nearly all the time is compilation. Run it while no other process compiles
-into the same cache: two processes compiling into one cache can race (numba #10128; the README's MPI notes).
+calls reach; the data are tiny, so nearly all the time is compilation. Other processes may compile into the
+same cache meanwhile (fastbp's cache entries are keyed so that concurrent writers cannot mix them up, numba
+#10128), but what they compile before this finishes is compiled twice.
 """
 from __future__ import annotations
 

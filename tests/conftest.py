@@ -17,6 +17,13 @@ def rng():
     return np.random.default_rng(12345)
 
 
+def pytest_xdist_auto_num_workers(config):
+    """Workers for ``pytest -n auto`` (pytest-xdist): one per CPU, at most 4. Most of the suite's time is numba
+    compiling, once per worker for what several of its tests share, and each worker holds its own compiled code
+    (a few hundred MB): past 4 workers more CPUs mostly compile the same kernels again."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 # Hypothesis: modest example counts by default so the whole suite stays fast on two cores; no deadline (the
 # first example of a test may compile kernels). HYPOTHESIS_PROFILE=thorough runs many more.
 try:

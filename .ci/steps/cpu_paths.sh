@@ -4,4 +4,4 @@
 # float32 lanes), so both widths run on every CI machine. Own cache: code for another CPU must not be loaded
 # by the other runs.
 run_pytest env NUMBA_CPU_NAME=haswell NUMBA_CACHE_DIR="$NUMBA_CACHE_DIR/haswell" \
-  "$py" -m pytest -q -p no:cacheprovider tests/test_simd.py tests/test_gemm.py tests/test_narrow.py
+  "$py" -m pytest -q -p no:cacheprovider -n auto tests/test_simd.py tests/test_gemm.py tests/test_narrow.py

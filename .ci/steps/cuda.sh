@@ -8,7 +8,10 @@
 # The '.[test]' extra (installed by the README test command) brings numba-cuda and NVRTC; libNVVM and
 # ptxas come from the system CUDA toolkit (or: pip install 'fastbp[ptx]' for libNVVM and nvdisasm as wheels).
 run_pytest env NUMBA_ENABLE_CUDASIM=1 FASTBP_REQUIRE_CUDA=1 NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0 \
-  "$py" -m pytest -q -p no:cacheprovider tests/cuda
-run_pytest env FASTBP_PTX_CHECK=1 "$py" -m pytest -q -p no:cacheprovider tests/cuda/test_ptx.py
+  "$py" -m pytest -q -p no:cacheprovider -n auto tests/cuda
+ptx_dir=$(mktemp -d)  # the check keeps each kernel's PTX; the report assembles those instead of compiling again
+run_pytest env FASTBP_PTX_CHECK=1 FASTBP_PTX_DIR="$ptx_dir" \
+  "$py" -m pytest -q -p no:cacheprovider -n auto tests/cuda/test_ptx.py
 "$py" -m pip install -q 'nvidia-cuda-nvdisasm==13.*'
-"$py" -m fastbp.kernels.cuda_report --arch sm_90 --require-sass
+"$py" -m fastbp.kernels.cuda_report --arch sm_90 --require-sass --ptx-dir "$ptx_dir"
+rm -rf "$ptx_dir"

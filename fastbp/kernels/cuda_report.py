@@ -2,7 +2,7 @@
 instructions per FFMA of each product kernel's inner loop, all without a GPU.
 
     python -m fastbp.kernels.cuda_report [--arch sm_90] [--dtype float32 float64] [--max-registers N]
-                                         [--max-sass-per-fma 6] [--json FILE]
+                                         [--max-sass-per-fma 6] [--json FILE] [--ptx-dir DIR]
 
 Each kernel is compiled to PTX with the signatures the backend launches (``kernel_signatures`` below)
 and assembled by ``ptxas -v`` (from a CUDA toolkit: PATH, $CUDA_HOME/bin or /usr/local/cuda/bin). For the
@@ -152,7 +152,16 @@ def sass_per_fma(nvdisasm: str, cubin: str) -> dict | None:
     return inner_fma_loop(sass)
 
 
-def report(arch: str = "sm_90", dtypes=("float32", "float64"), sass: bool = True) -> list[dict]:
+def ptx_file_name(name: str, dtype, cc) -> str:
+    """The file a kernel's PTX is kept in by ``FASTBP_PTX_DIR=DIR pytest tests/cuda/test_ptx.py`` and read
+    from by ``--ptx-dir DIR``: ``<kernel>-<dtype>-sm_<cc>.ptx``."""
+    return f"{name}-{np.dtype(dtype).name}-sm_{cc[0]}{cc[1]}.ptx"
+
+
+def report(arch: str = "sm_90", dtypes=("float32", "float64"), sass: bool = True, ptx_dir=None) -> list[dict]:
+    """One row per kernel and dtype (see the module notes). ``ptx_dir``: a folder of PTX files named by
+    ptx_file_name, used where present instead of compiling again (CI's PTX check writes them: numba-cuda
+    takes about 2 s a kernel, ptxas a fraction of that)."""
     ptxas = find_ptxas()
     if ptxas is None:
         raise FileNotFoundError("ptxas not found: install a CUDA toolkit (nvcc's ptxas) and put it on PATH, "
@@ -165,7 +174,12 @@ def report(arch: str = "sm_90", dtypes=("float32", "float64"), sass: bool = True
         cubin = os.path.join(tmp, "kernel.cubin")
         for dtype in dtypes:
             for name in kernel_signatures(np.dtype(dtype)):
-                ptx = compile_ptx(name, np.dtype(dtype), cc)
+                kept = ptx_dir and os.path.join(ptx_dir, ptx_file_name(name, dtype, cc))
+                if kept and os.path.exists(kept):
+                    with open(kept) as f:
+                        ptx = f.read()
+                else:
+                    ptx = compile_ptx(name, np.dtype(dtype), cc)
                 row = dict(kernel=name, dtype=dtype, **kernel_resources(ptxas, ptx, arch, cubin))
                 if nvdisasm and name in kernels.PRODUCT_KERNELS:
                     loop = sass_per_fma(nvdisasm, cubin)
@@ -217,6 +231,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--require-sass", action="store_true",
                         help="fail when nvdisasm is missing instead of skipping the SASS counts (CI)")
+    parser.add_argument("--ptx-dir", default=None, metavar="DIR",
+                        help="read each kernel's PTX from DIR where the PTX check left it "
+                             "(FASTBP_PTX_DIR=DIR pytest tests/cuda/test_ptx.py) instead of compiling it again")
     args = parser.parse_args(argv)
     nvdisasm = find_nvdisasm()
     if nvdisasm is None:
@@ -224,7 +241,7 @@ def main(argv=None) -> int:
               "skipped", file=sys.stderr)
         if args.require_sass:
             return 1
-    rows = report(args.arch, args.dtype)
+    rows = report(args.arch, args.dtype, ptx_dir=args.ptx_dir)
     configs = ", ".join(f"{name}={shape}" for name, shape in kernels.PRODUCT_CONFIGS.items())
     print(f"fastbp CUDA kernels on {args.arch} (products {configs}; fastmath={kernels.FASTMATH})")
     print(format_table(rows))
