@@ -11,9 +11,9 @@ What it compiles: everything the CPU target's ``fit``, ``predict``, ``evaluate``
 reach (with and without ``sample_weight``, a validation set, gradient clipping) for each chosen dtype, on
 two networks: a narrow one (every layer at most 32 wide: its unweighted fits take the fused narrow kernel,
 everything else the product engine) and a wide one (the product engine only). The fused narrow kernel
-compiles its activations, loss and optimizer in, so it is compiled for every combination of the chosen
-activations, losses and optimizers; the product engine and its drivers take them as runtime codes and compile
-once per dtype. Other choices (a mix of activations in one narrow network, a loss
+compiles its activations and loss in (the optimizer is a run-time code), so it is compiled for every
+combination of the chosen activations and losses; the product engine and its drivers take all three as
+run-time codes and compile once per dtype. Other choices (a mix of activations in one narrow network, a loss
 or optimizer not chosen) still work: they compile on first use. The CUDA target's kernels are not cached on
 disk by numba-cuda and are not compiled here.
 
@@ -35,8 +35,8 @@ import numpy as np
 from .kernels.pointwise import ACTIVATIONS, LOSSES, OPTIMIZERS
 
 DTYPES = ("float32", "float64")
-# The defaults: the tutorial's activations and tanh, every loss, the two optimizers most fits use. 24 fused
-# narrow kernels per dtype; ``activations="all"`` etc. widen the set.
+# The defaults: the tutorial's activations and tanh, every loss, the two optimizers most fits use. 12 fused
+# narrow kernels per dtype (3 activations x 4 losses); ``activations="all"`` etc. widen the set.
 DEFAULT_ACTIVATIONS = ("relu", "sigmoid", "tanh")
 DEFAULT_LOSSES = tuple(LOSSES)
 DEFAULT_OPTIMIZERS = ("sgd", "adam")

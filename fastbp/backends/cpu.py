@@ -53,8 +53,8 @@ class CPUBackend(Backend):
         self.opt_state = np.zeros((2, layout.n_params), dtype=self.dtype)
         # Narrow networks (every layer <= narrow.NARROW_MAX_WIDTH units) train in one fused loop nest per block of
         # samples (fastbp/kernels/narrow.py: 2.1-7x the general path where it is chosen; see narrow.supports).
-        self._narrow_kernel = (narrow.kernel_for(self.act_codes, self.loss, self.optimizer)
-                               if narrow.supports(layout.sizes) else None)
+        self._narrow_kernel = (narrow.kernel_for(self.act_codes, self.loss) if narrow.supports(layout.sizes)
+                               else None)
         self._narrow_work = None
 
     # -- training state -----------------------------------------------------------------------------------------
@@ -124,8 +124,8 @@ class CPUBackend(Backend):
             completed = self._narrow_kernel(
                 self.params, self.opt_state, steps, work.grads, work.backup,
                 self._narrow_workspace(X.shape[0] if orders.shape[1] == 0 else 0), X, Y, orders, lrs, losses,
-                layout.sizes, layout.param_offsets, layout.unit_offsets, self.act_codes, self.hyper, batch_size,
-                target_loss)
+                layout.sizes, layout.param_offsets, layout.unit_offsets, self.act_codes, self.optimizer, self.hyper,
+                batch_size, target_loss)
             n_reported = min(completed + 1, len(lrs))
             return losses[:n_reported], int(completed), int(steps[0])
         work = self._workspace(batch_size, Y.shape[1])

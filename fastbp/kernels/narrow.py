@@ -24,9 +24,9 @@ degree 6 (float32) and 11 (float64) where exp_fast uses Taylor's 8 and 14 terms;
 cross-entropy), log1p (binary cross-entropy) and tanh are vectorised the same way, so nothing calls libm
 per sample.
 
-Specialisation. ``kernel_for(act_codes, loss, optimizer)`` compiles one kernel per set of activations, loss
-and optimizer (a closure over those integer codes: numba folds the other branches away before typing them,
-and caches one entry per configuration). Layer widths stay run-time values.
+Specialisation. ``kernel_for(act_codes, loss)`` compiles one kernel per set of activations and loss (a closure
+over those integer codes: numba folds the other branches away before typing them, and caches one entry per
+configuration). The optimizer code and the layer widths are run-time values.
 
 Public: ``train_epochs_narrow`` (the contract of ``cpu.train_epochs``, see its docstring), ``kernel_for``,
 ``workspace_length``, ``make_workspace``, ``supports``, the lane-vector math (``exp_bits`` ...), and the
@@ -895,14 +895,17 @@ def optimizer_update(params, first, second, grads, lr, hyper, step, optimizer):
                            step == 1)
 
 
-def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss, optimizer):
-    # One specialisation: the activations present (booleans), the loss and the optimizer are closure
-    # constants, so numba prunes the other branches before typing and inlining them (cold compile of W1's
-    # configuration: see the README numbers in bench_narrow) and caches one entry per configuration.
+def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss):
+    # One specialisation: the activations present (booleans) and the loss are closure constants, so numba
+    # prunes the other branches before typing and inlining them, and caches one entry per configuration. They
+    # pay where a configuration is first compiled (the seed's 1-16-1 sigmoid MSE fit, cold, AMD EPYC Zen 4 under
+    # load, medians of 3: 6.5 s like this, 7.1 s with the activations as run-time codes, 9.2 s with the loss
+    # too). The optimizer is a run-time code: optimizer_update is compiled once either way, and a constant only
+    # multiplied the kernels (SGD, Adam and AdamW each compiled the same code).
 
     @narrow_jit(**FAST)
     def kernel(params, opt_state, steps_done, grads, backup, work, X, Y, orders, lrs, epoch_losses, sizes,
-               param_offsets, unit_offsets, act_codes, hyper, batch_size, target_loss):
+               param_offsets, unit_offsets, act_codes, optimizer, hyper, batch_size, target_loss):
         # params (P,), opt_state (2, P), steps_done (1,), grads (P,), backup (3, P), work (see
         # workspace_length), X (n, n_in), Y (n, k), orders (E, n) or (E, 0), lrs (E,), epoch_losses (E,),
         # sizes (L + 1,), param_offsets (L,), unit_offsets (L + 2,), act_codes (L,), hyper (N_HYPER,).
@@ -1130,13 +1133,13 @@ def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss, optimizer):
 _KERNELS = {}
 
 
-def kernel_for(act_codes, loss: int, optimizer: int):
-    """The compiled fused kernel for these activation codes (any per-layer mix), loss and optimizer codes.
+def kernel_for(act_codes, loss: int):
+    """The compiled fused kernel for these activation codes (any per-layer mix) and loss code.
 
-    Its arguments: train_epochs_narrow's, without ``loss`` and ``optimizer`` (they are compiled in). Look it
-    up once per fit and call it directly to skip this function's dictionary look-up."""
+    Its arguments: train_epochs_narrow's, without ``loss`` (compiled in). Look it up once per fit and call it
+    directly to skip this function's dictionary look-up."""
     codes = frozenset(int(c) for c in np.asarray(act_codes).ravel())
-    key = (SIGMOID in codes, TANH in codes, RELU in codes, LEAKY_RELU in codes, int(loss), int(optimizer))
+    key = (SIGMOID in codes, TANH in codes, RELU in codes, LEAKY_RELU in codes, int(loss))
     kernel = _KERNELS.get(key)
     if kernel is None:
         if key[4] not in LOSS_NAMES:
@@ -1182,9 +1185,9 @@ def train_epochs_narrow(params, opt_state, steps_done, grads, backup, work, X, Y
 
     Allocates nothing; serial.
     """
-    return kernel_for(act_codes, loss, optimizer)(
+    return kernel_for(act_codes, loss)(
         params, opt_state, steps_done, grads, backup, work, X, Y, orders, lrs, epoch_losses, sizes,
-        param_offsets, unit_offsets, act_codes, hyper, batch_size, target_loss)
+        param_offsets, unit_offsets, act_codes, optimizer, hyper, batch_size, target_loss)
 
 
 # --- the reference: one sample at a time ---------------------------------------------------------------------

@@ -105,9 +105,9 @@ def narrow_kernel_runner(w1: W1):
     work = narrow.make_workspace(w1.layout.sizes, w1.dtype, w1.X.shape[0])
     losses = np.empty(w1.epochs)
     lay = w1.layout
-    kernel = narrow.kernel_for(w1.act_codes, 0, 0)
+    kernel = narrow.kernel_for(w1.act_codes, 0)
     args = (params, opt_state, steps, grads, backup, work, w1.X, w1.Y, w1.orders, w1.lrs, losses, lay.sizes,
-            lay.param_offsets, lay.unit_offsets, w1.act_codes, w1.hyper, w1.X.shape[0], -np.inf)
+            lay.param_offsets, lay.unit_offsets, w1.act_codes, 0, w1.hyper, w1.X.shape[0], -np.inf)
 
     def run():
         params[:] = w1.params0
@@ -142,7 +142,7 @@ def route_to_narrow(trainer) -> None:
 
     backend = trainer._backend
     layout = backend.layout
-    kernel = narrow.kernel_for(backend.act_codes, backend.loss, backend.optimizer)
+    kernel = narrow.kernel_for(backend.act_codes, backend.loss)
     P = layout.n_params
     grads, backup = np.empty(P, backend.dtype), np.empty((3, P), backend.dtype)
     works = {}
@@ -154,7 +154,7 @@ def route_to_narrow(trainer) -> None:
         losses = np.empty(len(lrs), dtype=np.float64)
         completed = kernel(backend.params, backend.opt_state, backend.steps_done, grads, backup, work, X, Y, orders,
                            lrs, losses, layout.sizes, layout.param_offsets, layout.unit_offsets, backend.act_codes,
-                           backend.hyper, batch_size, target_loss)
+                           backend.optimizer, backend.hyper, batch_size, target_loss)
         return losses[:min(completed + 1, len(lrs))], int(completed)
 
     backend.train_epochs = train_epochs
@@ -329,10 +329,10 @@ def _shape_runners(sizes, dtype, batch_size, n, epochs, rng):
     hyper = np.zeros(N_HYPER)
     loss = LOSSES["softmax_cross_entropy"]
     p_n, p_c = params0.copy(), params0.copy()
-    kernel = narrow.kernel_for(codes, loss, 0)
+    kernel = narrow.kernel_for(codes, loss)
     narrow_args = (p_n, np.zeros((2, P), dtype), np.zeros(1, np.int64), np.empty(P, dtype), np.empty((3, P), dtype),
                    narrow.make_workspace(sizes, dtype, n), X, Y, orders, lrs, np.empty(epochs), lay.sizes,
-                   lay.param_offsets, lay.unit_offsets, codes, hyper, batch_size, -np.inf)
+                   lay.param_offsets, lay.unit_offsets, codes, 0, hyper, batch_size, -np.inf)
     cpu_args = (p_c, np.zeros((2, P), dtype), np.zeros(1, np.int64), np.empty(epochs), X, Y, np.empty(0, dtype),
                 orders, lrs, tuple(cpu.network(lay, codes, loss)),
                 tuple(cpu.make_workspace(lay, batch_size, sizes[-1], dtype)),
