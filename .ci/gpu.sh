@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a machine WITH an NVIDIA GPU, fresh or not: one call, under 8 minutes, measures everything a GPU session
-# is for and writes it as JSON and markdown (fastbp.tools.gpu_session: versions, host cost per launch and per
+# is for and writes it as JSON and markdown (dev.gpu_session: versions, host cost per launch and per
 # graph replay, every product kernel against torch.mm at the W3/W4 shapes, W1-W4 per epoch for fastbp CUDA,
 # PyTorch CUDA and fastbp CPU, kernels per step from torch.profiler, the CUDA tests on the hardware).
 #   bash .ci/gpu.sh [OUT_DIR]      # default: $OUT, else $TMPDIR/fastbp-gpu-session
@@ -54,7 +54,7 @@ quick=()
 [ "${FASTBP_GPU_QUICK:-0}" = "1" ] && quick=(--quick)
 remaining=$(( $(left) - 10 ))
 say "measuring (budget ${remaining} s) into $out"
-timeout $(( remaining + 5 )) "$py" -m fastbp.tools.gpu_session --out "$out" --budget "$remaining" "${quick[@]}" \
+timeout $(( remaining + 5 )) "$py" -m dev.gpu_session --out "$out" --budget "$remaining" "${quick[@]}" \
   2>>"$log"
 rc=$?
 say "done (rc $rc): $out/session.md, $out/session.json"

@@ -3,7 +3,7 @@
 The implementation is the first parameter ("gemm" or "numpy", CPU only), then the product and the layer
 (batch x n_in x n_out: W4's hidden layer and W3's first and output layers). gemm's calls include their
 packing and fused epilogue (relu); numpy's are the bare product into a preallocated output.
-python -m fastbp.tools.bench_products times the same side by side, alternating, with thread counts.
+python -m dev.bench_products times the same side by side, alternating, with thread counts.
 """
 import time
 

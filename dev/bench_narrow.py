@@ -1,4 +1,4 @@
-"""``python -m fastbp.tools.bench_narrow``: the fused narrow-network kernel on W1, against today's path and the peers.
+"""``python -m dev.bench_narrow``: the fused narrow-network kernel on W1, against today's path and the peers.
 
 W1 (fastbp.bench.WORKLOADS): 1-16-1, sigmoid, MSE, full batch of 100, SGD lr 0.01, the timed unit is a whole
 1000-epoch fit from the same initial weights (PyTorch's nn.Linear initialisation, drawn with numpy). The
@@ -19,7 +19,7 @@ Other modes: ``--compile`` (cold compile and warm cache load of the W1 kernel, e
 threshold),
 ``--asm`` (packed FMAs in the compiled hot loops; ``--cpu skylake-avx512`` compiles for another CPU).
 
-    python -m fastbp.tools.bench_narrow [--rounds 7] [--min-seconds 0.3] [--dtype float32] [--compile]
+    python -m dev.bench_narrow [--rounds 7] [--min-seconds 0.3] [--dtype float32] [--compile]
                                         [--widths 8,32,128] [--shapes 64-128-10] [--batch-size 32]
                                         [--asm] [--cpu NAME] [--json]
 """
@@ -36,6 +36,9 @@ import tempfile
 import time
 
 import numpy as np
+
+# The repository's root: its child processes import dev.bench_narrow from there.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cpu_name() -> str:
@@ -284,7 +287,7 @@ _COMPILE_SNIPPET = r"""
 import time
 t0 = time.perf_counter()
 import numpy as np
-from fastbp.tools.bench_narrow import W1, narrow_kernel_runner
+from dev.bench_narrow import W1, narrow_kernel_runner
 w1 = W1(np.{dtype}, epochs=1)
 t1 = time.perf_counter()
 run = narrow_kernel_runner(w1)
@@ -303,7 +306,7 @@ def compile_times(dtype, repeats: int = 1):
             pair = []
             for _ in range(2):
                 out = subprocess.run([sys.executable, "-c", _COMPILE_SNIPPET.format(dtype=np.dtype(dtype).name)],
-                                     env=env, capture_output=True, text=True, check=True).stdout
+                                     cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
                 match = re.search(r"IMPORT (\S+) FIRST_CALL (\S+)", out)
                 pair.append((float(match.group(1)), float(match.group(2))))
             results.append(pair)
@@ -375,7 +378,7 @@ def shape_sweep(shapes, dtype, rounds: int, min_seconds: float, batch_size: int 
 # --- asm -----------------------------------------------------------------------------------------------------
 _ASM_SNIPPET = r"""
 import re, numba, numpy as np
-from fastbp.tools.bench_narrow import W1, narrow_kernel_runner
+from dev.bench_narrow import W1, narrow_kernel_runner
 from fastbp.kernels import narrow
 w1 = W1(np.{dtype}, epochs=1)
 run = narrow_kernel_runner(w1)  # compiled, not run: the code may be for another CPU
@@ -401,13 +404,13 @@ def asm_report(dtype, cpu=None) -> str:
     if cpu:
         env["NUMBA_CPU_NAME"] = cpu
         env["NUMBA_CPU_FEATURES"] = ""  # the named CPU's own features (numba otherwise keeps the host's)
-    out = subprocess.run([sys.executable, "-c", _ASM_SNIPPET.format(dtype=np.dtype(dtype).name)], env=env,
+    out = subprocess.run([sys.executable, "-c", _ASM_SNIPPET.format(dtype=np.dtype(dtype).name)], env=env, cwd=ROOT,
                          capture_output=True, text=True)
     return out.stdout + (out.stderr[-2000:] if out.returncode else "")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastbp.tools.bench_narrow", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dev.bench_narrow", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--min-seconds", type=float, default=0.3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])

@@ -1,6 +1,6 @@
 """Time fastbp's product engine (fastbp.kernels.gemm) against numpy/OpenBLAS and the current CPU kernels.
 
-    python -m fastbp.tools.bench_products [--threads 1 2] [--rounds 9] [--dtype float32] [--quick]
+    python -m dev.bench_products [--threads 1 2] [--rounds 9] [--dtype float32] [--quick]
 
 For each layer shape (batch, n_in, n_out) and product (forward, weight gradient, input gradient) it times,
 in ONE process, alternating implementations within each round:

@@ -1,6 +1,6 @@
 """Time fastbp's CPU and CUDA targets on the standard workloads and print a table.
 
-    python -m fastbp.tools.compare_devices [--workloads W1 W2 W3 W4] [--repeats 3] [--quick]
+    python -m dev.compare_devices [--workloads W1 W2 W3 W4] [--repeats 3] [--quick]
 
 The workloads are the project's (see the benchmarks): W1 seed regression (1-16-1 sigmoid, full batch,
 1000 epochs), W2 digits (64-128-10 relu, batch 32, one epoch), W3 MNIST-sized (784-256-256-10 relu,

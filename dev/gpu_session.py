@@ -1,6 +1,6 @@
 """Everything a GPU session measures, in one call: JSON and a markdown table under one folder.
 
-    python -m fastbp.tools.gpu_session [--out DIR] [--budget SECONDS] [--parts versions,launch,...] [--quick]
+    python -m dev.gpu_session [--out DIR] [--budget SECONDS] [--parts versions,launch,...] [--quick]
 
 Parts, in this order (each in its own process, killed at its timeout or when the budget runs out, so one
 hung part cannot stop the others; a part that cannot run here says why and is skipped):
@@ -33,6 +33,9 @@ import time
 PARTS = ("versions", "launch", "workloads", "products", "tests")
 # Seconds each part may take at most (the budget may cut them shorter).
 TIMEOUTS = {"versions": 60, "launch": 90, "workloads": 240, "products": 120, "tests": 300}
+
+# The repository's root: the tools in dev/ run from a clone (python -m dev.gpu_session), never installed.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
@@ -419,7 +422,7 @@ def part_products(quick: bool) -> dict:
 
 def part_tests(quick: bool, timeout: float = 280) -> dict:
     _gpu()
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = ROOT
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"} | {"FASTBP_REQUIRE_CUDA": "1"}
     args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/cuda"] + (["-x"] if quick else [])
     try:
@@ -472,7 +475,7 @@ def run_parts(parts, out: str, budget: float, quick: bool, command=None) -> list
         argv = (command or _part_command)(name, out, quick, timeout)
         started = time.perf_counter()
         try:
-            subprocess.run(argv, timeout=timeout, check=False, stdout=sys.stderr, stderr=sys.stderr)
+            subprocess.run(argv, timeout=timeout, check=False, stdout=sys.stderr, stderr=sys.stderr, cwd=ROOT)
             path = os.path.join(out, f"part-{name}.json")
             if os.path.exists(path):
                 with open(path) as f:
@@ -488,7 +491,7 @@ def run_parts(parts, out: str, budget: float, quick: bool, command=None) -> list
 
 
 def _part_command(name, out, quick, timeout):
-    argv = [sys.executable, "-m", "fastbp.tools.gpu_session", "--part", name, "--out", out,
+    argv = [sys.executable, "-m", "dev.gpu_session", "--part", name, "--out", out,
             "--part-timeout", str(int(timeout))]
     return argv + (["--quick"] if quick else [])
 

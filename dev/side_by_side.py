@@ -1,6 +1,6 @@
 """Time two or more checkouts of fastbp side by side, in one run, as ratios to the first.
 
-    python -m fastbp.tools.side_by_side --trees OLD NEW [NEW2 ...] [--rounds 5] [--units W1,W2,predict1]
+    python -m dev.side_by_side --trees OLD NEW [NEW2 ...] [--rounds 5] [--units W1,W2,predict1]
 
 Each tree is a checkout (``git worktree add ../old <commit>``). This machine is shared and noisy, so the
 trees take turns: every round runs one fresh child process per tree (PYTHONPATH = that tree, so it imports

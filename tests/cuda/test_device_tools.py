@@ -1,4 +1,4 @@
-"""The GPU session tool (fastbp.tools.gpu_session, run by .ci/gpu.sh) and examples/compare_peers.py's GPU
+"""The GPU session tool (dev.gpu_session, run by .ci/gpu.sh) and examples/compare_peers.py's GPU
 peers: the parts that need no GPU. The driver keeps going when a part hangs, fails or cannot run; its reports
 are written whatever happens; the measuring helpers run one unit through the backend interface (simulator)
 and PyTorch (CPU). On a GPU the session's parts themselves run in .ci/gpu.sh."""
@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastbp.tools import gpu_session
+from dev import gpu_session
 
 from .conftest import SIMULATOR, cuda_reason
 
@@ -23,7 +23,7 @@ def test_session_writes_its_reports_and_says_why_parts_are_skipped(tmp_path):
     gpu = subprocess.run([sys.executable, "-c", "from fastbp.kernels import cuda; print(cuda.unavailable_reason())"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120).stdout.strip()
     parts = "versions,launch" if gpu == "None" else "versions,launch,workloads,products,tests"
-    subprocess.run([sys.executable, "-m", "fastbp.tools.gpu_session", "--out", str(tmp_path), "--budget", "150",
+    subprocess.run([sys.executable, "-m", "dev.gpu_session", "--out", str(tmp_path), "--budget", "150",
                     "--parts", parts], env=env, cwd=ROOT, timeout=200, check=True, capture_output=True)
     session = json.loads((tmp_path / "session.json").read_text())
     statuses = {part["part"]: part for part in session["parts"]}
