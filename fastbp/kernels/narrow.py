@@ -10,8 +10,9 @@ in L1 (one 64-byte row per unit), weight gradients are summed per lane across th
 over the lanes once per step, and the optimizer runs once per step. Serial: a W1 step is about a
 microsecond, less than the start of a parallel region; results do not depend on the thread count.
 
-Lane vectors. The block arithmetic is written on explicit vectors (``LaneVector``: an LLVM ``<16 x float>``
-or ``<8 x double>``, through numba's public extension API), not as loops over lanes: a plain
+Lane vectors. The block arithmetic is written on explicit vectors (``simd.SimdVector``, the engine's one vector
+type, here always 64 bytes: an LLVM ``<16 x float>`` or ``<8 x double>``, with simd's operators), not as loops
+over lanes: a plain
 ``for lane in range(16)`` inside the loop over a layer's inputs k is fully unrolled by LLVM, which then
 vectorises the loop over k instead, as 16 strided reductions with horizontal sums at the end (seen in
 inspect_asm while this module was written). LLVM's loop vectoriser leaves values of a vector type alone;
@@ -35,15 +36,15 @@ serial reference ``train_epochs_naive``.
 from __future__ import annotations
 
 import math
-import operator
 
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic, lower_builtin, models, register_model, type_callable
+from numba.extending import intrinsic
 
 from .._jit import cpu_jit, inline, prefer_wide_vectors
+from .simd import OPERATOR_FLAGS, SimdMask, SimdVector, as_operand, operand_type, splat
 from . import cpu
 from .pointwise import (
     BINARY_CROSS_ENTROPY,
@@ -79,11 +80,8 @@ _LANES_NB = {types.float32: 16, types.float64: 8}
 # The widest layer (input and output included) for which the CPU backend chooses this path; see supports() for
 # the measurements. The kernel itself takes any widths (the tests run it on 128-wide layers).
 NARROW_MAX_WIDTH = 32
-# The lane vectors' arithmetic is emitted with these LLVM fast-math flags only: "contract" fuses a*b + c
-# into an FMA. Not "reassoc": it lets LLVM fold a Cody-Waite split (x - n c1) - n c2 back into
-# x - n (c1 + c2); pointwise.exp_fast compiled inside a kernel with cpu.FAST (which has reassoc) measured
-# 2.9e-7 max relative error in float32 and 2.4e-14 in float64, against 9.8e-8 and 7.8e-16 without it.
-_VECTOR_FLAGS = ("contract", "nsz")
+# The lane vectors' arithmetic is emitted with simd.OPERATOR_FLAGS only (contract, nsz: see there).
+_VECTOR_FLAGS = OPERATOR_FLAGS
 # The scalar code around the vectors compiles with cpu.FAST's freedoms (see there).
 FAST = cpu.FAST
 
@@ -93,83 +91,22 @@ def narrow_jit(**options):
     return cpu_jit(**options)
 
 
-# --- lane vectors: types -------------------------------------------------------------------------------------
-class LaneVector(types.Type):
-    """A vector of ``count`` numbers of ``dtype`` (a numba float type), one per lane (sample) of a block."""
-
-    def __init__(self, dtype, count):
-        self.dtype = dtype
-        self.count = count
-        super().__init__(name=f"LaneVector({dtype}, {count})")
-
-
-class LaneMask(types.Type):
-    """A vector of ``count`` booleans (the result of comparing lane vectors)."""
-
-    def __init__(self, count):
-        self.count = count
-        super().__init__(name=f"LaneMask({count})")
-
-
-@register_model(LaneVector)
-class _LaneVectorModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        element = dmm.lookup(fe_type.dtype).get_value_type()
-        super().__init__(dmm, fe_type, ir.VectorType(element, fe_type.count))
-
-
-@register_model(LaneMask)
-class _LaneMaskModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, ir.VectorType(ir.IntType(1), fe_type.count))
-
-
+# --- lane vectors: simd.SimdVector of LANES numbers, whatever the CPU's own vector width ----------------------
 def _lane_vector_of(dtype):
-    return LaneVector(dtype, _LANES_NB[dtype])
+    return SimdVector(dtype, _LANES_NB[dtype])
 
 
 def _element(ty):
-    return ty.dtype if isinstance(ty, LaneVector) else ty
-
-
-def _float_operands(*tys):
-    """The result type of arithmetic on operands of these types: the LaneVector among them (scalars are
-    broadcast), the float type when all are the same float, else None."""
-    vectors = [t for t in tys if isinstance(t, LaneVector)]
-    if vectors:
-        vt = vectors[0]
-        if all(t == vt or (isinstance(t, types.Number) and not isinstance(t, types.Complex)) for t in tys):
-            return vt
-        return None
-    if all(isinstance(t, types.Float) for t in tys) and len(set(tys)) == 1:
-        return tys[0]
-    return None
-
-
-def _splat(builder, value, vty):
-    undef = ir.Constant(vty, ir.Undefined)
-    first = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
-    zeros = ir.Constant(ir.VectorType(ir.IntType(32), vty.count), [0] * vty.count)
-    return builder.shuffle_vector(first, undef, zeros)
-
-
-def _operand(context, builder, value, ty, result_ty):
-    """value (of type ty) as an LLVM value of result_ty: scalars are cast to the element type and splatted."""
-    if isinstance(result_ty, LaneVector):
-        if isinstance(ty, LaneVector):
-            return value
-        value = context.cast(builder, value, ty, result_ty.dtype)
-        return _splat(builder, value, context.get_value_type(result_ty))
-    return context.cast(builder, value, ty, result_ty)
+    return ty.dtype if isinstance(ty, SimdVector) else ty
 
 
 def _llvm_intrinsic(builder, name, ty, args, context):
-    """Call llvm.<name> overloaded on ty (a float or a LaneVector). Declared by name: llvmlite 0.50 cannot
+    """Call llvm.<name> overloaded on ty (a float or a SimdVector). Declared by name: llvmlite 0.50 cannot
     derive the name suffix of a vector type (see the shared cpu-engine notes)."""
     lty = context.get_value_type(ty)
     suffix = f"f{_element(ty).bitwidth}"
-    if isinstance(ty, LaneVector):
-        suffix = f"v{ty.count}{suffix}"
+    if isinstance(ty, SimdVector):
+        suffix = f"v{ty.lanes}{suffix}"
     fnty = ir.FunctionType(lty, [lty] * len(args))
     fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.{name}.{suffix}")
     return builder.call(fn, args)
@@ -178,8 +115,8 @@ def _llvm_intrinsic(builder, name, ty, args, context):
 def _int_types(ty):
     """(integer type as wide as ty's float elements, its element, the int32 type of ty's shape)."""
     element = ir.IntType(_element(ty).bitwidth)
-    if isinstance(ty, LaneVector):
-        return ir.VectorType(element, ty.count), element, ir.VectorType(ir.IntType(32), ty.count)
+    if isinstance(ty, SimdVector):
+        return ir.VectorType(element, ty.lanes), element, ir.VectorType(ir.IntType(32), ty.lanes)
     return element, element, ir.IntType(32)
 
 
@@ -189,90 +126,16 @@ def _int_constant(ity, element, value):
     return ir.Constant(ity, value)
 
 
-# --- lane vectors: operators (+ - * / unary -, comparisons), through numba's low-level extension API ---------
-# type_callable + lower_builtin rather than @overload: an overload is a small function compiled and inlined
-# at every use, which made type inference of the fused kernel 3-4x slower.
-_SCALAR_CLASSES = (types.Float, types.Integer)
-
-
-def _register_binary(op, llvm_op):
-    @type_callable(op)
-    def _typer(context):
-        def typer(a, b):
-            if isinstance(a, LaneVector) or isinstance(b, LaneVector):
-                return _float_operands(a, b)
-            return None
-
-        return typer
-
-    def lower(context, builder, sig, args):
-        x = _operand(context, builder, args[0], sig.args[0], sig.return_type)
-        y = _operand(context, builder, args[1], sig.args[1], sig.return_type)
-        return getattr(builder, llvm_op)(x, y, flags=_VECTOR_FLAGS)
-
-    lower_builtin(op, LaneVector, LaneVector)(lower)
-    for scalar in _SCALAR_CLASSES:
-        lower_builtin(op, LaneVector, scalar)(lower)
-        lower_builtin(op, scalar, LaneVector)(lower)
-
-
-def _register_compare(op, symbol):
-    @type_callable(op)
-    def _typer(context):
-        def typer(a, b):
-            if isinstance(a, LaneVector) or isinstance(b, LaneVector):
-                vt = _float_operands(a, b)
-                return None if vt is None else LaneMask(vt.count)
-            return None
-
-        return typer
-
-    def lower(context, builder, sig, args):
-        vt = _float_operands(*sig.args)
-        x = _operand(context, builder, args[0], sig.args[0], vt)
-        y = _operand(context, builder, args[1], sig.args[1], vt)
-        # Ordered comparisons (false when either side is NaN), as Python's; != is unordered (true for NaN).
-        if symbol == "!=":
-            return builder.fcmp_unordered(symbol, x, y)
-        return builder.fcmp_ordered(symbol, x, y)
-
-    lower_builtin(op, LaneVector, LaneVector)(lower)
-    for scalar in _SCALAR_CLASSES:
-        lower_builtin(op, LaneVector, scalar)(lower)
-        lower_builtin(op, scalar, LaneVector)(lower)
-
-
-for _op, _llvm_op in ((operator.add, "fadd"), (operator.sub, "fsub"), (operator.mul, "fmul"),
-                      (operator.truediv, "fdiv")):
-    _register_binary(_op, _llvm_op)
-for _op, _symbol in ((operator.lt, "<"), (operator.gt, ">"), (operator.le, "<="), (operator.ge, ">="),
-                     (operator.ne, "!=")):
-    _register_compare(_op, _symbol)
-
-
-@type_callable(operator.neg)
-def _type_neg(context):
-    def typer(a):
-        return a if isinstance(a, LaneVector) else None
-
-    return typer
-
-
-@lower_builtin(operator.neg, LaneVector)
-def _lower_neg(context, builder, sig, args):
-    return builder.fneg(args[0], flags=_VECTOR_FLAGS)
-
-
 # --- lane vectors: functions (each also accepts plain floats) ------------------------------------------------
 @intrinsic
 def vfma(typingctx, a, b, c):
     """a * b + c with one rounding (llvm.fma)."""
-    result = _float_operands(a, b, c)
+    result = operand_type(a, b, c)
     if result is None:
         return None
 
     def codegen(context, builder, sig, args):
-        ops = [_operand(context, builder, v, t, result) for v, t in zip(args, sig.args)]
+        ops = [as_operand(context, builder, v, t, result) for v, t in zip(args, sig.args)]
         return _llvm_intrinsic(builder, "fma", result, ops, context)
 
     return result(a, b, c), codegen
@@ -281,7 +144,7 @@ def vfma(typingctx, a, b, c):
 @intrinsic
 def vabs(typingctx, a):
     """|a| (clears the sign bit)."""
-    if _float_operands(a) is None:
+    if operand_type(a) is None:
         return None
 
     def codegen(context, builder, sig, args):
@@ -294,7 +157,7 @@ def vabs(typingctx, a):
 def vround(typingctx, a):
     """a rounded to the nearest integer, ties to even, as a float: llvm.roundeven, one instruction
     (vroundps/vroundpd $8 on x86, cvt.rni on PTX) where floor(x + 0.5) takes two."""
-    if _float_operands(a) is None:
+    if operand_type(a) is None:
         return None
 
     def codegen(context, builder, sig, args):
@@ -307,17 +170,17 @@ def vround(typingctx, a):
 def vselect(typingctx, mask, a, b):
     """Lane by lane ``a if mask else b`` (a blend: both sides are computed). Two scalars blended by a lane
     mask give a lane vector."""
-    result = _float_operands(a, b)
+    result = operand_type(a, b)
     if result is None:
         return None
-    if isinstance(mask, LaneMask) and not isinstance(result, LaneVector):
-        result = LaneVector(result, mask.count)
-    if isinstance(result, LaneVector) != isinstance(mask, LaneMask):
+    if isinstance(mask, SimdMask) and not isinstance(result, SimdVector):
+        result = SimdVector(result, mask.lanes)
+    if isinstance(result, SimdVector) != isinstance(mask, SimdMask):
         return None
 
     def codegen(context, builder, sig, args):
-        x = _operand(context, builder, args[1], sig.args[1], result)
-        y = _operand(context, builder, args[2], sig.args[2], result)
+        x = as_operand(context, builder, args[1], sig.args[1], result)
+        y = as_operand(context, builder, args[2], sig.args[2], result)
         return builder.select(args[0], x, y)
 
     return result(mask, a, b), codegen
@@ -331,9 +194,9 @@ def vmax(a, b):
 
 @intrinsic
 def elem(typingctx, like, value):
-    """``value`` as a scalar of like's element type (like: a float, a LaneVector or an array): the
+    """``value`` as a scalar of like's element type (like: a float, a SimdVector or an array): the
     dtype-generic constant, ``type(x)(0.5)`` that works for lane vectors too."""
-    element = like.dtype if isinstance(like, (types.Array, LaneVector)) else like
+    element = like.dtype if isinstance(like, (types.Array, SimdVector)) else like
     if not isinstance(element, types.Float) or not isinstance(value, types.Number):
         return None
 
@@ -346,11 +209,11 @@ def elem(typingctx, like, value):
 @intrinsic
 def vfill(typingctx, like, value):
     """value in like's type: a lane vector of value for a lane vector, a scalar for a float."""
-    if _float_operands(like) is None or not isinstance(value, types.Number):
+    if operand_type(like) is None or not isinstance(value, types.Number):
         return None
 
     def codegen(context, builder, sig, args):
-        return _operand(context, builder, args[1], sig.args[1], like)
+        return as_operand(context, builder, args[1], sig.args[1], like)
 
     return like(like, value), codegen
 
@@ -358,7 +221,7 @@ def vfill(typingctx, like, value):
 @intrinsic
 def is_single(typingctx, like):
     """Whether like's element type is float32: a constant, so branches on it fold at compile time."""
-    element = like.dtype if isinstance(like, (types.Array, LaneVector)) else like
+    element = like.dtype if isinstance(like, (types.Array, SimdVector)) else like
     single = element == types.float32
 
     def codegen(context, builder, sig, args):
@@ -453,7 +316,7 @@ def vsplat(typingctx, value, like):
     vt = _lane_vector_of(like.dtype)
 
     def codegen(context, builder, sig, args):
-        return _operand(context, builder, args[0], sig.args[0], vt)
+        return as_operand(context, builder, args[0], sig.args[0], vt)
 
     return vt(value, like), codegen
 
@@ -521,24 +384,24 @@ def vlanes_below(typingctx, count, like):
 
     def codegen(context, builder, sig, args):
         i64 = ir.IntType(64)
-        bound = _splat(builder, context.cast(builder, args[0], sig.args[0], types.int64), ir.VectorType(i64, n))
+        bound = splat(builder, ir.VectorType(i64, n), context.cast(builder, args[0], sig.args[0], types.int64))
         index = ir.Constant(ir.VectorType(i64, n), [ir.Constant(i64, i) for i in range(n)])
         return builder.icmp_signed("<", index, bound)
 
-    return LaneMask(n)(count, like), codegen
+    return SimdMask(n)(count, like), codegen
 
 
 @intrinsic
 def vsum(typingctx, value):
     """The sum of a lane vector's lanes: a fixed tree of pairwise adds (halves, then quarters, ...), so the
     order, and the result, do not depend on the compiler or the CPU."""
-    if not isinstance(value, LaneVector):
+    if not isinstance(value, SimdVector):
         return None
 
     def codegen(context, builder, sig, args):
         v = args[0]
         i32 = ir.IntType(32)
-        width = value.count
+        width = value.lanes
         while width > 1:
             half = width // 2
             lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half))))
@@ -557,7 +420,7 @@ def vpow2(typingctx, n):
 
     The float-to-integer conversion goes through int32 (sign-extended for float64): AVX2 converts doubles
     only to int32 (vcvttpd2dq); double to int64 needs AVX-512DQ and would otherwise be scalarised."""
-    if _float_operands(n) is None:
+    if operand_type(n) is None:
         return None
     bias, mantissa = (127, 23) if _element(n) == types.float32 else (1023, 52)
 
@@ -577,7 +440,7 @@ def vpow2(typingctx, n):
 def vsplit_exponent(typingctx, x):
     """(m, e) with x = m * 2**e, m in [1, 2), e integral (as a float), for positive normal x (a float or lane
     vector): the exponent field shifted out; the mantissa bits given the exponent of 1.0."""
-    if _float_operands(x) is None:
+    if operand_type(x) is None:
         return None
     bias, mantissa = (127, 23) if _element(x) == types.float32 else (1023, 52)
 
@@ -849,7 +712,7 @@ def supports(sizes) -> bool:
     """Whether train_epochs_narrow is the faster path for layer widths ``sizes`` (input first): every layer,
     the input included, at most NARROW_MAX_WIDTH (32) wide.
 
-    Measured against cpu.train_epochs on its product engine (python -m fastbp.tools.bench_narrow --widths /
+    Measured against cpu.train_epochs on its product engine (python -m dev.bench_narrow --widths /
     --shapes; relu, softmax CE, SGD, shuffled batches of 32, float32, per-round ratios cpu/narrow, medians of
     3), 2026-12-03 on an Intel Xeon (AVX-512; KVM reports family 6 model 167), then the same with
     NUMBA_CPU_NAME=haswell (8-lane AVX2 code on that CPU): 16-w-w-10 3.99x / - (w = 8), 2.82x / 2.96x (16),
