@@ -57,12 +57,12 @@ from .pointwise import (
     activation_grad,
     adam_decay_terms,
     adam_update_one,
-    binary_cross_entropy_term,
+    binary_cross_entropy_from_exp,
     clip_coefficient,
     exp_fast,
     loss_divisor,
     sgd_update_one,
-    sigmoid,
+    sigmoid_from_exp,
 )
 
 # The public, stable surface (documented in fastbp/kernels/API.md): kernels a user's own numba code may call.
@@ -272,11 +272,12 @@ def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
     """Fused loss and gradient, overwritten: dlogits (B, k) = d mean-loss / d logits, row_losses (B,) each
     row's summed loss. logits, targets (B, k); inv_divisor = 1 / loss_divisor(loss, n, k).
 
-    The losses are written out over the whole (B, k) block here (the same arithmetic as
-    pointwise.loss_grad_row; binary cross-entropy's element through pointwise.binary_cross_entropy_term):
-    taking a row view per sample costs a reference-count round trip each, which was 44 ns a row, more than the
-    arithmetic, and softmax's exps then run as one vectorised loop over the block instead of rows of 10.
-    Inlining loss_grad_row for binary cross-entropy also cost this function 1.4 s of cold compile."""
+    The losses are written out over the whole (B, k) block here (pointwise.loss_grad_row's arithmetic:
+    binary cross-entropy through pointwise.binary_cross_entropy_from_exp): taking a row view per sample costs a
+    reference-count round trip each, which was 44 ns a row, more than the arithmetic. Every exp the block needs
+    (exp(-|z|), exp(z) or exp(z - max)) is taken in one loop over it, dlogits holding the arguments: the loop
+    vectorises, and exp_fast's code is compiled once, not once per loss (this function's cold compile,
+    AMD EPYC Zen 4: see the commit)."""
     prefer_wide_vectors()
     n = logits.shape[0]
     k = logits.shape[1]
@@ -290,17 +291,17 @@ def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
                 total += diff * diff
                 dlogits[i, j] = two_over * diff
             row_losses[i] = total
-    elif loss == POISSON:  # exp(z) - t z and (exp(z) - t) / divisor: one loop over the block, exps vectorised
+        return
+    # Pass 1: the argument of each output's exp; softmax's row max waits in row_losses (stability only).
+    if loss == BINARY_CROSS_ENTROPY:
         for i in range(n):
-            total = zero
             for j in range(k):
-                z = logits[i, j]
-                rate = exp_fast(z)
-                total += rate - targets[i, j] * z
-                dlogits[i, j] = (rate - targets[i, j]) * inv_divisor
-            row_losses[i] = total
-    elif loss == SOFTMAX_CROSS_ENTROPY:
-        # Pass 1: shift each row by its max (stability only); the max waits in row_losses.
+                dlogits[i, j] = -abs(logits[i, j])
+    elif loss == POISSON:
+        for i in range(n):
+            for j in range(k):
+                dlogits[i, j] = logits[i, j]
+    else:  # SOFTMAX_CROSS_ENTROPY
         for i in range(n):
             zmax = logits[i, 0]
             for j in range(1, k):
@@ -308,11 +309,28 @@ def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
             row_losses[i] = zmax
             for j in range(k):
                 dlogits[i, j] = logits[i, j] - zmax
-        # Pass 2: the softmax numerators, one loop over the block.
-        flat = dlogits.reshape(n * k)
-        for t in range(n * k):
-            flat[t] = exp_fast(flat[t])
-        # Pass 3: sum_j t_j (logsumexp(z) - z_j) and (softmax * sum(t) - t) / divisor.
+    # Pass 2: the exps, one loop over the block.
+    flat = dlogits.reshape(n * k)
+    for t in range(n * k):
+        flat[t] = exp_fast(flat[t])
+    # Pass 3: each loss from its exps.
+    if loss == BINARY_CROSS_ENTROPY:
+        for i in range(n):
+            total = zero
+            for j in range(k):
+                term, grad = binary_cross_entropy_from_exp(logits[i, j], targets[i, j], dlogits[i, j])
+                total += term
+                dlogits[i, j] = grad * inv_divisor
+            row_losses[i] = total
+    elif loss == POISSON:  # exp(z) - t z and (exp(z) - t) / divisor
+        for i in range(n):
+            total = zero
+            for j in range(k):
+                rate = dlogits[i, j]
+                total += rate - targets[i, j] * logits[i, j]
+                dlogits[i, j] = (rate - targets[i, j]) * inv_divisor
+            row_losses[i] = total
+    else:  # SOFTMAX_CROSS_ENTROPY: sum_j t_j (logsumexp(z) - z_j) and (softmax * sum(t) - t) / divisor
         one = type(inv_divisor)(1.0)
         for i in range(n):
             sum_exp = zero
@@ -328,23 +346,15 @@ def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
                 total += t * (log_sum_exp - logits[i, j])
                 dlogits[i, j] = (dlogits[i, j] * scale - t) * inv_divisor
             row_losses[i] = total
-    else:  # BINARY_CROSS_ENTROPY
-        for i in range(n):
-            total = zero
-            for j in range(k):
-                term, grad = binary_cross_entropy_term(logits[i, j], targets[i, j])
-                total += term
-                dlogits[i, j] = grad * inv_divisor
-            row_losses[i] = total
 
 
 @cpu_jit(**FAST)
 def output_transform(out, logits, loss):
     """out (B, k) = the loss's output transform of logits (B, k): identity, sigmoid, softmax or exp.
 
-    Over the whole block, as loss_grad (pointwise.output_transform_row's arithmetic, one vectorised loop per
-    pass instead of a row view and its reference count per sample; inlining output_transform_row per row cost
-    this function about 1 s more of cold compile)."""
+    Over the whole block, as loss_grad (pointwise.output_transform_row's arithmetic, sigmoid through
+    pointwise.sigmoid_from_exp): one loop per pass instead of a row view and its reference count per sample,
+    and every exp in one loop over the block (exp_fast's code compiled once for the three transforms)."""
     prefer_wide_vectors()
     n = logits.shape[0]
     k = logits.shape[1]
@@ -352,24 +362,33 @@ def output_transform(out, logits, loss):
         for i in range(n):
             for j in range(k):
                 out[i, j] = logits[i, j]
-    elif loss == BINARY_CROSS_ENTROPY:
+        return
+    # Pass 1: each output's exp argument: -|z| (sigmoid), z (poisson), z - row max (softmax; stability only).
+    if loss == BINARY_CROSS_ENTROPY:
         for i in range(n):
             for j in range(k):
-                out[i, j] = sigmoid(logits[i, j])
+                out[i, j] = -abs(logits[i, j])
     elif loss == POISSON:
         for i in range(n):
             for j in range(k):
-                out[i, j] = exp_fast(logits[i, j])
-    else:  # SOFTMAX_CROSS_ENTROPY: exp(z - max) / sum, the max subtracted for stability only
+                out[i, j] = logits[i, j]
+    else:
         for i in range(n):
             zmax = logits[i, 0]
             for j in range(1, k):
                 zmax = max(zmax, logits[i, j])
             for j in range(k):
                 out[i, j] = logits[i, j] - zmax
+    # Pass 2: the exps.
+    for i in range(n):
+        for j in range(k):
+            out[i, j] = exp_fast(out[i, j])
+    # Pass 3.
+    if loss == BINARY_CROSS_ENTROPY:
         for i in range(n):
             for j in range(k):
-                out[i, j] = exp_fast(out[i, j])
+                out[i, j] = sigmoid_from_exp(logits[i, j], out[i, j])
+    elif loss == SOFTMAX_CROSS_ENTROPY:
         for i in range(n):
             total = out.dtype.type(0.0)
             for j in range(k):

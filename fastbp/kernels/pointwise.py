@@ -28,7 +28,8 @@ __all__ = [
     "IDENTITY", "SIGMOID", "TANH", "RELU", "LEAKY_RELU", "ACTIVATIONS", "ACTIVATION_NAMES", "LEAKY_RELU_SLOPE",
     "MSE", "BINARY_CROSS_ENTROPY", "SOFTMAX_CROSS_ENTROPY", "POISSON", "LOSSES", "LOSS_NAMES",
     "SGD", "ADAM", "ADAMW", "OPTIMIZERS",
-    "exp_fast", "sigmoid", "activate", "activation_grad", "loss_divisor", "binary_cross_entropy_term",
+    "exp_fast", "sigmoid", "sigmoid_from_exp", "activate", "activation_grad", "loss_divisor",
+    "binary_cross_entropy_term", "binary_cross_entropy_from_exp",
     "loss_grad_row", "output_transform_row",
     "sgd_update_one", "adam_decay_terms", "adam_update_one", "clip_coefficient",
 ]
@@ -138,8 +139,14 @@ def exp_fast(x):
 def sigmoid(z):
     """Logistic function without overflow: exp is only ever taken of a non-positive number. Branch-free
     apart from a final select, so loops over it vectorise."""
+    return sigmoid_from_exp(z, exp_fast(-abs(z)))
+
+
+@inline
+def sigmoid_from_exp(z, e):
+    """sigmoid(z) given e = exp(-|z|): 1 / (1 + e) for z >= 0, e / (1 + e) below. For block kernels that take
+    every exp of a block in one loop (one copy of exp_fast's code where several rules need one)."""
     one = type(z)(1.0)
-    e = exp_fast(-abs(z))
     inv = one / (one + e)
     return inv if z >= 0 else e * inv
 
@@ -196,13 +203,16 @@ def binary_cross_entropy_term(z, t):
     fast-math's reassociation (the CPU block kernels, CUDA's fastmath), LLVM may add log1p's small term to
     max(z, 0) before z t cancels it, and a confident right answer's loss (z = 16, t = 1: 1.1e-7) then came
     out 4x too large in float32 and 1e-5 off in float64 (tests/test_math_one_source.py)."""
+    return binary_cross_entropy_from_exp(z, t, exp_fast(-abs(z)))
+
+
+@inline
+def binary_cross_entropy_from_exp(z, t, e):
+    """binary_cross_entropy_term(z, t) given e = exp(-|z|) (see sigmoid_from_exp)."""
     zero = type(z)(0.0)
     one = type(z)(1.0)
-    e = exp_fast(-abs(z))
-    inv = one / (one + e)
-    q = inv if z >= zero else e * inv  # sigmoid(z), as sigmoid() computes it
     margin = z * (one - t) if z >= zero else -(z * t)
-    return math.log1p(e) + margin, q - t
+    return math.log1p(e) + margin, sigmoid_from_exp(z, e) - t
 
 
 @inline
