@@ -11,13 +11,13 @@ over the lanes once per step, and the optimizer runs once per step. Serial: a W1
 microsecond, less than the start of a parallel region; results do not depend on the thread count.
 
 Lane vectors. The block arithmetic is written on explicit vectors (``simd.SimdVector``, the engine's one vector
-type, here always 64 bytes: an LLVM ``<16 x float>`` or ``<8 x double>``, with simd's operators), not as loops
-over lanes: a plain
-``for lane in range(16)`` inside the loop over a layer's inputs k is fully unrolled by LLVM, which then
-vectorises the loop over k instead, as 16 strided reductions with horizontal sums at the end (seen in
-inspect_asm while this module was written). LLVM's loop vectoriser leaves values of a vector type alone;
-they stay in registers and give packed FMAs on every x86-64 CPU (two ymm per vector with AVX2, one zmm
-with AVX-512). The operations accept plain scalars too, so the math below has one source for both.
+type, here always 64 bytes: an LLVM ``<16 x float>`` or ``<8 x double>``, with simd's operators, emitted with
+simd.OPERATOR_FLAGS only), not as loops over lanes: a plain ``for lane in range(16)`` inside the loop over a
+layer's inputs k is fully unrolled by LLVM, which then vectorises the loop over k instead, as 16 strided
+reductions with horizontal sums at the end (seen in inspect_asm while this module was written). LLVM's loop
+vectoriser leaves values of a vector type alone; they stay in registers and give packed FMAs on every x86-64 CPU
+(two ymm per vector with AVX2, one zmm with AVX-512). The operations accept plain scalars too, so the math below
+has one source for both.
 
 Math. exp builds 2^n from the exponent bits (n + bias shifted into the exponent field, bitcast to a float)
 instead of ``pointwise.exp_fast``'s integer shifts, squarings and division, with minimax polynomials of
@@ -80,8 +80,6 @@ _LANES_NB = {types.float32: 16, types.float64: 8}
 # The widest layer (input and output included) for which the CPU backend chooses this path; see supports() for
 # the measurements. The kernel itself takes any widths (the tests run it on 128-wide layers).
 NARROW_MAX_WIDTH = 32
-# The lane vectors' arithmetic is emitted with simd.OPERATOR_FLAGS only (contract, nsz: see there).
-_VECTOR_FLAGS = OPERATOR_FLAGS
 # The scalar code around the vectors compiles with cpu.FAST's freedoms (see there).
 FAST = cpu.FAST
 
@@ -406,7 +404,7 @@ def vsum(typingctx, value):
             half = width // 2
             lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half))))
             hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half, width))))
-            v = builder.fadd(lo, hi, flags=_VECTOR_FLAGS)
+            v = builder.fadd(lo, hi, flags=OPERATOR_FLAGS)
             width = half
         return builder.extract_element(v, ir.Constant(i32, 0))
 
