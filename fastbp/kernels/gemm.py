@@ -624,21 +624,28 @@ def _task(kind, act, out, a, b, vec, y, panels, span):
     panel_group = _panel_group(depth, NR, out.itemsize)
     narrow = (not a_packed) and _narrow_last_panel(n_cols, NR, L, panel_hi)
     wide_hi = panel_hi - 1 if narrow else panel_hi
-    for group in range(panel_lo, wide_hi, panel_group):
-        group_end = min(group + panel_group, wide_hi)
-        for tile in range(tile_lo, tile_hi):
-            row0 = tile * TILE_ROWS
-            # packed groups: group q (q * TILE_ROWS = row0) starts at row0 * depth, its row t at + t
+    row_end = min(tile_hi * TILE_ROWS, n_rows)  # this task's rows only
+    # Sweeps of panel_group panels over the task's tiles, then the narrow last panel (if this task has it) as a
+    # sweep of its own with NARROW_ROWS-row tiles. One loop nest, so that the epilogue (_finish, the larger
+    # part of this function's cold compile) is inlined at one call site, not two (see the commit).
+    n_wide_sweeps = (wide_hi - panel_lo + panel_group - 1) // panel_group if wide_hi > panel_lo else 0
+    n_sweeps = n_wide_sweeps + (1 if narrow and wide_hi >= panel_lo else 0)
+    for sweep in range(n_sweeps):
+        narrow_sweep = sweep == n_wide_sweeps
+        first = wide_hi if narrow_sweep else panel_lo + sweep * panel_group
+        last = wide_hi + 1 if narrow_sweep else min(first + panel_group, wide_hi)
+        tile_rows = _runtime(NARROW_ROWS) if narrow_sweep else _runtime(TILE_ROWS)
+        for row0 in range(tile_lo * TILE_ROWS, row_end, tile_rows):
+            # Both kernels' row offsets (tuples of different lengths with AVX2's 4-row tiles): a few integer
+            # operations a tile row. Packed groups: group q (q * TILE_ROWS = row0) starts at row0 * depth.
             rows = _rows(row0, n_rows, row_step, row0 * (depth - 1) if a_packed else 0)
-            for p in range(group, group_end):
-                _kernel(buf, A, rows, a_step, panels, p * depth * NR, depth)
-                _finish(kind, act, out, row0, n_rows, p * NR, n_cols, buf, _runtime(TILE_ROWS), vec, y)
-    if narrow and wide_hi >= panel_lo:
-        row_end = min(tile_hi * TILE_ROWS, n_rows)  # this task's rows only
-        for row0 in range(tile_lo * TILE_ROWS, row_end, NARROW_ROWS):
-            rows = _rows_6(row0, row_end, row_step, 0)
-            _kernel_narrow(buf, A, rows, a_step, panels, wide_hi * depth * NR, depth)
-            _finish(kind, act, out, row0, row_end, wide_hi * NR, n_cols, buf, _runtime(NARROW_ROWS), vec, y)
+            narrow_rows = _rows_6(row0, row_end, row_step, 0)
+            for p in range(first, last):
+                if narrow_sweep:
+                    _kernel_narrow(buf, A, narrow_rows, a_step, panels, p * depth * NR, depth)
+                else:
+                    _kernel(buf, A, rows, a_step, panels, p * depth * NR, depth)
+                _finish(kind, act, out, row0, row_end, p * NR, n_cols, buf, tile_rows, vec, y)
 
 
 @inline
