@@ -16,9 +16,10 @@ mark where they differ by more than 1.5 points. Compilation is done before the r
 Both use the same number of threads (--threads, default: every CPU; fastbp's numba threads and
 scikit-learn's BLAS threads). OMP_WAIT_POLICY defaults to PASSIVE here, as in examples/compare_peers.py: on a
 machine shared with other jobs, OpenMP threads that spin while waiting for a descheduled partner made
-fastbp's parallel kernels up to 40x slower in our runs. Do not set OMP_WAIT_POLICY=ACTIVE here: numba's idle
-OpenMP threads then spin without end and take a core from scikit-learn's BLAS threads in this same process
-(its fits became 3-12x slower in our runs).
+fastbp's parallel kernels up to 40x slower in our runs (on numba's omp layer; fastbp's default where tbb is
+installed is numba's tbb layer, whose idle threads sleep, and the setting still calms other OpenMP users).
+Do not set OMP_WAIT_POLICY=ACTIVE here: numba's idle OpenMP threads then spin without end and take a core
+from scikit-learn's BLAS threads in this same process (its fits became 3-12x slower in our runs).
 
 Takes about 1-2 minutes on 2 CPU cores with the defaults; --quick (1 round, few epochs, 4000 synthetic rows)
 takes about 10 seconds.

@@ -21,6 +21,10 @@ from numba import njit, types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic, lower_builtin, type_callable
 
+from . import _threads
+
+_threads.make_tbb_findable()  # before numba picks its threading layer (see fastbp._threads)
+
 CACHE_ENABLED = os.environ.get("FASTBP_CACHE", "1").lower() not in ("0", "false", "no", "off")
 
 

@@ -11,6 +11,19 @@ load its layer, reads which one it got, and, if that is workqueue, runs every on
 under one process-wide lock: trainers in different threads then take turns instead of crashing the host.
 With tbb or omp there is no lock and the threads run concurrently.
 
+Which layer, on a busy machine: fastbp's products run as short parallel regions (a 784-256-256-10 training step
+opens about six, of 0.1-0.3 ms each). When another process keeps one of two cores busy, an OpenMP thread that has
+finished its share spins at the region's end while the thread it waits for is descheduled: that network's epoch
+took 3.5-4.2x its idle time. TBB's workers sleep soon after they run out of work, and the calling thread takes
+back any task that no worker has started: 1.55-1.62x, with the idle speed level (W1-W4 0.97-1.01x) and a
+450-row predict and a 64-128-10 epoch at 1.0-1.2x (AMD EPYC Zen 4, 2 vCPUs, 2026-12-06; idle and busy rounds
+alternate in one process: ``python -m dev.busy_machine``). numba prefers tbb to omp by default, but cannot find
+the libtbb that ``pip install tbb`` puts in ``<prefix>/lib`` (numba #6108, #7148). fastbp depends on tbb on Linux
+x86-64 and loads that library before numba picks its layer (:func:`make_tbb_findable`), unless the user named a
+layer that excludes it (``NUMBA_THREADING_LAYER=omp``, say). TBB is also fork-safe where GNU OpenMP is not: a
+process forked after an OpenMP parallel region (Python's multiprocessing on Linux) is terminated by numba in its
+first parallel call.
+
 How many threads: ``Trainer(n_threads=n)`` runs each of that trainer's compiled calls with
 ``numba.set_num_threads(n)`` and puts the caller's count back afterwards, also when the call raises. numba keeps
 that count per Python thread, so this changes nothing for other threads, and code that runs between the
@@ -24,6 +37,41 @@ import functools
 import threading
 
 from ._validation import check_int
+
+# numba.config.THREADING_LAYER values under which numba may pick tbb (numba's documentation: "Selecting a
+# threading layer for safe parallel execution"): "safe" and "forksafe" are the fork-safe ones, which need it.
+_LAYERS_THAT_MAY_BE_TBB = ("default", "tbb", "safe", "threadsafe", "forksafe")
+_TBB_LIBRARY = "libtbb.so.12"  # the soname numba's tbbpool links to (TBB 2021 and later)
+
+
+def make_tbb_findable() -> str | None:
+    """Load the libtbb that pip installed into ``<prefix>/lib`` (or the user scheme's lib), so that numba finds it
+    when it picks a threading layer; the path loaded, or None where there is nothing to do. Call it before any
+    parallel numba code runs: once numba has loaded a layer, this changes nothing. Loading a library starts no
+    thread; numba still decides the layer."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    import os
+
+    configured = os.environ.get("NUMBA_THREADING_LAYER", "default").strip().lower() or "default"
+    if configured not in _LAYERS_THAT_MAY_BE_TBB:
+        return None
+    import ctypes
+    import site
+
+    for prefix in (sys.prefix, site.getuserbase()):
+        path = os.path.join(prefix, "lib", _TBB_LIBRARY)
+        if os.path.exists(path):
+            try:
+                # RTLD_GLOBAL: numba's ctypes.CDLL("libtbb.so.12") and tbbpool's DT_NEEDED then resolve to it
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                return None
+            return path
+    return None
+
 
 _init_lock = threading.Lock()
 # Held around fastbp's compiled calls when the layer is not thread-safe. Re-entrant: a guarded backend

@@ -270,13 +270,14 @@ def _csv(text, convert=str):
 
 
 # What --help and a loaded machine's run say about threads (issue 29: on a machine running other work, the W2
-# epoch took 125 ms against numpy's 1.8 ms, 0.01x; with OMP_WAIT_POLICY=PASSIVE 2.5 ms).
+# epoch took 125 ms against numpy's 1.8 ms, 0.01x, on the omp layer; with OMP_WAIT_POLICY=PASSIVE 2.5 ms).
 BUSY_MACHINE_NOTE = (
-    "On a machine running other work, compare within one run and set the threads first. numba's OpenMP "
-    "threads spin while they wait, and a parallel loop waits for its slowest thread: one W2 epoch measured "
-    "125 ms on a loaded 2-core machine against numpy's 1.8 ms, and 2.5 ms with OMP_WAIT_POLICY=PASSIVE. "
-    "Before starting Python, set OMP_WAIT_POLICY=PASSIVE (for numba's omp threading layer, which python -m "
-    "fastbp info names), or fewer threads with NUMBA_NUM_THREADS. On an idle machine the defaults are fastest.")
+    "On a machine running other work, compare within one run. fastbp runs on numba's tbb threading layer where "
+    "tbb is installed (a dependency on Linux x86-64; python -m fastbp info names the layer): its idle threads "
+    "sleep. On the omp layer, OpenMP's threads spin while they wait and a parallel loop waits for its slowest "
+    "thread: one W2 epoch measured 125 ms on a loaded 2-core machine against numpy's 1.8 ms, and 2.5 ms with "
+    "OMP_WAIT_POLICY=PASSIVE; there, set OMP_WAIT_POLICY=PASSIVE before starting Python, or fewer threads with "
+    "NUMBA_NUM_THREADS. On an idle machine the defaults are fastest.")
 
 
 def _describe_workloads() -> str:
@@ -299,8 +300,10 @@ def _loaded_machine() -> str | None:
         return None
     if load < 0.5 * cpus:
         return None
+    from ._threads import threading_layer
+
     policy = os.environ.get("OMP_WAIT_POLICY")
-    advice = ("" if policy and policy.upper() == "PASSIVE" else
+    advice = ("" if threading_layer() != "omp" or (policy and policy.upper() == "PASSIVE") else
               " Timings on a loaded machine vary widely; OMP_WAIT_POLICY=PASSIVE (set before Python starts) makes "
               "fastbp's waiting threads yield the cores (see --help).")
     return f"note: load average {load:.1f} on {cpus} logical CPUs: other work is running.{advice}"

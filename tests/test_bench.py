@@ -60,7 +60,13 @@ def test_a_loaded_machine_gets_a_note(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    from fastbp import _threads
+
+    monkeypatch.setattr(_threads, "threading_layer", lambda: "omp")  # spinning threads: the advice applies
     note = bench._loaded_machine()
     assert note.startswith("note: load average 5.0 on 2 logical CPUs") and "OMP_WAIT_POLICY=PASSIVE" in note
+    monkeypatch.setattr(_threads, "threading_layer", lambda: "tbb")  # sleeping threads: only the load is noted
+    note = bench._loaded_machine()
+    assert note.startswith("note: load average 5.0") and "OMP_WAIT_POLICY" not in note
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
     assert bench._loaded_machine() is None

@@ -406,6 +406,7 @@ DETERMINISM_SCRIPT = textwrap.dedent("""
         digest = hashlib.sha256(model.flat_parameters().tobytes() + trainer.predict(X).tobytes()
                                 + b"".join(g.tobytes() for g in dw + db)).hexdigest()
         out[optimizer] = digest
+    out["layer"] = numba.threading_layer()
     print(json.dumps(out))
 """)
 
@@ -418,12 +419,55 @@ def run_python(code, env_extra, timeout=240):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_weights_identical_across_thread_counts():
-    """Each output element is reduced in a fixed order by one thread, so 1 and 2 threads agree bit for bit."""
-    one = run_python(DETERMINISM_SCRIPT, {"NUMBA_NUM_THREADS": "1"})
-    two = run_python(DETERMINISM_SCRIPT, {"NUMBA_NUM_THREADS": "2"})
-    assert one["threads"] == 1 and two["threads"] == 2
-    assert one["sgd"] == two["sgd"] and one["adam"] == two["adam"]
+def tbb_expected() -> bool:
+    """True where fastbp's dependencies bring TBB (pyproject.toml: Linux x86-64), so numba must pick it."""
+    import importlib.metadata
+    import platform
+
+    try:
+        importlib.metadata.version("tbb")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return sys.platform.startswith("linux") and platform.machine() == "x86_64"
+
+
+def test_weights_identical_across_thread_counts_and_layers():
+    """Each output element is reduced in a fixed order by one thread, so 1 and 2 threads agree bit for bit, and
+    so do the tbb and omp layers (the tasks are fastbp's, whichever layer runs them)."""
+    one = run_python(DETERMINISM_SCRIPT, {"NUMBA_NUM_THREADS": "1", "NUMBA_THREADING_LAYER": "default"})
+    two = run_python(DETERMINISM_SCRIPT, {"NUMBA_NUM_THREADS": "2", "NUMBA_THREADING_LAYER": "default"})
+    two_omp = run_python(DETERMINISM_SCRIPT, {"NUMBA_NUM_THREADS": "2", "NUMBA_THREADING_LAYER": "omp"})
+    assert one["threads"] == 1 and two["threads"] == 2 and two_omp["threads"] == 2
+    assert two_omp["layer"] == "omp"  # the user's choice of layer is kept: fastbp loads no TBB over it
+    if tbb_expected():
+        assert two["layer"] == "tbb"
+    assert one["sgd"] == two["sgd"] == two_omp["sgd"] and one["adam"] == two["adam"] == two_omp["adam"]
+
+
+FORK_SCRIPT = textwrap.dedent("""
+    import json, multiprocessing
+    import numba, numpy as np, fastbp
+    from fastbp.kernels import cpu
+    X = np.random.default_rng(0).normal(size=(2048, 64)).astype(np.float32)
+    assert 2048 * 64 * 128 >= cpu.PARALLEL_MIN_WORK  # predict runs a parallel region in both processes
+    trainer = fastbp.Trainer(fastbp.MLP([64, 128, 10], "relu", seed=0), loss="softmax_cross_entropy")
+
+    def child_predict(_):
+        return trainer.predict(X).tobytes().hex()
+
+    parent = trainer.predict(X).tobytes().hex()  # the threading layer is running before the fork
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        children = pool.map_async(child_predict, range(2)).get(timeout=120)
+    print(json.dumps({"layer": numba.threading_layer(), "same": children == [parent, parent]}))
+""")
+
+
+@pytest.mark.skipif(not tbb_expected(), reason="TBB is fastbp's layer only where its dependencies bring it")
+def test_forked_children_run_parallel_code():
+    """Under GNU OpenMP a process forked after a parallel region aborts ("fork() called from a process already
+    using GNU OpenMP, this is unsafe"): with the TBB layer, multiprocessing's fork start method works."""
+    out = run_python(FORK_SCRIPT, {"NUMBA_THREADING_LAYER": "default"})
+    assert out["layer"] == "tbb" and out["same"]
 
 
 # -- several Python threads ------------------------------------------------------------------------------------------
@@ -460,9 +504,11 @@ def test_two_trainers_in_two_threads_default_layer():
     env = {"NUMBA_THREADING_LAYER": "default"}  # whatever the machine running the tests may have set
     out = run_python(THREADS_SCRIPT.replace("EPOCHS", "8"), env)
     assert out["fastbp_layer"] == out["numba_layer"]
-    # On the project's machines (libgomp present) numba picks omp; only without tbb and OpenMP would it
-    # fall back to workqueue, and then fastbp serialises its calls.
+    # Where fastbp's dependencies bring TBB numba picks it (fastbp._threads); elsewhere omp where an OpenMP
+    # runtime loads; only without either would it fall back to workqueue, and then fastbp serialises its calls.
     assert out["numba_layer"] in ("omp", "tbb", "workqueue")
+    if tbb_expected():
+        assert out["numba_layer"] == "tbb"
     assert out["serialised"] is (out["numba_layer"] == "workqueue")
     assert out["both"] and out["same"]
 

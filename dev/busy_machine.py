@@ -1,0 +1,39 @@
+"""fastbp on a busy machine: each unit's time with the other core idle and with one core kept busy, as a ratio.
+
+    python -m dev.busy_machine [--rounds 7] [--units predict450,digits_epoch,w3_epoch]
+
+The units and the method are asv_benchmarks/bench_busy.py's (its docstring says what each unit is): idle and busy
+rounds alternate in this one process, and each figure is the median over rounds of a round's median. The first
+line names the threading layer numba picked (fastbp._threads says why fastbp prefers tbb) and the thread count;
+compare layers by running it again with ``NUMBA_THREADING_LAYER=omp``. Run it from the repository's root.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from asv_benchmarks.bench_busy import UNITS, build_units, measure
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--units", default=",".join(UNITS))
+    args = parser.parse_args(argv)
+    names = [name.strip() for name in args.units.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(UNITS))
+    if unknown:
+        parser.error(f"--units: unknown {unknown}; choose from {', '.join(UNITS)}")
+    import numba
+
+    from fastbp import _threads
+
+    results = measure(build_units(names), args.rounds)
+    print(f"threading layer {_threads.threading_layer()}, {numba.get_num_threads()} threads, {args.rounds} rounds")
+    for name, (idle, busy) in results.items():
+        print(f"{name:13s} idle {idle * 1e3:9.3f} ms   one core busy {busy * 1e3:9.3f} ms   {busy / idle:5.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
