@@ -9,6 +9,7 @@ once (numba #10128): see _RegisteringCache.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import inspect
 import os
@@ -17,6 +18,7 @@ import warnings
 from types import ModuleType as types_module
 
 import llvmlite.binding as llvm
+from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic, lower_builtin, type_callable
@@ -63,35 +65,41 @@ def cpu_jit(parallel=False, cache=True, **options):
 # compiles its leaves k times: the product engine's worker, called from the parallel driver (and its outlined
 # parallel body), the layer kernels, the step driver and the epoch driver, was optimised and code-generated
 # six times in a cold fit (AMD EPYC Zen 4: the driver alone took 4.5 s on top of the 6 s worker, 1.7 s with the
-# worker called as below). ``separately_compiled`` compiles a function once per dtype and lets other compiled
-# functions call it through a stable symbol instead (an LLVM declaration resolved when their machine code is
-# loaded, the way numba itself calls its threading layer's get_num_threads), so each piece of code is
-# optimised and generated once. It is for large functions called at coarse grain (a whole product, a batch's
-# loss): LLVM cannot inline across such a call.
+# worker called as below). ``SeparatelyCompiled`` compiles a function once per dtype and lets other compiled
+# functions call it through a slot instead: a pointer-sized global with a stable symbol, registered with LLVM's
+# loader when first named, which holds the function's address once it is compiled (or loaded from the disk
+# cache). Each piece of code is then optimised and generated once, and a caller's machine code does not need
+# its callee's: the two can be compiled in any order, in different processes (see "Compile sessions" below).
+# It is for large functions called at coarse grain (a whole product, a batch's loss): LLVM cannot inline
+# across such a call, and the load of the slot costs nothing measurable there.
 #
-# The symbol must be registered before a caller's machine code is loaded, or the loader has nothing to bind the
-# call to (a null address: a crash). A caller compiled in this process registers it while being typed; a caller
-# loaded from the disk cache does so through _RegisteringCache, which every cpu_jit function carries: before
-# loading, it registers the separately compiled functions the caller's code refers to (found by name among its
-# globals). Only fastbp's own drivers call these; the public kernels (fastbp.kernels.cpu, gemm's
-# dense_forward ...) link their callees as numba does, so a user's cached numba code never depends on a symbol.
+# The slot must be filled before a caller runs. Outside a compile session, a caller compiled in this process
+# fills it while being typed; a caller loaded from the disk cache does so through _RegisteringCache, which
+# every cpu_jit function carries: before loading, it fills the slots of the separately compiled functions the
+# caller's code refers to (found by name among its globals). A call through an empty slot raises RuntimeError
+# instead of jumping to address 0. Only fastbp's own drivers call these; the public kernels (fastbp.kernels.cpu,
+# gemm's dense_forward ...) link their callees as numba does, so a user's cached numba code never depends on a
+# slot.
 class SeparatelyCompiled:
-    """A compiled function that other compiled functions call by symbol, compiled once per dtype.
+    """A compiled function that other compiled functions call through a slot, compiled once per dtype.
 
-    ``signature_for(dtype)`` gives its one signature for a numba float type (every array layout and integer
-    type fixed): a call from compiled code must have those types (literal integers are converted), so that
-    the symbol a cached caller needs can always be rebuilt from the dtype alone. Called from Python, it is
+    ``signature_for(dtype)`` gives its argument types for a numba float type (every array layout and integer
+    type fixed), and ``returns`` its return type (declared, so that a caller can be compiled before it; checked
+    when it is compiled): a call from compiled code must have those types (literal integers are converted), so
+    that the slot a cached caller needs can always be rebuilt from the dtype alone. Called from Python, it is
     the plain dispatcher.
     """
 
-    def __init__(self, dispatcher, signature_for):
+    def __init__(self, dispatcher, signature_for, returns=types.none):
         self.dispatcher = dispatcher
         self.signature_for = signature_for
+        self.returns = returns
         self.py_func = dispatcher.py_func
         self.__name__ = dispatcher.py_func.__name__
         self.__qualname__ = dispatcher.py_func.__qualname__
         self.__doc__ = dispatcher.py_func.__doc__
-        self._results = {}  # dtype -> numba's compile result, once its symbol is registered
+        self._slots = {}  # dtype -> ctypes.c_void_p whose address is the slot's symbol
+        self._results = {}  # dtype -> numba's compile result, once its address is in the slot
         _register_call_typing(self)
 
     def __call__(self, *args):
@@ -101,18 +109,50 @@ class SeparatelyCompiled:
         return f"<separately compiled {self.__module__}.{self.__qualname__}>"
 
     def symbol(self, dtype) -> str:
-        return f"fastbp.{self.py_func.__module__}.{self.__qualname__}.{dtype}"
+        """The name of the ``dtype`` version's slot."""
+        return f"fastbp.slot.{self.py_func.__module__}.{self.__qualname__}.{dtype}"
+
+    def declare(self, dtype):
+        """Make the ``dtype`` version's slot known to LLVM's loader (empty until :meth:`fill`); idempotent."""
+        if dtype not in self._slots:
+            slot = ctypes.c_void_p(0)
+            llvm.add_symbol(self.symbol(dtype), ctypes.addressof(slot))
+            self._slots[dtype] = slot
 
     def register(self, dtype):
-        """Compile (or load from the disk cache) the ``dtype`` version and publish its address; idempotent."""
+        """Declare the ``dtype`` version and fill its slot now, or, inside a compile session, when the session
+        ends; idempotent."""
+        self.declare(dtype)
+        if dtype not in self._results:
+            if _session is not None:
+                _session.defer(self, dtype)
+            else:
+                self.fill(dtype)
+
+    def fill(self, dtype):
+        """Compile (or load from the disk cache) the ``dtype`` version and put its address in the slot."""
+        self.declare(dtype)
         if dtype not in self._results:
             signature = tuple(self.signature_for(dtype))
             self.dispatcher.compile(signature)
             result = self.dispatcher.overloads[signature]
-            address = result.library.get_pointer_to_function(result.fndesc.llvm_func_name)
-            llvm.add_symbol(self.symbol(dtype), address)
+            if result.signature.return_type != self.returns:
+                raise TypeError(f"{self.__qualname__} returns {result.signature.return_type}, but is declared to "
+                                f"return {self.returns} (SeparatelyCompiled's returns=)")
+            self._slots[dtype].value = result.library.get_pointer_to_function(result.fndesc.llvm_func_name)
             self._results[dtype] = result
-        return self._results[dtype]
+
+    def in_disk_cache(self, dtype) -> bool:
+        """Whether numba's disk cache holds the ``dtype`` version for this machine and this code (an index
+        lookup: nothing is loaded)."""
+        cache = getattr(self.dispatcher, "_cache", None)
+        if not isinstance(cache, _RegisteringCache):
+            return False
+        try:
+            key = cache._index_key(tuple(self.signature_for(dtype)), self.dispatcher.targetctx.codegen())
+            return key in cache._cache_file._load_index()
+        except Exception:  # noqa: BLE001 - a cache that cannot be read is a miss
+            return False
 
     def match(self, argtypes):
         """(dtype, signature) of a call from compiled code with ``argtypes``; a TypingError unless they are the
@@ -127,9 +167,9 @@ class SeparatelyCompiled:
         return dtype, expected
 
 
-def separately_compiled(signature_for):
+def separately_compiled(signature_for, returns=types.none):
     """Decorator (above a cpu_jit one): see SeparatelyCompiled."""
-    return lambda dispatcher: SeparatelyCompiled(dispatcher, signature_for)
+    return lambda dispatcher: SeparatelyCompiled(dispatcher, signature_for, returns)
 
 
 def _first_float_dtype(argtypes):
@@ -153,7 +193,8 @@ def _register_call_typing(function):
     def typer(context):
         def call_type(*args):
             dtype, expected = function.match(args)
-            return function.register(dtype).signature.return_type(*args)
+            function.register(dtype)
+            return function.returns(*args)
 
         call_type.pysig = inspect.signature(function.py_func)  # fixed arity (not call_type's *args)
         return call_type
@@ -163,12 +204,19 @@ def _register_call_typing(function):
     @lower_builtin(function, types.VarArg(types.Any))
     def lower(context, builder, signature, args):
         dtype, expected = function.match(signature.args)
-        result = function.register(dtype)
+        function.register(dtype)
         values = [context.cast(builder, value, given, wanted)
                   for value, given, wanted in zip(args, signature.args, expected)]
-        restype = result.signature.return_type
-        callee = cgutils.get_or_insert_function(
-            builder.module, context.call_conv.get_function_type(restype, expected), function.symbol(dtype))
+        restype = function.returns
+        name = function.symbol(dtype)
+        slot = builder.module.globals.get(name)
+        if slot is None:  # a declaration: the loader binds it to the slot's address (see SeparatelyCompiled)
+            slot = ir.GlobalVariable(builder.module, ir.IntType(8).as_pointer(), name)
+        address = builder.load(slot)
+        with cgutils.if_unlikely(builder, cgutils.is_null(builder, address)):
+            context.call_conv.return_user_exc(builder, RuntimeError, (
+                f"fastbp: {function.__qualname__} ({dtype}) was called before it was compiled",))
+        callee = builder.bitcast(address, context.call_conv.get_function_type(restype, expected).as_pointer())
         status, value = context.call_conv.call_function(builder, callee, restype, expected, values)
         with cgutils.if_unlikely(builder, status.is_error):
             context.call_conv.return_status_propagate(builder, status)
@@ -308,6 +356,188 @@ def _separate_callees(func, seen=None):
         elif hasattr(value, "py_func") and hasattr(value, "overloads"):  # a numba dispatcher
             found.extend(_separate_callees(value.py_func, seen))
     return found
+
+
+# --- compile sessions: a cold first call compiled on two cores ------------------------------------------------
+# A driver's first call in a process with an empty disk cache compiles the driver and, through it, every
+# separately compiled function it reaches: a 32-64-64-5 fit compiled six of them one after another, 9.6 s in
+# all, of which 3.6 s the product engine's worker (AMD EPYC Zen 4). numba compiles one function at a time
+# under one lock, and most of it holds the GIL, so threads cannot share the work; processes can, through the
+# disk cache. Because callers reach their callees through slots, a caller's compilation needs only its callees'
+# declared types: the backends call their drivers through Entry, whose first call per dtype compiles in a
+# session that defers every slot it meets. At the start of the session, the deepest separately compiled
+# functions the driver can reach (the leaves of that call tree: the product worker, the loss, the optimizer)
+# that the disk cache lacks go to one helper process (python -m fastbp._compile_worker), which compiles them
+# into the cache while this process compiles the driver and the functions above the leaves. Each leaf is
+# claimed (an exclusively created file) by whichever process takes it first; this process, done with its own
+# part, takes leaves the helper has not started, from the other end of the list; then it waits for the helper
+# and loads the rest from the cache. Whatever goes wrong with the helper, this process compiles what is
+# missing itself. Without a disk cache, with one usable CPU, with FASTBP_COMPILE_PROCESSES=1 or inside the
+# helper (or in a bundled application), a session compiles everything in this process, as before.
+_session = None  # the session in progress (numba's global compiler lock is held), or None
+WORKER_VARIABLE = "FASTBP_COMPILE_WORKER"  # set in the helper's environment: it never starts another
+
+
+class _CompileSession:
+    def __init__(self):
+        self.pending = []  # (SeparatelyCompiled, dtype) met while typing or loading, slots still empty
+
+    def defer(self, function, dtype):
+        if (function, dtype) not in self.pending:
+            self.pending.append((function, dtype))
+
+    def fill_pending(self, skip=()):
+        """Fill every deferred slot but those in ``skip`` (filling one may defer more); the skipped ones."""
+        skipped = []
+        while self.pending:
+            function, dtype = self.pending.pop(0)
+            if (function, dtype) in skip:
+                skipped.append((function, dtype))
+            else:
+                function.fill(dtype)
+        return skipped
+
+
+def _leaves(entry_func):
+    """The separately compiled functions that ``entry_func`` reaches and that reach none: deepest first."""
+    depth = {}
+    frontier = [(callee, 1) for callee in _separate_callees(entry_func)]
+    callees_of = {}
+    while frontier:
+        function, level = frontier.pop()
+        if depth.get(function, 0) >= level:
+            continue
+        depth[function] = level
+        if function not in callees_of:
+            callees_of[function] = _separate_callees(function.py_func)
+        frontier.extend((callee, level + 1) for callee in callees_of[function])
+    leaves = [function for function in depth if not callees_of[function]]
+    return sorted(leaves, key=lambda function: -depth[function])
+
+
+def _helper_allowed() -> bool:
+    import sys
+
+    # getattr(sys, "frozen"): a bundled application's sys.executable is the application, not Python
+    if not CACHE_ENABLED or os.environ.get(WORKER_VARIABLE) or getattr(sys, "frozen", False):
+        return False
+    if os.environ.get("FASTBP_COMPILE_PROCESSES", "").strip() == "1":
+        return False
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return cpus >= 2
+
+
+def _module_attribute(function) -> str:
+    """'module:attribute' under which ``function`` (a SeparatelyCompiled) can be imported."""
+    import sys
+
+    module = sys.modules[function.py_func.__module__]
+    for name, value in vars(module).items():
+        if value is function:
+            return f"{module.__name__}:{name}"
+    raise LookupError(f"{function!r} is not a global of {module.__name__}")
+
+
+def claim(folder: str, function, dtype) -> bool:
+    """Take ``function``'s ``dtype`` version for this process; False if another process already has."""
+    try:
+        os.close(os.open(os.path.join(folder, function.symbol(dtype)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+class _Helper:
+    """The helper process of one session, compiling ``leaves`` into the disk cache (see above)."""
+
+    def __init__(self, leaves, dtype):
+        import subprocess
+        import sys
+        import tempfile
+
+        self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
+        self.leaves = leaves
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, **{WORKER_VARIABLE: "1", "FASTBP_QUIET_COMPILE": "1"})
+        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        command = [sys.executable, "-m", "fastbp._compile_worker", self.folder, str(dtype)]
+        command += [_module_attribute(function) for function in leaves]
+        self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+
+    def finish(self, dtype):
+        """Take the leaves the helper has not started (last first), then wait for it."""
+        import shutil
+
+        try:
+            for function in reversed(self.leaves):
+                if claim(self.folder, function, dtype):
+                    function.fill(dtype)
+            self.process.wait()
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def compile_in_session(dispatcher, signature):
+    """Compile ``dispatcher`` for ``signature`` and fill every slot it needs, sharing the work with a helper
+    process where that pays (see "compile sessions" above). Returns when the function can run."""
+    global _session
+    from numba.core import event
+    from numba.core.compiler_lock import global_compiler_lock
+
+    dtype = _first_float_dtype(signature)
+    with global_compiler_lock:  # no other thread compiles (or meets a deferred slot) meanwhile
+        if _session is not None or dtype is None:  # nested, or nothing to share: compile as usual
+            dispatcher.compile(signature)
+            return
+        helper = None
+        if tuple(signature) not in dispatcher.overloads and _helper_allowed():
+            missing = [leaf for leaf in _leaves(dispatcher.py_func)
+                       if dtype not in leaf._results and not leaf.in_disk_cache(dtype)]
+            if missing:
+                helper = _Helper(missing, dtype)
+        _session = session = _CompileSession()
+        try:
+            dispatcher.compile(signature)
+            if helper is None:
+                session.fill_pending()
+            else:
+                waiting = session.fill_pending(skip={(leaf, dtype) for leaf in helper.leaves})
+                # the wait counts as compiling (fastbp.compile_seconds, the compile notice)
+                with event.trigger_event("numba:compile", data=dict(dispatcher=dispatcher, args=signature,
+                                                                      return_type=None)):
+                    helper.finish(dtype)
+                    helper = None
+                session.pending[:0] = waiting
+                session.fill_pending()  # from the disk cache, or compiled here if the helper failed
+        finally:
+            _session = None
+            if helper is not None:
+                helper.process.kill()
+                helper.process.wait()
+
+
+class Entry:
+    """A driver as fastbp's backends call it from Python: the first call per dtype compiles it with
+    :func:`compile_in_session`; later calls go straight to the dispatcher (a new signature of a known dtype
+    compiles as numba always does, in this process)."""
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+        self._ready = set()  # dtypes of first arguments already prepared
+
+    def __call__(self, *args):
+        dtype = getattr(args[0], "dtype", None)
+        if dtype not in self._ready:
+            compile_in_session(self.dispatcher, tuple(self.dispatcher.typeof_pyval(a) for a in args))
+            self._ready.add(dtype)
+        return self.dispatcher(*args)
 
 
 # Shared helpers that both targets compile: inlined into every caller (see shared toolchain notes: only

@@ -9,6 +9,7 @@ import textwrap
 import warnings
 
 import numpy as np
+import pytest
 
 import fastbp._jit
 
@@ -172,3 +173,93 @@ def test_concurrent_saves_never_mix_up_machine_code(tmp_path, monkeypatch):
     for name, data in reversed(writes):  # ... and B's data file is written last
         save_data(name, data)
     assert cache_file.load(("process A",)) == b"machine code A"
+
+
+# -- compile sessions: slots, the helper process ------------------------------------------------------------------
+COLD_PREDICT = """
+    import numpy as np
+    import fastbp
+    from fastbp.kernels import gemm
+    X = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
+    trainer = fastbp.Trainer(fastbp.MLP([6, 40, 3], "relu", seed=0), loss="softmax_cross_entropy")
+    print(trainer.predict(X).tobytes().hex())
+    print(sum(gemm._task.stats.cache_hits.values()), sum(gemm._task.stats.cache_misses.values()))
+"""
+
+
+def test_a_cold_first_call_shares_its_compiling_with_a_helper_process(tmp_path):
+    """With an empty cache, the product worker (a leaf of predict's call tree) is compiled by the helper process
+    and loaded here from the cache; the results are those of a process that compiled everything itself."""
+    shared = run_python(COLD_PREDICT, tmp_path / "shared").split()
+    alone = run_python(COLD_PREDICT, tmp_path / "alone", FASTBP_COMPILE_PROCESSES="1").split()
+    assert shared[0] == alone[0]  # bit for bit
+    assert shared[1:] == ["1", "0"], shared[1:]  # _task: loaded (the helper compiled it), not compiled here
+    assert alone[1:] == ["0", "1"], alone[1:]  # _task compiled in this process
+
+
+def _leaf(a):
+    a[0] += 1.0
+
+
+def _leaf_signature(f):
+    from numba import types
+
+    return (types.Array(f, 1, "C"),)
+
+
+def _caller(a):
+    _leaf_by_slot(a)
+
+
+_leaf_by_slot = fastbp._jit.SeparatelyCompiled(fastbp._jit.cpu_jit(cache=False)(_leaf), _leaf_signature)
+_caller_jit = fastbp._jit.cpu_jit(cache=False)(_caller)
+
+
+def test_a_call_through_an_empty_slot_raises_instead_of_crashing(monkeypatch):
+    from numba import types
+
+    session = fastbp._jit._CompileSession()
+    monkeypatch.setattr(fastbp._jit, "_session", session)
+    _caller_jit.compile((types.Array(types.float64, 1, "C"),))  # the leaf is deferred: its slot stays empty
+    monkeypatch.setattr(fastbp._jit, "_session", None)
+    assert session.pending == [(_leaf_by_slot, types.float64)]
+    a = np.zeros(1)
+    with pytest.raises(RuntimeError, match="_leaf .float64. was called before it was compiled"):
+        _caller_jit(a)
+    session.fill_pending()
+    _caller_jit(a)
+    assert a[0] == 1.0
+
+
+def test_a_declared_return_type_is_checked():
+    from numba import types
+
+    wrong = fastbp._jit.SeparatelyCompiled(fastbp._jit.cpu_jit(cache=False)(_leaf), _leaf_signature,
+                                           returns=types.float64)
+    with pytest.raises(TypeError, match="returns none, but is declared to return float64"):
+        wrong.fill(types.float32)
+
+
+def test_a_helper_that_dies_leaves_its_work_to_this_process(monkeypatch):
+    """The helper claims nothing and exits: this process claims every leaf itself and the call runs."""
+    import subprocess
+
+    class DeadHelper(fastbp._jit._Helper):
+        def __init__(self, leaves, dtype):
+            import tempfile
+
+            self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
+            self.leaves = leaves
+            self.process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+
+    started = []
+    monkeypatch.setattr(fastbp._jit, "_Helper", lambda leaves, dtype: started.append(leaves) or DeadHelper(
+        leaves, dtype))
+    monkeypatch.setattr(fastbp._jit, "_helper_allowed", lambda: True)
+    monkeypatch.setattr(_leaf_by_slot, "in_disk_cache", lambda dtype: False)
+    caller = fastbp._jit.cpu_jit(cache=False)(_caller)
+    entry = fastbp._jit.Entry(caller)
+    a = np.zeros(1, np.float32)
+    entry(a)
+    entry(a)
+    assert started == [[_leaf_by_slot]] and a[0] == 2.0

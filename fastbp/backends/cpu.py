@@ -9,6 +9,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .._jit import Entry
 from .._threads import guarded
 from ..kernels import cpu as kernels
 from ..kernels import narrow
@@ -25,6 +26,13 @@ EVAL_CAPACITY = 4096
 # row count kept its own workspace for the trainer's lifetime: 40 predicts of different sizes on a
 # 1024-1024-1024-10 network grew a process from 193 to 1321 MiB resident (issue 27).
 MAX_WORKSPACES = 4
+
+# The drivers, as this backend calls them: the first call per dtype compiles in a compile session, on two
+# processes when the disk cache is cold (fastbp._jit, "compile sessions").
+_train_epochs = Entry(kernels.train_epochs)
+_predict = Entry(kernels.predict)
+_dataset_loss = Entry(kernels.dataset_loss)
+_dataset_grads = Entry(kernels.dataset_grads)
 
 
 def eval_capacity(n_rows: int) -> int:
@@ -129,7 +137,7 @@ class CPUBackend(Backend):
             n_reported = min(completed + 1, len(lrs))
             return losses[:n_reported], int(completed), int(steps[0])
         work = self._workspace(batch_size, Y.shape[1])
-        completed = kernels.train_epochs(
+        completed = _train_epochs(
             self.params, self.opt_state, steps, losses, X, Y, self._weights(sample_weight), orders, lrs,
             self._network, work, (self.optimizer, self.hyper, int(batch_size), float(target_loss)))
         # An epoch that went non-finite is reported (its loss is in losses[completed]) but not counted.
@@ -153,13 +161,13 @@ class CPUBackend(Backend):
     def predict(self, X, n_outputs: int) -> np.ndarray:
         work = self._workspace(eval_capacity(X.shape[0]), n_outputs)
         out = np.empty((X.shape[0], n_outputs), dtype=self.dtype)
-        kernels.predict(out, X, self.params, self._network, work)
+        _predict(out, X, self.params, self._network, work)
         return out
 
     @guarded
     def loss_value(self, X, Y, sample_weight=None) -> float:
         work = self._workspace(eval_capacity(X.shape[0]), Y.shape[1])
-        return float(kernels.dataset_loss(X, Y, self._weights(sample_weight), self.params, self._network, work))
+        return float(_dataset_loss(X, Y, self._weights(sample_weight), self.params, self._network, work))
 
     # -- one step at a time (for callers that must act between steps, e.g. an allreduce) --------------------
     @guarded
@@ -168,7 +176,7 @@ class CPUBackend(Backend):
         # A power of two: callers whose row count varies per step (one rank's share of a global batch)
         # reuse a few workspaces instead of building one per count.
         work = self._workspace(eval_capacity(X.shape[0]), Y.shape[1])
-        return float(kernels.dataset_grads(grads_out, X, Y, self._weights(sample_weight), self.params,
+        return float(_dataset_grads(grads_out, X, Y, self._weights(sample_weight), self.params,
                                            self._network, work, float(divisor)))
 
     @guarded

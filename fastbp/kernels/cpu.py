@@ -596,7 +596,7 @@ def _batch_grads(params, targets, row_weights, net, work, inv_divisor, n_rows):
     return total
 
 
-batch_grads = SeparatelyCompiled(_batch_grads, _batch_grads_signature)
+batch_grads = SeparatelyCompiled(_batch_grads, _batch_grads_signature, returns=types.float64)
 
 
 def _loss_signature(f):
