@@ -9,6 +9,7 @@ once (numba #10128): see _RegisteringCache.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import inspect
@@ -415,8 +416,25 @@ def _leaves(entry_func):
     return sorted(leaves, key=lambda function: -depth[function])
 
 
+_one_process = [0]  # > 0 inside one_compile_process()
+
+
+@contextlib.contextmanager
+def one_compile_process():
+    """Within the block, compile sessions start no helper process (for callers that already compile on several
+    processes, such as fastbp.precompile)."""
+    _one_process[0] += 1
+    try:
+        yield
+    finally:
+        _one_process[0] -= 1
+
+
 def _helper_allowed() -> bool:
     import sys
+
+    if _one_process[0]:
+        return False
 
     # getattr(sys, "frozen"): a bundled application's sys.executable is the application, not Python
     if not CACHE_ENABLED or os.environ.get(WORKER_VARIABLE) or getattr(sys, "frozen", False):
@@ -450,6 +468,16 @@ def claim(folder: str, function, dtype) -> bool:
     return True
 
 
+def helper_environment(**variables) -> dict:
+    """The environment of a process that compiles for this one: this one's, so that it keys its cache entries
+    alike (NUMBA_CACHE_DIR, NUMBA_CPU_NAME, FASTBP_SIMD_BITS ...), with this fastbp first on its path, no compile
+    notice, and ``variables``."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FASTBP_QUIET_COMPILE="1", **variables)
+    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 class _Helper:
     """The helper process of one session, compiling ``leaves`` into the disk cache (see above)."""
 
@@ -460,9 +488,7 @@ class _Helper:
 
         self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
         self.leaves = leaves
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, **{WORKER_VARIABLE: "1", "FASTBP_QUIET_COMPILE": "1"})
-        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = helper_environment(**{WORKER_VARIABLE: "1"})
         command = [sys.executable, "-m", "fastbp._compile_worker", self.folder, str(dtype)]
         command += [_module_attribute(function) for function in leaves]
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

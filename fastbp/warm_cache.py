@@ -18,14 +18,21 @@ or optimizer not chosen) still work: they compile on first use. The CUDA target'
 disk by numba-cuda and are not compiled here.
 
 The work is done through the public ``Trainer`` on a few rows of data, so it reaches exactly what a user's
-calls reach; the data are tiny, so nearly all the time is compilation. Other processes may compile into the
-same cache meanwhile (fastbp's cache entries are keyed so that concurrent writers cannot mix them up, numba
-#10128), but what they compile before this finishes is compiled twice.
+calls reach; the data are tiny, so nearly all the time is compilation. numba compiles one function at a time
+per process, so the configurations are shared among ``processes`` processes (default: one per CPU this
+process may use): this one and helpers started with ``python -m fastbp.warm_cache`` (an internal entry point),
+each compiling its share into the same cache. A dtype's product engine and drivers stay in one process (two
+would compile them twice); each further fused narrow kernel is a share of its own. Other processes may compile
+into the same cache meanwhile (fastbp's cache entries are keyed so that concurrent writers cannot mix them up,
+numba #10128), but what they compile before this finishes is compiled twice.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -48,6 +55,10 @@ NARROW_SIZES = (3, 8, 4)
 WIDE_SIZES = (3, 40, 4)
 ROWS = 24  # more than a batch, so fits take several steps and a partial last batch
 BATCH = 8
+# Relative compile costs, for sharing the work among processes (AMD EPYC Zen 4, float32, one process: a dtype's
+# product engine and drivers with the first fused narrow kernel 12.5 s, each further fused narrow kernel 2.2 s).
+GENERAL_PATH_COST = 5
+NARROW_KERNEL_COST = 1
 
 
 def _names(argument: str, value, table, default):
@@ -125,7 +136,8 @@ def _exercise(sizes, activation: str, loss: str, optimizer: str, dtype, general_
     trainer.loss_and_grads(X, y, sample_weight=weights)
 
 
-def precompile(dtypes=DTYPES, activations=None, losses=None, optimizers=None, verbose: bool = False) -> dict:
+def precompile(dtypes=DTYPES, activations=None, losses=None, optimizers=None, verbose: bool = False,
+               processes=None) -> dict:
     """Compile the CPU kernels of the common configurations into numba's disk cache (see the module docstring).
 
     Parameters
@@ -135,6 +147,8 @@ def precompile(dtypes=DTYPES, activations=None, losses=None, optimizers=None, ve
     activations, losses, optimizers : names (or ``"all"``) for the fused narrow kernel's combinations;
         default relu, sigmoid, tanh; every loss; sgd and adam.
     verbose : print one line per configuration as it is done.
+    processes : how many processes compile at once (default: one per CPU this process may use); 1 keeps all
+        of it in this process.
 
     Returns ``{"seconds", "compiled", "configurations", "cache_directory"}``: wall time, how many fastbp
     functions numba compiled (0 when everything was already cached), configurations run, where the cache is.
@@ -156,32 +170,118 @@ def precompile(dtypes=DTYPES, activations=None, losses=None, optimizers=None, ve
     chosen_optimizers = _names("optimizers", optimizers, OPTIMIZERS, DEFAULT_OPTIMIZERS)
     if not isinstance(verbose, (bool, int, np.bool_)):
         raise TypeError(f"verbose must be a bool; got {type(verbose).__name__}")
+    if processes is None:
+        processes = _usable_cpus()
+    elif isinstance(processes, bool) or not isinstance(processes, (int, np.integer)) or processes < 1:
+        raise ValueError(f"processes must be a positive integer or None; got {processes!r}")
     cache = info.collect(probe_threads=False)["cache"]
     if not cache["writable"]:
         raise RuntimeError("fastbp.precompile: compiled kernels cannot be cached here "
                            f"({cache.get('note') or 'cache directory ' + str(cache['directory']) + ' is not writable'})"
                            "; set NUMBA_CACHE_DIR to a writable folder (and FASTBP_CACHE unset or 1)")
 
-    rng = np.random.default_rng(0)
+    jobs = _jobs(chosen_dtypes, chosen_activations, chosen_losses, chosen_optimizers)
+    shares = _shares(jobs, int(processes))
     start = time.perf_counter()
-    configurations = 0
-    with _counting_compilations() as compiled:
-        for dtype in chosen_dtypes:
-            for sizes in (WIDE_SIZES, NARROW_SIZES):
-                for index, (activation, loss, optimizer) in enumerate(
-                        itertools.product(chosen_activations, chosen_losses, chosen_optimizers)):
-                    # The general path compiles once per dtype and path: the first combination reaches it.
-                    general_path_too = index == 0
-                    if sizes is WIDE_SIZES and not general_path_too:
-                        break  # the wide network only takes the general path: nothing else to compile
-                    _exercise(sizes, activation, loss, optimizer, dtype, general_path_too, rng)
-                    configurations += 1
-                    if verbose:
-                        path = "general path" if sizes is WIDE_SIZES else "fused narrow kernel"
-                        print(f"fastbp precompile: {dtype} {path} {activation} {loss} {optimizer} "
-                              f"({time.perf_counter() - start:.1f} s, {compiled[0]} compiled)", flush=True)
-    return {"seconds": time.perf_counter() - start, "compiled": compiled[0], "configurations": configurations,
+    helpers = [_start_helper(share, verbose) for share in shares[1:]]
+    try:
+        compiled = _run(shares[0] if shares else [], verbose, start)
+        for helper in helpers:
+            out, err = helper.communicate()
+            if helper.returncode != 0:
+                raise RuntimeError(f"fastbp.precompile: a helper process failed (exit {helper.returncode}): "
+                                   f"{err.strip()[-2000:]}")
+            lines = out.strip().splitlines()
+            if verbose:
+                print("\n".join(lines[:-1]), flush=True)
+            compiled += json.loads(lines[-1])["compiled"]
+    finally:
+        for helper in helpers:
+            if helper.poll() is None:
+                helper.kill()
+                helper.wait()
+    return {"seconds": time.perf_counter() - start, "compiled": compiled, "configurations": len(jobs),
             "cache_directory": cache["directory"]}
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _jobs(dtypes, activations, losses, optimizers) -> list:
+    """The configurations to run, as (dtype, network, activation, loss, optimizer, general_path_too)."""
+    jobs = []
+    for dtype in dtypes:
+        for network in ("wide", "narrow"):
+            for index, (activation, loss, optimizer) in enumerate(itertools.product(activations, losses,
+                                                                                    optimizers)):
+                # The general path compiles once per dtype and path: the first combination reaches it.
+                general_path_too = index == 0
+                if network == "wide" and not general_path_too:
+                    break  # the wide network only takes the general path: nothing else to compile
+                jobs.append((dtype, network, activation, loss, optimizer, general_path_too))
+    return jobs
+
+
+def _shares(jobs, processes: int) -> list:
+    """``jobs`` split into at most ``processes`` lists, the largest first (the longest processing time first
+    rule): a dtype's general-path jobs together, and the jobs of one fused narrow kernel (a dtype, activation and
+    loss: the optimizer is a run-time code) together, so that no two processes compile the same thing."""
+    general_kernels = {(job[0], job[2], job[3]) for job in jobs if job[5] and job[1] == "narrow"}
+    bundles = {}
+    for job in jobs:
+        kernel = (job[0], job[2], job[3])
+        key = ("general", job[0]) if job[5] or kernel in general_kernels else ("narrow",) + kernel
+        bundles.setdefault(key, []).append(job)
+    cost = {key: GENERAL_PATH_COST if key[0] == "general" else NARROW_KERNEL_COST for key in bundles}
+    shares = [[] for _ in range(min(processes, len(bundles)))]
+    loads = [0] * len(shares)
+    for key in sorted(bundles, key=lambda k: -cost[k]):
+        lightest = loads.index(min(loads))
+        shares[lightest].extend(bundles[key])
+        loads[lightest] += cost[key]
+    for share in shares:  # each process runs its share in the order precompile lists them
+        share.sort(key=jobs.index)
+    return shares
+
+
+def _run(jobs, verbose: bool, start: float) -> int:
+    """Run ``jobs`` in this process, one compile process at a time (no compile-session helpers: the other
+    shares are compiling beside it); the number of fastbp functions compiled."""
+    from . import _jit
+
+    rng = np.random.default_rng(0)
+    with _counting_compilations() as compiled, _jit.one_compile_process():
+        for dtype, network, activation, loss, optimizer, general_path_too in jobs:
+            sizes = WIDE_SIZES if network == "wide" else NARROW_SIZES
+            _exercise(sizes, activation, loss, optimizer, dtype, general_path_too, rng)
+            if verbose:
+                path = "general path" if network == "wide" else "fused narrow kernel"
+                print(f"fastbp precompile: {dtype} {path} {activation} {loss} {optimizer} "
+                      f"({time.perf_counter() - start:.1f} s, {compiled[0]} compiled)", flush=True)
+    return compiled[0]
+
+
+def _start_helper(jobs, verbose: bool) -> subprocess.Popen:
+    from ._jit import helper_environment
+
+    return subprocess.Popen([sys.executable, "-m", "fastbp.warm_cache", "--share", json.dumps(jobs)]
+                            + (["--verbose"] if verbose else []), env=helper_environment(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _helper_main(argv) -> int:
+    """``python -m fastbp.warm_cache --share JOBS [--verbose]``: one helper's share (see precompile)."""
+    parser = argparse.ArgumentParser(prog="python -m fastbp.warm_cache")
+    parser.add_argument("--share", required=True)
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    compiled = _run([tuple(job) for job in json.loads(args.share)], args.verbose, time.perf_counter())
+    print(json.dumps({"compiled": compiled}), flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -197,6 +297,8 @@ def main(argv=None) -> int:
     parser.add_argument("--losses", nargs="+", default=None, help="losses, or 'all' (default: all)")
     parser.add_argument("--optimizers", nargs="+", default=None,
                         help=f"optimizers, or 'all' (default: {' '.join(DEFAULT_OPTIMIZERS)})")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="processes compiling at once (default: one per CPU this process may use)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     args = parser.parse_args(argv)
 
@@ -205,7 +307,7 @@ def main(argv=None) -> int:
 
     try:
         summary = precompile(args.dtype, one_or_many(args.activations), one_or_many(args.losses),
-                             one_or_many(args.optimizers), verbose=not args.quiet)
+                             one_or_many(args.optimizers), verbose=not args.quiet, processes=args.processes)
     except (ValueError, RuntimeError) as error:
         print(f"fastbp precompile: {error}", file=sys.stderr)
         return 1
@@ -215,4 +317,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_helper_main(sys.argv[1:]))

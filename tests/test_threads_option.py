@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fastbp
-from fastbp.kernels import cpu as cpu_kernels
+from fastbp.backends import cpu as cpu_backend
 
 LIMIT = numba.config.NUMBA_NUM_THREADS
 needs_two = pytest.mark.skipif(LIMIT < 2, reason="numba runs with fewer than 2 threads here")
@@ -28,8 +28,9 @@ def classification(n, n_in, k, seed=0):
 
 
 def spy_on(monkeypatch, name, seen, fail=False):
-    """Replace the CPU kernel ``name`` (as the backend calls it) by one that records numba's thread count."""
-    original = getattr(cpu_kernels, name)
+    """Replace the CPU driver ``name`` as the backend calls it (fastbp.backends.cpu._train_epochs, ...: the
+    kernel behind an Entry) by one that records numba's thread count."""
+    original = getattr(cpu_backend, "_" + name)
 
     def spy(*args):
         seen.append((name, numba.get_num_threads()))
@@ -37,7 +38,7 @@ def spy_on(monkeypatch, name, seen, fail=False):
             raise RuntimeError("kernel failed")
         return original(*args)
 
-    monkeypatch.setattr(cpu_kernels, name, spy)
+    monkeypatch.setattr(cpu_backend, "_" + name, spy)
 
 
 @needs_two

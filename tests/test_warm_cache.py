@@ -44,18 +44,21 @@ USERS_SCRIPT = """
 
 
 def test_calls_it_covers_compile_nothing_in_a_new_process(tmp_path):
+    # Two processes: this one the product engine with the relu fused kernel, a helper the tanh fused kernel.
     filled = run_python("""
         import json, fastbp
-        print(json.dumps(fastbp.precompile("float32", "relu", "softmax_cross_entropy", "adam")))
+        print(json.dumps(fastbp.precompile("float32", ["relu", "tanh"], "softmax_cross_entropy", "adam",
+                                           processes=2)))
     """, tmp_path)
     assert filled.returncode == 0, filled.stderr[-3000:]
     summary = json.loads(filled.stdout.strip().splitlines()[-1])
-    assert summary["compiled"] > 0 and summary["configurations"] == 2
+    assert summary["compiled"] > 0 and summary["configurations"] == 3
     assert summary["cache_directory"].startswith(str(tmp_path))
 
-    used = run_python(USERS_SCRIPT, tmp_path)
-    assert used.returncode == 0, used.stderr[-3000:]
-    assert json.loads(used.stdout.strip().splitlines()[-1]) == {"compiled": 0}
+    for activation in ("relu", "tanh"):  # tanh's fused kernel: compiled by the helper
+        used = run_python(USERS_SCRIPT.replace('activation="relu"', f'activation="{activation}"'), tmp_path)
+        assert used.returncode == 0, used.stderr[-3000:]
+        assert json.loads(used.stdout.strip().splitlines()[-1]) == {"compiled": 0}, activation
 
     # The counter does count: a loss precompile did not cover compiles the fused narrow kernel for it.
     other = run_python(USERS_SCRIPT.replace('"softmax_cross_entropy"', '"mse"').replace(
@@ -67,10 +70,30 @@ def test_calls_it_covers_compile_nothing_in_a_new_process(tmp_path):
     # Again: everything is cached now, so a second precompile compiles nothing.
     again = run_python("""
         import json, fastbp
-        print(json.dumps(fastbp.precompile("float32", "relu", "softmax_cross_entropy", "adam")))
+        print(json.dumps(fastbp.precompile("float32", ["relu", "tanh"], "softmax_cross_entropy", "adam")))
     """, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout.strip().splitlines()[-1])["compiled"] == 0
+
+
+def test_shares_compile_nothing_twice_and_balance_the_work():
+    from fastbp import warm_cache
+
+    jobs = warm_cache._jobs(("float32", "float64"), ("relu", "sigmoid", "tanh"), ("mse", "poisson"),
+                            ("sgd", "adam"))
+    assert len(jobs) == 2 * (1 + 12)  # per dtype: the wide network once, the narrow one per combination
+    shares = warm_cache._shares(jobs, 2)
+    assert sorted(job for share in shares for job in share) == sorted(jobs)  # every job once
+    for dtype in ("float32", "float64"):  # a dtype's general path in one process
+        assert sum(any(job[5] and job[0] == dtype for job in share) for share in shares) == 1
+        for activation in ("relu", "sigmoid", "tanh"):  # a fused kernel (both optimizers) in one process
+            for loss in ("mse", "poisson"):
+                assert sum(any(job[:1] + job[2:4] == (dtype, activation, loss) for job in share)
+                           for share in shares) == 1
+    # per dtype: the general path (cost 5, with relu-mse's kernel) and 5 more kernels (cost 1 each): 10 each
+    kernels = [{job[:1] + job[2:4] for job in share} for share in shares]
+    assert sorted(len(k) for k in kernels) == [6, 6]
+    assert warm_cache._shares(jobs, 1) == [jobs] and len(warm_cache._shares(jobs, 64)) == 12
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -78,6 +101,8 @@ def test_calls_it_covers_compile_nothing_in_a_new_process(tmp_path):
     (dict(dtypes=()), "dtypes must name float32 and/or float64"),
     (dict(dtypes="not a dtype"), "dtypes must name float32 and/or float64"),
     (dict(activations="softplus"), "activations must be names from"),
+    (dict(processes=0), "processes must be a positive integer or None; got 0"),
+    (dict(processes=True), "processes must be a positive integer or None; got True"),
     (dict(losses=["mse", "hinge"]), "losses must be names from"),
     (dict(optimizers=()), "optimizers must be names from"),
 ])
