@@ -118,8 +118,10 @@ def _all_kernels(dtype, rng, B, n_in, n_out):
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
-@pytest.mark.parametrize("shape", [(130, 97, 257), (MR * 40 + 1, 300, NR32 * 5 + 3), (3, 1100, 700), (515, 301, 10)],
-                         ids=str)
+# (300, 64, 256): the weight gradient reads inp^T packed (batch > PACK_BROADCAST_MIN_BATCH) and splits its columns
+# between the tasks, so the packing of inp^T is shared (a task that only packs, then the tiles).
+@pytest.mark.parametrize("shape", [(130, 97, 257), (MR * 40 + 1, 300, NR32 * 5 + 3), (3, 1100, 700), (515, 301, 10),
+                                   (300, 64, 256)], ids=str)
 def test_one_and_two_threads_bit_identical(shape, dtype):
     B, n_in, n_out = shape
     assert B * n_in * n_out >= gemm.PARALLEL_MIN_WORK  # the parallel path runs on 2 threads
@@ -137,6 +139,9 @@ def test_one_and_two_threads_bit_identical(shape, dtype):
     rng = np.random.default_rng(3)
     inp, w, bias = _data(rng, dtype, B, n_in), _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
     np.testing.assert_allclose(serial[0], _forward_reference(inp, w, bias, "sigmoid"), **TOLERANCES[dtype])
+    dout = _data(rng, dtype, B, n_out)  # and the weight gradient against numpy (the shared packings feed it)
+    np.testing.assert_allclose(parallel[1], inp.astype(np.float64).T @ dout, **TOLERANCES[dtype])
+    np.testing.assert_allclose(parallel[2], dout.astype(np.float64).sum(axis=0), **TOLERANCES[dtype])
 
 
 # --- contracts ----------------------------------------------------------------------------------------------------

@@ -738,9 +738,9 @@ def _run_product(run_task, kind, act, out, a, b, vec, y, panels):
     row_tasks, col_tasks = _task_grid(n_tiles, n_panels, n_threads, n_rows * depth, depth * n_cols)
     shared_b = row_tasks > 1  # tasks share B's panels: pack them all first, here (1/B of the product's work)
     shared_a = col_tasks > 1 and a_packed  # tasks share inp^T's groups
-    if shared_b or shared_a:
-        _pack(kind, panels, a, b, vec, depth, n_rows, n_cols,
-              (zero, n_panels if shared_b else zero, zero, n_tiles if shared_a else zero))
+    if shared_b or shared_a:  # a task with no tiles: it only packs (the driver compiles no packer of its own)
+        run_task(kind, act, out, a, b, vec, y, panels, (zero, zero, zero, zero, zero, n_panels if shared_b else zero,
+                                                        zero, n_tiles if shared_a else zero, zero + a_packed))
     for task in prange(row_tasks * col_tasks):
         r = task // col_tasks
         c = task % col_tasks
