@@ -9,6 +9,7 @@ once (numba #10128): see _RegisteringCache.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import hashlib
@@ -373,7 +374,8 @@ def _separate_callees(func, seen=None):
 # claimed (an exclusively created file) by whichever process takes it first; this process, done with its own
 # part, takes leaves the helper has not started, from the other end of the list; then it waits for the helper
 # and loads the rest from the cache. Whatever goes wrong with the helper, this process compiles what is
-# missing itself. Without a disk cache, with one usable CPU, with FASTBP_COMPILE_PROCESSES=1 or inside the
+# missing itself. A backend may start that helper earlier, when a trainer is made (prefetch), for the drivers it
+# will surely call. Without a disk cache, with one usable CPU, with FASTBP_COMPILE_PROCESSES=1 or inside the
 # helper (or in a bundled application), a session compiles everything in this process, as before.
 _session = None  # the session in progress (numba's global compiler lock is held), or None
 WORKER_VARIABLE = "FASTBP_COMPILE_WORKER"  # set in the helper's environment: it never starts another
@@ -478,8 +480,13 @@ def helper_environment(**variables) -> dict:
     return env
 
 
+def done_marker(folder: str, function, dtype) -> str:
+    """The file a helper creates once ``function``'s ``dtype`` version is in the disk cache."""
+    return os.path.join(folder, function.symbol(dtype) + ".done")
+
+
 class _Helper:
-    """The helper process of one session, compiling ``leaves`` into the disk cache (see above)."""
+    """A helper process compiling ``leaves`` into the disk cache, deepest first (see "compile sessions")."""
 
     def __init__(self, leaves, dtype):
         import subprocess
@@ -489,25 +496,47 @@ class _Helper:
         self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
         self.leaves = leaves
         env = helper_environment(**{WORKER_VARIABLE: "1"})
-        command = [sys.executable, "-m", "fastbp._compile_worker", self.folder, str(dtype)]
+        command = [sys.executable, "-m", "fastbp._compile_worker", self.folder, str(os.getpid()), str(dtype)]
         command += [_module_attribute(function) for function in leaves]
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
 
-    def finish(self, dtype):
-        """Take the leaves the helper has not started (last first), then wait for it."""
+    def take(self, needed, dtype):
+        """Make the ``needed`` leaves loadable: those the helper has not started are compiled here (last first),
+        the others waited for (until the helper marks them done, or exits); leaves not needed stay with it."""
+        import time
+
+        for function in reversed(self.leaves):
+            if function in needed and claim(self.folder, function, dtype):
+                function.fill(dtype)
+        for function in needed:
+            while self.process.poll() is None and not os.path.exists(done_marker(self.folder, function, dtype)):
+                time.sleep(0.005)
+
+    def close(self) -> None:
+        """Forget a helper that has exited: remove its claim folder."""
         import shutil
 
-        try:
-            for function in reversed(self.leaves):
-                if claim(self.folder, function, dtype):
-                    function.fill(dtype)
-            self.process.wait()
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
+        if self.process.poll() is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_helpers = {}  # dtype -> the helper compiling for that dtype (a session's, or prefetch's), until it exits
+
+
+def _helper_for(dtype, dispatchers):
+    """The running helper for ``dtype``; else a new one for the leaves of the dispatchers' call trees that are
+    missing (None when nothing is, or helpers are not allowed)."""
+    helper = _helpers.get(dtype)
+    if helper is not None and helper.process.poll() is not None:
+        helper.close()
+        helper = _helpers.pop(dtype)  # done: its leaves are in the disk cache, or it failed
+        helper = None
+    if helper is None and _helper_allowed():
+        missing = _missing_leaves(dispatchers, dtype)
+        if missing:
+            helper = _helpers[dtype] = _Helper(missing, dtype)
+    return helper
 
 
 def compile_in_session(dispatcher, signature):
@@ -522,12 +551,7 @@ def compile_in_session(dispatcher, signature):
         if _session is not None or dtype is None:  # nested, or nothing to share: compile as usual
             dispatcher.compile(signature)
             return
-        helper = None
-        if tuple(signature) not in dispatcher.overloads and _helper_allowed():
-            missing = [leaf for leaf in _leaves(dispatcher.py_func)
-                       if dtype not in leaf._results and not leaf.in_disk_cache(dtype)]
-            if missing:
-                helper = _Helper(missing, dtype)
+        helper = _helper_for(dtype, [dispatcher]) if tuple(signature) not in dispatcher.overloads else None
         _session = session = _CompileSession()
         try:
             dispatcher.compile(signature)
@@ -535,18 +559,49 @@ def compile_in_session(dispatcher, signature):
                 session.fill_pending()
             else:
                 waiting = session.fill_pending(skip={(leaf, dtype) for leaf in helper.leaves})
-                # the wait counts as compiling (fastbp.compile_seconds, the compile notice)
-                with event.trigger_event("numba:compile", data=dict(dispatcher=dispatcher, args=signature,
-                                                                      return_type=None)):
-                    helper.finish(dtype)
-                    helper = None
-                session.pending[:0] = waiting
-                session.fill_pending()  # from the disk cache, or compiled here if the helper failed
+                if waiting:
+                    # the wait counts as compiling (fastbp.compile_seconds, the compile notice)
+                    with event.trigger_event("numba:compile", data=dict(dispatcher=dispatcher, args=signature,
+                                                                          return_type=None)):
+                        helper.take([function for function, _ in waiting], dtype)
+                    session.pending[:0] = waiting
+                    session.fill_pending()  # from the disk cache, or compiled here if the helper failed
         finally:
             _session = None
-            if helper is not None:
-                helper.process.kill()
-                helper.process.wait()
+
+
+def _missing_leaves(dispatchers, dtype):
+    """The leaves of the dispatchers' call trees (see _leaves) that neither this process nor the disk cache holds
+    for ``dtype``, deepest first, each once."""
+    missing = []
+    for dispatcher in dispatchers:
+        for leaf in _leaves(dispatcher.py_func):
+            if leaf not in missing and dtype not in leaf._results and not leaf.in_disk_cache(dtype):
+                missing.append(leaf)
+    return missing
+
+
+_prefetch_checked = set()  # dtypes prefetch has looked at in this process
+
+
+@atexit.register
+def _forget_helpers() -> None:
+    # A helper that is done: remove its claim folder. One still compiling removes the folder itself once it
+    # finishes and sees that its parent has gone (fastbp._compile_worker).
+    for helper in _helpers.values():
+        helper.close()
+
+
+def prefetch(dispatchers, dtype) -> None:
+    """Start compiling, in a helper process, the leaves of the dispatchers' call trees that the disk cache lacks
+    for ``dtype`` (a numba float type), and return at once. A backend calls it when a trainer is made, with the
+    drivers its next calls will surely need (every trainer predicts through the product engine; a wide one also
+    fits there): the worker then compiles while the user's script goes on (loading data, or compiling the fused
+    narrow kernel of a narrow fit), and each session of that dtype waits only for the leaves it needs. Once per
+    dtype and process, only where a session would start a helper."""
+    if dtype not in _prefetch_checked:
+        _prefetch_checked.add(dtype)
+        _helper_for(dtype, dispatchers)
 
 
 class Entry:

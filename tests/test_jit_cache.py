@@ -179,22 +179,27 @@ def test_concurrent_saves_never_mix_up_machine_code(tmp_path, monkeypatch):
 COLD_PREDICT = """
     import numpy as np
     import fastbp
+    from fastbp import _jit
     from fastbp.kernels import gemm
     X = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
     trainer = fastbp.Trainer(fastbp.MLP([6, 40, 3], "relu", seed=0), loss="softmax_cross_entropy")
+    prefetched = [[leaf.__qualname__ for leaf in helper.leaves] for helper in _jit._helpers.values()]
     print(trainer.predict(X).tobytes().hex())
-    print(sum(gemm._task.stats.cache_hits.values()), sum(gemm._task.stats.cache_misses.values()))
+    print(sum(gemm._task.stats.cache_hits.values()), sum(gemm._task.stats.cache_misses.values()), prefetched)
 """
 
 
 def test_a_cold_first_call_shares_its_compiling_with_a_helper_process(tmp_path):
-    """With an empty cache, the product worker (a leaf of predict's call tree) is compiled by the helper process
-    and loaded here from the cache; the results are those of a process that compiled everything itself."""
-    shared = run_python(COLD_PREDICT, tmp_path / "shared").split()
-    alone = run_python(COLD_PREDICT, tmp_path / "alone", FASTBP_COMPILE_PROCESSES="1").split()
+    """With an empty cache, the product worker (a leaf of predict's call tree) is compiled by a helper process,
+    started when the trainer was made (a wide trainer: the fit's loss and optimizer too), and loaded here from
+    the cache by the first predict, which waits for that leaf only; the results are those of a process that
+    compiled everything itself."""
+    shared = run_python(COLD_PREDICT, tmp_path / "shared").strip().split(maxsplit=3)
+    alone = run_python(COLD_PREDICT, tmp_path / "alone", FASTBP_COMPILE_PROCESSES="1").strip().split(maxsplit=3)
     assert shared[0] == alone[0]  # bit for bit
-    assert shared[1:] == ["1", "0"], shared[1:]  # _task: loaded (the helper compiled it), not compiled here
-    assert alone[1:] == ["0", "1"], alone[1:]  # _task compiled in this process
+    # _task: loaded (the helper compiled it), not compiled here; the predict took the helper over
+    assert shared[1:] == ["1", "0", "[['_task', 'loss_grad', '_optimizer_step']]"], shared[1:]
+    assert alone[1:] == ["0", "1", "[]"], alone[1:]  # _task compiled in this process, no helper
 
 
 def _leaf(a):

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numba
 import numpy as np
 
-from .._jit import Entry
+from .._jit import Entry, prefetch
 from .._threads import guarded
 from ..kernels import cpu as kernels
 from ..kernels import narrow
@@ -64,6 +65,10 @@ class CPUBackend(Backend):
         self._narrow_kernel = (narrow.kernel_for(self.act_codes, self.loss) if narrow.supports(layout.sizes)
                                else None)
         self._narrow_work = None
+        # Every trainer predicts on the product engine, and a wide one fits there too: where the disk cache
+        # lacks their worker, loss and optimizer, a helper process starts compiling them now (fastbp._jit.prefetch)
+        drivers = [kernels.predict] if self._narrow_kernel is not None else [kernels.train_epochs, kernels.predict]
+        prefetch(drivers, numba.from_dtype(self.dtype))
 
     # -- training state -----------------------------------------------------------------------------------------
     def use_parameters(self, params: np.ndarray) -> None:
