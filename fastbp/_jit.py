@@ -495,6 +495,7 @@ class _Helper:
 
         self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
         self.leaves = leaves
+        self.owner = os.getpid()  # a forked child inherits this object, not the process: see _helper_for
         env = helper_environment(**{WORKER_VARIABLE: "1"})
         command = [sys.executable, "-m", "fastbp._compile_worker", self.folder, str(os.getpid()), str(dtype)]
         command += [_module_attribute(function) for function in leaves]
@@ -528,9 +529,12 @@ def _helper_for(dtype, dispatchers):
     """The running helper for ``dtype``; else a new one for the leaves of the dispatchers' call trees that are
     missing (None when nothing is, or helpers are not allowed)."""
     helper = _helpers.get(dtype)
-    if helper is not None and helper.process.poll() is not None:
+    if helper is not None and getattr(helper, "owner", os.getpid()) != os.getpid():
+        del _helpers[dtype]  # inherited through fork: the parent's helper, whose folder is the parent's to remove
+        helper = None
+    elif helper is not None and helper.process.poll() is not None:
         helper.close()
-        helper = _helpers.pop(dtype)  # done: its leaves are in the disk cache, or it failed
+        del _helpers[dtype]  # done: its leaves are in the disk cache, or it failed
         helper = None
     if helper is None and _helper_allowed():
         missing = _missing_leaves(dispatchers, dtype)
@@ -589,7 +593,8 @@ def _forget_helpers() -> None:
     # A helper that is done: remove its claim folder. One still compiling removes the folder itself once it
     # finishes and sees that its parent has gone (fastbp._compile_worker).
     for helper in _helpers.values():
-        helper.close()
+        if getattr(helper, "owner", os.getpid()) == os.getpid():
+            helper.close()
 
 
 def prefetch(dispatchers, dtype) -> None:

@@ -61,6 +61,11 @@ def make_tbb_findable() -> str | None:
     import ctypes
     import site
 
+    try:  # a libtbb already in the process (loaded by another library): numba uses that one, never a second copy
+        ctypes.CDLL(_TBB_LIBRARY, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+        return None
+    except OSError:
+        pass
     for prefix in (sys.prefix, site.getuserbase()):
         path = os.path.join(prefix, "lib", _TBB_LIBRARY)
         if os.path.exists(path):

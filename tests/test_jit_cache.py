@@ -268,3 +268,21 @@ def test_a_helper_that_dies_leaves_its_work_to_this_process(monkeypatch):
     entry(a)
     entry(a)
     assert started == [[_leaf_by_slot]] and a[0] == 2.0
+
+
+def test_a_helper_inherited_through_fork_is_left_to_its_parent(monkeypatch, tmp_path):
+    """A forked child sees its parent's helper object (poll() there cannot tell a running helper from a finished
+    one): it drops it without removing the parent's claim folder."""
+    from numba import types
+
+    class Inherited:
+        owner = os.getpid() + 1  # another process's
+        folder = str(tmp_path)
+        leaves = [_leaf_by_slot]
+        process = subprocess.Popen([sys.executable, "-c", "pass"])
+
+    Inherited.process.wait()
+    monkeypatch.setattr(fastbp._jit, "_helpers", {types.float32: Inherited()})
+    monkeypatch.setattr(fastbp._jit, "_helper_allowed", lambda: False)
+    assert fastbp._jit._helper_for(types.float32, []) is None
+    assert fastbp._jit._helpers == {} and tmp_path.exists()
