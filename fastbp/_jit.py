@@ -402,7 +402,8 @@ class _CompileSession:
 
 
 def _leaves(entry_func):
-    """The separately compiled functions that ``entry_func`` reaches and that reach none: deepest first."""
+    """The separately compiled functions that ``entry_func`` reaches and that reach none, in the order a helper
+    should take them."""
     depth = {}
     frontier = [(callee, 1) for callee in _separate_callees(entry_func)]
     callees_of = {}
@@ -415,7 +416,10 @@ def _leaves(entry_func):
             callees_of[function] = _separate_callees(function.py_func)
         frontier.extend((callee, level + 1) for callee in callees_of[function])
     leaves = [function for function in depth if not callees_of[function]]
-    return sorted(leaves, key=lambda function: -depth[function])
+    # deepest first, and at one depth the longest bytecode first (a rough measure of its compile time): the helper
+    # starts at the front, this process takes from the back
+    return sorted(leaves, key=lambda function: (-depth[function], -len(function.py_func.__code__.co_code),
+                                                function.__qualname__))
 
 
 _one_process = [0]  # > 0 inside one_compile_process()
@@ -507,11 +511,14 @@ class _Helper:
         the others waited for (until the helper marks them done, or exits); leaves not needed stay with it."""
         import time
 
-        for function in reversed(self.leaves):
+        mine = []
+        for function in reversed(self.leaves):  # one at a time: the helper takes from the front meanwhile
             if function in needed and claim(self.folder, function, dtype):
+                mine.append(function)
                 function.fill(dtype)
         for function in needed:
-            while self.process.poll() is None and not os.path.exists(done_marker(self.folder, function, dtype)):
+            while (function not in mine and self.process.poll() is None
+                   and not os.path.exists(done_marker(self.folder, function, dtype))):
                 time.sleep(0.005)
 
     def close(self) -> None:

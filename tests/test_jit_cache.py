@@ -270,6 +270,41 @@ def test_a_helper_that_dies_leaves_its_work_to_this_process(monkeypatch):
     assert started == [[_leaf_by_slot]] and a[0] == 2.0
 
 
+def test_a_session_does_not_wait_for_what_it_compiled_itself(monkeypatch):
+    """A helper still busy (here: asleep, having claimed nothing): this process claims and compiles the leaf, and
+    goes on without waiting for the helper to exit."""
+    import time
+
+    class BusyHelper(fastbp._jit._Helper):
+        def __init__(self, leaves, dtype):
+            import tempfile
+
+            self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
+            self.leaves = leaves
+            self.owner = os.getpid()
+            self.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    helpers = []
+    monkeypatch.setattr(fastbp._jit, "_helpers", {})
+    monkeypatch.setattr(fastbp._jit, "_Helper", lambda leaves, dtype: helpers.append(BusyHelper(leaves, dtype))
+                        or helpers[-1])
+    monkeypatch.setattr(fastbp._jit, "_helper_allowed", lambda: True)
+    monkeypatch.setattr(_leaf_by_slot, "in_disk_cache", lambda dtype: False)
+
+    monkeypatch.setattr(_leaf_by_slot, "_results", {})  # as if nothing were compiled yet
+    caller = fastbp._jit.cpu_jit(cache=False)(_caller)
+    a = np.zeros(1)
+    start = time.perf_counter()
+    try:
+        fastbp._jit.Entry(caller)(a)
+        assert time.perf_counter() - start < 30 and a[0] == 1
+        assert len(helpers) == 1 and helpers[0].process.poll() is None  # it did not wait for the helper's end
+    finally:
+        for helper in helpers:
+            helper.process.kill()
+            helper.process.wait()
+
+
 def test_a_helper_inherited_through_fork_is_left_to_its_parent(monkeypatch, tmp_path):
     """A forked child sees its parent's helper object (poll() there cannot tell a running helper from a finished
     one): it drops it without removing the parent's claim folder."""
