@@ -536,7 +536,7 @@ def _helper_for(dtype, dispatchers):
     """The running helper for ``dtype``; else a new one for the leaves of the dispatchers' call trees that are
     missing (None when nothing is, or helpers are not allowed)."""
     helper = _helpers.get(dtype)
-    if helper is not None and getattr(helper, "owner", os.getpid()) != os.getpid():
+    if helper is not None and helper.owner != os.getpid():
         del _helpers[dtype]  # inherited through fork: the parent's helper, whose folder is the parent's to remove
         helper = None
     elif helper is not None and helper.process.poll() is not None:
@@ -600,7 +600,7 @@ def _forget_helpers() -> None:
     # A helper that is done: remove its claim folder. One still compiling removes the folder itself once it
     # finishes and sees that its parent has gone (fastbp._compile_worker).
     for helper in _helpers.values():
-        if getattr(helper, "owner", os.getpid()) == os.getpid():
+        if helper.owner == os.getpid():
             helper.close()
 
 

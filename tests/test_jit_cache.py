@@ -255,6 +255,7 @@ def test_a_helper_that_dies_leaves_its_work_to_this_process(monkeypatch):
 
             self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
             self.leaves = leaves
+            self.owner = os.getpid()
             self.process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
 
     started = []
