@@ -447,11 +447,15 @@ def _helper_allowed() -> bool:
         return False
     if os.environ.get("FASTBP_COMPILE_PROCESSES", "").strip() == "1":
         return False
+    return usable_cpus() >= 2
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the platform has one)."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return cpus >= 2
+        return os.cpu_count() or 1
 
 
 def _module_attribute(function) -> str:

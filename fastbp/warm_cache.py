@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import subprocess
 import sys
 import time
@@ -171,7 +170,9 @@ def precompile(dtypes=DTYPES, activations=None, losses=None, optimizers=None, ve
     if not isinstance(verbose, (bool, int, np.bool_)):
         raise TypeError(f"verbose must be a bool; got {type(verbose).__name__}")
     if processes is None:
-        processes = _usable_cpus()
+        from ._jit import usable_cpus
+
+        processes = usable_cpus()
     elif isinstance(processes, bool) or not isinstance(processes, (int, np.integer)) or processes < 1:
         raise ValueError(f"processes must be a positive integer or None; got {processes!r}")
     cache = info.collect(probe_threads=False)["cache"]
@@ -202,13 +203,6 @@ def precompile(dtypes=DTYPES, activations=None, losses=None, optimizers=None, ve
                 helper.wait()
     return {"seconds": time.perf_counter() - start, "compiled": compiled, "configurations": len(jobs),
             "cache_directory": cache["directory"]}
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _jobs(dtypes, activations, losses, optimizers) -> list:

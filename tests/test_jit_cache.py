@@ -245,30 +245,37 @@ def test_a_declared_return_type_is_checked():
         wrong.fill(types.float32)
 
 
-def test_a_helper_that_dies_leaves_its_work_to_this_process(monkeypatch):
-    """The helper claims nothing and exits: this process claims every leaf itself and the call runs."""
-    import subprocess
+def stand_in_helpers(monkeypatch, code):
+    """Sessions get, instead of a compile helper, a process running ``code`` that claims nothing; the list of
+    those started. The leaf is missing from the disk cache and from this process."""
 
-    class DeadHelper(fastbp._jit._Helper):
+    class StandIn(fastbp._jit._Helper):
         def __init__(self, leaves, dtype):
             import tempfile
 
             self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
             self.leaves = leaves
             self.owner = os.getpid()
-            self.process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+            self.process = subprocess.Popen([sys.executable, "-c", code])
+            started.append(self)
 
     started = []
-    monkeypatch.setattr(fastbp._jit, "_Helper", lambda leaves, dtype: started.append(leaves) or DeadHelper(
-        leaves, dtype))
+    monkeypatch.setattr(fastbp._jit, "_helpers", {})
+    monkeypatch.setattr(fastbp._jit, "_Helper", StandIn)
     monkeypatch.setattr(fastbp._jit, "_helper_allowed", lambda: True)
     monkeypatch.setattr(_leaf_by_slot, "in_disk_cache", lambda dtype: False)
-    caller = fastbp._jit.cpu_jit(cache=False)(_caller)
-    entry = fastbp._jit.Entry(caller)
+    monkeypatch.setattr(_leaf_by_slot, "_results", {})  # as if nothing were compiled yet
+    return started
+
+
+def test_a_helper_that_dies_leaves_its_work_to_this_process(monkeypatch):
+    """The helper claims nothing and exits: this process claims every leaf itself and the call runs."""
+    started = stand_in_helpers(monkeypatch, "raise SystemExit(3)")
+    entry = fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_caller))
     a = np.zeros(1, np.float32)
     entry(a)
     entry(a)
-    assert started == [[_leaf_by_slot]] and a[0] == 2.0
+    assert [helper.leaves for helper in started] == [[_leaf_by_slot]] and a[0] == 2.0
 
 
 def test_a_session_does_not_wait_for_what_it_compiled_itself(monkeypatch):
@@ -276,32 +283,15 @@ def test_a_session_does_not_wait_for_what_it_compiled_itself(monkeypatch):
     goes on without waiting for the helper to exit."""
     import time
 
-    class BusyHelper(fastbp._jit._Helper):
-        def __init__(self, leaves, dtype):
-            import tempfile
-
-            self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
-            self.leaves = leaves
-            self.owner = os.getpid()
-            self.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-
-    helpers = []
-    monkeypatch.setattr(fastbp._jit, "_helpers", {})
-    monkeypatch.setattr(fastbp._jit, "_Helper", lambda leaves, dtype: helpers.append(BusyHelper(leaves, dtype))
-                        or helpers[-1])
-    monkeypatch.setattr(fastbp._jit, "_helper_allowed", lambda: True)
-    monkeypatch.setattr(_leaf_by_slot, "in_disk_cache", lambda dtype: False)
-
-    monkeypatch.setattr(_leaf_by_slot, "_results", {})  # as if nothing were compiled yet
-    caller = fastbp._jit.cpu_jit(cache=False)(_caller)
+    started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
     a = np.zeros(1)
     start = time.perf_counter()
     try:
-        fastbp._jit.Entry(caller)(a)
+        fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_caller))(a)
         assert time.perf_counter() - start < 30 and a[0] == 1
-        assert len(helpers) == 1 and helpers[0].process.poll() is None  # it did not wait for the helper's end
+        assert len(started) == 1 and started[0].process.poll() is None  # it did not wait for the helper's end
     finally:
-        for helper in helpers:
+        for helper in started:
             helper.process.kill()
             helper.process.wait()
 
