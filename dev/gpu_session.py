@@ -33,6 +33,7 @@ import time
 PARTS = ("versions", "launch", "workloads", "products", "tests")
 # Seconds each part may take at most (the budget may cut them shorter).
 TIMEOUTS = {"versions": 60, "launch": 90, "workloads": 240, "products": 120, "tests": 300}
+MIN_PART_SECONDS = 10  # a part with less time than this left in the budget is skipped, not started
 
 # The repository's root: the tools in dev/ run from a clone (python -m dev.gpu_session), never installed.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -469,7 +470,7 @@ def run_parts(parts, out: str, budget: float, quick: bool, command=None) -> list
     for name in parts:
         left = deadline - time.monotonic()
         timeout = min(TIMEOUTS.get(name, 60), left)
-        if timeout < 10:
+        if timeout < MIN_PART_SECONDS:
             results.append(dict(part=name, status="skipped", reason="no time left in the budget", rows=[]))
             continue
         argv = (command or _part_command)(name, out, quick, timeout)

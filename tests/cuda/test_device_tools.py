@@ -38,7 +38,8 @@ def test_session_writes_its_reports_and_says_why_parts_are_skipped(tmp_path):
 
 
 def test_a_part_that_hangs_is_killed_and_the_others_still_run(tmp_path, monkeypatch):
-    monkeypatch.setitem(gpu_session.TIMEOUTS, "hang", 12)
+    monkeypatch.setitem(gpu_session.TIMEOUTS, "hang", 2)
+    monkeypatch.setattr(gpu_session, "MIN_PART_SECONDS", 1)
 
     def command(name, out, quick, timeout):
         if name == "hang":
@@ -49,7 +50,7 @@ def test_a_part_that_hangs_is_killed_and_the_others_still_run(tmp_path, monkeypa
     assert [r["status"] for r in results] == ["timed out", "ok"]
     assert results[0]["seconds"] < 30
     # No budget left: the part is skipped, not started.
-    assert gpu_session.run_parts(["versions"], str(tmp_path), budget=5, quick=True)[0]["status"] == "skipped"
+    assert gpu_session.run_parts(["versions"], str(tmp_path), budget=0.5, quick=True)[0]["status"] == "skipped"
 
 
 def test_markdown_tables_every_column_of_a_part():
