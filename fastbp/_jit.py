@@ -367,16 +367,18 @@ def _separate_callees(func, seen=None):
 # under one lock, and most of it holds the GIL, so threads cannot share the work; processes can, through the
 # disk cache. Because callers reach their callees through slots, a caller's compilation needs only its callees'
 # declared types: the backends call their drivers through Entry, whose first call per dtype compiles in a
-# session that defers every slot it meets. At the start of the session, the deepest separately compiled
-# functions the driver can reach (the leaves of that call tree: the product worker, the loss, the optimizer)
-# that the disk cache lacks go to one helper process (python -m fastbp._compile_worker), which compiles them
-# into the cache while this process compiles the driver and the functions above the leaves. Each leaf is
-# claimed (an exclusively created file) by whichever process takes it first; this process, done with its own
-# part, takes leaves the helper has not started, from the other end of the list; then it waits for the helper
-# and loads the rest from the cache. Whatever goes wrong with the helper, this process compiles what is
-# missing itself. A backend may start that helper earlier, when a trainer is made (prefetch), for the drivers it
-# will surely call. Without a disk cache, with one usable CPU, with FASTBP_COMPILE_PROCESSES=1 or inside the
-# helper (or in a bundled application), a session compiles everything in this process, as before.
+# session that defers every slot it meets. At the start of the session, the separately compiled functions the
+# driver can reach that the disk cache lacks (the product engine and its worker, the loss, the optimizer, the
+# batch's gradient) go, deepest first, to one helper process (python -m fastbp._compile_worker), which compiles
+# them into the cache while this process compiles the driver. Each function is claimed (an exclusively created
+# file) by whichever process takes it first; this process, done with the driver, takes the functions it needs
+# that the helper has not started, from the other end of the list (a caller before its callees: it needs only
+# their declared types), then waits for the helper's and loads them from the cache, and so on down the tree.
+# Whatever goes wrong with the helper, this process compiles what is missing itself. A backend may start that
+# helper earlier, when a trainer is made (prefetch), for the drivers it will surely call: the helper then keeps
+# compiling while this process compiles something else (a fused narrow kernel, another driver). Without a disk
+# cache, with one usable CPU, with FASTBP_COMPILE_PROCESSES=1 or inside the helper (or in a bundled
+# application), a session compiles everything in this process, as before.
 _session = None  # the session in progress (numba's global compiler lock is held), or None
 WORKER_VARIABLE = "FASTBP_COMPILE_WORKER"  # set in the helper's environment: it never starts another
 
@@ -401,9 +403,8 @@ class _CompileSession:
         return skipped
 
 
-def _leaves(entry_func):
-    """The separately compiled functions that ``entry_func`` reaches and that reach none, in the order a helper
-    should take them."""
+def _call_tree(entry_func):
+    """The separately compiled functions that ``entry_func`` reaches, in the order a helper should take them."""
     depth = {}
     frontier = [(callee, 1) for callee in _separate_callees(entry_func)]
     callees_of = {}
@@ -415,11 +416,10 @@ def _leaves(entry_func):
         if function not in callees_of:
             callees_of[function] = _separate_callees(function.py_func)
         frontier.extend((callee, level + 1) for callee in callees_of[function])
-    leaves = [function for function in depth if not callees_of[function]]
-    # deepest first, and at one depth the longest bytecode first (a rough measure of its compile time): the helper
-    # starts at the front, this process takes from the back
-    return sorted(leaves, key=lambda function: (-depth[function], -len(function.py_func.__code__.co_code),
-                                                function.__qualname__))
+    # deepest first (its callees are ready when the helper compiles a caller), and at one depth the longest bytecode
+    # first (a rough measure of its compile time): the helper starts at the front, this process takes from the back
+    return sorted(depth, key=lambda function: (-depth[function], -len(function.py_func.__code__.co_code),
+                                               function.__qualname__))
 
 
 _one_process = [0]  # > 0 inside one_compile_process()
@@ -494,29 +494,30 @@ def done_marker(folder: str, function, dtype) -> str:
 
 
 class _Helper:
-    """A helper process compiling ``leaves`` into the disk cache, deepest first (see "compile sessions")."""
+    """A helper process compiling ``functions`` into the disk cache, deepest first (see "compile sessions")."""
 
-    def __init__(self, leaves, dtype):
+    def __init__(self, functions, dtype):
         import subprocess
         import sys
         import tempfile
 
         self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
-        self.leaves = leaves
+        self.functions = functions
         self.owner = os.getpid()  # a forked child inherits this object, not the process: see _helper_for
         env = helper_environment(**{WORKER_VARIABLE: "1"})
         command = [sys.executable, "-m", "fastbp._compile_worker", self.folder, str(os.getpid()), str(dtype)]
-        command += [_module_attribute(function) for function in leaves]
+        command += [_module_attribute(function) for function in functions]
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
 
     def take(self, needed, dtype):
-        """Make the ``needed`` leaves loadable: those the helper has not started are compiled here (last first),
-        the others waited for (until the helper marks them done, or exits); leaves not needed stay with it."""
+        """Make the ``needed`` functions loadable: those the helper has not started are compiled here (last first;
+        in a session, their callees' slots are deferred), the others waited for (until the helper marks them done,
+        or exits); functions not needed stay with it."""
         import time
 
         mine = []
-        for function in reversed(self.leaves):  # one at a time: the helper takes from the front meanwhile
+        for function in reversed(self.functions):  # one at a time: the helper takes from the front meanwhile
             if function in needed and claim(self.folder, function, dtype):
                 mine.append(function)
                 function.fill(dtype)
@@ -524,6 +525,12 @@ class _Helper:
             while (function not in mine and self.process.poll() is None
                    and not os.path.exists(done_marker(self.folder, function, dtype))):
                 time.sleep(0.005)
+
+    def finished(self, dtype) -> bool:
+        """Whether every one of its functions is done (marked by the helper, or filled in this process): its
+        process may still be exiting."""
+        return all(dtype in function._results or os.path.exists(done_marker(self.folder, function, dtype))
+                   for function in self.functions)
 
     def close(self) -> None:
         """Forget a helper that has exited: remove its claim folder."""
@@ -533,22 +540,27 @@ class _Helper:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-_helpers = {}  # dtype -> the helper compiling for that dtype (a session's, or prefetch's), until it exits
+_helpers = {}  # dtype -> the helper compiling for that dtype (a session's, or prefetch's), until it is done
+_retired = []  # helpers done with their work whose processes were still exiting: their folders go at exit
 
 
 def _helper_for(dtype, dispatchers):
-    """The running helper for ``dtype``; else a new one for the leaves of the dispatchers' call trees that are
-    missing (None when nothing is, or helpers are not allowed)."""
+    """The running helper for ``dtype``; else a new one for the functions of the dispatchers' call trees that
+    are missing (None when nothing is, or helpers are not allowed)."""
     helper = _helpers.get(dtype)
     if helper is not None and helper.owner != os.getpid():
         del _helpers[dtype]  # inherited through fork: the parent's helper, whose folder is the parent's to remove
         helper = None
-    elif helper is not None and helper.process.poll() is not None:
+    elif helper is not None and (helper.process.poll() is not None or helper.finished(dtype)):
+        # done: its functions are in the disk cache (or it failed). Not waited for while its process exits: a
+        # script's second trainer would otherwise compile here what a new helper could (measured in the demo).
         helper.close()
-        del _helpers[dtype]  # done: its leaves are in the disk cache, or it failed
+        if helper.process.poll() is None:
+            _retired.append(helper)
+        del _helpers[dtype]
         helper = None
     if helper is None and _helper_allowed():
-        missing = _missing_leaves(dispatchers, dtype)
+        missing = _missing_functions(dispatchers, dtype)
         if missing:
             helper = _helpers[dtype] = _Helper(missing, dtype)
     return helper
@@ -573,50 +585,55 @@ def compile_in_session(dispatcher, signature):
             if helper is None:
                 session.fill_pending()
             else:
-                waiting = session.fill_pending(skip={(leaf, dtype) for leaf in helper.leaves})
-                if waiting:
+                helpers = {(function, dtype) for function in helper.functions}
+                while True:  # down the call tree: filling a caller defers its callees' slots
+                    waiting = session.fill_pending(skip=helpers)
+                    if not waiting:
+                        break
                     # the wait counts as compiling (fastbp.compile_seconds, the compile notice)
                     with event.trigger_event("numba:compile", data=dict(dispatcher=dispatcher, args=signature,
                                                                           return_type=None)):
                         helper.take([function for function, _ in waiting], dtype)
-                    session.pending[:0] = waiting
-                    session.fill_pending()  # from the disk cache, or compiled here if the helper failed
+                    for function, _ in waiting:
+                        function.fill(dtype)  # from the disk cache, or compiled here if the helper failed
         finally:
             _session = None
 
 
-def _missing_leaves(dispatchers, dtype):
-    """The leaves of the dispatchers' call trees (see _leaves) that neither this process nor the disk cache holds
-    for ``dtype``, deepest first, each once."""
+def _missing_functions(dispatchers, dtype):
+    """The functions of the dispatchers' call trees (see _call_tree) that neither this process nor the disk cache
+    holds for ``dtype``, deepest first, each once."""
     missing = []
     for dispatcher in dispatchers:
-        for leaf in _leaves(dispatcher.py_func):
-            if leaf not in missing and dtype not in leaf._results and not leaf.in_disk_cache(dtype):
-                missing.append(leaf)
+        for function in _call_tree(dispatcher.py_func):
+            if function not in missing and dtype not in function._results and not function.in_disk_cache(dtype):
+                missing.append(function)
     return missing
 
 
-_prefetch_checked = set()  # dtypes prefetch has looked at in this process
+_prefetch_checked = set()  # (dtype, drivers) prefetch has looked at in this process
 
 
 @atexit.register
 def _forget_helpers() -> None:
     # A helper that is done: remove its claim folder. One still compiling removes the folder itself once it
     # finishes and sees that its parent has gone (fastbp._compile_worker).
-    for helper in _helpers.values():
+    for helper in list(_helpers.values()) + _retired:
         if helper.owner == os.getpid():
             helper.close()
 
 
 def prefetch(dispatchers, dtype) -> None:
-    """Start compiling, in a helper process, the leaves of the dispatchers' call trees that the disk cache lacks
-    for ``dtype`` (a numba float type), and return at once. A backend calls it when a trainer is made, with the
-    drivers its next calls will surely need (every trainer predicts through the product engine; a wide one also
-    fits there): the worker then compiles while the user's script goes on (loading data, or compiling the fused
-    narrow kernel of a narrow fit), and each session of that dtype waits only for the leaves it needs. Once per
-    dtype and process, only where a session would start a helper."""
-    if dtype not in _prefetch_checked:
-        _prefetch_checked.add(dtype)
+    """Start compiling, in a helper process, the separately compiled functions of the dispatchers' call trees
+    that the disk cache lacks for ``dtype`` (a numba float type), and return at once. A backend calls it when a
+    trainer is made, with the drivers its next calls will surely need (every trainer predicts through the
+    product engine; a wide one also fits there): the helper then compiles while the user's script goes on
+    (loading data, compiling the fused narrow kernel of a narrow fit, or another driver), and each session of
+    that dtype waits only for the functions it needs. Once per dtype and set of drivers in a process, only where
+    a session would start a helper; while a helper of that dtype is still busy, it is left to finish."""
+    key = (dtype, tuple(dispatcher.py_func.__qualname__ for dispatcher in dispatchers))
+    if key not in _prefetch_checked:
+        _prefetch_checked.add(key)
         _helper_for(dtype, dispatchers)
 
 

@@ -183,23 +183,25 @@ COLD_PREDICT = """
     from fastbp.kernels import gemm
     X = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
     trainer = fastbp.Trainer(fastbp.MLP([6, 40, 3], "relu", seed=0), loss="softmax_cross_entropy")
-    prefetched = [[leaf.__qualname__ for leaf in helper.leaves] for helper in _jit._helpers.values()]
+    prefetched = [[function.__qualname__ for function in helper.functions] for helper in _jit._helpers.values()]
     print(trainer.predict(X).tobytes().hex())
     print(sum(gemm._task.stats.cache_hits.values()), sum(gemm._task.stats.cache_misses.values()), prefetched)
 """
 
 
 def test_a_cold_first_call_shares_its_compiling_with_a_helper_process(tmp_path):
-    """With an empty cache, the product worker (a leaf of predict's call tree) is compiled by a helper process,
-    started when the trainer was made (a wide trainer: the fit's loss and optimizer too), and loaded here from
-    the cache by the first predict, which waits for that leaf only; the results are those of a process that
-    compiled everything itself."""
+    """With an empty cache, the product worker (the deepest function of predict's call tree) is compiled by a
+    helper process, started when the trainer was made (with the rest of the separately compiled functions of
+    predict's and, for a wide trainer, the fit's call trees), and loaded here from the cache by the first
+    predict, which waits only for what it needs; the results are those of a process that compiled everything
+    itself."""
     # FASTBP_COMPILE_PROCESSES="": helpers allowed, whatever this process was given (see conftest.py)
     shared = run_python(COLD_PREDICT, tmp_path / "shared", FASTBP_COMPILE_PROCESSES="").strip().split(maxsplit=3)
     alone = run_python(COLD_PREDICT, tmp_path / "alone", FASTBP_COMPILE_PROCESSES="1").strip().split(maxsplit=3)
     assert shared[0] == alone[0]  # bit for bit
     # _task: loaded (the helper compiled it), not compiled here; the predict took the helper over
-    assert shared[1:] == ["1", "0", "[['_task', 'loss_grad', '_optimizer_step']]"], shared[1:]
+    assert shared[1:] == ["1", "0", "[['_task', 'loss_grad', '_product_by_symbol', '_batch_grads', '_optimizer_step']]"
+                          ], shared[1:]
     assert alone[1:] == ["0", "1", "[]"], alone[1:]  # _task compiled in this process, no helper
 
 
@@ -255,11 +257,11 @@ def stand_in_helpers(monkeypatch, code):
     those started. The leaf is missing from the disk cache and from this process."""
 
     class StandIn(fastbp._jit._Helper):
-        def __init__(self, leaves, dtype):
+        def __init__(self, functions, dtype):
             import tempfile
 
             self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
-            self.leaves = leaves
+            self.functions = functions
             self.owner = os.getpid()
             self.process = subprocess.Popen([sys.executable, "-c", code])
             started.append(self)
@@ -280,7 +282,7 @@ def test_a_helper_that_dies_leaves_its_work_to_this_process(monkeypatch):
     a = np.zeros(1, np.float32)
     entry(a)
     entry(a)
-    assert [helper.leaves for helper in started] == [[_leaf_by_slot]] and a[0] == 2.0
+    assert [helper.functions for helper in started] == [[_leaf_by_slot]] and a[0] == 2.0
 
 
 def test_a_session_does_not_wait_for_what_it_compiled_itself(monkeypatch):
@@ -301,6 +303,43 @@ def test_a_session_does_not_wait_for_what_it_compiled_itself(monkeypatch):
             helper.process.wait()
 
 
+def _other(a):
+    a[0] += 2.0
+
+
+def _other_caller(a):
+    _other_by_slot(a)
+
+
+_other_by_slot = fastbp._jit.SeparatelyCompiled(fastbp._jit.cpu_jit(cache=False)(_other), _leaf_signature)
+
+
+def test_a_helper_done_with_its_work_is_not_waited_for(monkeypatch):
+    """A helper whose functions are all done, but whose process has not exited yet (it is asleep here): the next
+    trainer's missing functions go to a new helper instead of being compiled by this process, and the old one's
+    folder is removed at exit."""
+    from numba import types
+
+    started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
+    monkeypatch.setattr(fastbp._jit, "_retired", [])
+    monkeypatch.setattr(_other_by_slot, "in_disk_cache", lambda dtype: False)
+    monkeypatch.setattr(_other_by_slot, "_results", {})
+    caller, other_caller = (fastbp._jit.cpu_jit(cache=False)(f) for f in (_caller, _other_caller))
+    try:
+        first = fastbp._jit._helper_for(types.float64, [caller])
+        assert first.functions == [_leaf_by_slot]
+        assert fastbp._jit._helper_for(types.float64, [other_caller]) is first  # busy: left to finish
+        open(fastbp._jit.done_marker(first.folder, _leaf_by_slot, types.float64), "wb").close()
+        second = fastbp._jit._helper_for(types.float64, [other_caller])
+        assert second is not first and second.functions == [_other_by_slot]
+        assert fastbp._jit._retired == [first] and started == [first, second]
+    finally:
+        for helper in started:
+            helper.process.kill()
+            helper.process.wait()
+            helper.close()
+
+
 def test_a_helper_inherited_through_fork_is_left_to_its_parent(monkeypatch, tmp_path):
     """A forked child sees its parent's helper object (poll() there cannot tell a running helper from a finished
     one): it drops it without removing the parent's claim folder."""
@@ -309,7 +348,7 @@ def test_a_helper_inherited_through_fork_is_left_to_its_parent(monkeypatch, tmp_
     class Inherited:
         owner = os.getpid() + 1  # another process's
         folder = str(tmp_path)
-        leaves = [_leaf_by_slot]
+        functions = [_leaf_by_slot]
         process = subprocess.Popen([sys.executable, "-c", "pass"])
 
     Inherited.process.wait()
