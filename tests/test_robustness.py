@@ -362,7 +362,8 @@ def test_one_sample_and_batch_larger_than_dataset(dtype):
 @pytest.mark.parametrize("loss", LOSSES)
 def test_width_one_hidden_layers(loss, dtype):
     rng = np.random.default_rng(3)
-    model = fastbp.MLP([3, 1, 1, 2], ["tanh", "relu"], dtype=dtype, seed=4)
+    # the activations of test_inputs_of_1e6_scale_stay_finite's tanh case: the same fused narrow kernels
+    model = fastbp.MLP([3, 1, 1, 1, 2], ["tanh", "relu", "leaky_relu"], dtype=dtype, seed=4)
     model.biases[1][...] = 0.5  # keep the relu unit alive
     X, y = rng.normal(size=(9, 3)), targets(loss, 9, 2, rng)
     trainer = fastbp.Trainer(model, loss=loss, lr=0.1, batch_size=4, seed=0)
