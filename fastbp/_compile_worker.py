@@ -4,8 +4,9 @@ functions into numba's disk cache for the process that started it.
     python -m fastbp._compile_worker CLAIM_FOLDER PARENT_PID DTYPE module:attribute [module:attribute ...]
 
 Each function is compiled only if this process claims it first (the parent takes the ones left at the end).
-A parent that has exited meanwhile (a script that ended before its first fit, say) cannot remove the claim
-folder: this process does.
+Once the parent has exited (a script that ended after its first predict, say), this process compiles nothing
+more (the rest of its list would only burn a core after the script's end) and removes the claim folder, which
+the parent could not.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def main(argv) -> int:
     dtype = getattr(types, dtype_name)
     try:
         for name in names:
+            if os.getppid() != int(parent):
+                break
             module_name, attribute = name.split(":")
             function = getattr(importlib.import_module(module_name), attribute)
             if claim(folder, function, dtype):

@@ -190,18 +190,16 @@ COLD_PREDICT = """
 
 
 def test_a_cold_first_call_shares_its_compiling_with_a_helper_process(tmp_path):
-    """With an empty cache, the product worker (the deepest function of predict's call tree) is compiled by a
-    helper process, started when the trainer was made (with the rest of the separately compiled functions of
-    predict's and, for a wide trainer, the fit's call trees), and loaded here from the cache by the first
-    predict, which waits only for what it needs; the results are those of a process that compiled everything
-    itself."""
+    """With an empty cache, the product worker (a leaf of predict's call tree) is compiled by a helper process,
+    started when the trainer was made (with the other leaves of predict's and, for a wide trainer, the fit's call
+    trees), and loaded here from the cache by the first predict, which waits only for what it needs; the
+    results are those of a process that compiled everything itself."""
     # FASTBP_COMPILE_PROCESSES="": helpers allowed, whatever this process was given (see conftest.py)
     shared = run_python(COLD_PREDICT, tmp_path / "shared", FASTBP_COMPILE_PROCESSES="").strip().split(maxsplit=3)
     alone = run_python(COLD_PREDICT, tmp_path / "alone", FASTBP_COMPILE_PROCESSES="1").strip().split(maxsplit=3)
     assert shared[0] == alone[0]  # bit for bit
     # _task: loaded (the helper compiled it), not compiled here; the predict took the helper over
-    assert shared[1:] == ["1", "0", "[['_task', 'loss_grad', '_product_by_symbol', '_batch_grads', '_optimizer_step']]"
-                          ], shared[1:]
+    assert shared[1:] == ["1", "0", "[['_task', 'loss_grad', '_optimizer_step']]"], shared[1:]
     assert alone[1:] == ["0", "1", "[]"], alone[1:]  # _task compiled in this process, no helper
 
 
@@ -356,3 +354,18 @@ def test_a_helper_inherited_through_fork_is_left_to_its_parent(monkeypatch, tmp_
     monkeypatch.setattr(fastbp._jit, "_helper_allowed", lambda: False)
     assert fastbp._jit._helper_for(types.float32, []) is None
     assert fastbp._jit._helpers == {} and tmp_path.exists()
+
+
+def test_a_helper_whose_parent_has_exited_compiles_nothing(tmp_path):
+    """A helper started for a script that has ended (here: told that its parent is pid 1, which it is not)
+    compiles nothing more, and it removes the claim folder the parent could not."""
+    folder = tmp_path / "claims"
+    folder.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+               NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-m", "fastbp._compile_worker", str(folder), "1", "float64",
+                             "fastbp.kernels.cpu:optimizer_step"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert not folder.exists()
+    assert not (tmp_path / "cache").exists()  # nothing compiled into the disk cache
