@@ -372,14 +372,13 @@ def _separate_callees(func, seen=None):
 # that the disk cache lacks go to one helper process (python -m fastbp._compile_worker), which compiles them
 # into the cache while this process compiles the driver and the functions above the leaves. Each leaf is
 # claimed (an exclusively created file) by whichever process takes it first; this process, done with its own
-# part, takes the leaves it needs that the helper has not started, from the other end of the list, then waits
-# for the helper's and loads them from the cache (a function loaded or compiled in a session defers its callees'
-# slots in turn: the session goes down the tree until none is left). Whatever goes wrong with the helper, this
-# process compiles what is missing itself. A helper stops once its parent has exited. A backend may start that
-# helper earlier, when a trainer is made (prefetch), for the drivers it will surely call: the helper then keeps
-# compiling while this process compiles something else (a fused narrow kernel, another driver). Without a disk
-# cache, with one usable CPU, with FASTBP_COMPILE_PROCESSES=1 or inside the helper (or in a bundled
-# application), a session compiles everything in this process, as before.
+# part, takes leaves the helper has not started, from the other end of the list; then it waits for the helper
+# and loads the rest from the cache. Whatever goes wrong with the helper, this process compiles what is
+# missing itself; a helper stops once its parent has exited. A backend may start that helper earlier, when a
+# trainer is made (prefetch), for the drivers it will surely call: the helper then compiles while this process
+# compiles something else (a fused narrow kernel, another driver). Without a disk cache, with one usable CPU,
+# with FASTBP_COMPILE_PROCESSES=1 or inside the helper (or in a bundled application), a session compiles
+# everything in this process, as before.
 _session = None  # the session in progress (numba's global compiler lock is held), or None
 WORKER_VARIABLE = "FASTBP_COMPILE_WORKER"  # set in the helper's environment: it never starts another
 
@@ -500,30 +499,29 @@ def done_marker(folder: str, function, dtype) -> str:
 
 
 class _Helper:
-    """A helper process compiling ``functions`` into the disk cache, deepest first (see "compile sessions")."""
+    """A helper process compiling ``leaves`` into the disk cache, deepest first (see "compile sessions")."""
 
-    def __init__(self, functions, dtype):
+    def __init__(self, leaves, dtype):
         import subprocess
         import sys
         import tempfile
 
         self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
-        self.functions = functions
+        self.leaves = leaves
         self.owner = os.getpid()  # a forked child inherits this object, not the process: see _helper_for
         env = helper_environment(**{WORKER_VARIABLE: "1"})
         command = [sys.executable, "-m", "fastbp._compile_worker", self.folder, str(os.getpid()), str(dtype)]
-        command += [_module_attribute(function) for function in functions]
+        command += [_module_attribute(function) for function in leaves]
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
 
     def take(self, needed, dtype):
-        """Make the ``needed`` functions loadable: those the helper has not started are compiled here (last first;
-        in a session, their callees' slots are deferred), the others waited for (until the helper marks them done,
-        or exits); functions not needed stay with it."""
+        """Make the ``needed`` leaves loadable: those the helper has not started are compiled here (last first),
+        the others waited for (until the helper marks them done, or exits); leaves not needed stay with it."""
         import time
 
         mine = []
-        for function in reversed(self.functions):  # one at a time: the helper takes from the front meanwhile
+        for function in reversed(self.leaves):  # one at a time: the helper takes from the front meanwhile
             if function in needed and claim(self.folder, function, dtype):
                 mine.append(function)
                 function.fill(dtype)
@@ -533,10 +531,10 @@ class _Helper:
                 time.sleep(0.005)
 
     def finished(self, dtype) -> bool:
-        """Whether every one of its functions is done (marked by the helper, or filled in this process): its
-        process may still be exiting."""
-        return all(dtype in function._results or os.path.exists(done_marker(self.folder, function, dtype))
-                   for function in self.functions)
+        """Whether every one of its leaves is done (marked by the helper, or filled in this process): its process
+        may still be exiting."""
+        return all(dtype in leaf._results or os.path.exists(done_marker(self.folder, leaf, dtype))
+                   for leaf in self.leaves)
 
     def close(self) -> None:
         """Forget a helper that has exited: remove its claim folder."""
@@ -551,14 +549,14 @@ _retired = []  # helpers done with their work whose processes were still exiting
 
 
 def _helper_for(dtype, dispatchers):
-    """The running helper for ``dtype``; else a new one for the functions of the dispatchers' call trees that
-    are missing (None when nothing is, or helpers are not allowed)."""
+    """The running helper for ``dtype``; else a new one for the leaves of the dispatchers' call trees that are
+    missing (None when nothing is, or helpers are not allowed)."""
     helper = _helpers.get(dtype)
     if helper is not None and helper.owner != os.getpid():
         del _helpers[dtype]  # inherited through fork: the parent's helper, whose folder is the parent's to remove
         helper = None
     elif helper is not None and (helper.process.poll() is not None or helper.finished(dtype)):
-        # done: its functions are in the disk cache (or it failed). Not waited for while its process exits: a
+        # done: its leaves are in the disk cache (or it failed). Not waited for while its process exits: a
         # script's second trainer would otherwise compile here what a new helper could (measured in the demo).
         helper.close()
         if helper.process.poll() is None:
@@ -566,7 +564,7 @@ def _helper_for(dtype, dispatchers):
         del _helpers[dtype]
         helper = None
     if helper is None and _helper_allowed():
-        missing = _missing_functions(dispatchers, dtype)
+        missing = _missing_leaves(dispatchers, dtype)
         if missing:
             helper = _helpers[dtype] = _Helper(missing, dtype)
     return helper
@@ -591,29 +589,26 @@ def compile_in_session(dispatcher, signature):
             if helper is None:
                 session.fill_pending()
             else:
-                helpers = {(function, dtype) for function in helper.functions}
-                while True:  # down the call tree: filling a caller defers its callees' slots
-                    waiting = session.fill_pending(skip=helpers)
-                    if not waiting:
-                        break
+                waiting = session.fill_pending(skip={(leaf, dtype) for leaf in helper.leaves})
+                if waiting:
                     # the wait counts as compiling (fastbp.compile_seconds, the compile notice)
                     with event.trigger_event("numba:compile", data=dict(dispatcher=dispatcher, args=signature,
                                                                           return_type=None)):
                         helper.take([function for function, _ in waiting], dtype)
-                    for function, _ in waiting:
-                        function.fill(dtype)  # from the disk cache, or compiled here if the helper failed
+                    session.pending[:0] = waiting
+                    session.fill_pending()  # from the disk cache, or compiled here if the helper failed
         finally:
             _session = None
 
 
-def _missing_functions(dispatchers, dtype):
-    """The leaves of the dispatchers' call trees (see _leaves) that neither this process nor the disk cache
-    holds for ``dtype``, deepest first, each once."""
+def _missing_leaves(dispatchers, dtype):
+    """The leaves of the dispatchers' call trees (see _leaves) that neither this process nor the disk cache holds
+    for ``dtype``, deepest first, each once."""
     missing = []
     for dispatcher in dispatchers:
-        for function in _leaves(dispatcher.py_func):
-            if function not in missing and dtype not in function._results and not function.in_disk_cache(dtype):
-                missing.append(function)
+        for leaf in _leaves(dispatcher.py_func):
+            if leaf not in missing and dtype not in leaf._results and not leaf.in_disk_cache(dtype):
+                missing.append(leaf)
     return missing
 
 
@@ -635,8 +630,8 @@ def prefetch(dispatchers, dtype) -> None:
     drivers its next calls will surely need (every trainer predicts through the product engine; a wide one also
     fits there): the helper then compiles while the user's script goes on (loading data, compiling the fused
     narrow kernel of a narrow fit, or another driver), and each session of that dtype waits only for the leaves
-    it needs. Once per dtype and set of drivers in a process, only where
-    a session would start a helper; while a helper of that dtype is still busy, it is left to finish."""
+    it needs. Once per dtype and set of drivers in a process, only where a session would start a helper; while a
+    helper of that dtype is still busy, it is left to finish."""
     key = (dtype, tuple(dispatcher.py_func.__qualname__ for dispatcher in dispatchers))
     if key not in _prefetch_checked:
         _prefetch_checked.add(key)

@@ -183,7 +183,7 @@ COLD_PREDICT = """
     from fastbp.kernels import gemm
     X = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
     trainer = fastbp.Trainer(fastbp.MLP([6, 40, 3], "relu", seed=0), loss="softmax_cross_entropy")
-    prefetched = [[function.__qualname__ for function in helper.functions] for helper in _jit._helpers.values()]
+    prefetched = [[leaf.__qualname__ for leaf in helper.leaves] for helper in _jit._helpers.values()]
     print(trainer.predict(X).tobytes().hex())
     print(sum(gemm._task.stats.cache_hits.values()), sum(gemm._task.stats.cache_misses.values()), prefetched)
 """
@@ -255,11 +255,11 @@ def stand_in_helpers(monkeypatch, code):
     those started. The leaf is missing from the disk cache and from this process."""
 
     class StandIn(fastbp._jit._Helper):
-        def __init__(self, functions, dtype):
+        def __init__(self, leaves, dtype):
             import tempfile
 
             self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
-            self.functions = functions
+            self.leaves = leaves
             self.owner = os.getpid()
             self.process = subprocess.Popen([sys.executable, "-c", code])
             started.append(self)
@@ -280,7 +280,7 @@ def test_a_helper_that_dies_leaves_its_work_to_this_process(monkeypatch):
     a = np.zeros(1, np.float32)
     entry(a)
     entry(a)
-    assert [helper.functions for helper in started] == [[_leaf_by_slot]] and a[0] == 2.0
+    assert [helper.leaves for helper in started] == [[_leaf_by_slot]] and a[0] == 2.0
 
 
 def test_a_session_does_not_wait_for_what_it_compiled_itself(monkeypatch):
@@ -313,8 +313,8 @@ _other_by_slot = fastbp._jit.SeparatelyCompiled(fastbp._jit.cpu_jit(cache=False)
 
 
 def test_a_helper_done_with_its_work_is_not_waited_for(monkeypatch):
-    """A helper whose functions are all done, but whose process has not exited yet (it is asleep here): the next
-    trainer's missing functions go to a new helper instead of being compiled by this process, and the old one's
+    """A helper whose leaves are all done, but whose process has not exited yet (it is asleep here): the next
+    trainer's missing leaves go to a new helper instead of being compiled by this process, and the old one's
     folder is removed at exit."""
     from numba import types
 
@@ -325,11 +325,11 @@ def test_a_helper_done_with_its_work_is_not_waited_for(monkeypatch):
     caller, other_caller = (fastbp._jit.cpu_jit(cache=False)(f) for f in (_caller, _other_caller))
     try:
         first = fastbp._jit._helper_for(types.float64, [caller])
-        assert first.functions == [_leaf_by_slot]
+        assert first.leaves == [_leaf_by_slot]
         assert fastbp._jit._helper_for(types.float64, [other_caller]) is first  # busy: left to finish
         open(fastbp._jit.done_marker(first.folder, _leaf_by_slot, types.float64), "wb").close()
         second = fastbp._jit._helper_for(types.float64, [other_caller])
-        assert second is not first and second.functions == [_other_by_slot]
+        assert second is not first and second.leaves == [_other_by_slot]
         assert fastbp._jit._retired == [first] and started == [first, second]
     finally:
         for helper in started:
@@ -346,7 +346,7 @@ def test_a_helper_inherited_through_fork_is_left_to_its_parent(monkeypatch, tmp_
     class Inherited:
         owner = os.getpid() + 1  # another process's
         folder = str(tmp_path)
-        functions = [_leaf_by_slot]
+        leaves = [_leaf_by_slot]
         process = subprocess.Popen([sys.executable, "-c", "pass"])
 
     Inherited.process.wait()
