@@ -3,6 +3,8 @@ import os
 import numpy as np
 import pytest
 
+from fastbp._jit import usable_cpus
+
 # Per-dtype tolerances for comparisons with the float64 reference: float32 sums of a few hundred terms.
 TOLERANCES = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
 
@@ -17,15 +19,11 @@ def rng():
     return np.random.default_rng(12345)
 
 
-def _usable_cpus():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def pytest_xdist_auto_num_workers(config):
     """Workers for ``pytest -n auto`` (pytest-xdist): one per CPU, at most 4. Most of the suite's time is numba
     compiling, once per worker for what several of its tests share, and each worker holds its own compiled code
     (a few hundred MB): past 4 workers more CPUs mostly compile the same kernels again."""
-    return max(1, min(4, _usable_cpus()))
+    return max(1, min(4, usable_cpus()))
 
 
 # A cold first call shares its compiling with a helper process where a core would otherwise wait (fastbp._jit,
@@ -33,7 +31,7 @@ def pytest_xdist_auto_num_workers(config):
 # with the other workers, and two workers' helpers compile the same leaves at once. One process per worker then
 # (measured with the README's test command, AMD EPYC Zen 4, 2 vCPUs, 2 workers: 249.6 -> 220.9 s, 424 -> 395 s
 # of CPU); the tests of the helpers set the variable for the processes they start.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= _usable_cpus():
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= usable_cpus():
     os.environ.setdefault("FASTBP_COMPILE_PROCESSES", "1")
 
 
