@@ -222,12 +222,18 @@ def _jobs(dtypes, activations, losses, optimizers) -> list:
 
 def _shares(jobs, processes: int) -> list:
     """``jobs`` split into at most ``processes`` lists, the largest first (the longest processing time first
-    rule): a dtype's general-path jobs together, and the jobs of one fused narrow kernel (a dtype, activation and
-    loss: the optimizer is a run-time code) together, so that no two processes compile the same thing."""
-    general_kernels = {(job[0], job[2], job[3]) for job in jobs if job[5] and job[1] == "narrow"}
+    rule): a dtype's general-path jobs together, and the jobs of one fused narrow kernel (a dtype and
+    narrow.kernel_key: the optimizer is a run-time code) together, so that no two processes compile the same
+    thing."""
+    from .kernels import narrow  # here: `import fastbp` imports this module, and no kernel module yet
+
+    def kernel_of(job):  # the fused narrow kernel a narrow job compiles (relu and leaky_relu share theirs)
+        return (job[0],) + narrow.kernel_key([ACTIVATIONS[job[2]]], LOSSES[job[3]])
+
+    general_kernels = {kernel_of(job) for job in jobs if job[5] and job[1] == "narrow"}
     bundles = {}
     for job in jobs:
-        kernel = (job[0], job[2], job[3])
+        kernel = kernel_of(job)
         key = ("general", job[0]) if job[5] or kernel in general_kernels else ("narrow",) + kernel
         bundles.setdefault(key, []).append(job)
     cost = {key: GENERAL_PATH_COST if key[0] == "general" else NARROW_KERNEL_COST for key in bundles}

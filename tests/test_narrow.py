@@ -442,6 +442,11 @@ def test_one_kernel_per_configuration():
     assert narrow.kernel_for(codes, 0) is narrow.kernel_for(codes[::-1].copy(), 0)
     assert narrow.kernel_for(codes, 0) is not narrow.kernel_for(codes, 1)
     assert narrow.kernel_for(codes, 0) is not narrow.kernel_for(np.array([ACTIVATIONS["tanh"], 0]), 0)
+    # without sigmoid or tanh: one kernel per loss for every mix of relu, leaky_relu and identity
+    leaky = np.array([ACTIVATIONS["leaky_relu"], ACTIVATIONS["identity"]])
+    assert narrow.kernel_for(codes, 0) is narrow.kernel_for(leaky, 0)
+    assert narrow.kernel_for(np.array([ACTIVATIONS["sigmoid"]]), 0) is not narrow.kernel_for(
+        np.array([ACTIVATIONS["sigmoid"], ACTIVATIONS["relu"]]), 0)
     with pytest.raises(ValueError):
         narrow.kernel_for(codes, 7)
 

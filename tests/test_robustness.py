@@ -330,10 +330,13 @@ def test_poisson_log_rates_at_the_extremes(dtype):
 @pytest.mark.parametrize("loss", LOSSES)
 def test_inputs_of_1e6_scale_stay_finite(act, loss, dtype):
     # The activation under test takes the 1e6-scale inputs; relu and leaky_relu after it pass that scale on to
-    # the logits (identity, relu, leaky_relu) for the loss. They also make the cases share fused narrow kernels
-    # (one per set of activations present, loss and dtype: 24 compiles here instead of 40, about 3 s each).
+    # the logits (identity, relu, leaky_relu) for the loss. A bounded one (sigmoid, tanh) is followed by the other
+    # bounded one first. So the cases train with two fused narrow kernels per loss and dtype (narrow.kernel_key:
+    # one with sigmoid and tanh, one without): 12 compiles here instead of 40, about 3 s each.
     rng = np.random.default_rng(1)
-    model = fastbp.MLP([5, 7, 7, 7, 2], [act, "relu", "leaky_relu"], dtype=dtype, seed=0)
+    bounded = {"sigmoid": ["tanh"], "tanh": ["sigmoid"]}.get(act, [])
+    hidden = [act] + bounded + ["relu", "leaky_relu"]
+    model = fastbp.MLP([5] + [7] * len(hidden) + [2], hidden, dtype=dtype, seed=0)
     X, y = rng.normal(size=(12, 5)) * 1e6, targets(loss, 12, 2, rng)
     trainer = fastbp.Trainer(model, loss=loss, lr=1e-15, batch_size=5)
     value, dweights, dbiases = trainer.loss_and_grads(X, y)
@@ -363,8 +366,8 @@ def test_one_sample_and_batch_larger_than_dataset(dtype):
 def test_width_one_hidden_layers(loss, dtype):
     rng = np.random.default_rng(3)
     # the activations of test_inputs_of_1e6_scale_stay_finite's tanh case: the same fused narrow kernels
-    model = fastbp.MLP([3, 1, 1, 1, 2], ["tanh", "relu", "leaky_relu"], dtype=dtype, seed=4)
-    model.biases[1][...] = 0.5  # keep the relu unit alive
+    model = fastbp.MLP([3, 1, 1, 1, 1, 2], ["tanh", "sigmoid", "relu", "leaky_relu"], dtype=dtype, seed=4)
+    model.biases[2][...] = 0.5  # keep the relu unit alive
     X, y = rng.normal(size=(9, 3)), targets(loss, 9, 2, rng)
     trainer = fastbp.Trainer(model, loss=loss, lr=0.1, batch_size=4, seed=0)
     value, dw, db = trainer.loss_and_grads(X, y)

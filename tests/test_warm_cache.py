@@ -94,6 +94,9 @@ def test_shares_compile_nothing_twice_and_balance_the_work():
     kernels = [{job[:1] + job[2:4] for job in share} for share in shares]
     assert sorted(len(k) for k in kernels) == [6, 6]
     assert warm_cache._shares(jobs, 1) == [jobs] and len(warm_cache._shares(jobs, 64)) == 12
+    # relu, leaky_relu and identity networks train with one fused kernel (narrow.kernel_key): one share
+    jobs = warm_cache._jobs(("float32",), ("relu", "leaky_relu", "identity"), ("mse",), ("sgd",))
+    assert len(jobs) == 4 and warm_cache._shares(jobs, 8) == [jobs]
 
 
 @pytest.mark.parametrize("kwargs, message", [
