@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import fastbp._jit
+from fastbp.kernels import cpu as cpu_kernels
 
 
 def run_python(code, cache_dir, **environment):
@@ -281,6 +282,9 @@ def test_a_helper_that_dies_leaves_its_work_to_this_process(monkeypatch):
     entry(a)
     entry(a)
     assert [helper.leaves for helper in started] == [[_leaf_by_slot]] and a[0] == 2.0
+    for helper in started:
+        helper.process.wait()
+        helper.close()
 
 
 def test_a_session_does_not_wait_for_what_it_compiled_itself(monkeypatch):
@@ -299,6 +303,7 @@ def test_a_session_does_not_wait_for_what_it_compiled_itself(monkeypatch):
         for helper in started:
             helper.process.kill()
             helper.process.wait()
+            helper.close()
 
 
 def _other(a):
@@ -354,6 +359,45 @@ def test_a_helper_inherited_through_fork_is_left_to_its_parent(monkeypatch, tmp_
     monkeypatch.setattr(fastbp._jit, "_helper_allowed", lambda: False)
     assert fastbp._jit._helper_for(types.float32, []) is None
     assert fastbp._jit._helpers == {} and tmp_path.exists()
+
+
+def test_a_ctrl_c_to_the_script_lets_its_helper_finish_and_clean_up(tmp_path):
+    """Ctrl-C reaches the whole process group of a script: its compile helper, in a session of its own, finishes
+    the function it is compiling (into the disk cache), then sees that the script has gone and removes its claim
+    folder (before, the interrupt stopped it mid-compile and the folder stayed in the temporary directory)."""
+    import signal
+    import time
+
+    script = textwrap.dedent("""
+        import time
+        from numba import types
+        import fastbp._jit
+        from fastbp.kernels import cpu
+        helper = fastbp._jit._Helper([cpu.optimizer_step, cpu.loss_block], types.float64)
+        print(helper.folder, flush=True)
+        time.sleep(120)
+    """)
+    cache = tmp_path / "cache"
+    script_process = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, NUMBA_CACHE_DIR=str(cache)),
+                                      stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        folder = script_process.stdout.readline().strip()
+        claim = os.path.join(folder, cpu_kernels.optimizer_step.symbol("float64"))
+        deadline = time.monotonic() + 120
+        while not os.path.exists(claim) and time.monotonic() < deadline:  # the helper has started compiling
+            time.sleep(0.005)
+        assert os.path.exists(claim)
+        os.killpg(script_process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        script_process.wait(timeout=60)
+    finally:
+        if script_process.poll() is None:
+            script_process.kill()
+    deadline = time.monotonic() + 120
+    while os.path.exists(folder) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(folder)
+    # it finished what it had started (the optimizer step's entry is in the cache), and nothing after it
+    assert list(cache.rglob("*_optimizer_step*.nbi")) and not list(cache.rglob("*loss_grad*.nbi"))
 
 
 def test_a_helper_whose_parent_has_exited_compiles_nothing(tmp_path):
