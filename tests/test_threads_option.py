@@ -1,11 +1,17 @@
 """Trainer(n_threads=...): each compiled call runs on that many threads, the caller's setting survives every
 call (also one that raises), the results do not depend on it, and bad values change nothing. Also
 Trainer.__repr__."""
+import os
+import subprocess
+import sys
+import time
+
 import numba
 import numpy as np
 import pytest
 
 import fastbp
+import fastbp._threads
 from fastbp.backends import cpu as cpu_backend
 
 LIMIT = numba.config.NUMBA_NUM_THREADS
@@ -113,6 +119,85 @@ def test_results_are_bit_identical_for_one_and_two_threads(sizes, n, batch_size,
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(out_one, out_two)
     np.testing.assert_array_equal(one.opt_state, two.opt_state)
+    assert numba.get_num_threads() == caller_threads
+
+
+class FakeClock:
+    """time.monotonic and time.process_time for CoreShare, set by hand."""
+
+    def __init__(self):
+        self.wall, self.cpu = 100.0, 0.0
+
+    def monotonic(self):
+        return self.wall
+
+    def process_time(self):
+        return self.cpu
+
+
+def write_stat(path, busy_seconds):
+    """A /proc/stat whose per-CPU lines show ``busy_seconds`` (per CPU) of user time and 1000 s idle."""
+    hz = os.sysconf("SC_CLK_TCK")
+    lines = ["cpu  0 0 0 0 0 0 0 0 0 0"]
+    lines += [f"cpu{i} {round(b * hz)} 0 0 {1000 * hz} 0 0 0 0 0 0" for i, b in enumerate(busy_seconds)]
+    path.write_text("\n".join(lines + ["intr 5 1 2 3", "ctxt 7"]) + "\n")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no affinity masks on this platform")
+def test_core_share_counts_the_busy_time_of_other_processes(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(fastbp._threads, "time", clock)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    stat = tmp_path / "stat"
+    write_stat(stat, [0, 0, 0])
+    share = fastbp._threads.CoreShare(interval=0.05, stat_path=str(stat))
+    assert share.threads(2) == 2  # the first sample: nothing to compare with yet
+    # one second: both CPUs busy, this process used one CPU-second, cpu2 (not ours) busy too
+    clock.wall, clock.cpu = 101.0, 1.0
+    write_stat(stat, [1.0, 1.0, 1.0])
+    assert share.threads(2) == 1 and share.threads(8) == 1 and share.threads(1) == 1
+    assert share.others() == pytest.approx(1.0)
+    clock.wall += 0.01  # within the interval: the last estimate, whatever the file says now
+    write_stat(stat, [1.0, 1.0, 5.0])
+    assert share.threads(2) == 1
+    # the next second: all the busy time was this process's
+    clock.wall, clock.cpu = 102.0, 3.0
+    write_stat(stat, [2.0, 2.0, 9.0])
+    assert share.threads(2) == 2 and share.others() == pytest.approx(0.0)
+    clock.wall += 1.0  # a third of a core used by others rounds to no core
+    write_stat(stat, [2.2, 2.1, 9.0])
+    assert share.threads(2) == 2 and share.others() == pytest.approx(0.3)
+    stat.unlink()  # nothing to read (not Linux, or no /proc): no limit
+    clock.wall += 1.0
+    assert share.threads(2) == 2 and share.threads(64) == 64
+
+
+@needs_two
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="CoreShare reads /proc/stat (Linux)")
+def test_a_busy_core_takes_a_thread_away_and_changes_no_result(caller_threads, monkeypatch):
+    """With another process spinning on one of this process's CPUs, a trainer with n_threads=None runs its
+    compiled calls on fewer threads than numba's count, and trains exactly as on all of them; n_threads=n
+    still runs on n."""
+    share = fastbp._threads.CoreShare(interval=0.2)
+    monkeypatch.setattr(fastbp._threads, "core_share", share)
+    seen = []
+    spy_on(monkeypatch, "train_epochs", seen)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        share.threads(caller_threads)  # a first sample
+        time.sleep(0.5)  # the spinner keeps a core busy meanwhile
+        adaptive, history_adaptive, out_adaptive = train([256, 512, 256, 10], 768, 256, None, epochs=1)
+        pinned = fastbp.Trainer(fastbp.MLP([256, 16, 3], seed=0), loss="softmax_cross_entropy", n_threads=2)
+        pinned.fit(*classification(64, 256, 3), epochs=1)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert seen[0][1] < caller_threads and seen[1][1] == 2, seen
+    full, history_full, out_full = train([256, 512, 256, 10], 768, 256, caller_threads, epochs=1)
+    assert history_adaptive.loss == history_full.loss
+    for a, b in zip(adaptive.model.weights + adaptive.model.biases, full.model.weights + full.model.biases):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(out_adaptive, out_full)
     assert numba.get_num_threads() == caller_threads
 
 
