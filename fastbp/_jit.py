@@ -508,6 +508,7 @@ class _Helper:
 
         self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
         self.leaves = leaves
+        self.dtype = dtype
         self.owner = os.getpid()  # a forked child inherits this object, not the process: see _helper_for
         env = helper_environment(**{WORKER_VARIABLE: "1"})
         command = [sys.executable, "-m", "fastbp._compile_worker", self.folder, str(os.getpid()), str(dtype)]
@@ -621,10 +622,21 @@ _prefetch_checked = set()  # (dtype, drivers) prefetch has looked at in this pro
 
 @atexit.register
 def _forget_helpers() -> None:
-    # A helper that is done: remove its claim folder. One still compiling removes the folder itself once it
-    # finishes and sees that its parent has gone (fastbp._compile_worker).
+    # Remove the claim folder of each helper that has exited, or that has nothing left to compile (its leaves all
+    # done, here or there) and is only exiting: waited for, briefly. Before that wait, such a helper saw this
+    # process still alive when it ended, this process saw it still running, and neither removed the folder
+    # (found: one left in the temporary directory by every short script whose fit took a leaf from its helper).
+    # One still compiling removes the folder itself once it finishes and sees that its parent has gone
+    # (fastbp._compile_worker).
+    import subprocess
+
     for helper in list(_helpers.values()) + _retired:
         if helper.owner == os.getpid():
+            if helper.process.poll() is None and helper.finished(helper.dtype):
+                try:
+                    helper.process.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
             helper.close()
 
 

@@ -261,6 +261,7 @@ def stand_in_helpers(monkeypatch, code):
 
             self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
             self.leaves = leaves
+            self.dtype = dtype
             self.owner = os.getpid()
             self.process = subprocess.Popen([sys.executable, "-c", code])
             started.append(self)
@@ -341,6 +342,24 @@ def test_a_helper_done_with_its_work_is_not_waited_for(monkeypatch):
             helper.process.kill()
             helper.process.wait()
             helper.close()
+
+
+def test_a_finished_helper_that_is_still_exiting_loses_its_folder_at_exit(monkeypatch):
+    """At this process's exit, a helper whose leaves are all done but whose process has not exited yet (here:
+    asleep for half a second) is waited for, and its claim folder removed (neither side removed it before)."""
+    from numba import types
+
+    started = stand_in_helpers(monkeypatch, "import time; time.sleep(0.5)")
+    monkeypatch.setattr(fastbp._jit, "_retired", [])
+    helper = fastbp._jit._helper_for(types.float64, [fastbp._jit.cpu_jit(cache=False)(_caller)])
+    try:
+        open(fastbp._jit.done_marker(helper.folder, _leaf_by_slot, types.float64), "wb").close()
+        fastbp._jit._forget_helpers()
+        assert started == [helper] and helper.process.poll() == 0 and not os.path.exists(helper.folder)
+    finally:
+        helper.process.kill()
+        helper.process.wait()
+        helper.close()
 
 
 def test_a_helper_inherited_through_fork_is_left_to_its_parent(monkeypatch, tmp_path):
