@@ -178,14 +178,31 @@ BATTERY = """
 
 
 def _battery():
-    """A compact run of every kernel at edge shapes (float32, float64 forward), for subprocess widths."""
+    """The engine at edge shapes, for subprocess widths: gemm._product, the product every public kernel and the
+    vocabulary call (the tile shape, packing and epilogues live there; the public kernels add only their
+    checks, tested on this CPU's own width), in its three kinds (float32) and the forward (float64), against
+    numpy. One compile per dtype instead of one per public kernel and naive reference (generic-128 run: 21 s
+    before)."""
     rng = np.random.default_rng(11)
     nr = gemm.tile_columns(np.float32)
-    for shape in [(1, 3, 2), (gemm.TILE_ROWS + 1, 13, nr + 3), (2 * gemm.TILE_ROWS + 3, 40, 2 * nr - 1)]:
-        test_dense_forward(shape, "sigmoid", np.float32, rng)
-        test_dense_forward(shape, "relu", np.float64, rng)
-        test_dense_backward_params(shape, np.float32, rng)
-        test_dense_backward_input(shape, "tanh", np.float32, rng)
+    for B, n_in, n_out in [(1, 3, 2), (gemm.TILE_ROWS + 1, 13, nr + 3), (2 * gemm.TILE_ROWS + 3, 40, 2 * nr - 1)]:
+        for dtype, act in ((np.float32, "sigmoid"), (np.float64, "relu")):
+            inp, w, b = _data(rng, dtype, B, n_in), _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
+            out = np.full((B, n_out), np.nan, dtype)
+            gemm._product(gemm.FORWARD, ACTIVATIONS[act], out, inp, w, b, out, _workspace(B, n_in, n_out, dtype))
+            np.testing.assert_allclose(out, _forward_reference(inp, w, b, act), **TOLERANCES[dtype])
+        inp, dout, w = (_data(rng, np.float32, *shape) for shape in ((B, n_in), (B, n_out), (n_in, n_out)))
+        dweight, dbias = np.full((n_in, n_out), np.nan, np.float32), np.full(n_out, np.nan, np.float32)
+        gemm._product(gemm.WEIGHT_GRAD, ACTIVATIONS["identity"], dweight, inp, dout, dbias, dweight,
+                      _workspace(B, n_in, n_out, np.float32))
+        np.testing.assert_allclose(dweight, inp.astype(np.float64).T @ dout, **TOLERANCES[np.float32])
+        np.testing.assert_allclose(dbias, dout.astype(np.float64).sum(0), **TOLERANCES[np.float32])
+        y = np.tanh(rng.normal(size=(B, n_in))).astype(np.float32)  # the previous layer's output
+        dinp = np.full((B, n_in), np.nan, np.float32)
+        panels = _workspace(B, n_in, n_out, np.float32)
+        gemm._product(gemm.INPUT_GRAD, ACTIVATIONS["tanh"], dinp, dout, w, panels, y, panels)
+        expected = (dout.astype(np.float64) @ w.astype(np.float64).T) * (1 - y.astype(np.float64) ** 2)
+        np.testing.assert_allclose(dinp, expected, **TOLERANCES[np.float32])
 
 
 def _cpu_flags():
