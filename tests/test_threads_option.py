@@ -135,11 +135,13 @@ class FakeClock:
         return self.cpu
 
 
-def write_stat(path, busy_seconds):
-    """A /proc/stat whose per-CPU lines show ``busy_seconds`` (per CPU) of user time and 1000 s idle."""
+def write_stat(path, busy_seconds, nice_seconds=(0, 0, 0)):
+    """A /proc/stat whose per-CPU lines show ``busy_seconds`` (per CPU) of user time, ``nice_seconds`` of niced
+    processes' time and 1000 s idle."""
     hz = os.sysconf("SC_CLK_TCK")
     lines = ["cpu  0 0 0 0 0 0 0 0 0 0"]
-    lines += [f"cpu{i} {round(b * hz)} 0 0 {1000 * hz} 0 0 0 0 0 0" for i, b in enumerate(busy_seconds)]
+    lines += [f"cpu{i} {round(b * hz)} {round(n * hz)} 0 {1000 * hz} 0 0 0 0 0 0"
+              for i, (b, n) in enumerate(zip(busy_seconds, nice_seconds))]
     path.write_text("\n".join(lines + ["intr 5 1 2 3", "ctxt 7"]) + "\n")
 
 
@@ -167,6 +169,15 @@ def test_core_share_counts_the_busy_time_of_other_processes(tmp_path, monkeypatc
     clock.wall += 1.0  # a third of a core used by others rounds to no core
     write_stat(stat, [2.2, 2.1, 9.0])
     assert share.threads(2) == 2 and share.others() == pytest.approx(0.3)
+    clock.wall += 1.0  # a niced process's core: it yields to this (un-niced) one, so it is not left out
+    write_stat(stat, [2.2, 2.1, 9.0], nice_seconds=[1.0, 0, 0])
+    assert share.threads(2) == 2 and share.others() == pytest.approx(0.0)
+    monkeypatch.setattr(os, "getpriority", lambda which, who: 10)  # unless this process is niced too
+    niced = fastbp._threads.CoreShare(interval=0.05, stat_path=str(stat))
+    assert niced.threads(2) == 2
+    clock.wall += 1.0
+    write_stat(stat, [2.2, 2.1, 9.0], nice_seconds=[2.0, 0, 0])
+    assert niced.threads(2) == 1 and niced.others() == pytest.approx(1.0)
     stat.unlink()  # nothing to read (not Linux, or no /proc): no limit
     clock.wall += 1.0
     assert share.threads(2) == 2 and share.threads(64) == 64
