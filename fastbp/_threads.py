@@ -238,22 +238,16 @@ class CoreShare:
                 self._sample()
         return self._free
 
-    def threads(self, allowed: int) -> int:
-        """The thread count for a call allowed ``allowed`` threads: at most :meth:`free`, at least one."""
-        return allowed if allowed <= 1 else min(allowed, self.free())
-
 
 core_share = CoreShare()
-_MAX_THREADS = []
 
 
+@functools.cache
 def _max_threads() -> int:
     # numba.config.NUMBA_NUM_THREADS: the most threads numba runs in this process (fixed once numba is imported)
-    if not _MAX_THREADS:
-        import numba
+    import numba
 
-        _MAX_THREADS.append(int(numba.config.NUMBA_NUM_THREADS))
-    return _MAX_THREADS[0]
+    return int(numba.config.NUMBA_NUM_THREADS)
 
 
 def guarded(method):
