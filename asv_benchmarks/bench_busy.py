@@ -8,8 +8,10 @@ The units (float32, relu, softmax cross-entropy, SGD):
 "Busy" is another process spinning (``while True: pass``), started before and killed after each busy round.
 A job that gets one core of two should take at most twice as long, and the target is 1.5x (the share of the
 cores that fair scheduling gives fastbp's two threads against one busy process is 4/3 of a core). The ratio is
-reported, not asserted: a shared machine's load moves it. ``python -m dev.busy_machine`` prints the same table
-from a clone; docs/performance.md has the figures per threading layer.
+reported, not asserted: a shared machine's load moves it. The trainers leave fastbp to choose their threads
+(``n_threads=None``: it leaves out cores other processes keep busy); ``python -m dev.busy_machine`` prints the
+same table from a clone, and with ``--threads N`` for trainers pinned to N threads; docs/performance.md has the
+figures per threading layer.
 """
 import statistics
 import subprocess
@@ -24,15 +26,16 @@ UNITS = ("predict450", "digits_epoch", "w3_epoch")
 REPEATS = {"predict450": 100, "digits_epoch": 10, "w3_epoch": 3}  # calls timed per round
 
 
-def build_units(names):
-    """{name: a call that runs the unit once}, warmed up (compilation or cache load, workspaces)."""
+def build_units(names, n_threads=None):
+    """{name: a call that runs the unit once}, warmed up (compilation or cache load, workspaces); the trainers'
+    ``n_threads`` (None: fastbp's choice)."""
     import fastbp
 
     data = rng()
     units = {}
     if {"predict450", "digits_epoch"} & set(names):
         small = fastbp.Trainer(fastbp.MLP([64, 128, 10], "relu", seed=0), loss="softmax_cross_entropy",
-                               batch_size=32, lr=0.01)
+                               batch_size=32, lr=0.01, n_threads=n_threads)
         X = data.standard_normal((1797, 64)).astype(np.float32)
         y = data.integers(0, 10, 1797)
         rows450 = X[:450].copy()
@@ -40,7 +43,7 @@ def build_units(names):
         units["digits_epoch"] = lambda: small.fit(X, y, epochs=1)
     if "w3_epoch" in names:
         wide = fastbp.Trainer(fastbp.MLP([784, 256, 256, 10], "relu", seed=0), loss="softmax_cross_entropy",
-                              batch_size=128, lr=0.01)
+                              batch_size=128, lr=0.01, n_threads=n_threads)
         X3 = data.standard_normal((8192, 784)).astype(np.float32)
         y3 = data.integers(0, 10, 8192)
         units["w3_epoch"] = lambda: wide.fit(X3, y3, epochs=1)
