@@ -103,8 +103,12 @@ DRIVER_SCRIPT = """
     trainer = fastbp.Trainer(fastbp.MLP([6, 40, 3], "tanh", seed=0), loss="softmax_cross_entropy", optimizer="adam",
                              batch_size=16, clip_grad_norm=1.0)
     narrow = fastbp.Trainer(fastbp.MLP([2, 8, 3], "relu", seed=0), loss="softmax_cross_entropy", batch_size=16)
+
     {calls}
-    print("done")
+    import sys
+    # numba refreshes its compiler (importing its implementations: scipy.linalg among them) before it compiles,
+    # and before its own cache loads; fastbp's loads skip that (0.2-0.3 s of a warm first call)
+    print("done", "numba.np.arraymath" in sys.modules)
 """
 
 
@@ -116,7 +120,44 @@ def test_each_driver_loads_from_the_cache_as_a_first_call(tmp_path):
                            PYTHONWARNINGS="default", want_stderr=True)
     assert not re.search(r"Numba\w*Warning", stderr), stderr[-2000:]
     for name, call in DRIVER_CALLS.items():
-        assert run_python(DRIVER_SCRIPT.format(calls=call), tmp_path).strip() == "done", name
+        assert run_python(DRIVER_SCRIPT.format(calls=call), tmp_path).strip() == "done False", name
+
+
+def test_code_loaded_without_numbas_refresh_runs_and_raises(tmp_path):
+    """fastbp's cache loads skip numba's compiler refresh (see _RegisteringCache.load_overload): code loaded that
+    way must still allocate arrays (numba's runtime), call math functions and raise from compiled code."""
+    (tmp_path / "loaded_kernel.py").write_text(textwrap.dedent("""
+        import math
+        import numpy as np
+        from fastbp._jit import cpu_jit
+
+        @cpu_jit()
+        def softplus_sum(x):
+            if x.shape[0] == 0:
+                raise ValueError("softplus_sum: x is empty")
+            y = np.empty_like(x)  # numba's runtime allocates it
+            total = 0.0
+            for i in range(x.shape[0]):
+                y[i] = math.log1p(math.exp(x[i]))
+                total += y[i]
+            return total
+    """))
+    code = f"""
+        import sys
+        import numpy as np
+        sys.path.insert(0, {str(tmp_path)!r})
+        from loaded_kernel import softplus_sum
+        value = softplus_sum(np.array([0.0, 1.0]))
+        try:
+            softplus_sum(np.zeros(0))
+        except ValueError as error:
+            message = str(error)
+        print(round(value, 12), message, softplus_sum.stats.cache_hits.most_common(1) != [],
+              "numba.np.arraymath" in sys.modules)
+    """
+    expected = f"{round(np.log(2) + np.log1p(np.e), 12)} softplus_sum: x is empty"
+    assert run_python(code, tmp_path / "cache").split() == (expected + " False True").split()  # compiled
+    assert run_python(code, tmp_path / "cache").split() == (expected + " True False").split()  # loaded
 
 
 def test_cache_entry_follows_the_code_it_calls(tmp_path):
