@@ -88,9 +88,9 @@ class SeparatelyCompiled:
 
     ``signature_for(dtype)`` gives its argument types for a numba float type (every array layout and integer
     type fixed), and ``returns`` its return type (declared, so that a caller can be compiled before it; checked
-    when it is compiled): a call from compiled code must have those types (literal integers are converted), so
-    that the slot a cached caller needs can always be rebuilt from the dtype alone. Called from Python, it is
-    the plain dispatcher.
+    when it is compiled): a call from compiled code must have those types (literal integers are converted, and a
+    writable array goes where a read-only one is declared), so that the slot a cached caller needs can always be
+    rebuilt from the dtype alone. Called from Python, it is the plain dispatcher.
     """
 
     def __init__(self, dispatcher, signature_for, returns=types.none):
@@ -183,8 +183,8 @@ def _first_float_dtype(argtypes):
 
 
 def _converts(given, expected):
-    if isinstance(expected, types.Array):
-        return given == expected
+    if isinstance(expected, types.Array):  # exactly, or a writable array where a read-only one is declared
+        return given == expected or (isinstance(given, types.Array) and given.copy(readonly=True) == expected)
     if isinstance(expected, types.BaseTuple):
         return isinstance(given, types.BaseTuple) and len(given) == len(expected) and all(
             _converts(types.unliteral(g), e) for g, e in zip(given, expected))
@@ -663,6 +663,22 @@ def prefetch(dispatchers, dtype) -> None:
     if key not in _prefetch_checked:
         _prefetch_checked.add(key)
         _helper_for(dtype, dispatchers)
+
+
+def read_only(a):
+    """``a``, or a read-only view of it: how fastbp's backends hand the data (X, Y, sample weights) to the drivers
+    and the fused narrow kernel, which are compiled for read-only data arrays. numba compiles a function once per
+    argument types, and whether an array is writable is part of its type: a read-only X (a memory map, a pandas
+    frame's values under copy-on-write, scikit-learn's readonly_memmap checks) compiled the fused kernel again
+    (3-5 s) and the general path's drivers again, and a read-only Y once more. The view costs 0.6 us (0.1 us for
+    an array that is read-only already): nothing beside a fit or an evaluation, but 6% of a one-row predict,
+    which therefore takes the caller's array as it is (a read-only one compiles the predict driver once more, once
+    per machine). Compiled code also cannot write into the caller's data this way."""
+    if not a.flags.writeable:
+        return a
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 class Entry:

@@ -418,6 +418,41 @@ def test_awkward_but_valid_arrays_are_accepted_by_copying(layout):
     np.testing.assert_array_equal(results[0][2], results[1][2])
 
 
+@pytest.mark.parametrize("hidden", [5, 80], ids=["narrow", "wide"])
+def test_the_training_code_sees_the_data_read_only(hidden, monkeypatch):
+    """Whether an array is writable is part of its numba type: read-only data (a memory map, a pandas frame's
+    values under copy-on-write) compiled the fused kernel or the general path's drivers again, once more for a
+    read-only Y (3-5 s each, cold). They are given every data array read-only now, whatever the caller's."""
+    from fastbp.backends import cpu as backend_module
+
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(N, 4)).astype(np.float32)
+    Y = rng.normal(size=(N, 2)).astype(np.float32)
+    w = rng.random(N).astype(np.float32)
+    trainer = fastbp.Trainer(fastbp.MLP([4, hidden, 2], "tanh", seed=0), loss="mse", batch_size=4, seed=0)
+    writable = []  # per driver call: whether any data array it got (X, Y, weights: N rows) was writable
+
+    def recording(driver):
+        def call(*args):
+            writable.append(any(a.flags.writeable for a in args
+                                if isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape[:1] == (N,)))
+            return driver(*args)
+        return call
+
+    for name in ("_train_epochs", "_dataset_loss"):
+        monkeypatch.setattr(backend_module, name, recording(getattr(backend_module, name)))
+    if trainer._backend._narrow_kernel is not None:
+        trainer._backend._narrow_kernel = recording(trainer._backend._narrow_kernel)
+    frozen = [a.copy() for a in (X, Y, w)]
+    for a in frozen:
+        a.flags.writeable = False
+    for X_fit, Y_fit, w_fit in ((X, Y, w), frozen, (frozen[0], Y, w), (X, frozen[1], frozen[2])):
+        trainer.fit(X_fit, Y_fit, epochs=1)
+        trainer.fit(X_fit, Y_fit, epochs=1, sample_weight=w_fit)
+        trainer.evaluate(X_fit, Y_fit)
+    assert len(writable) == 12 and not any(writable), writable
+
+
 def test_ints_as_float_labels_and_probability_rows_are_accepted():
     trainer = trained_trainer()
     scores_int = trainer.evaluate(X0, Y0)

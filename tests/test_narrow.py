@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from numba import njit
 
+from fastbp._jit import read_only
 from fastbp.kernels import cpu, narrow
 from fastbp.kernels.pointwise import (
     ACTIVATIONS,
@@ -203,6 +204,9 @@ class Problem:
         else:  # one-hot rows, and a few rows of class probabilities
             self.Y = naive.one_hot(rng.integers(0, k, size=n), k).astype(dtype)
             self.Y[:3] = rng.dirichlet(np.ones(k), size=3)
+        # read-only, as the CPU backend hands data to the kernels: every path below runs the kernels the trainer's
+        # tests compiled (see fastbp._jit.read_only)
+        self.X.flags.writeable = self.Y.flags.writeable = False
         self.weights, self.biases = [], []
         for a, b in zip(sizes[:-1], sizes[1:]):
             bound = 1 / np.sqrt(a)
@@ -254,9 +258,9 @@ class Problem:
         losses = np.full(len(lrs), np.nan)
         work = cpu.make_workspace(self.layout, self.batch_size, self.Y.shape[1], self.dtype)
         completed = cpu.train_epochs(
-            params, opt_state, steps, losses, self.X, self.Y, np.empty(0, self.dtype), self.orders[:len(lrs)], lrs,
-            tuple(cpu.network(self.layout, self.act_codes, LOSSES[self.loss])), tuple(work),
-            (self.opt_code, self.hyper, self.batch_size, target_loss))
+            params, opt_state, steps, losses, self.X, self.Y, read_only(np.empty(0, self.dtype)),
+            self.orders[:len(lrs)], lrs, tuple(cpu.network(self.layout, self.act_codes, LOSSES[self.loss])),
+            tuple(work), (self.opt_code, self.hyper, self.batch_size, target_loss))
         return completed, losses, params, opt_state, steps
 
     def reference(self):
@@ -403,6 +407,7 @@ def test_nan_in_the_data_stops_at_once(dtype):
     # input never reaches the loss.
     problem = Problem(dtype=dtype, **dict(PROBLEMS["W1-sigmoid-mse-sgd-fullbatch"], n=37, batch_size=10,
                                           shuffle=True, epochs=3))
+    problem.X = problem.X.copy()
     problem.X[5, 0] = np.nan
     completed, losses, params, opt_state, steps, _ = problem.run_narrow()
     assert completed == 0 and np.isnan(losses[0])

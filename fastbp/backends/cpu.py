@@ -10,7 +10,7 @@ from collections import OrderedDict
 import numba
 import numpy as np
 
-from .._jit import Entry, prefetch
+from .._jit import Entry, prefetch, read_only
 from .._threads import guarded
 from ..kernels import cpu as kernels
 from ..kernels import narrow
@@ -128,6 +128,7 @@ class CPUBackend(Backend):
     def train_epochs(self, X, Y, batch_size: int, orders: np.ndarray, lrs: np.ndarray, target_loss: float,
                      steps_done: int, sample_weight=None):
         """All len(lrs) epochs in one compiled call (see Backend.train_epochs)."""
+        X, Y = read_only(X), read_only(Y)
         losses = np.empty(len(lrs), dtype=np.float64)
         steps = np.array([steps_done], dtype=np.int64)
         layout = self.layout
@@ -160,7 +161,7 @@ class CPUBackend(Backend):
     # -- inference and gradients --------------------------------------------------------------------------
     def _weights(self, sample_weight) -> np.ndarray:
         # The drivers take sample weights as an array, empty for none (one compiled version for both).
-        return np.empty(0, self.dtype) if sample_weight is None else sample_weight
+        return read_only(np.empty(0, self.dtype) if sample_weight is None else sample_weight)
 
     @guarded
     def predict(self, X, n_outputs: int) -> np.ndarray:
@@ -172,7 +173,8 @@ class CPUBackend(Backend):
     @guarded
     def loss_value(self, X, Y, sample_weight=None) -> float:
         work = self._workspace(eval_capacity(X.shape[0]), Y.shape[1])
-        return float(_dataset_loss(X, Y, self._weights(sample_weight), self.params, self._network, work))
+        return float(_dataset_loss(read_only(X), read_only(Y), self._weights(sample_weight), self.params,
+                                   self._network, work))
 
     # -- one step at a time (for callers that must act between steps, e.g. an allreduce) --------------------
     @guarded
@@ -181,8 +183,8 @@ class CPUBackend(Backend):
         # A power of two: callers whose row count varies per step (one rank's share of a global batch)
         # reuse a few workspaces instead of building one per count.
         work = self._workspace(eval_capacity(X.shape[0]), Y.shape[1])
-        return float(_dataset_grads(grads_out, X, Y, self._weights(sample_weight), self.params,
-                                           self._network, work, float(divisor)))
+        return float(_dataset_grads(grads_out, read_only(X), read_only(Y), self._weights(sample_weight),
+                                    self.params, self._network, work, float(divisor)))
 
     @guarded
     def apply_update(self, grads, lr: float, step: int) -> None:

@@ -559,7 +559,9 @@ def weighted_inv_divisor(loss, weights, k):
 def _batch_grads_signature(f):
     matrix = types.Array(f, 2, "C")
     vector = types.Array(f, 1, "C")
-    return (vector, matrix, vector, _network_type(), _workspace_type(f), f, types.int64)
+    # row_weights read-only: dataset_grads passes a slice of the caller's sample weights, which the backend hands
+    # over read-only (see fastbp.backends.cpu._read_only); train_epochs its workspace's copy
+    return (vector, matrix, vector.copy(readonly=True), _network_type(), _workspace_type(f), f, types.int64)
 
 
 @cpu_jit()

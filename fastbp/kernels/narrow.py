@@ -44,7 +44,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .._jit import cpu_jit, inline, prefer_wide_vectors
+from .._jit import cpu_jit, inline, prefer_wide_vectors, read_only
 from .simd import OPERATOR_FLAGS, SimdMask, SimdVector, as_operand, operand_type, splat
 from . import cpu
 from .pointwise import (
@@ -1062,9 +1062,10 @@ def train_epochs_narrow(params, opt_state, steps_done, grads, backup, work, X, Y
 
     Allocates nothing; serial.
     """
+    # X and Y read-only, as the CPU backend passes them: one compiled kernel for both (see _jit.read_only)
     return kernel_for(act_codes, loss)(
-        params, opt_state, steps_done, grads, backup, work, X, Y, orders, lrs, epoch_losses, sizes,
-        param_offsets, unit_offsets, act_codes, optimizer, hyper, batch_size, target_loss)
+        params, opt_state, steps_done, grads, backup, work, read_only(X), read_only(Y), orders, lrs, epoch_losses,
+        sizes, param_offsets, unit_offsets, act_codes, optimizer, hyper, batch_size, target_loss)
 
 
 # --- the reference: one sample at a time ---------------------------------------------------------------------
