@@ -691,7 +691,7 @@ class Entry:
         self._ready = set()  # dtypes of first arguments already prepared
 
     def __call__(self, *args):
-        dtype = getattr(args[0], "dtype", None)
+        dtype = next((a.dtype for a in args if hasattr(a, "dtype")), None)
         if dtype not in self._ready:
             compile_in_session(self.dispatcher, tuple(self.dispatcher.typeof_pyval(a) for a in args))
             self._ready.add(dtype)

@@ -830,10 +830,14 @@ class Trainer:
             divisor, terms = total * spec.divisor(1, k), total * spec.accuracy_terms(1, k)
         loss = correct = 0.0
         if n:
-            if divisor:
+            if divisor and spec.is_classification:  # both from one forward pass where the backend can
+                predictions, loss = self._backend.predict_and_loss(Xc, Yc, self.n_outputs, sample_weight=weights)
+            elif divisor:
                 loss = self._backend.loss_value(Xc, Yc, sample_weight=weights)
+            elif spec.is_classification:
+                predictions = self._backend.predict(Xc, self.n_outputs)
             if spec.is_classification:
-                predictions, Y = self._backend.predict(Xc, self.n_outputs), self._backend.to_host(Yc)
+                Y = self._backend.to_host(Yc)
                 if weights is None:
                     correct = float(spec.n_correct(predictions, Y))
                 else:  # each row's right share counts w_i times (scikit-learn's accuracy_score(sample_weight=))

@@ -432,15 +432,16 @@ def test_the_training_code_sees_the_data_read_only(hidden, monkeypatch):
     trainer = fastbp.Trainer(fastbp.MLP([4, hidden, 2], "tanh", seed=0), loss="mse", batch_size=4, seed=0)
     writable = []  # per driver call: whether any data array it got (X, Y, weights: N rows) was writable
 
-    def recording(driver):
+    def recording(driver, skip=None):
         def call(*args):
-            writable.append(any(a.flags.writeable for a in args
-                                if isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape[:1] == (N,)))
+            writable.append(any(a.flags.writeable for i, a in enumerate(args) if i != skip and isinstance(
+                a, np.ndarray) and a.dtype == np.float32 and a.shape[:1] == (N,)))
             return driver(*args)
         return call
 
-    for name in ("_train_epochs", "_dataset_loss"):
-        monkeypatch.setattr(backend_module, name, recording(getattr(backend_module, name)))
+    monkeypatch.setattr(backend_module, "_train_epochs", recording(backend_module._train_epochs))
+    # evaluate's forward pass takes X as the caller holds it (as predict does), Y and the weights read-only
+    monkeypatch.setattr(backend_module, "_loss", recording(backend_module._loss, skip=1))
     if trainer._backend._narrow_kernel is not None:
         trainer._backend._narrow_kernel = recording(trainer._backend._narrow_kernel)
     frozen = [a.copy() for a in (X, Y, w)]

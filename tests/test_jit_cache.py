@@ -241,7 +241,7 @@ def test_a_cold_first_call_shares_its_compiling_with_a_helper_process(tmp_path):
     alone = run_python(COLD_PREDICT, tmp_path / "alone", FASTBP_COMPILE_PROCESSES="1").strip().split(maxsplit=3)
     assert shared[0] == alone[0]  # bit for bit
     # _task: loaded (the helper compiled it), not compiled here; the predict took the helper over
-    assert shared[1:] == ["1", "0", "[['_task', 'loss_grad', '_optimizer_step']]"], shared[1:]
+    assert shared[1:] == ["1", "0", "[['_task', 'loss_grad', '_optimizer_step', 'output_transform']]"], shared[1:]
     assert alone[1:] == ["0", "1", "[]"], alone[1:]  # _task compiled in this process, no helper
 
 

@@ -53,7 +53,7 @@ def test_compiled_calls_run_on_n_threads_and_the_callers_count_is_restored(calle
     trainer = fastbp.Trainer(fastbp.MLP([200, 160, 5], seed=0), loss="softmax_cross_entropy", seed=0,
                              n_threads=1)
     seen, in_callbacks = [], []
-    for name in ("train_epochs", "predict", "dataset_loss", "dataset_grads"):
+    for name in ("train_epochs", "predict", "loss", "predict_and_loss", "dataset_grads"):
         spy_on(monkeypatch, name, seen)
     trainer.fit(X, y, epochs=2, validation_data=(X, y),
                 callbacks=[lambda t, h: in_callbacks.append(numba.get_num_threads())])
@@ -64,7 +64,7 @@ def test_compiled_calls_run_on_n_threads_and_the_callers_count_is_restored(calle
     assert numba.get_num_threads() == caller_threads
     trainer.loss_and_grads(X, y)
     assert numba.get_num_threads() == caller_threads
-    assert {name for name, _ in seen} == {"train_epochs", "predict", "dataset_loss", "dataset_grads"}
+    assert {name for name, _ in seen} == {"train_epochs", "predict_and_loss", "predict", "dataset_grads"}
     assert all(count == 1 for _, count in seen), seen
     assert in_callbacks == [caller_threads] * 2  # callbacks run between the compiled calls, on the caller's count
 

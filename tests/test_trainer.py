@@ -66,6 +66,32 @@ def test_predict_and_evaluate_match_reference(loss, dtype, rng):
         assert "accuracy" not in scores
 
 
+@pytest.mark.parametrize("loss", ["binary_cross_entropy", "softmax_cross_entropy"])
+def test_a_classifiers_evaluate_is_one_forward_pass(loss, monkeypatch, rng):
+    """Loss and accuracy come from one pass over the data (kernels.cpu.forward_pass with both an output and
+    targets), bit for bit the separate predict and loss passes'."""
+    from fastbp.backends import cpu as backend_module
+
+    model = fastbp.MLP([6, 40, 4], activation="tanh", seed=1)
+    X, y, Y = make_problem(loss, 5000, model.sizes, rng, np.float32)  # > one evaluation chunk
+    trainer = fastbp.Trainer(model, loss=loss)
+    backend, targets = trainer._backend, Y.astype(np.float32)
+    predictions, loss_value = trainer.predict(X), backend.loss_value(X, targets)
+    calls = []
+
+    def counted(name):
+        driver = getattr(backend_module, name)
+        return lambda *args: calls.append(name) or driver(*args)
+
+    for name in ("_predict", "_loss", "_predict_and_loss"):
+        monkeypatch.setattr(backend_module, name, counted(name))
+    scores = trainer.evaluate(X, y)
+    assert calls == ["_predict_and_loss"] and scores["loss"] == loss_value
+    out, both_loss = backend.predict_and_loss(X, targets, 4)
+    np.testing.assert_array_equal(out, predictions)
+    assert both_loss == loss_value
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("act", ACTS)
 def test_central_differences_float64(act, loss, rng):

@@ -144,6 +144,10 @@ class Backend(abc.ABC):
     def loss_value(self, X, Y, sample_weight=None) -> float:
         """The mean loss over X, Y (weighted by sample_weight (n,) when given)."""
 
+    def predict_and_loss(self, X, Y, n_outputs: int, sample_weight=None):
+        """(predict(X, n_outputs), loss_value(X, Y, sample_weight)); a backend may compute both in one pass."""
+        return self.predict(X, n_outputs), self.loss_value(X, Y, sample_weight=sample_weight)
+
     def loss_and_grads(self, X, Y, divisor: float, sample_weight=None):
         """(mean loss, flat gradient (P,) as a new host array) over all of X, Y with the given loss divisor:
         no update."""

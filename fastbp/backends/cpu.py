@@ -31,8 +31,11 @@ MAX_WORKSPACES = 4
 # The drivers, as this backend calls them: the first call per dtype compiles in a compile session, on two
 # processes when the disk cache is cold (fastbp._jit, "compile sessions").
 _train_epochs = Entry(kernels.train_epochs)
-_predict = Entry(kernels.predict)
-_dataset_loss = Entry(kernels.dataset_loss)
+# forward_pass as predict (no targets), as the loss (no output) and as both: each its own specialisation (numba
+# prunes the branches of an argument typed None), so each its own first-call compile session.
+_predict = Entry(kernels.forward_pass)
+_loss = Entry(kernels.forward_pass)
+_predict_and_loss = Entry(kernels.forward_pass)
 _dataset_grads = Entry(kernels.dataset_grads)
 
 
@@ -65,9 +68,12 @@ class CPUBackend(Backend):
         self._narrow_kernel = (narrow.kernel_for(self.act_codes, self.loss) if narrow.supports(layout.sizes)
                                else None)
         self._narrow_work = None
+        # the drivers' "no sample weights" (read-only, as the training drivers get the data: see _jit.read_only)
+        self._no_weights = read_only(np.empty(0, dtype=self.dtype))
         # Every trainer predicts on the product engine, and a wide one fits there too: where the disk cache
         # lacks their worker, loss and optimizer, a helper process starts compiling them now (fastbp._jit.prefetch)
-        drivers = [kernels.predict] if self._narrow_kernel is not None else [kernels.train_epochs, kernels.predict]
+        drivers = [kernels.forward_pass] if self._narrow_kernel is not None else [kernels.train_epochs,
+                                                                                   kernels.forward_pass]
         prefetch(drivers, numba.from_dtype(self.dtype))
 
     # -- training state -----------------------------------------------------------------------------------------
@@ -161,20 +167,29 @@ class CPUBackend(Backend):
     # -- inference and gradients --------------------------------------------------------------------------
     def _weights(self, sample_weight) -> np.ndarray:
         # The drivers take sample weights as an array, empty for none (one compiled version for both).
-        return read_only(np.empty(0, self.dtype) if sample_weight is None else sample_weight)
+        return self._no_weights if sample_weight is None else read_only(sample_weight)
 
+    # predict, loss_value and predict_and_loss: one driver (kernels.forward_pass). X as the caller holds it: a
+    # read-only view would cost 6% of a one-row predict (see fastbp._jit.read_only).
     @guarded
     def predict(self, X, n_outputs: int) -> np.ndarray:
         work = self._workspace(eval_capacity(X.shape[0]), n_outputs)
         out = np.empty((X.shape[0], n_outputs), dtype=self.dtype)
-        _predict(out, X, self.params, self._network, work)
+        _predict(out, X, None, self._no_weights, self.params, self._network, work)
         return out
 
     @guarded
     def loss_value(self, X, Y, sample_weight=None) -> float:
         work = self._workspace(eval_capacity(X.shape[0]), Y.shape[1])
-        return float(_dataset_loss(read_only(X), read_only(Y), self._weights(sample_weight), self.params,
-                                   self._network, work))
+        return float(_loss(None, X, read_only(Y), self._weights(sample_weight), self.params, self._network, work))
+
+    @guarded
+    def predict_and_loss(self, X, Y, n_outputs: int, sample_weight=None):
+        work = self._workspace(eval_capacity(X.shape[0]), n_outputs)
+        out = np.empty((X.shape[0], n_outputs), dtype=self.dtype)
+        loss = _predict_and_loss(out, X, read_only(Y), self._weights(sample_weight), self.params, self._network,
+                                 work)
+        return out, float(loss)
 
     # -- one step at a time (for callers that must act between steps, e.g. an allreduce) --------------------
     @guarded

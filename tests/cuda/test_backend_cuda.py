@@ -1,5 +1,5 @@
 """CUDABackend through the backend interface (fastbp.backends.base.Backend), against the CPU kernels
-(fastbp.kernels.cpu: train_epochs, dataset_grads, dataset_loss, predict, optimizer_step, called as
+(fastbp.kernels.cpu: train_epochs, dataset_grads, forward_pass, optimizer_step, called as
 fastbp/backends/cpu.py calls them) and the float64 numpy reference (tests/naive.py); on a GPU or in the
 simulator. Both training paths are covered: the step launches (kernels.cuda_step: products with split-K,
 the tail kernel, the epoch kernels) and the fused whole-fit kernel (kernels.cuda_fused).
@@ -364,9 +364,8 @@ def test_predict_and_loss_value_match_cpu(small_launches, monkeypatch, loss, dty
     out = np.empty((10, 4), dtype)
     work = cpu.make_workspace(net.layout, 10, 4, dtype)
     network, work = tuple(cpu.network(net.layout, net.act_codes, net.loss)), tuple(work)
-    cpu.predict(out, net.X, net.params, network, work)
+    ref = cpu.forward_pass(out, net.X, net.Y, np.empty(0, dtype), net.params, network, work)
     np.testing.assert_allclose(backend.predict(X, 4), out, **PARITY[dtype])
-    ref = cpu.dataset_loss(net.X, net.Y, np.empty(0, dtype), net.params, network, work)
     assert backend.loss_value(X, Y) == pytest.approx(float(ref), rel=PARITY[dtype]["rtol"])
 
 
