@@ -688,7 +688,7 @@ class Entry:
 
     def __init__(self, dispatcher):
         self.dispatcher = dispatcher
-        self._ready = set()  # dtypes of first arguments already prepared
+        self._ready = set()  # dtypes (of the first argument that has one) already prepared
 
     def __call__(self, *args):
         dtype = next((a.dtype for a in args if hasattr(a, "dtype")), None)

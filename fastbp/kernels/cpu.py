@@ -560,7 +560,7 @@ def _batch_grads_signature(f):
     matrix = types.Array(f, 2, "C")
     vector = types.Array(f, 1, "C")
     # row_weights read-only: dataset_grads passes a slice of the caller's sample weights, which the backend hands
-    # over read-only (see fastbp.backends.cpu._read_only); train_epochs its workspace's copy
+    # over read-only (see fastbp._jit.read_only); train_epochs its workspace's copy
     return (vector, matrix, vector.copy(readonly=True), _network_type(), _workspace_type(f), f, types.int64)
 
 
