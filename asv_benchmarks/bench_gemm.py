@@ -23,7 +23,7 @@ class Products:
 
     def setup(self, implementation, product, layer):
         from fastbp.kernels import gemm
-        from fastbp.kernels.pointwise import RELU
+        from fastbp.kernels.pointwise import IDENTITY, RELU
 
         B, n_in, n_out = (int(v) for v in layer.split("x"))
         self.flops = 2.0 * B * n_in * n_out
@@ -37,11 +37,12 @@ class Products:
         dw, db = np.empty((n_in, n_out), np.float32), np.empty(n_out, np.float32)
         dinp, y = np.empty((B, n_in), np.float32), np.abs(inp)
         calls = {
-            ("gemm", "forward"): lambda: gemm.dense_forward(out, inp, w, b, RELU, panels),
+            # gemm.product: the engine as the training drivers call it
+            ("gemm", "forward"): lambda: gemm.product(gemm.FORWARD, RELU, out, inp, w, b, out, panels),
             ("numpy", "forward"): lambda: np.dot(inp, w, out=out),
-            ("gemm", "weight_grad"): lambda: gemm.dense_backward_params(dw, db, dout, inp, panels),
+            ("gemm", "weight_grad"): lambda: gemm.product(gemm.WEIGHT_GRAD, IDENTITY, dw, inp, dout, db, dw, panels),
             ("numpy", "weight_grad"): lambda: np.dot(inp.T, dout, out=dw),
-            ("gemm", "input_grad"): lambda: gemm.dense_backward_input(dinp, dout, w, y, RELU, panels),
+            ("gemm", "input_grad"): lambda: gemm.product(gemm.INPUT_GRAD, RELU, dinp, dout, w, panels, y, panels),
             ("numpy", "input_grad"): lambda: np.dot(dout, w.T, out=dinp),
         }
         self.call = calls[implementation, product]

@@ -57,7 +57,7 @@ def _lscpu_model() -> str:
 def _build(product, batch, n_in, n_out, dtype, rng):
     """{implementation: zero-argument callable} for one product on fresh data."""
     from fastbp.kernels import gemm
-    from fastbp.kernels.pointwise import RELU
+    from fastbp.kernels.pointwise import IDENTITY, RELU
 
     inp = rng.normal(size=(batch, n_in)).astype(dtype)
     w = rng.normal(size=(n_in, n_out)).astype(dtype)
@@ -66,16 +66,16 @@ def _build(product, batch, n_in, n_out, dtype, rng):
     panels = np.empty(gemm.workspace_size(batch, n_in, n_out, dtype), dtype)
     if product == "forward":
         out, out_np = (np.empty((batch, n_out), dtype) for _ in range(2))
-        return {"gemm": lambda: gemm.dense_forward(out, inp, w, b, RELU, panels),
+        return {"gemm": lambda: gemm.product(gemm.FORWARD, RELU, out, inp, w, b, out, panels),
                 "numpy": lambda: np.dot(inp, w, out=out_np)}
     if product == "weight_grad":
         dw, dw_np = (np.empty((n_in, n_out), dtype) for _ in range(2))
         db = np.empty(n_out, dtype)
-        return {"gemm": lambda: gemm.dense_backward_params(dw, db, dout, inp, panels),
+        return {"gemm": lambda: gemm.product(gemm.WEIGHT_GRAD, IDENTITY, dw, inp, dout, db, dw, panels),
                 "numpy": lambda: np.dot(inp.T, dout, out=dw_np)}
     y = np.abs(inp)  # a relu layer's output
     dinp, dinp_np = (np.empty((batch, n_in), dtype) for _ in range(2))
-    return {"gemm": lambda: gemm.dense_backward_input(dinp, dout, w, y, RELU, panels),
+    return {"gemm": lambda: gemm.product(gemm.INPUT_GRAD, RELU, dinp, dout, w, panels, y, panels),
             "numpy": lambda: np.dot(dout, w.T, out=dinp_np)}
 
 

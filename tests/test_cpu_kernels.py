@@ -287,9 +287,9 @@ def _layer(rng, dtype, B=29, n_in=70, n_out=131):
 
 
 def test_vocabulary_products_are_the_engine_bit_for_bit(rng):
-    """cpu.dense_* give exactly gemm.dense_*'s results (same tiles, same summation order): a user's call gets
-    the engine, not a slower kernel of its own. One dtype: the code is the same for both, and each compiles the
-    engine six more times (11 s); float64's vocabulary products are checked against numpy below."""
+    """cpu.dense_* give exactly the drivers' product's results (gemm.product: same tiles, same summation order):
+    a user's call gets the engine, not a slower kernel of its own. One dtype: the code is the same for both;
+    float64's vocabulary products are checked against numpy below."""
     dtype = np.float32
     inp, w, b, dout = _layer(rng, dtype)
     B, n_in = inp.shape
@@ -297,17 +297,17 @@ def test_vocabulary_products_are_the_engine_bit_for_bit(rng):
     panels = np.empty(gemm.workspace_size(B, n_in, n_out, dtype), dtype)
     out, ref = np.empty((B, n_out), dtype), np.empty((B, n_out), dtype)
     cpu.dense_forward(out, inp, w, b, ACTIVATIONS["tanh"])
-    gemm.dense_forward(ref, inp, w, b, ACTIVATIONS["tanh"], panels)
+    gemm.product(gemm.FORWARD, ACTIVATIONS["tanh"], ref, inp, w, b, ref, panels)
     np.testing.assert_array_equal(out, ref)
     dw, db, ref_w, ref_b = np.empty_like(w), np.empty_like(b), np.empty_like(w), np.empty_like(b)
     cpu.dense_backward_params(dw, db, dout, inp)
-    gemm.dense_backward_params(ref_w, ref_b, dout, inp, panels)
+    gemm.product(gemm.WEIGHT_GRAD, ACTIVATIONS["identity"], ref_w, inp, dout, ref_b, ref_w, panels)
     np.testing.assert_array_equal(dw, ref_w)
     np.testing.assert_array_equal(db, ref_b)
     y = np.tanh(inp)
     dinp, ref_in = np.empty_like(inp), np.empty_like(inp)
     cpu.dense_backward_input(dinp, dout, w, y, ACTIVATIONS["tanh"])
-    gemm.dense_backward_input(ref_in, dout, w, y, ACTIVATIONS["tanh"], panels)
+    gemm.product(gemm.INPUT_GRAD, ACTIVATIONS["tanh"], ref_in, dout, w, panels, y, panels)
     np.testing.assert_array_equal(dinp, ref_in)
 
 

@@ -1,4 +1,5 @@
-"""fastbp.kernels.gemm: every fast kernel and its naive reference against a float64 numpy reference
+"""fastbp.kernels.gemm: the engine's three products (gemm._product, the product fastbp.kernels.cpu's
+vocabulary and drivers run) and the vocabulary's naive references against a float64 numpy reference
 (tests/naive.py), at tile edges, for both dtypes and every activation; 1 and 2 threads bit-identical; the
 other vector widths in subprocesses."""
 import os
@@ -10,7 +11,7 @@ import numba
 import numpy as np
 import pytest
 
-from fastbp.kernels import gemm, simd
+from fastbp.kernels import cpu, gemm, simd
 from fastbp.kernels.pointwise import ACTIVATIONS
 
 from . import naive
@@ -36,6 +37,20 @@ def _forward_reference(inp, w, b, act):
     return naive.ACTIVATIONS[act](inp.astype(np.float64) @ w.astype(np.float64) + b)
 
 
+# The engine's three products, as the vocabulary calls them (operands with contiguous rows, a workspace of
+# workspace_size elements).
+def forward(out, inp, w, b, act, panels):
+    gemm._product(gemm.FORWARD, act, out, inp, w, b, out, panels)
+
+
+def weight_grad(dweight, dbias, dout, inp, panels):
+    gemm._product(gemm.WEIGHT_GRAD, ACTIVATIONS["identity"], dweight, inp, dout, dbias, dweight, panels)
+
+
+def input_grad(dinp, dout, w, y, act, panels):
+    gemm._product(gemm.INPUT_GRAD, act, dinp, dout, w, panels, y, panels)
+
+
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_dense_forward(shape, act, dtype, rng):
@@ -43,10 +58,10 @@ def test_dense_forward(shape, act, dtype, rng):
     inp, w, b = _data(rng, dtype, B, n_in), _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
     expected = _forward_reference(inp, w, b, act)
     out = np.full((B, n_out), np.nan, dtype)  # kernels overwrite: a nan left behind would fail
-    gemm.dense_forward(out, inp, w, b, ACTIVATIONS[act], _workspace(B, n_in, n_out, dtype))
+    forward(out, inp, w, b, ACTIVATIONS[act], _workspace(B, n_in, n_out, dtype))
     np.testing.assert_allclose(out, expected, **TOLERANCES[dtype])
     out_naive = np.full((B, n_out), np.nan, dtype)
-    gemm.dense_forward_naive(out_naive, inp, w, b, ACTIVATIONS[act])
+    cpu.dense_forward_naive(out_naive, inp, w, b, ACTIVATIONS[act])
     np.testing.assert_allclose(out_naive, expected, **TOLERANCES[dtype])
 
 
@@ -59,7 +74,7 @@ def test_forward_reads_weights_from_flat_parameters(rng):
     w, b = layout.views(params, 0)
     inp = _data(rng, np.float32, 9, 13)
     out = np.empty((9, 29), np.float32)
-    gemm.dense_forward(out, inp, w, b, ACTIVATIONS["relu"], _workspace(9, 13, 29, np.float32))
+    forward(out, inp, w, b, ACTIVATIONS["relu"], _workspace(9, 13, 29, np.float32))
     np.testing.assert_allclose(out, _forward_reference(inp, w, b, "relu"), **TOLERANCES[np.float32])
 
 
@@ -73,8 +88,8 @@ def test_dense_backward_params(shape, dtype, rng):
     inp, dout = _data(rng, dtype, B, n_in), _data(rng, dtype, B, n_out)
     expected_w = inp.astype(np.float64).T @ dout
     expected_b = dout.astype(np.float64).sum(0)
-    for kernel, extra in ((gemm.dense_backward_params, (_workspace(B, n_in, n_out, dtype),)),
-                          (gemm.dense_backward_params_naive, ())):
+    for kernel, extra in ((weight_grad, (_workspace(B, n_in, n_out, dtype),)),
+                          (cpu.dense_backward_params_naive, ())):
         dweight, dbias = np.full((n_in, n_out), np.nan, dtype), np.full(n_out, np.nan, dtype)
         kernel(dweight, dbias, dout, inp, *extra)
         np.testing.assert_allclose(dweight, expected_w, **TOLERANCES[dtype])
@@ -94,8 +109,8 @@ def test_dense_backward_input(shape, act, dtype, rng):
         expected = grad * (y * (1 - y) if act == "sigmoid" else 1 - y * y)
     else:
         expected = grad * naive.DERIVATIVES[act](z_prev)
-    for kernel, extra in ((gemm.dense_backward_input, (_workspace(B, n_in, n_out, dtype),)),
-                          (gemm.dense_backward_input_naive, ())):
+    for kernel, extra in ((input_grad, (_workspace(B, n_in, n_out, dtype),)),
+                          (cpu.dense_backward_input_naive, ())):
         dinp = np.full((B, n_in), np.nan, dtype)
         kernel(dinp, dout, w, inp, ACTIVATIONS[act], *extra)
         np.testing.assert_allclose(dinp, expected, **TOLERANCES[dtype])
@@ -103,17 +118,17 @@ def test_dense_backward_input(shape, act, dtype, rng):
 
 # --- threads ------------------------------------------------------------------------------------------------------
 def _all_kernels(dtype, rng, B, n_in, n_out):
-    """Outputs of every fast kernel on one problem (big enough for the parallel path)."""
+    """Outputs of the three products on one problem (big enough for the parallel path)."""
     inp, w, b = _data(rng, dtype, B, n_in), _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
     dout = _data(rng, dtype, B, n_out)
     y = np.abs(_data(rng, dtype, B, n_in))
     P = _workspace(B, n_in, n_out, dtype)
     out = np.empty((B, n_out), dtype)
-    gemm.dense_forward(out, inp, w, b, ACTIVATIONS["sigmoid"], P)
+    forward(out, inp, w, b, ACTIVATIONS["sigmoid"], P)
     dweight, dbias = np.empty((n_in, n_out), dtype), np.empty(n_out, dtype)
-    gemm.dense_backward_params(dweight, dbias, dout, inp, P)
+    weight_grad(dweight, dbias, dout, inp, P)
     dinp = np.empty((B, n_in), dtype)
-    gemm.dense_backward_input(dinp, dout, w, y, ACTIVATIONS["relu"], P)
+    input_grad(dinp, dout, w, y, ACTIVATIONS["relu"], P)
     return out, dweight, dbias, dinp
 
 
@@ -144,28 +159,6 @@ def test_one_and_two_threads_bit_identical(shape, dtype):
     np.testing.assert_allclose(parallel[2], dout.astype(np.float64).sum(axis=0), **TOLERANCES[dtype])
 
 
-# --- contracts ----------------------------------------------------------------------------------------------------
-def test_workspace_too_short_raises(rng):
-    inp, w, b = _data(rng, np.float32, 4, 5), _data(rng, np.float32, 5, 6), _data(rng, np.float32, 6)
-    short = np.empty(gemm.workspace_size(4, 5, 6, np.float32) // 4, np.float32)
-    with pytest.raises(ValueError, match="panels is shorter"):
-        gemm.dense_forward(np.empty((4, 6), np.float32), inp, w, b, 0, short)
-
-
-def test_columns_not_contiguous_raise(rng):
-    # A transposed view has strided rows: the vector loads need contiguous rows, so it is refused.
-    inp_t = _data(rng, np.float32, 5, 4).T
-    w, b = _data(rng, np.float32, 5, 6), _data(rng, np.float32, 6)
-    with pytest.raises(ValueError, match="rows of every 2-D operand must be contiguous"):
-        gemm.dense_forward(np.empty((4, 6), np.float32), inp_t, w, b, 0, _workspace(4, 5, 6, np.float32))
-
-
-def test_mismatched_shapes_raise(rng):
-    inp, w, b = _data(rng, np.float32, 4, 5), _data(rng, np.float32, 6, 6), _data(rng, np.float32, 6)
-    with pytest.raises(ValueError, match="shapes do not match"):
-        gemm.dense_forward(np.empty((4, 6), np.float32), inp, w, b, 0, _workspace(4, 6, 6, np.float32))
-
-
 # --- the other vector widths ----------------------------------------------------------------------------------------
 BATTERY = """
     import numpy as np
@@ -178,29 +171,25 @@ BATTERY = """
 
 
 def _battery():
-    """The engine at edge shapes, for subprocess widths: gemm._product, the product every public kernel and the
-    vocabulary call (the tile shape, packing and epilogues live there; the public kernels add only their
-    checks, tested on this CPU's own width), in its three kinds (float32) and the forward (float64), against
-    numpy. One compile per dtype instead of one per public kernel and naive reference (generic-128 run: 21 s
-    before)."""
+    """The engine at edge shapes, for subprocess widths: gemm._product (the tile shape, packing and epilogues
+    live there) in its three kinds (float32) and the forward (float64), against numpy. One compile per dtype
+    (generic-128 run: 21 s when it ran each public kernel and naive reference)."""
     rng = np.random.default_rng(11)
     nr = gemm.tile_columns(np.float32)
     for B, n_in, n_out in [(1, 3, 2), (gemm.TILE_ROWS + 1, 13, nr + 3), (2 * gemm.TILE_ROWS + 3, 40, 2 * nr - 1)]:
         for dtype, act in ((np.float32, "sigmoid"), (np.float64, "relu")):
             inp, w, b = _data(rng, dtype, B, n_in), _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
             out = np.full((B, n_out), np.nan, dtype)
-            gemm._product(gemm.FORWARD, ACTIVATIONS[act], out, inp, w, b, out, _workspace(B, n_in, n_out, dtype))
+            forward(out, inp, w, b, ACTIVATIONS[act], _workspace(B, n_in, n_out, dtype))
             np.testing.assert_allclose(out, _forward_reference(inp, w, b, act), **TOLERANCES[dtype])
         inp, dout, w = (_data(rng, np.float32, *shape) for shape in ((B, n_in), (B, n_out), (n_in, n_out)))
         dweight, dbias = np.full((n_in, n_out), np.nan, np.float32), np.full(n_out, np.nan, np.float32)
-        gemm._product(gemm.WEIGHT_GRAD, ACTIVATIONS["identity"], dweight, inp, dout, dbias, dweight,
-                      _workspace(B, n_in, n_out, np.float32))
+        weight_grad(dweight, dbias, dout, inp, _workspace(B, n_in, n_out, np.float32))
         np.testing.assert_allclose(dweight, inp.astype(np.float64).T @ dout, **TOLERANCES[np.float32])
         np.testing.assert_allclose(dbias, dout.astype(np.float64).sum(0), **TOLERANCES[np.float32])
         y = np.tanh(rng.normal(size=(B, n_in))).astype(np.float32)  # the previous layer's output
         dinp = np.full((B, n_in), np.nan, np.float32)
-        panels = _workspace(B, n_in, n_out, np.float32)
-        gemm._product(gemm.INPUT_GRAD, ACTIVATIONS["tanh"], dinp, dout, w, panels, y, panels)
+        input_grad(dinp, dout, w, y, ACTIVATIONS["tanh"], _workspace(B, n_in, n_out, np.float32))
         expected = (dout.astype(np.float64) @ w.astype(np.float64).T) * (1 - y.astype(np.float64) ** 2)
         np.testing.assert_allclose(dinp, expected, **TOLERANCES[np.float32])
 

@@ -41,6 +41,7 @@ from .._jit import SeparatelyCompiled, cpu_jit, inline, prefer_wide_vectors
 from . import gemm
 from .pointwise import (
     BINARY_CROSS_ENTROPY,
+    IDENTITY,
     MSE,
     POISSON,
     SGD,
@@ -174,8 +175,8 @@ def dense_forward(out, inp, weight, bias, act):
     """out = act(inp @ weight + bias), overwritten. out (B, n_out), inp (B, n_in), weight (n_in, n_out),
     bias (n_out,); act an activation code.
 
-    The product engine: gemm.dense_forward's register tiles with the bias and activation fused into their
-    stores, on a packing workspace this call allocates; below SMALL_PRODUCT multiply-adds, plain loops on
+    The product engine (gemm._product: register tiles with the bias and activation fused into their stores)
+    on a packing workspace this call allocates; below SMALL_PRODUCT multiply-adds, plain loops on
     the weight as stored (no workspace)."""
     _check_dense("dense_forward: shapes do not match (out (B, n_out), inp (B, n_in), weight (n_in, n_out), "
                  "bias (n_out,))", out.shape[0], inp.shape[0], inp.shape[1], weight.shape[0], out.shape[1],
@@ -205,7 +206,7 @@ def dense_backward_params(dweight, dbias, dout, inp):
     dout (B, n_out), inp (B, n_in). Every sum runs over the batch in row order: results do not depend on the
     number of threads.
 
-    The product engine (gemm.dense_backward_params) on a workspace this call allocates; below SMALL_PRODUCT
+    The product engine (gemm._product) on a workspace this call allocates; below SMALL_PRODUCT
     multiply-adds, plain loops."""
     _check_dense("dense_backward_params: shapes do not match (dweight (n_in, n_out), dbias (n_out,), "
                  "dout (B, n_out), inp (B, n_in))", dout.shape[0], inp.shape[0], inp.shape[1], dweight.shape[0],
@@ -228,7 +229,7 @@ def dense_backward_params(dweight, dbias, dout, inp):
     sums = np.ascontiguousarray(dbias)
     panels = np.empty(gemm.backward_params_workspace(dout.shape[0], dweight.shape[0], dweight.shape[1], dweight),
                       dweight.dtype)
-    gemm._product(gemm.WEIGHT_GRAD + 0, gemm.IDENTITY + 0, result, np.ascontiguousarray(inp),
+    gemm._product(gemm.WEIGHT_GRAD + 0, IDENTITY + 0, result, np.ascontiguousarray(inp),
                   np.ascontiguousarray(dout), sums, result, panels)
     _copy_back(dweight, result)
     if sums.ctypes.data != dbias.ctypes.data:
@@ -242,7 +243,7 @@ def dense_backward_input(dinp, dout, weight, inp, inp_act):
     pre-activation, with that layer's activation derivative (written from its output ``inp``) fused in.
     dinp (B, n_in), dout (B, n_out), weight (n_in, n_out), inp (B, n_in).
 
-    The product engine (gemm.dense_backward_input: weight^T packed once, the derivative fused into the tiles'
+    The product engine (gemm._product: weight^T packed once, the derivative fused into the tiles'
     stores) on a workspace this call allocates; below SMALL_PRODUCT multiply-adds, dot products along the rows
     of the weight as stored."""
     _check_dense("dense_backward_input: shapes do not match (dinp (B, n_in), dout (B, n_out), "

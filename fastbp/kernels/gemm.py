@@ -1,13 +1,11 @@
 """fastbp's CPU product engine: register-blocked dense-layer products on explicit SIMD vectors (see simd.py).
 
-Public kernels (outputs first; every one OVERWRITES its outputs and allocates nothing):
-    dense_forward(out, inp, weight, bias, act, panels)
-    dense_backward_params(dweight, dbias, dout, inp, panels)
-    dense_backward_input(dinp, dout, weight, inp, inp_act, panels)
-each with a serial ``*_naive`` reference beside it, and ``workspace_size(batch, n_in, n_out, dtype)``: the
-length of the ``panels`` buffer the caller provides (``forward_workspace``, ``backward_params_workspace`` and
-``backward_input_workspace`` give each kernel's own length inside numba code). fastbp.kernels.cpu's vocabulary
-kernels of the same names call these on a workspace of their own.
+Its entry is ``_product(kind, act, out, a, b, vec, y, panels)`` (one of the three products below, with its
+epilogue; OVERWRITES out and allocates nothing), called by symbol as ``product`` from fastbp.kernels.cpu's
+drivers and linked into that module's vocabulary kernels (``dense_forward`` ...), which check their operands,
+copy any whose rows are not contiguous and give it a workspace. ``workspace_size(batch, n_in, n_out, dtype)``
+is the length of the ``panels`` buffer it needs (``forward_workspace``, ``backward_params_workspace`` and
+``backward_input_workspace`` give each kind's own length inside numba code).
 
 How a product runs
     Every product is C = A @ B with A logically (rows of C x depth) and B (depth x columns of C):
@@ -61,7 +59,7 @@ from numba.extending import intrinsic
 from .. import _jit
 from .._jit import inline
 from . import simd
-from .pointwise import IDENTITY, LEAKY_RELU, LEAKY_RELU_SLOPE, RELU, SIGMOID, TANH, activate, activation_grad, sigmoid
+from .pointwise import LEAKY_RELU, LEAKY_RELU_SLOPE, RELU, SIGMOID, TANH, sigmoid
 
 # --- the tile shape, from the vector width ---------------------------------------------------------------------
 WIDE = simd.VECTOR_BITS >= 512
@@ -145,7 +143,7 @@ def workspace_size(batch: int, n_in: int, n_out: int, dtype) -> int:
 
 @inline
 def forward_workspace(n_in, n_out, like):
-    """Elements of ``panels`` dense_forward needs for a layer of n_in -> n_out units; ``like`` is any array of
+    """Elements of ``panels`` the forward needs for a layer of n_in -> n_out units; ``like`` is any array of
     the operands' dtype (numba code only: the in-kernel form of workspace_size's forward term)."""
     NR = TILE_VECTORS * simd.lanes(like)
     return n_in * ((n_out + NR - 1) // NR * NR)
@@ -153,34 +151,22 @@ def forward_workspace(n_in, n_out, like):
 
 @inline
 def backward_params_workspace(batch, n_in, n_out, like):
-    """Elements of ``panels`` dense_backward_params needs: dout's panels and inp^T's panels."""
+    """Elements of ``panels`` the weight gradient needs: dout's panels and inp^T's panels."""
     NR = TILE_VECTORS * simd.lanes(like)
     return batch * ((n_out + NR - 1) // NR * NR + (n_in + TILE_ROWS - 1) // TILE_ROWS * TILE_ROWS)
 
 
 @inline
 def backward_input_workspace(n_in, n_out, like):
-    """Elements of ``panels`` dense_backward_input needs: weight^T in panel order."""
+    """Elements of ``panels`` the input gradient needs: weight^T in panel order."""
     NR = TILE_VECTORS * simd.lanes(like)
     return n_out * ((n_in + NR - 1) // NR * NR)
 
 
 @inline
 def _leading(a):
-    # Elements between a 2-D array's rows (its rows must be contiguous: checked by _check_rows).
+    # Elements between a 2-D array's rows (its rows must be contiguous: _product's callers make them so).
     return a.strides[0] // a.itemsize
-
-
-@inline
-def _check_rows(a):
-    if a.shape[1] > 1 and a.strides[1] != a.itemsize:
-        raise ValueError("fastbp.kernels.gemm: the rows of every 2-D operand must be contiguous")
-
-
-@inline
-def _check_vector(a):
-    if a.shape[0] > 1 and a.strides[0] != a.itemsize:
-        raise ValueError("fastbp.kernels.gemm: 1-D operands must be contiguous")
 
 
 # --- micro-kernels ------------------------------------------------------------------------------------------------
@@ -789,143 +775,3 @@ def _product_by_symbol(kind, act, out, a, b, vec, y, panels):
 
 
 product = _jit.SeparatelyCompiled(_product_by_symbol, _product_signature)
-
-
-@inline
-def _check_panels(panels, needed):
-    _check_vector(panels)
-    if panels.shape[0] < needed:
-        raise ValueError("fastbp.kernels.gemm: panels is shorter than workspace_size(batch, n_in, n_out, dtype)")
-
-
-# --- public kernels ----------------------------------------------------------------------------------------------
-@engine_jit()
-def dense_forward(out, inp, weight, bias, act, panels):
-    """out = act(inp @ weight + bias), overwritten, the bias and activation fused into each tile's stores.
-
-    Parameters
-    ----------
-    out : (B, n_out) array, rows contiguous.
-    inp : (B, n_in) array, rows contiguous.
-    weight : (n_in, n_out) array as stored in fastbp's flat parameters, rows contiguous.
-    bias : (n_out,) array.
-    act : int, a pointwise activation code (IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU).
-    panels : 1-D array of at least ``workspace_size(B, n_in, n_out, dtype)`` elements (overwritten: the
-        weight in panel order).
-
-    All float arrays share one dtype (float32 or float64). Each output is summed over n_in in index order by
-    one task, so the result does not depend on the number of threads.
-    """
-    n_out = weight.shape[1]
-    if inp.shape[1] != weight.shape[0] or out.shape[1] != n_out or bias.shape[0] != n_out or (
-            inp.shape[0] != out.shape[0]):
-        raise ValueError("dense_forward: shapes do not match (out (B, n_out), inp (B, n_in), weight (n_in, n_out), "
-                         "bias (n_out,))")
-    _check_rows(out)
-    _check_rows(inp)
-    _check_rows(weight)
-    _check_vector(bias)
-    _check_panels(panels, forward_workspace(weight.shape[0], n_out, out))
-    _product(_runtime(FORWARD), _runtime(act), out, inp, weight, bias, out, panels)
-
-
-@engine_jit()
-def dense_backward_params(dweight, dbias, dout, inp, panels):
-    """dweight = inp.T @ dout and dbias = dout.sum(0), overwritten.
-
-    Parameters
-    ----------
-    dweight : (n_in, n_out) array; dbias : (n_out,) array.
-    dout : (B, n_out) array, d loss / d this layer's pre-activation.
-    inp : (B, n_in) array, this layer's input.
-    panels : 1-D array of at least ``workspace_size(B, n_in, n_out, dtype)`` elements (overwritten).
-
-    Every sum runs over the batch in row order (dbias as well): results do not depend on the thread count.
-    """
-    n_in = dweight.shape[0]
-    n_out = dweight.shape[1]
-    if dout.shape[1] != n_out or inp.shape[1] != n_in or dbias.shape[0] != n_out or inp.shape[0] != dout.shape[0]:
-        raise ValueError("dense_backward_params: shapes do not match (dweight (n_in, n_out), dbias (n_out,), "
-                         "dout (B, n_out), inp (B, n_in))")
-    _check_rows(dweight)
-    _check_rows(dout)
-    _check_rows(inp)
-    _check_vector(dbias)
-    _check_panels(panels, backward_params_workspace(dout.shape[0], n_in, n_out, dweight))
-    if dout.shape[0] == 0:  # no rows: zero gradients (the product below would not touch them)
-        dweight[:, :] = 0
-        dbias[:] = 0
-        return
-    _product(_runtime(WEIGHT_GRAD), _runtime(IDENTITY), dweight, inp, dout, dbias, dweight, panels)
-
-
-@engine_jit()
-def dense_backward_input(dinp, dout, weight, inp, inp_act, panels):
-    """dinp = (dout @ weight.T) * act'(inp), overwritten: the gradient w.r.t. the PREVIOUS layer's
-    pre-activation, with that layer's activation derivative (pointwise.activation_grad, from its output
-    ``inp``) fused into each tile's stores.
-
-    Parameters
-    ----------
-    dinp : (B, n_in) array; dout : (B, n_out) array; weight : (n_in, n_out) array as stored.
-    inp : (B, n_in) array, the previous layer's output; inp_act : int, that layer's activation code.
-    panels : 1-D array of at least ``workspace_size(B, n_in, n_out, dtype)`` elements (overwritten: weight.T
-        in panel order, the one transposing copy, n_in x n_out elements).
-
-    Each output is summed over n_out in index order by one task: results do not depend on the thread count.
-    """
-    batch = dout.shape[0]
-    n_in = weight.shape[0]
-    n_out = weight.shape[1]
-    if dout.shape[1] != n_out or dinp.shape[1] != n_in or inp.shape[1] != n_in or dinp.shape[0] != batch or (
-            inp.shape[0] != batch):
-        raise ValueError("dense_backward_input: shapes do not match (dinp (B, n_in), dout (B, n_out), "
-                         "weight (n_in, n_out), inp (B, n_in))")
-    _check_rows(dinp)
-    _check_rows(dout)
-    _check_rows(weight)
-    _check_rows(inp)
-    _check_panels(panels, backward_input_workspace(n_in, n_out, dinp))
-    if n_out == 0:  # an empty sum: zero gradients
-        dinp[:, :] = 0
-        return
-    _product(_runtime(INPUT_GRAD), _runtime(inp_act), dinp, dout, weight, panels, inp, panels)
-
-
-# --- references (serial, obviously right; no fast-math) ------------------------------------------------------------
-@_jit.cpu_jit(cache=CACHE)
-def dense_forward_naive(out, inp, weight, bias, act):
-    """dense_forward's reference: out[i, j] = act(bias[j] + sum_k inp[i, k] * weight[k, j])."""
-    for i in range(out.shape[0]):
-        for j in range(weight.shape[1]):
-            acc = bias[j]
-            for k in range(weight.shape[0]):
-                acc += inp[i, k] * weight[k, j]
-            out[i, j] = activate(acc, act)
-
-
-@_jit.cpu_jit(cache=CACHE)
-def dense_backward_params_naive(dweight, dbias, dout, inp):
-    """dense_backward_params' reference: dweight[k, j] = sum_i inp[i, k] * dout[i, j], dbias = dout.sum(0)."""
-    for k in range(dweight.shape[0]):
-        for j in range(dweight.shape[1]):
-            acc = dweight.dtype.type(0.0)
-            for i in range(dout.shape[0]):
-                acc += inp[i, k] * dout[i, j]
-            dweight[k, j] = acc
-    for j in range(dbias.shape[0]):
-        acc = dbias.dtype.type(0.0)
-        for i in range(dout.shape[0]):
-            acc += dout[i, j]
-        dbias[j] = acc
-
-
-@_jit.cpu_jit(cache=CACHE)
-def dense_backward_input_naive(dinp, dout, weight, inp, inp_act):
-    """dense_backward_input's reference: dinp[i, k] = (sum_j dout[i, j] * weight[k, j]) * act'(inp[i, k])."""
-    for i in range(dout.shape[0]):
-        for k in range(weight.shape[0]):
-            acc = dinp.dtype.type(0.0)
-            for j in range(weight.shape[1]):
-                acc += dout[i, j] * weight[k, j]
-            dinp[i, k] = acc * activation_grad(inp[i, k], inp_act)
