@@ -305,6 +305,24 @@ def test_target_loss_stops_training():
     assert len(history.loss) < 5000
 
 
+@pytest.mark.parametrize("hidden", [8, 80], ids=["narrow", "wide"])
+def test_a_target_stop_reports_only_the_epochs_that_ran(hidden):
+    """The kernels write no loss after the epoch that reached target_loss; the CPU backend reported the next,
+    unwritten entry too (whatever the memory held: a NaN there raised NonFiniteLossError on a fit that had
+    reached its target)."""
+    X = np.linspace(-1, 1, 64).reshape(-1, 1)
+    trainer = fastbp.Trainer(fastbp.MLP([1, hidden, 1], "tanh", dtype=np.float64, seed=0), loss="mse", lr=0.2,
+                             batch_size=None)
+    lrs, in_order = np.full(5, 0.2), np.empty((5, 0), np.int64)
+    losses, completed, steps = trainer._backend.train_epochs(X, 0.5 * X, 64, in_order, lrs, np.inf, 0)
+    assert (len(losses), completed, steps) == (1, 1, 1) and np.isfinite(losses[0])
+    # a non-finite epoch is reported, not counted
+    losses, completed, _ = trainer._backend.train_epochs(X * np.nan, 0.5 * X, 64, in_order, lrs, -np.inf, 1)
+    assert len(losses) == 1 and completed == 0 and np.isnan(losses[0])
+    losses, completed, _ = trainer._backend.train_epochs(X, 0.5 * X, 64, in_order, lrs, -np.inf, 1)
+    assert len(losses) == completed == 5 and np.all(np.isfinite(losses))
+
+
 def test_early_stopping_restores_best_weights(rng):
     X, y = rng.normal(size=(40, 3)), rng.normal(size=(40, 1))
     Xv, yv = rng.normal(size=(40, 3)), rng.normal(size=(40, 1))  # unrelated: validation soon gets worse

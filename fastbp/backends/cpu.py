@@ -39,6 +39,17 @@ _predict_and_loss = Entry(kernels.forward_pass)
 _dataset_grads = Entry(kernels.dataset_grads)
 
 
+def _epochs_run(losses: np.ndarray, completed: int, target_loss: float) -> int:
+    """How many of the epochs' losses the kernels wrote. They stop early after a non-finite epoch (not counted in
+    ``completed``; its loss is written, and reported) or after an epoch whose loss is <= target_loss (counted;
+    nothing is written after it). Reporting one entry more after a target stop, as this backend did, handed the
+    trainer an unwritten float: where the memory held a NaN, a fit that had reached its target raised
+    NonFiniteLossError (seen once in CI)."""
+    if completed < len(losses) and not (completed and losses[completed - 1] <= target_loss):
+        return completed + 1
+    return completed
+
+
 def eval_capacity(n_rows: int) -> int:
     """The workspace capacity of a predict / evaluate / gradient call over n_rows rows: the smallest power of
     two >= n_rows, at most EVAL_CAPACITY (larger calls run EVAL_CAPACITY rows at a time). Rounding up costs
@@ -146,15 +157,12 @@ class CPUBackend(Backend):
                 self._narrow_workspace(X.shape[0] if orders.shape[1] == 0 else 0), X, Y, orders, lrs, losses,
                 layout.sizes, layout.param_offsets, layout.unit_offsets, self.act_codes, self.optimizer, self.hyper,
                 batch_size, target_loss)
-            n_reported = min(completed + 1, len(lrs))
-            return losses[:n_reported], int(completed), int(steps[0])
+            return losses[:_epochs_run(losses, completed, target_loss)], int(completed), int(steps[0])
         work = self._workspace(batch_size, Y.shape[1])
         completed = _train_epochs(
             self.params, self.opt_state, steps, losses, X, Y, self._weights(sample_weight), orders, lrs,
             self._network, work, (self.optimizer, self.hyper, int(batch_size), float(target_loss)))
-        # An epoch that went non-finite is reported (its loss is in losses[completed]) but not counted.
-        n_reported = min(completed + 1, len(lrs))
-        return losses[:n_reported], int(completed), int(steps[0])
+        return losses[:_epochs_run(losses, completed, target_loss)], int(completed), int(steps[0])
 
     def _narrow_workspace(self, n_samples: int) -> np.ndarray:
         """The fused kernel's block workspace, with room to hold a full-batch data set transposed into lane
