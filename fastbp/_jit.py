@@ -691,7 +691,9 @@ class Entry:
         self._ready = set()  # dtypes (of the first argument that has one) already prepared
 
     def __call__(self, *args):
-        dtype = next((a.dtype for a in args if hasattr(a, "dtype")), None)
+        dtype = getattr(args[0], "dtype", None)  # every call: the fast test first (a generator costs 0.3 us)
+        if dtype is None:
+            dtype = next((a.dtype for a in args if hasattr(a, "dtype")), None)
         if dtype not in self._ready:
             compile_in_session(self.dispatcher, tuple(self.dispatcher.typeof_pyval(a) for a in args))
             self._ready.add(dtype)
