@@ -251,30 +251,37 @@ COLD_PREDICT = """
     import numpy as np
     import fastbp
     from fastbp import _jit
-    from fastbp.kernels import gemm
+    from fastbp.kernels import cpu, gemm
     X = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
     trainer = fastbp.Trainer(fastbp.MLP([6, 40, 3], "relu", seed=0), loss="softmax_cross_entropy")
     prefetched = [[leaf.__qualname__ for leaf in helper.leaves] for helper in _jit._helpers.values()]
     print(trainer.predict(X).tobytes().hex())
     print(sum(gemm._task.stats.cache_hits.values()), sum(gemm._task.stats.cache_misses.values()), prefetched)
+    print("loss compiled or loaded here:", bool(cpu.loss_block._results), "compile seconds:", fastbp.compile_seconds())
 """
 
 
 def test_a_cold_first_call_shares_its_compiling_with_a_helper_process(tmp_path):
     """With an empty cache, the product worker (a leaf of predict's call tree) is compiled by a helper process,
     started when the trainer was made (with the other leaves of predict's and, for a wide trainer, the fit's call
-    trees), and loaded here from the cache by the first predict, which waits only for what it needs; the
-    results are those of a process that compiled everything itself."""
+    trees), and loaded here from the cache by the first predict, which waits only for what it needs (not the
+    loss, which predict never calls); the results are those of a process that compiled everything itself. A
+    warm predict loads only what predict's code calls: nothing is compiled though the cache lacks the loss."""
     # FASTBP_COMPILE_PROCESSES="": helpers allowed, whatever this process was given (see conftest.py)
-    shared = run_python(COLD_PREDICT, tmp_path / "shared", FASTBP_COMPILE_PROCESSES="").strip().split(maxsplit=3)
+    shared = run_python(COLD_PREDICT, tmp_path / "shared", FASTBP_COMPILE_PROCESSES="").strip().splitlines()
     alone, stderr = run_python(COLD_PREDICT, tmp_path / "alone", FASTBP_COMPILE_PROCESSES="1",
                                PYTHONWARNINGS="default", want_stderr=True)
     assert not re.search(r"Numba\w*Warning", stderr), stderr[-2000:]  # a cold compile prints none of numba's
-    alone = alone.strip().split(maxsplit=3)
-    assert shared[0] == alone[0]  # bit for bit
+    alone = alone.strip().splitlines()
+    warm = run_python(COLD_PREDICT, tmp_path / "alone", FASTBP_COMPILE_PROCESSES="1").strip().splitlines()
+    assert shared[0] == alone[0] == warm[0]  # bit for bit
     # _task: loaded (the helper compiled it), not compiled here; the predict took the helper over
-    assert shared[1:] == ["1", "0", "[['_task', 'loss_grad', '_optimizer_step', 'output_transform']]"], shared[1:]
-    assert alone[1:] == ["0", "1", "[]"], alone[1:]  # _task compiled in this process, no helper
+    assert shared[1] == "1 0 [['_task', 'loss_grad', '_optimizer_step', 'output_transform']]", shared[1]
+    assert alone[1] == "0 1 []", alone[1]  # _task compiled in this process, no helper
+    # the loss: not waited for (the helper may still be compiling it) nor compiled here, nor by the warm process
+    assert shared[2].startswith("loss compiled or loaded here: False"), shared[2]
+    assert alone[2].startswith("loss compiled or loaded here: False"), alone[2]
+    assert warm[1] == "1 0 []" and warm[2] == "loss compiled or loaded here: False compile seconds: 0.0", warm[1:]
 
 
 def _leaf(a):
