@@ -385,8 +385,9 @@ run = narrow_kernel_runner(w1)  # compiled, not run: the code may be for another
 kernel_sig = tuple(numba.typeof(a) for a in run.args)
 run.kernel.compile(kernel_sig)
 layer_sig = (kernel_sig[5], kernel_sig[0]) + (numba.int64,) * 5
-narrow.forward_sigmoid.compile(layer_sig)
-for name, f, sig in (("kernel", run.kernel, kernel_sig), ("forward_sigmoid", narrow.forward_sigmoid, layer_sig)):
+layer = narrow.forward_sigmoid.dispatcher
+layer.compile(layer_sig)
+for name, f, sig in (("kernel", run.kernel, kernel_sig), ("forward_sigmoid", layer, layer_sig)):
     asm = f.inspect_asm(sig)
     for reg in ("xmm", "ymm", "zmm"):
         fma = len(re.findall(r"\tvfmadd\w+\s[^\n]*%" + reg, asm))

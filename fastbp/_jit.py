@@ -111,6 +111,12 @@ class SeparatelyCompiled:
     def __repr__(self):
         return f"<separately compiled {self.__module__}.{self.__qualname__}>"
 
+    def __reduce__(self):
+        # by reference, as the module-level object it is (its slots hold this process's addresses): a pickled
+        # trainer's fused kernel names some in its globals
+        module, attribute = _module_attribute(self).split(":")
+        return _import_attribute, (module, attribute)
+
     def symbol(self, dtype) -> str:
         """The name of the ``dtype`` version's slot."""
         return f"fastbp.slot.{self.py_func.__module__}.{self.__qualname__}.{dtype}"
@@ -510,6 +516,12 @@ def _module_attribute(function) -> str:
     raise LookupError(f"{function!r} is not a global of {module.__name__}")
 
 
+def _import_attribute(module: str, attribute: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), attribute)
+
+
 def claim(folder: str, function, dtype) -> bool:
     """Take ``function``'s ``dtype`` version for this process; False if another process already has."""
     try:
@@ -589,9 +601,10 @@ _helpers = {}  # dtype -> the helper compiling for that dtype (a session's, or p
 _retired = []  # helpers done with their work whose processes were still exiting: their folders go at exit
 
 
-def _helper_for(dtype, dispatchers):
-    """The running helper for ``dtype``; else a new one for the leaves of the dispatchers' call trees that are
-    missing (None when nothing is, or helpers are not allowed)."""
+def _helper_for(dtype, dispatchers, first=()):
+    """The running helper for ``dtype``; else a new one for the separately compiled functions ``first`` and the
+    leaves of the dispatchers' call trees that are missing, in that order (None when nothing is, or helpers are
+    not allowed)."""
     helper = _helpers.get(dtype)
     if helper is not None and helper.owner != os.getpid():
         del _helpers[dtype]  # inherited through fork: the parent's helper, whose folder is the parent's to remove
@@ -605,7 +618,8 @@ def _helper_for(dtype, dispatchers):
         del _helpers[dtype]
         helper = None
     if helper is None and _helper_allowed():
-        missing = _missing_leaves(dispatchers, dtype)
+        missing = [function for function in first if _missing(function, dtype)]
+        missing += [leaf for leaf in _missing_leaves(dispatchers, dtype) if leaf not in missing]
         if missing:
             helper = _helpers[dtype] = _Helper(missing, dtype)
     return helper
@@ -648,9 +662,14 @@ def _missing_leaves(dispatchers, dtype):
     missing = []
     for dispatcher in dispatchers:
         for leaf in _leaves(dispatcher.py_func):
-            if leaf not in missing and dtype not in leaf._results and not leaf.in_disk_cache(dtype):
+            if leaf not in missing and _missing(leaf, dtype):
                 missing.append(leaf)
     return missing
+
+
+def _missing(function, dtype) -> bool:
+    """Whether neither this process nor the disk cache holds the separately compiled ``function`` for ``dtype``."""
+    return dtype not in function._results and not function.in_disk_cache(dtype)
 
 
 _prefetch_checked = set()  # (dtype, drivers) prefetch has looked at in this process
@@ -676,18 +695,20 @@ def _forget_helpers() -> None:
             helper.close()
 
 
-def prefetch(dispatchers, dtype) -> None:
+def prefetch(dispatchers, dtype, first=()) -> None:
     """Start compiling, in a helper process, the leaves of the dispatchers' call trees that the disk cache lacks
-    for ``dtype`` (a numba float type), and return at once. A backend calls it when a trainer is made, with the
+    for ``dtype`` (a numba float type), after the separately compiled functions ``first`` (those of them it lacks:
+    what this process will need first), and return at once. A backend calls it when a trainer is made, with the
     drivers its next calls will surely need (every trainer predicts through the product engine; a wide one also
     fits there): the helper then compiles while the user's script goes on (loading data, compiling the fused
     narrow kernel of a narrow fit, or another driver), and each session of that dtype waits only for the leaves
     it needs. Once per dtype and set of drivers in a process, only where a session would start a helper; while a
     helper of that dtype is still busy, it is left to finish."""
-    key = (dtype, tuple(dispatcher.py_func.__qualname__ for dispatcher in dispatchers))
+    key = (dtype, tuple(dispatcher.py_func.__qualname__ for dispatcher in dispatchers),
+           tuple(function.__qualname__ for function in first))
     if key not in _prefetch_checked:
         _prefetch_checked.add(key)
-        _helper_for(dtype, dispatchers)
+        _helper_for(dtype, dispatchers, first)
 
 
 def read_only(a):
@@ -714,6 +735,9 @@ class Entry:
     def __init__(self, dispatcher):
         self.dispatcher = dispatcher
         self._ready = set()  # dtypes (of the first argument that has one) already prepared
+
+    def __getstate__(self):
+        return {"dispatcher": self.dispatcher, "_ready": set()}  # unpickled elsewhere: prepared there again
 
     def __call__(self, *args):
         dtype = getattr(args[0], "dtype", None)  # every call: the fast test first (a generator costs 0.3 us)

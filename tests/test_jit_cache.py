@@ -284,6 +284,39 @@ def test_a_cold_first_call_shares_its_compiling_with_a_helper_process(tmp_path):
     assert warm[1] == "1 0 []" and warm[2] == "loss compiled or loaded here: False compile seconds: 0.0", warm[1:]
 
 
+COLD_NARROW_FIT = """
+    import numpy as np
+    import fastbp
+    from fastbp import _jit
+    from fastbp.kernels import narrow
+    X = np.linspace(-1, 1, 64, dtype=np.float32).reshape(-1, 1)
+    trainer = fastbp.Trainer(fastbp.MLP([1, 8, 1], "sigmoid", seed=0), loss="mse", batch_size=64)
+    prefetched = [[leaf.__qualname__ for leaf in helper.leaves] for helper in _jit._helpers.values()]
+    trainer.fit(X, 2 * X, epochs=2)
+    print(prefetched)
+    for function in (narrow.forward_sigmoid, narrow.optimizer_update):
+        stats = function.dispatcher.stats
+        print(function.__qualname__, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+"""
+
+
+def test_a_cold_narrow_fit_leaves_the_kernels_callees_to_the_helper(tmp_path):
+    """A narrow trainer's helper compiles the fused kernel's callees first (then predict's worker and output
+    transform, then the loss), while the fit compiles the kernel: the fit loads them from the cache."""
+    out = run_python(COLD_NARROW_FIT, tmp_path, FASTBP_COMPILE_PROCESSES="").strip().splitlines()
+    assert out[0] == "[['forward_sigmoid', '_optimizer_update', '_task', 'output_transform', 'loss_grad']]", out[0]
+    assert out[1:] == ["forward_sigmoid 1 0", "_optimizer_update 1 0"], out[1:]  # loaded, not compiled here
+
+
+def test_separately_compiled_functions_pickle_by_reference():
+    # their slots hold this process's addresses; a pickled trainer's fused kernel names them (test_workers)
+    import pickle
+
+    from fastbp.kernels import gemm, narrow
+    for function in (narrow.forward_sigmoid, narrow.optimizer_update, gemm.product):
+        assert pickle.loads(pickle.dumps(function)) is function
+
+
 def _leaf(a):
     a[0] += 1.0
 

@@ -76,16 +76,22 @@ class CPUBackend(Backend):
         self.opt_state = np.zeros((2, layout.n_params), dtype=self.dtype)
         # Narrow networks (every layer <= narrow.NARROW_MAX_WIDTH units) train in one fused loop nest per block of
         # samples (fastbp/kernels/narrow.py: 2.1-7x the general path where it is chosen; see narrow.supports).
-        self._narrow_kernel = (narrow.kernel_for(self.act_codes, self.loss) if narrow.supports(layout.sizes)
-                               else None)
+        # Its first call per dtype compiles in a session (fastbp._jit.Entry): the functions it calls by symbol
+        # (narrow.kernel_slots) then come from the helper process started below.
+        narrow_key = narrow.kernel_key(self.act_codes, self.loss) if narrow.supports(layout.sizes) else None
+        self._narrow_kernel = Entry(narrow.kernel_for(self.act_codes, self.loss)) if narrow_key else None
         self._narrow_work = None
         # the drivers' "no sample weights" (read-only, as the training drivers get the data: see _jit.read_only)
         self._no_weights = read_only(np.empty(0, dtype=self.dtype))
         # Every trainer predicts on the product engine, and a wide one fits there too: where the disk cache
-        # lacks their worker, loss and optimizer, a helper process starts compiling them now (fastbp._jit.prefetch)
-        drivers = [kernels.forward_pass] if self._narrow_kernel is not None else [kernels.train_epochs,
-                                                                                   kernels.forward_pass]
-        prefetch(drivers, numba.from_dtype(self.dtype))
+        # lacks their worker, loss and optimizer, a helper process starts compiling them now (fastbp._jit.prefetch).
+        # A narrow trainer's helper takes the fused kernel's callees first (its fit compiles the kernel meanwhile),
+        # then what a predict needs, then the loss (an evaluation's).
+        if narrow_key:
+            prefetch([kernels.forward_pass], numba.from_dtype(self.dtype),
+                     first=narrow.kernel_slots(narrow_key) + [kernels.gemm.task_by_symbol, kernels.transform_block])
+        else:
+            prefetch([kernels.train_epochs, kernels.forward_pass], numba.from_dtype(self.dtype))
 
     # -- training state -----------------------------------------------------------------------------------------
     def use_parameters(self, params: np.ndarray) -> None:

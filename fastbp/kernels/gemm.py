@@ -765,13 +765,13 @@ def _product(kind, act, out, a, b, vec, y, panels):
     _run_product(_task, kind, act, out, a, b, vec, y, panels)
 
 
-_task_by_symbol = _jit.SeparatelyCompiled(_task, _task_signature)
+task_by_symbol = _jit.SeparatelyCompiled(_task, _task_signature)
 
 
 @engine_jit(parallel=True)
 def _product_by_symbol(kind, act, out, a, b, vec, y, panels):
     """_product with its tasks called by symbol (the drivers' product)."""
-    _run_product(_task_by_symbol, kind, act, out, a, b, vec, y, panels)
+    _run_product(task_by_symbol, kind, act, out, a, b, vec, y, panels)
 
 
 product = _jit.SeparatelyCompiled(_product_by_symbol, _product_signature)

@@ -44,10 +44,11 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .._jit import cpu_jit, inline, prefer_wide_vectors, read_only
+from .._jit import SeparatelyCompiled, cpu_jit, inline, prefer_wide_vectors, read_only
 from .simd import OPERATOR_FLAGS, SimdMask, SimdVector, as_operand, operand_type, splat
 from . import cpu
 from .pointwise import (
+    ACTIVATION_NAMES,
     BINARY_CROSS_ENTROPY,
     H_BETA1,
     H_BETA2,
@@ -642,9 +643,10 @@ def _not_inlined(typingctx):
 # nanoseconds a layer and block; for the cheap activations (and all of backward) it cost more than it saved:
 # W1 with every layer out of line ran 4% slower than with only this one. The code is repeated below rather
 # than shared through an inline helper: numba binds an inlined function's array arguments with reference-count
-# updates, atomic ones, inside the loops (W1 ran 50% slower that way).
+# updates, atomic ones, inside the loops (W1 ran 50% slower that way). The kernel calls it by symbol (see
+# _jit.SeparatelyCompiled), as it calls optimizer_update: a cold first fit's helper process compiles both while
+# this process compiles the kernel (see kernel_slots).
 def _make_forward(act):
-    @narrow_jit(**FAST)
     def forward(work, params, in_at, out_at, n_in, n_out, w0):
         # work[out_at + j lanes] = act(b[j] + sum_i W[i, j] work[in_at + i lanes]) for j < n_out.
         _not_inlined()
@@ -672,7 +674,14 @@ def _make_forward(act):
             else:
                 vstore(work, out_at + j * lanes, tanh_bits(z))
 
-    return forward
+    # one name each (the slot's symbol and the cache's file are named after it)
+    forward.__name__ = forward.__qualname__ = f"forward_{ACTIVATION_NAMES[act]}"
+    return SeparatelyCompiled(narrow_jit(**FAST)(forward), _forward_signature)
+
+
+def _forward_signature(f):
+    vector = types.Array(f, 1, "C")
+    return (vector, vector) + (types.int64,) * 5
 
 
 forward_sigmoid = _make_forward(SIGMOID)
@@ -724,7 +733,7 @@ def supports(sizes) -> bool:
 
 
 @narrow_jit(**FAST)
-def optimizer_update(params, first, second, grads, lr, hyper, step, optimizer):
+def _optimizer_update(params, first, second, grads, lr, hyper, step, optimizer):
     """One optimizer step over params (P,), in place: cpu.optimizer_step's arithmetic (bias corrections in
     float64, then cast; the gradient clipped first when hyper[H_CLIP] > 0; pointwise.sgd_update_one /
     adam_update_one per element). first, second (P,): the
@@ -756,6 +765,15 @@ def optimizer_update(params, first, second, grads, lr, hyper, step, optimizer):
             sgd_update_one(params, first, grads, i, dtype(lr), momentum, dampening, weight_decay, nesterov,
                            step == 1)
 
+
+
+def _optimizer_signature(f):
+    vector = types.Array(f, 1, "C")
+    return (vector, vector, vector, vector, types.float64, types.Array(types.float64, 1, "C", readonly=True),
+            types.int64, types.int64)
+
+
+optimizer_update = SeparatelyCompiled(_optimizer_update, _optimizer_signature)
 
 def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss):
     # One specialisation: the activations present (booleans) and the loss are closure constants, so numba
@@ -1009,6 +1027,14 @@ def kernel_key(act_codes, loss: int) -> tuple:
     # the kernel of their exact set: with the relu and leaky_relu branches compiled in, the seed's 1-16-1 sigmoid
     # epoch ran 1.13-1.16x slower.
     return (False, False, True, True, int(loss))
+
+
+def kernel_slots(key) -> list:
+    """The separately compiled functions that the kernel of ``key`` (see kernel_key) calls by symbol: its sigmoid
+    and tanh layers' forward and the optimizer update. A cold first fit compiles them in its helper process
+    while this one compiles the kernel (1-16-1 sigmoid network, AMD EPYC Zen 4: 1.3 s of the kernel's 4.5 s)."""
+    has_sigmoid, has_tanh = key[0], key[1]
+    return [forward_sigmoid] * has_sigmoid + [forward_tanh] * has_tanh + [optimizer_update]
 
 
 def kernel_for(act_codes, loss: int):
