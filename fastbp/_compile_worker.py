@@ -4,6 +4,7 @@ functions into numba's disk cache for the process that started it.
     python -m fastbp._compile_worker CLAIM_FOLDER PARENT_PID DTYPE module:attribute [module:attribute ...]
 
 Each function is compiled only if this process claims it first (the parent takes the ones left at the end).
+After its list, it takes the functions the parent has queued since (fastbp._jit.queue_file), until none is left.
 Once the parent has exited (a script that ended after its first predict, say), this process compiles nothing
 more (the rest of its list would only burn a core after the script's end) and removes the claim folder, which
 the parent could not.
@@ -20,22 +21,34 @@ def main(argv) -> int:
     folder, parent, dtype_name, *names = argv
     from numba import types
 
-    from ._jit import claim, done_marker
+    from ._jit import claim, done_marker, queue_file
 
     dtype = getattr(types, dtype_name)
+    done = 0
     try:
-        for name in names:
-            if os.getppid() != int(parent):
-                break
-            module_name, attribute = name.split(":")
+        while done < len(names) and os.getppid() == int(parent):
+            module_name, attribute = names[done].split(":")
+            done += 1
             function = getattr(importlib.import_module(module_name), attribute)
             if claim(folder, function, dtype):
                 function.fill(dtype)  # compiled and written to the disk cache
                 open(done_marker(folder, function, dtype), "wb").close()
+            if done == len(names):  # the list is done: what the parent has queued since
+                names += [name for name in _queued(queue_file(folder)) if name not in names]
     finally:
         if os.getppid() != int(parent):
             shutil.rmtree(folder, ignore_errors=True)
     return 0
+
+
+def _queued(path) -> list:
+    # the complete lines of the queue file (a line being written has no newline yet)
+    try:
+        with open(path) as queue:
+            text = queue.read()
+    except FileNotFoundError:
+        return []
+    return text.split("\n")[:-1]
 
 
 if __name__ == "__main__":

@@ -541,6 +541,12 @@ def helper_environment(**variables) -> dict:
     return env
 
 
+def queue_file(folder: str) -> str:
+    """The file in a helper's claim folder that lists, one 'module:attribute' a line, the leaves given to it after
+    it started (see _Helper.add)."""
+    return os.path.join(folder, "queue")
+
+
 def done_marker(folder: str, function, dtype) -> str:
     """The file a helper creates once ``function``'s ``dtype`` version is in the disk cache."""
     return os.path.join(folder, function.symbol(dtype) + ".done")
@@ -583,6 +589,15 @@ class _Helper:
                    and not os.path.exists(done_marker(self.folder, function, dtype))):
                 time.sleep(0.005)
 
+    def add(self, functions) -> None:
+        """Give the running helper more leaves: it reads its queue file once done with its list. One that exits
+        before it reads them leaves them to this process (take() stops waiting for an exited helper)."""
+        new = [function for function in functions if function not in self.leaves]
+        if new:
+            self.leaves.extend(new)
+            with open(queue_file(self.folder), "a") as queue:  # one write: appends do not interleave
+                queue.write("".join(_module_attribute(function) + "\n" for function in new))
+
     def finished(self, dtype) -> bool:
         """Whether every one of its leaves is done (marked by the helper, or filled in this process): its process
         may still be exiting."""
@@ -601,10 +616,10 @@ _helpers = {}  # dtype -> the helper compiling for that dtype (a session's, or p
 _retired = []  # helpers done with their work whose processes were still exiting: their folders go at exit
 
 
-def _helper_for(dtype, dispatchers, first=()):
-    """The running helper for ``dtype``; else a new one for the separately compiled functions ``first`` and the
-    leaves of the dispatchers' call trees that are missing, in that order (None when nothing is, or helpers are
-    not allowed)."""
+def _helper_for(dtype, dispatchers, first=(), extend=False):
+    """The running helper for ``dtype`` (given those of the functions below that it lacks, with ``extend``);
+    else a new one for the separately compiled functions ``first`` and the leaves of the dispatchers' call trees
+    that are missing, in that order (None when nothing is, or helpers are not allowed)."""
     helper = _helpers.get(dtype)
     if helper is not None and helper.owner != os.getpid():
         del _helpers[dtype]  # inherited through fork: the parent's helper, whose folder is the parent's to remove
@@ -617,10 +632,15 @@ def _helper_for(dtype, dispatchers, first=()):
             _retired.append(helper)
         del _helpers[dtype]
         helper = None
-    if helper is None and _helper_allowed():
+    if (helper is not None and extend) or (helper is None and _helper_allowed()):
         missing = [function for function in first if _missing(function, dtype)]
         missing += [leaf for leaf in _missing_leaves(dispatchers, dtype) if leaf not in missing]
-        if missing:
+        if helper is not None:
+            # still busy: it takes these after its own (the demo's second trainer, made while the first's helper
+            # compiled the loss, compiled its optimizer step in this process: 0.6 s). Only from prefetch: a
+            # session's leaves are those its driver's code names, some of them in branches numba prunes.
+            helper.add(missing)
+        elif missing:
             helper = _helpers[dtype] = _Helper(missing, dtype)
     return helper
 
@@ -702,13 +722,13 @@ def prefetch(dispatchers, dtype, first=()) -> None:
     drivers its next calls will surely need (every trainer predicts through the product engine; a wide one also
     fits there): the helper then compiles while the user's script goes on (loading data, compiling the fused
     narrow kernel of a narrow fit, or another driver), and each session of that dtype waits only for the leaves
-    it needs. Once per dtype and set of drivers in a process, only where a session would start a helper; while a
-    helper of that dtype is still busy, it is left to finish."""
+    it needs. Once per dtype and set of drivers in a process, only where a session would start a helper; a
+    helper of that dtype that is still busy takes those it lacks after its own."""
     key = (dtype, tuple(dispatcher.py_func.__qualname__ for dispatcher in dispatchers),
            tuple(function.__qualname__ for function in first))
     if key not in _prefetch_checked:
         _prefetch_checked.add(key)
-        _helper_for(dtype, dispatchers, first)
+        _helper_for(dtype, dispatchers, first, extend=True)
 
 
 def read_only(a):

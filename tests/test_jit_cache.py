@@ -431,22 +431,30 @@ def _other_caller(a):
 _other_by_slot = fastbp._jit.SeparatelyCompiled(fastbp._jit.cpu_jit(cache=False)(_other), _leaf_signature)
 
 
-def test_a_helper_done_with_its_work_is_not_waited_for(monkeypatch):
-    """A helper whose leaves are all done, but whose process has not exited yet (it is asleep here): the next
-    trainer's missing leaves go to a new helper instead of being compiled by this process, and the old one's
-    folder is removed at exit."""
+def test_a_busy_helper_takes_a_later_trainers_leaves_and_one_done_is_not_waited_for(monkeypatch):
+    """A helper still busy gets the leaves a later prefetch needs that it lacks, through its queue file (a
+    session's own look-up leaves it as it is). A helper whose leaves are all done, but whose process has not
+    exited yet (it is asleep here): the next trainer's missing leaves go to a new helper instead of being
+    compiled by this process, and the old one's folder is removed at exit."""
     from numba import types
 
     started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
     monkeypatch.setattr(fastbp._jit, "_retired", [])
+    monkeypatch.setattr(fastbp._jit, "_prefetch_checked", set())
     monkeypatch.setattr(_other_by_slot, "in_disk_cache", lambda dtype: False)
     monkeypatch.setattr(_other_by_slot, "_results", {})
     caller, other_caller = (fastbp._jit.cpu_jit(cache=False)(f) for f in (_caller, _other_caller))
     try:
         first = fastbp._jit._helper_for(types.float64, [caller])
         assert first.leaves == [_leaf_by_slot]
-        assert fastbp._jit._helper_for(types.float64, [other_caller]) is first  # busy: left to finish
-        open(fastbp._jit.done_marker(first.folder, _leaf_by_slot, types.float64), "wb").close()
+        assert fastbp._jit._helper_for(types.float64, [other_caller]) is first  # a session's: as it is
+        assert first.leaves == [_leaf_by_slot] and not os.path.exists(fastbp._jit.queue_file(first.folder))
+        fastbp._jit.prefetch([other_caller], types.float64)  # a trainer's: queued for the busy helper
+        assert first.leaves == [_leaf_by_slot, _other_by_slot] and started == [first]
+        with open(fastbp._jit.queue_file(first.folder)) as queue:
+            assert queue.read() == f"{__name__}:_other_by_slot\n"
+        for leaf in (_leaf_by_slot, _other_by_slot):
+            open(fastbp._jit.done_marker(first.folder, leaf, types.float64), "wb").close()
         second = fastbp._jit._helper_for(types.float64, [other_caller])
         assert second is not first and second.leaves == [_other_by_slot]
         assert fastbp._jit._retired == [first] and started == [first, second]
@@ -455,6 +463,21 @@ def test_a_helper_done_with_its_work_is_not_waited_for(monkeypatch):
             helper.process.kill()
             helper.process.wait()
             helper.close()
+
+
+def test_the_helper_takes_what_was_queued_after_its_list(tmp_path):
+    # The real helper: its list (the SGD/Adam step), then its queue (the fused kernel's update), each marked
+    # done; the suite's disk cache (compiled here if missing).
+    from numba import types
+
+    from fastbp.kernels import cpu, narrow
+    folder = str(tmp_path)
+    with open(fastbp._jit.queue_file(folder), "w") as queue:
+        queue.write("fastbp.kernels.narrow:optimizer_update\n")
+    subprocess.run([sys.executable, "-m", "fastbp._compile_worker", folder, str(os.getpid()), "float64",
+                    "fastbp.kernels.cpu:optimizer_step"], check=True, timeout=600)
+    for function in (cpu.optimizer_step, narrow.optimizer_update):
+        assert os.path.exists(fastbp._jit.done_marker(folder, function, types.float64)), function
 
 
 def test_a_finished_helper_that_is_still_exiting_loses_its_folder_at_exit(monkeypatch):
