@@ -766,7 +766,6 @@ def _optimizer_update(params, first, second, grads, lr, hyper, step, optimizer):
                            step == 1)
 
 
-
 def _optimizer_signature(f):
     vector = types.Array(f, 1, "C")
     return (vector, vector, vector, vector, types.float64, types.Array(types.float64, 1, "C", readonly=True),
@@ -774,6 +773,7 @@ def _optimizer_signature(f):
 
 
 optimizer_update = SeparatelyCompiled(_optimizer_update, _optimizer_signature)
+
 
 def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss):
     # One specialisation: the activations present (booleans) and the loss are closure constants, so numba
