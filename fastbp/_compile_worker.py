@@ -4,7 +4,8 @@ functions into numba's disk cache for the process that started it.
     python -m fastbp._compile_worker CLAIM_FOLDER PARENT_PID DTYPE module:attribute [module:attribute ...]
 
 Each function is compiled only if this process claims it first (the parent takes the ones left at the end).
-After its list, it takes the functions the parent has queued since (fastbp._jit.queue_file), until none is left.
+The functions the parent queues meanwhile (fastbp._jit.queue_file: a later trainer's needs) go before what is left
+of its list, in their order; it stops once neither has any left.
 Once the parent has exited (a script that ended after its first predict, say), this process compiles nothing
 more (the rest of its list would only burn a core after the script's end) and removes the claim folder, which
 the parent could not.
@@ -24,17 +25,22 @@ def main(argv) -> int:
     from ._jit import claim, done_marker, queue_file
 
     dtype = getattr(types, dtype_name)
-    done = 0
+    pending, done, read = list(names), set(), 0
     try:
-        while done < len(names) and os.getppid() == int(parent):
-            module_name, attribute = names[done].split(":")
-            done += 1
+        while os.getppid() == int(parent):
+            queued = _queued(queue_file(folder))
+            fresh = [name for name in dict.fromkeys(queued[read:]) if name not in done]
+            read = len(queued)
+            pending = fresh + [name for name in pending if name not in fresh]
+            if not pending:
+                break
+            name = pending.pop(0)
+            done.add(name)
+            module_name, attribute = name.split(":")
             function = getattr(importlib.import_module(module_name), attribute)
             if claim(folder, function, dtype):
                 function.fill(dtype)  # compiled and written to the disk cache
                 open(done_marker(folder, function, dtype), "wb").close()
-            if done == len(names):  # the list is done: what the parent has queued since
-                names += [name for name in _queued(queue_file(folder)) if name not in names]
     finally:
         if os.getppid() != int(parent):
             shutil.rmtree(folder, ignore_errors=True)

@@ -154,14 +154,7 @@ class SeparatelyCompiled:
     def in_disk_cache(self, dtype) -> bool:
         """Whether numba's disk cache holds the ``dtype`` version for this machine and this code (an index
         lookup: nothing is loaded)."""
-        cache = getattr(self.dispatcher, "_cache", None)
-        if not isinstance(cache, _RegisteringCache):
-            return False
-        try:
-            key = cache._index_key(tuple(self.signature_for(dtype)), self.dispatcher.targetctx.codegen())
-            return key in cache._cache_file._load_index()
-        except Exception:  # noqa: BLE001 - a cache that cannot be read is a miss
-            return False
+        return _in_disk_cache(self.dispatcher, tuple(self.signature_for(dtype)))
 
     def match(self, argtypes):
         """(dtype, signature) of a call from compiled code with ``argtypes``; a TypingError unless they are the
@@ -174,6 +167,61 @@ class SeparatelyCompiled:
             raise errors.TypingError(f"{self.__qualname__} is called by symbol and takes exactly {expected}; got "
                                      f"{given}")
         return dtype, expected
+
+
+def _in_disk_cache(dispatcher, signature) -> bool:
+    cache = getattr(dispatcher, "_cache", None)
+    if not isinstance(cache, _RegisteringCache):
+        return False
+    try:
+        key = cache._index_key(signature, dispatcher.targetctx.codegen())
+        return key in cache._cache_file._load_index()
+    except Exception:  # noqa: BLE001 - a cache that cannot be read is a miss
+        return False
+
+
+class DriverVersion:
+    """One version (its argument types, given the dtype) of a driver that a backend calls through an Entry, which
+    a helper process can compile into the disk cache before the first call needs it (prefetch's ``then``): a
+    trainer's predict and evaluation versions of forward_pass, compiled beside its fit instead of after it. A
+    first call that finds it in the helper's list waits for it, or takes it if the helper has not started it.
+    ``signature_for(dtype)`` must give exactly the types the backend passes (a test checks them): otherwise the
+    helper compiles a version that nothing calls. Referred to by 'module:attribute', as a SeparatelyCompiled."""
+
+    def __init__(self, dispatcher, signature_for, name):
+        self.dispatcher = dispatcher
+        self.signature_for = signature_for
+        self.py_func = dispatcher.py_func
+        self.__qualname__ = f"{self.py_func.__qualname__}.{name}"
+        self._results = {}  # dtype -> True once compiled or loaded in this process
+        _versions.setdefault(dispatcher, []).append(self)
+
+    def __repr__(self):
+        return f"<driver version {self.py_func.__module__}.{self.__qualname__}>"
+
+    def symbol(self, dtype) -> str:
+        """Its name in a helper's claim folder."""
+        return f"fastbp.version.{self.py_func.__module__}.{self.__qualname__}.{dtype}"
+
+    def fill(self, dtype):
+        """Compile (or load from the disk cache) the ``dtype`` version."""
+        if dtype not in self._results:
+            self.dispatcher.compile(tuple(self.signature_for(dtype)))
+            self._results[dtype] = True
+
+    def in_disk_cache(self, dtype) -> bool:
+        return _in_disk_cache(self.dispatcher, tuple(self.signature_for(dtype)))
+
+
+_versions = {}  # dispatcher -> its DriverVersions
+
+
+def _version_of(dispatcher, signature, dtype):
+    """The DriverVersion of ``dispatcher`` whose types are ``signature``, or None."""
+    for version in _versions.get(dispatcher, ()):
+        if tuple(version.signature_for(dtype)) == tuple(signature):
+            return version
+    return None
 
 
 def separately_compiled(signature_for, returns=types.none):
@@ -590,13 +638,13 @@ class _Helper:
                 time.sleep(0.005)
 
     def add(self, functions) -> None:
-        """Give the running helper more leaves: it reads its queue file once done with its list. One that exits
+        """Give the running helper ``functions`` (a later trainer's needs, some perhaps on its list already): it
+        takes them, in this order, before what is left of its list, through its queue file. One that exits
         before it reads them leaves them to this process (take() stops waiting for an exited helper)."""
-        new = [function for function in functions if function not in self.leaves]
-        if new:
-            self.leaves.extend(new)
+        if functions:
+            self.leaves.extend(function for function in functions if function not in self.leaves)
             with open(queue_file(self.folder), "a") as queue:  # one write: appends do not interleave
-                queue.write("".join(_module_attribute(function) + "\n" for function in new))
+                queue.write("".join(_module_attribute(function) + "\n" for function in functions))
 
     def finished(self, dtype) -> bool:
         """Whether every one of its leaves is done (marked by the helper, or filled in this process): its process
@@ -616,10 +664,11 @@ _helpers = {}  # dtype -> the helper compiling for that dtype (a session's, or p
 _retired = []  # helpers done with their work whose processes were still exiting: their folders go at exit
 
 
-def _helper_for(dtype, dispatchers, first=(), extend=False):
+def _helper_for(dtype, dispatchers, first=(), extend=False, then=()):
     """The running helper for ``dtype`` (given those of the functions below that it lacks, with ``extend``);
-    else a new one for the separately compiled functions ``first`` and the leaves of the dispatchers' call trees
-    that are missing, in that order (None when nothing is, or helpers are not allowed)."""
+    else a new one for the separately compiled functions ``first``, the leaves of the dispatchers' call trees
+    and the DriverVersions ``then`` that are missing, in that order (None when nothing is, or helpers are not
+    allowed)."""
     helper = _helpers.get(dtype)
     if helper is not None and helper.owner != os.getpid():
         del _helpers[dtype]  # inherited through fork: the parent's helper, whose folder is the parent's to remove
@@ -635,10 +684,11 @@ def _helper_for(dtype, dispatchers, first=(), extend=False):
     if (helper is not None and extend) or (helper is None and _helper_allowed()):
         missing = [function for function in first if _missing(function, dtype)]
         missing += [leaf for leaf in _missing_leaves(dispatchers, dtype) if leaf not in missing]
+        missing += [version for version in then if _missing(version, dtype)]
         if helper is not None:
-            # still busy: it takes these after its own (the demo's second trainer, made while the first's helper
-            # compiled the loss, compiled its optimizer step in this process: 0.6 s). Only from prefetch: a
-            # session's leaves are those its driver's code names, some of them in branches numba prunes.
+            # still busy: it takes these before what is left of its list (the demo's second trainer, made while
+            # the first's helper compiled the loss, compiled its optimizer step in this process: 0.6 s). Only from
+            # prefetch: a session's leaves are those its driver's code names, some in branches numba prunes.
             helper.add(missing)
         elif missing:
             helper = _helpers[dtype] = _Helper(missing, dtype)
@@ -658,9 +708,14 @@ def compile_in_session(dispatcher, signature):
             dispatcher.compile(signature)
             return
         helper = _helper_for(dtype, [dispatcher]) if tuple(signature) not in dispatcher.overloads else None
+        version = _version_of(dispatcher, signature, dtype) if helper is not None else None
         _session = session = _CompileSession()
         try:
-            dispatcher.compile(signature)
+            if version is not None and version in helper.leaves:  # the helper's, unless it has not started it
+                with event.trigger_event("numba:compile", data=dict(dispatcher=dispatcher, args=signature,
+                                                                      return_type=None)):
+                    helper.take([version], dtype)
+            dispatcher.compile(signature)  # loaded from the disk cache if the helper compiled it
             if helper is None:
                 session.fill_pending()
             else:
@@ -715,20 +770,21 @@ def _forget_helpers() -> None:
             helper.close()
 
 
-def prefetch(dispatchers, dtype, first=()) -> None:
+def prefetch(dispatchers, dtype, first=(), then=()) -> None:
     """Start compiling, in a helper process, the leaves of the dispatchers' call trees that the disk cache lacks
     for ``dtype`` (a numba float type), after the separately compiled functions ``first`` (those of them it lacks:
-    what this process will need first), and return at once. A backend calls it when a trainer is made, with the
-    drivers its next calls will surely need (every trainer predicts through the product engine; a wide one also
-    fits there): the helper then compiles while the user's script goes on (loading data, compiling the fused
+    what this process will need first) and before the DriverVersions ``then`` (what it will need after the
+    drivers: a trainer's predict and evaluation), and return at once. A backend calls it when a trainer is made,
+    with the drivers its next calls will surely need (every trainer predicts through the product engine; a wide
+    one also fits there): the helper then compiles while the user's script goes on (loading data, compiling the fused
     narrow kernel of a narrow fit, or another driver), and each session of that dtype waits only for the leaves
     it needs. Once per dtype and set of drivers in a process, only where a session would start a helper; a
     helper of that dtype that is still busy takes those it lacks after its own."""
     key = (dtype, tuple(dispatcher.py_func.__qualname__ for dispatcher in dispatchers),
-           tuple(function.__qualname__ for function in first))
+           tuple(function.__qualname__ for function in list(first) + list(then)))
     if key not in _prefetch_checked:
         _prefetch_checked.add(key)
-        _helper_for(dtype, dispatchers, first, extend=True)
+        _helper_for(dtype, dispatchers, first, extend=True, then=then)
 
 
 def read_only(a):

@@ -264,8 +264,10 @@ COLD_PREDICT = """
 def test_a_cold_first_call_shares_its_compiling_with_a_helper_process(tmp_path):
     """With an empty cache, the product worker (a leaf of predict's call tree) is compiled by a helper process,
     started when the trainer was made (with the other leaves of predict's and, for a wide trainer, the fit's call
-    trees), and loaded here from the cache by the first predict, which waits only for what it needs (not the
-    loss, which predict never calls); the results are those of a process that compiled everything itself. A
+    trees, then the versions of forward_pass a trainer calls after a fit), and loaded here from the cache by the
+    first predict, which waits only for what it needs (not the loss, which predict never calls; its own version
+    of forward_pass it compiles here, the helper not having started it); the results are those of a process
+    that compiled everything itself. A
     warm predict loads only what predict's code calls: nothing is compiled though the cache lacks the loss."""
     # FASTBP_COMPILE_PROCESSES="": helpers allowed, whatever this process was given (see conftest.py)
     shared = run_python(COLD_PREDICT, tmp_path / "shared", FASTBP_COMPILE_PROCESSES="").strip().splitlines()
@@ -276,7 +278,8 @@ def test_a_cold_first_call_shares_its_compiling_with_a_helper_process(tmp_path):
     warm = run_python(COLD_PREDICT, tmp_path / "alone", FASTBP_COMPILE_PROCESSES="1").strip().splitlines()
     assert shared[0] == alone[0] == warm[0]  # bit for bit
     # _task: loaded (the helper compiled it), not compiled here; the predict took the helper over
-    assert shared[1] == "1 0 [['_task', 'loss_grad', '_optimizer_step', 'output_transform']]", shared[1]
+    assert shared[1] == ("1 0 [['_task', 'loss_grad', '_optimizer_step', 'output_transform', 'forward_pass.predict', "
+                         "'forward_pass.predict_and_loss']]"), shared[1]
     assert alone[1] == "0 1 []", alone[1]  # _task compiled in this process, no helper
     # the loss: not waited for (the helper may still be compiling it) nor compiled here, nor by the warm process
     assert shared[2].startswith("loss compiled or loaded here: False"), shared[2]
@@ -297,15 +300,59 @@ COLD_NARROW_FIT = """
     for function in (narrow.forward_sigmoid, narrow.optimizer_update):
         stats = function.dispatcher.stats
         print(function.__qualname__, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+    import time
+    from numba import types
+    helper = _jit._helpers[types.float32]
+    while not helper.finished(types.float32) and helper.process.poll() is None:
+        time.sleep(0.05)
+    trainer.predict(X)
+    stats = fastbp.kernels.cpu.forward_pass.stats
+    print("forward_pass", sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
 """
 
 
 def test_a_cold_narrow_fit_leaves_the_kernels_callees_to_the_helper(tmp_path):
     """A narrow trainer's helper compiles the fused kernel's callees first (then predict's worker and output
-    transform, then the loss), while the fit compiles the kernel: the fit loads them from the cache."""
+    transform, then the loss, then the versions of forward_pass a predict and an evaluation call), while the fit
+    compiles the kernel: the fit loads them from the cache, and so does the predict, once the helper is done."""
     out = run_python(COLD_NARROW_FIT, tmp_path, FASTBP_COMPILE_PROCESSES="").strip().splitlines()
-    assert out[0] == "[['forward_sigmoid', '_optimizer_update', '_task', 'output_transform', 'loss_grad']]", out[0]
-    assert out[1:] == ["forward_sigmoid 1 0", "_optimizer_update 1 0"], out[1:]  # loaded, not compiled here
+    assert out[0] == ("[['forward_sigmoid', '_optimizer_update', '_task', 'output_transform', 'loss_grad', "
+                      "'forward_pass.predict', 'forward_pass.loss']]"), out[0]
+    assert out[1:3] == ["forward_sigmoid 1 0", "_optimizer_update 1 0"], out[1:]  # loaded, not compiled here
+    assert out[3] == "forward_pass 1 0", out[3]
+
+
+def test_the_driver_versions_are_those_the_backend_calls(monkeypatch):
+    # What a helper compiles ahead (fastbp._jit.DriverVersion) must be exactly the types the CPU backend passes:
+    # every first call of forward_pass through the backend's Entries, recorded here, is one of the versions.
+    from numba import types
+
+    from fastbp.backends import cpu as backend
+    from fastbp.kernels import cpu
+
+    seen = []
+
+    class Recording:
+        def __init__(self, entry):
+            self.entry = entry
+
+        def __call__(self, *args):
+            seen.append(tuple(self.entry.dispatcher.typeof_pyval(a) for a in args))
+            return self.entry(*args)
+
+    for name in ("_predict", "_loss", "_predict_and_loss"):
+        monkeypatch.setattr(backend, name, Recording(getattr(backend, name)))
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        X = rng.standard_normal((40, 6)).astype(dtype)
+        for loss, y in (("softmax_cross_entropy", np.arange(40) % 3), ("mse", X[:, :3] * 2)):
+            trainer = fastbp.Trainer(fastbp.MLP([6, 40, 3], "relu", dtype=dtype, seed=0), loss=loss)
+            trainer.fit(X, y, epochs=1, validation_data=(X, y))
+            trainer.predict(X)
+            trainer.evaluate(X, y)
+    versions = {tuple(version.signature_for(f)) for f in (types.float32, types.float64)
+                for version in (cpu.forward_pass_predict, cpu.forward_pass_predict_and_loss, cpu.forward_pass_loss)}
+    assert len(seen) >= 12 and set(seen) == versions
 
 
 def test_separately_compiled_functions_pickle_by_reference():
@@ -465,19 +512,22 @@ def test_a_busy_helper_takes_a_later_trainers_leaves_and_one_done_is_not_waited_
             helper.close()
 
 
-def test_the_helper_takes_what_was_queued_after_its_list(tmp_path):
-    # The real helper: its list (the SGD/Adam step), then its queue (the fused kernel's update), each marked
-    # done; the suite's disk cache (compiled here if missing).
+def test_the_helper_takes_what_was_queued_before_the_rest_of_its_list(tmp_path):
+    # The real helper, on the suite's disk cache (compiled there if missing): its list (the SGD/Adam step, the
+    # output transform), but first what its queue holds (the fused kernel's update, and the output transform
+    # again: a later trainer needs it too), each marked done once.
     from numba import types
 
     from fastbp.kernels import cpu, narrow
     folder = str(tmp_path)
     with open(fastbp._jit.queue_file(folder), "w") as queue:
-        queue.write("fastbp.kernels.narrow:optimizer_update\n")
+        queue.write("fastbp.kernels.narrow:optimizer_update\nfastbp.kernels.cpu:transform_block\n")
     subprocess.run([sys.executable, "-m", "fastbp._compile_worker", folder, str(os.getpid()), "float64",
-                    "fastbp.kernels.cpu:optimizer_step"], check=True, timeout=600)
-    for function in (cpu.optimizer_step, narrow.optimizer_update):
-        assert os.path.exists(fastbp._jit.done_marker(folder, function, types.float64)), function
+                    "fastbp.kernels.cpu:optimizer_step", "fastbp.kernels.cpu:transform_block"], check=True,
+                   timeout=600)
+    order = [narrow.optimizer_update, cpu.transform_block, cpu.optimizer_step]
+    done = [os.stat(fastbp._jit.done_marker(folder, function, types.float64)).st_mtime_ns for function in order]
+    assert done == sorted(done)
 
 
 def test_a_finished_helper_that_is_still_exiting_loses_its_folder_at_exit(monkeypatch):

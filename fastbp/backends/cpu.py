@@ -14,7 +14,7 @@ from .._jit import Entry, prefetch, read_only
 from .._threads import guarded
 from ..kernels import cpu as kernels
 from ..kernels import narrow
-from ..kernels.pointwise import N_HYPER
+from ..kernels.pointwise import BINARY_CROSS_ENTROPY, N_HYPER, SOFTMAX_CROSS_ENTROPY
 from ..layout import Layout
 from .base import Backend
 
@@ -87,11 +87,15 @@ class CPUBackend(Backend):
         # lacks their worker, loss and optimizer, a helper process starts compiling them now (fastbp._jit.prefetch).
         # A narrow trainer's helper takes the fused kernel's callees first (its fit compiles the kernel meanwhile),
         # then what a predict needs, then the loss (an evaluation's).
+        # Last, the versions of forward_pass it calls after a fit: predict and its validation scores.
+        scores = (kernels.forward_pass_predict_and_loss if self.loss in (BINARY_CROSS_ENTROPY, SOFTMAX_CROSS_ENTROPY)
+                  else kernels.forward_pass_loss)
+        then = [kernels.forward_pass_predict, scores]
         if narrow_key:
-            prefetch([kernels.forward_pass], numba.from_dtype(self.dtype),
+            prefetch([kernels.forward_pass], numba.from_dtype(self.dtype), then=then,
                      first=narrow.kernel_slots(narrow_key) + [kernels.gemm.task_by_symbol, kernels.transform_block])
         else:
-            prefetch([kernels.train_epochs, kernels.forward_pass], numba.from_dtype(self.dtype))
+            prefetch([kernels.train_epochs, kernels.forward_pass], numba.from_dtype(self.dtype), then=then)
 
     # -- training state -----------------------------------------------------------------------------------------
     def use_parameters(self, params: np.ndarray) -> None:

@@ -37,7 +37,7 @@ from collections import namedtuple
 import numpy as np
 from numba import types
 
-from .._jit import SeparatelyCompiled, cpu_jit, inline, prefer_wide_vectors
+from .._jit import DriverVersion, SeparatelyCompiled, cpu_jit, inline, prefer_wide_vectors
 from . import gemm
 from .pointwise import (
     BINARY_CROSS_ENTROPY,
@@ -827,3 +827,21 @@ def forward_pass(out, X, Y, sample_weights, params, net_fields, work_fields):
     if weighted:
         return total * weighted_inv_divisor(net.loss, sample_weights, Y.shape[1])
     return total / loss_divisor(net.loss, n, Y.shape[1])
+
+
+def _forward_pass_types(f, predicts, scores):
+    # forward_pass's argument types as the CPU backend passes them for data of dtype f (out and X writable, Y and
+    # the sample weights read-only, the Network and Workspace as plain tuples); tests/test_jit_cache.py checks
+    # them against the backend's calls
+    matrix = types.Array(f, 2, "C")
+    return (matrix if predicts else types.none, matrix, matrix.copy(readonly=True) if scores else types.none,
+            types.Array(f, 1, "C", readonly=True), types.Array(f, 1, "C"), types.Tuple(_network_type().types),
+            types.Tuple(_workspace_type(f).types))
+
+
+# The versions of forward_pass a trainer calls after its fit (predict, and the validation scores of a
+# classifier or of a regressor), which a helper process compiles beside the fit (see fastbp._jit.DriverVersion).
+forward_pass_predict = DriverVersion(forward_pass, lambda f: _forward_pass_types(f, True, False), "predict")
+forward_pass_predict_and_loss = DriverVersion(forward_pass, lambda f: _forward_pass_types(f, True, True),
+                                              "predict_and_loss")
+forward_pass_loss = DriverVersion(forward_pass, lambda f: _forward_pass_types(f, False, True), "loss")
