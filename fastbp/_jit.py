@@ -465,8 +465,10 @@ def _separate_callees(func, seen=None):
 # part, takes leaves the helper has not started, from the other end of the list; then it waits for the helper
 # and loads the rest from the cache. Whatever goes wrong with the helper, this process compiles what is
 # missing itself; a helper stops once its parent has exited. A backend may start that helper earlier, when a
-# trainer is made (prefetch), for the drivers it will surely call: the helper then compiles while this process
-# compiles something else (a fused narrow kernel, another driver). Without a disk cache, with one usable CPU,
+# trainer is made (prefetch), for the drivers it will surely call (and, last, the versions of a driver it will
+# call after its fit: DriverVersion): the helper then compiles while this process compiles something else (a
+# fused narrow kernel, another driver); a later trainer's needs go to a helper still busy through its queue
+# file, ahead of what is left of its list. Without a disk cache, with one usable CPU,
 # with FASTBP_COMPILE_PROCESSES=1 or inside the helper (or in a bundled application), a session compiles
 # everything in this process, as before.
 _session = None  # the session in progress (numba's global compiler lock is held), or None
