@@ -14,8 +14,9 @@ from .._jit import Entry, prefetch, read_only
 from .._threads import guarded
 from ..kernels import cpu as kernels
 from ..kernels import narrow
-from ..kernels.pointwise import BINARY_CROSS_ENTROPY, N_HYPER, SOFTMAX_CROSS_ENTROPY
+from ..kernels.pointwise import N_HYPER
 from ..layout import Layout
+from ..losses import LOSSES
 from .base import Backend
 
 # Rows per chunk when predicting or evaluating a whole data set: bounds the workspace, not the result.
@@ -88,8 +89,8 @@ class CPUBackend(Backend):
         # A narrow trainer's helper takes the fused kernel's callees first (its fit compiles the kernel meanwhile),
         # then what a predict needs, then the loss (an evaluation's).
         # Last, the versions of forward_pass it calls after a fit: predict and its validation scores.
-        scores = (kernels.forward_pass_predict_and_loss if self.loss in (BINARY_CROSS_ENTROPY, SOFTMAX_CROSS_ENTROPY)
-                  else kernels.forward_pass_loss)
+        classifies = any(spec.code == self.loss and spec.is_classification for spec in LOSSES.values())
+        scores = kernels.forward_pass_predict_and_loss if classifies else kernels.forward_pass_loss  # Trainer._scores
         then = [kernels.forward_pass_predict, scores]
         if narrow_key:
             prefetch([kernels.forward_pass], numba.from_dtype(self.dtype), then=then,
