@@ -113,6 +113,8 @@ SLEEP_SECONDS = 0.01
 NOTICE_GRACE_SECONDS = 2.0
 # Before comm.Abort: time for the other waiting ranks to print their own report (they time out together).
 ABORT_PAUSE_SECONDS = 1.0
+# Before comm.Abort after a failure: time for the launcher to forward this rank's report (see report_and_abort).
+REPORT_PAUSE_SECONDS = 0.3
 # The point-to-point tag of the timeout notices (MPI guarantees tags up to 32767).
 NOTICE_TAG = 30_030
 
@@ -287,18 +289,28 @@ def report_and_abort(comm, rank: int, size: int, error: BaseException | None = N
     of the job with ``comm.Abort(1)``."""
     timed_out = isinstance(error, CollectiveTimeoutError)
     if timed_out:
-        print(f"fastbp.distributed: rank {rank}: CollectiveTimeoutError: {error}", file=sys.stderr, flush=True)
+        report = f"fastbp.distributed: rank {rank}: CollectiveTimeoutError: {error}\n"
     else:
-        traceback.print_exc()
+        report = traceback.format_exc()
     where = "gave up waiting for the other ranks" if timed_out else "failed inside the training loop"
-    print(f"fastbp.distributed: rank {rank} {where}; aborting all {size} ranks", file=sys.stderr, flush=True)
+    report += f"fastbp.distributed: rank {rank} {where}; aborting all {size} ranks\n"
+    # One write, then a pause: MPICH's launcher forwards a rank's output from a pipe and stops reading it once
+    # the abort has reached it, so the last lines written just before comm.Abort were lost in 2 of 12 runs
+    # (mpich 5.0.2, 2 ranks; CI failed on it once). The pause lets it forward the report first.
+    sys.stdout.flush()
     sys.stderr.flush()
-    if timed_out:
-        time.sleep(ABORT_PAUSE_SECONDS)  # the other waiting ranks report too before the job ends
+    _write_all(2, report.encode("utf-8", "replace"))
+    time.sleep(ABORT_PAUSE_SECONDS if timed_out else REPORT_PAUSE_SECONDS)
     comm.Abort(1)
     # MPICH's MPI_Abort returns once it has asked the launcher to end the job (measured with mpich 5.0.2: the
     # caller went on for about 0.2 s, long enough to run the caller's error handling and print more).
     os._exit(1)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is out (a pipe takes at most its free space per call)."""
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
