@@ -6,11 +6,10 @@ implementations run in this one process, alternately, round after round; each ro
 back for at least ``--min-seconds`` and records the mean per unit; the table gives the median over rounds and
 the median of the per-round ratios (a ratio > 1: the narrow kernel is faster).
 
-    narrow kernel       train_epochs_narrow called directly (buffers built once), 1000 epochs in one call
-    narrow via fit      Trainer.fit with the backend's train_epochs routed to the narrow kernel (as an
-                        integration would: same chunks 1, 8, 64, 512, 415, same Python around each call)
-    cpu kernel          fastbp.kernels.cpu.train_epochs called directly, 1000 epochs in one call
-    Trainer.fit         today's fastbp.Trainer(...).fit
+    narrow kernel       the fused narrow kernel (narrow.kernel_for) called directly (buffers built once), 1000
+                        epochs in one call
+    cpu kernel          fastbp.kernels.cpu.train_epochs (the product engine) called directly, 1000 epochs in one call
+    Trainer.fit         fastbp.Trainer(...).fit, which runs W1 on the narrow kernel (the Python around its calls)
     pytorch             nn.Sequential + optim.SGD, eager, one step per epoch
     jax                 all 1000 epochs in one jitted lax.fori_loop
 
@@ -138,38 +137,11 @@ def cpu_kernel_runner(w1: W1):
     return run
 
 
-def route_to_narrow(trainer) -> None:
-    """Make ``trainer``'s CPU backend run its epochs on the narrow kernel: what plugging it into
-    fastbp/backends/cpu.py would do (same arguments, same return), without editing that file."""
-    from fastbp.kernels import narrow
-
-    backend = trainer._backend
-    layout = backend.layout
-    kernel = narrow.kernel_for(backend.act_codes, backend.loss)
-    P = layout.n_params
-    grads, backup = np.empty(P, backend.dtype), np.empty((3, P), backend.dtype)
-    works = {}
-
-    def train_epochs(X, Y, batch_size, orders, lrs, target_loss):
-        work = works.get(X.shape[0])
-        if work is None:
-            work = works[X.shape[0]] = narrow.make_workspace(layout.sizes, backend.dtype, X.shape[0])
-        losses = np.empty(len(lrs), dtype=np.float64)
-        completed = kernel(backend.params, backend.opt_state, backend.steps_done, grads, backup, work, X, Y, orders,
-                           lrs, losses, layout.sizes, layout.param_offsets, layout.unit_offsets, backend.act_codes,
-                           backend.optimizer, backend.hyper, batch_size, target_loss)
-        return losses[:min(completed + 1, len(lrs))], int(completed)
-
-    backend.train_epochs = train_epochs
-
-
-def fit_runner(w1: W1, narrow_path: bool):
+def fit_runner(w1: W1):
     import fastbp
 
     model = fastbp.MLP(w1.spec["sizes"], w1.spec["activation"], seed=0, dtype=w1.dtype)
     trainer = fastbp.Trainer(model, loss=w1.spec["loss"], lr=w1.spec["lr"], batch_size=None, device="cpu", seed=0)
-    if narrow_path:
-        route_to_narrow(trainer)
 
     def run():
         for layer in range(len(w1.weights)):
@@ -241,9 +213,8 @@ def jax_runner(w1: W1):
 
 RUNNERS = {
     "narrow kernel": narrow_kernel_runner,
-    "narrow via fit": lambda w1: fit_runner(w1, True),
     "cpu kernel": cpu_kernel_runner,
-    "Trainer.fit": lambda w1: fit_runner(w1, False),
+    "Trainer.fit": fit_runner,
     "pytorch": torch_runner,
     "jax": jax_runner,
 }
@@ -272,9 +243,10 @@ def compare(rounds: int, min_seconds: float, dtype, only=None):
 
 def format_compare(times, dtype) -> str:
     base = np.array(times["narrow kernel"])
-    fit = np.array(times.get("narrow via fit", base))
+    fit = np.array(times.get("Trainer.fit", base))
     lines = [f"W1, 1000 epochs, {np.dtype(dtype).name}; CPU: {cpu_name()}; median of {len(base)} rounds",
-             f"{'implementation':<16} {'per fit':>11} {'per epoch':>11} {'vs narrow kernel':>17} {'vs narrow fit':>14}"]
+             f"{'implementation':<16} {'per fit':>11} {'per epoch':>11} {'vs narrow kernel':>17} "
+             f"{'vs Trainer.fit':>14}"]
     for name, t in times.items():
         t = np.array(t)
         lines.append(f"{name:<16} {np.median(t) * 1e3:8.3f} ms {np.median(t) * 1e6 / 1000:8.3f} us "
