@@ -32,6 +32,10 @@ SHAPES = [  # (batch, n_in, n_out, label)
     (512, 1024, 10, "W4 1024->10, batch 512"),
 ]
 PRODUCTS = ("forward", "weight_grad", "input_grad")
+# Before each implementation's timing: OpenBLAS's threads spin for about 50 ms after a call (fastbp/_blas_free.py),
+# holding the core that gemm's second thread needs. Without the pause, gemm on 2 threads ran at its 1-thread speed
+# here (512x1024 @ 1024x1024 forward: 100-117 GFLOP/s against 205-215 measured alone; AMD EPYC Zen 4).
+SETTLE_SECONDS = 0.2
 
 
 def cpu_name() -> str:
@@ -104,6 +108,7 @@ def measure(threads, rounds, dtype, shapes, products=PRODUCTS):
                 times = {name: [] for name in calls}
                 for _ in range(rounds):
                     for name, call in calls.items():
+                        time.sleep(SETTLE_SECONDS)
                         start = time.perf_counter()
                         for _ in range(reps[name]):
                             call()
