@@ -297,7 +297,7 @@ COLD_NARROW_FIT = """
     prefetched = [[leaf.__qualname__ for leaf in helper.leaves] for helper in _jit._helpers.values()]
     trainer.fit(X, 2 * X, epochs=2)
     print(prefetched)
-    for function in (narrow.forward_sigmoid, narrow.optimizer_update):
+    for function in (narrow.forward_sigmoid, fastbp.kernels.cpu.optimizer_step):
         stats = function.dispatcher.stats
         print(function.__qualname__, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
     import time
@@ -316,9 +316,9 @@ def test_a_cold_narrow_fit_leaves_the_kernels_callees_to_the_helper(tmp_path):
     transform, then the loss, then the versions of forward_pass a predict and an evaluation call), while the fit
     compiles the kernel: the fit loads them from the cache, and so does the predict, once the helper is done."""
     out = run_python(COLD_NARROW_FIT, tmp_path, FASTBP_COMPILE_PROCESSES="").strip().splitlines()
-    assert out[0] == ("[['forward_sigmoid', '_optimizer_update', '_task', 'output_transform', 'loss_grad', "
+    assert out[0] == ("[['forward_sigmoid', '_optimizer_step', '_task', 'output_transform', 'loss_grad', "
                       "'forward_pass.predict', 'forward_pass.loss']]"), out[0]
-    assert out[1:3] == ["forward_sigmoid 1 0", "_optimizer_update 1 0"], out[1:]  # loaded, not compiled here
+    assert out[1:3] == ["forward_sigmoid 1 0", "_optimizer_step 1 0"], out[1:]  # loaded, not compiled here
     assert out[3] == "forward_pass 1 0", out[3]
 
 
@@ -360,7 +360,7 @@ def test_separately_compiled_functions_pickle_by_reference():
     import pickle
 
     from fastbp.kernels import gemm, narrow
-    for function in (narrow.forward_sigmoid, narrow.optimizer_update, gemm.product):
+    for function in (narrow.forward_sigmoid, narrow.forward_tanh, gemm.product):
         assert pickle.loads(pickle.dumps(function)) is function
 
 
@@ -514,18 +514,18 @@ def test_a_busy_helper_takes_a_later_trainers_leaves_and_one_done_is_not_waited_
 
 def test_the_helper_takes_what_was_queued_before_the_rest_of_its_list(tmp_path):
     # The real helper, on the suite's disk cache (compiled there if missing): its list (the SGD/Adam step, the
-    # output transform), but first what its queue holds (the fused kernel's update, and the output transform
-    # again: a later trainer needs it too), each marked done once.
+    # output transform), but first what its queue holds (the fused kernel's sigmoid layer, and the output
+    # transform again: a later trainer needs it too), each marked done once.
     from numba import types
 
     from fastbp.kernels import cpu, narrow
     folder = str(tmp_path)
     with open(fastbp._jit.queue_file(folder), "w") as queue:
-        queue.write("fastbp.kernels.narrow:optimizer_update\nfastbp.kernels.cpu:transform_block\n")
+        queue.write("fastbp.kernels.narrow:forward_sigmoid\nfastbp.kernels.cpu:transform_block\n")
     subprocess.run([sys.executable, "-m", "fastbp._compile_worker", folder, str(os.getpid()), "float64",
                     "fastbp.kernels.cpu:optimizer_step", "fastbp.kernels.cpu:transform_block"], check=True,
                    timeout=600)
-    order = [narrow.optimizer_update, cpu.transform_block, cpu.optimizer_step]
+    order = [narrow.forward_sigmoid, cpu.transform_block, cpu.optimizer_step]
     done = [os.stat(fastbp._jit.done_marker(folder, function, types.float64)).st_mtime_ns for function in order]
     assert done == sorted(done)
 

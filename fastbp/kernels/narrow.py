@@ -50,30 +50,18 @@ from . import cpu
 from .pointwise import (
     ACTIVATION_NAMES,
     BINARY_CROSS_ENTROPY,
-    H_BETA1,
-    H_BETA2,
-    H_CLIP,
-    H_DAMPENING,
-    H_EPS,
-    H_MOMENTUM,
-    H_NESTEROV,
-    H_WEIGHT_DECAY,
     LEAKY_RELU,
     LEAKY_RELU_SLOPE,
     LOSS_NAMES,
     MSE,
     POISSON,
     RELU,
-    SGD,
     SIGMOID,
     TANH,
     activate,
     activation_grad,
-    adam_decay_terms,
-    adam_update_one,
     loss_divisor,
     loss_grad_row,
-    sgd_update_one,
 )
 
 # Samples per block: one 64-byte vector of each dtype (a zmm register with AVX-512, two ymm with AVX2).
@@ -644,8 +632,8 @@ def _not_inlined(typingctx):
 # W1 with every layer out of line ran 4% slower than with only this one. The code is repeated below rather
 # than shared through an inline helper: numba binds an inlined function's array arguments with reference-count
 # updates, atomic ones, inside the loops (W1 ran 50% slower that way). The kernel calls it by symbol (see
-# _jit.SeparatelyCompiled), as it calls optimizer_update: a cold first fit's helper process compiles both while
-# this process compiles the kernel (see kernel_slots).
+# _jit.SeparatelyCompiled), as it calls cpu.optimizer_step: a cold first fit's helper process compiles them
+# while this process compiles the kernel (see kernel_slots).
 def _make_forward(act):
     def forward(work, params, in_at, out_at, n_in, n_out, w0):
         # work[out_at + j lanes] = act(b[j] + sum_i W[i, j] work[in_at + i lanes]) for j < n_out.
@@ -732,55 +720,12 @@ def supports(sizes) -> bool:
     return len(sizes) >= 2 and int(max(int(s) for s in sizes)) <= NARROW_MAX_WIDTH
 
 
-@narrow_jit(**FAST)
-def _optimizer_update(params, first, second, grads, lr, hyper, step, optimizer):
-    """One optimizer step over params (P,), in place: cpu.optimizer_step's arithmetic (bias corrections in
-    float64, then cast; the gradient clipped first when hyper[H_CLIP] > 0; pointwise.sgd_update_one /
-    adam_update_one per element). first, second (P,): the
-    rows of opt_state (SGD's momentum buffer; Adam's and AdamW's exp_avg and exp_avg_sq).
-
-    Compiled on its own and called, not inlined: numba passes arrays to a compiled callee borrowed, while
-    inlining it (and the views opt_state[0], opt_state[1] made per step) cost atomic reference-count
-    updates, ten a step, each draining the store buffer: 20% of W1's kernel time in the profile."""
-    _not_inlined()
-    dtype = params.dtype.type
-    if hyper[H_CLIP] > 0.0:
-        cpu.clip_grad_norm(grads, hyper[H_CLIP])
-    weight_decay = dtype(hyper[H_WEIGHT_DECAY])
-    if optimizer != SGD:
-        beta1 = hyper[H_BETA1]
-        beta2 = hyper[H_BETA2]
-        step_size = dtype(lr / (1.0 - beta1 ** step))
-        sqrt_bc2 = dtype(np.sqrt(1.0 - beta2 ** step))
-        l2, decay = adam_decay_terms(optimizer, lr, hyper[H_WEIGHT_DECAY])
-        l2, decay = dtype(l2), dtype(decay)
-        for i in range(params.shape[0]):
-            adam_update_one(params, first, second, grads, i, dtype(lr), dtype(beta1), dtype(beta2),
-                            dtype(hyper[H_EPS]), l2, step_size, sqrt_bc2, decay)
-    else:
-        momentum = dtype(hyper[H_MOMENTUM])
-        dampening = dtype(hyper[H_DAMPENING])
-        nesterov = hyper[H_NESTEROV] != 0.0
-        for i in range(params.shape[0]):
-            sgd_update_one(params, first, grads, i, dtype(lr), momentum, dampening, weight_decay, nesterov,
-                           step == 1)
-
-
-def _optimizer_signature(f):
-    vector = types.Array(f, 1, "C")
-    return (vector, vector, vector, vector, types.float64, types.Array(types.float64, 1, "C", readonly=True),
-            types.int64, types.int64)
-
-
-optimizer_update = SeparatelyCompiled(_optimizer_update, _optimizer_signature)
-
-
 def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss):
     # One specialisation: the activations present (booleans) and the loss are closure constants, so numba
     # prunes the other branches before typing and inlining them, and caches one entry per configuration. They
     # pay where a configuration is first compiled (the seed's 1-16-1 sigmoid MSE fit, cold, AMD EPYC Zen 4 under
     # load, medians of 3: 6.5 s like this, 7.1 s with the activations as run-time codes, 9.2 s with the loss
-    # too). The optimizer is a run-time code: optimizer_update is compiled once either way, and a constant only
+    # too). The optimizer is a run-time code: cpu.optimizer_step is compiled once either way, and a constant only
     # multiplied the kernels (SGD, Adam and AdamW each compiled the same code).
 
     @narrow_jit(**FAST)
@@ -810,8 +755,6 @@ def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss):
         in_order = orders.shape[1] == 0
         zero = vsplat(0.0, work)
         one = elem(work, 1.0)
-        first_moment = opt_state[0]
-        second_moment = opt_state[1]
         # A full-batch, in-order call sees the same blocks every epoch: transpose X and Y into lane blocks
         # once, where the workspace has room for them (see workspace_length).
         data_at = loss_at + lanes
@@ -992,8 +935,9 @@ def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss):
                     sstore(grads, i, vsum(vload(work, i * lanes)))
                     vstore(work, i * lanes, zero)
                 steps_done[0] += 1
-                optimizer_update(params, first_moment, second_moment, grads, lrs[epoch], hyper, steps_done[0],
-                                 optimizer)
+                # the engine's optimizer step, called by symbol: one compiled optimizer for both engines (a
+                # cold script that fits a narrow and a wide network compiled two; W1 ran as fast: 1.62 ms)
+                cpu.optimizer_step(params, opt_state, grads, lrs[epoch], optimizer, hyper, steps_done[0])
             epoch_loss = total / loss_divisor(loss, n, k)
             epoch_losses[epoch] = epoch_loss
             if not np.isfinite(epoch_loss):
@@ -1031,10 +975,11 @@ def kernel_key(act_codes, loss: int) -> tuple:
 
 def kernel_slots(key) -> list:
     """The separately compiled functions that the kernel of ``key`` (see kernel_key) calls by symbol: its sigmoid
-    and tanh layers' forward and the optimizer update. A cold first fit compiles them in its helper process
-    while this one compiles the kernel (1-16-1 sigmoid network, AMD EPYC Zen 4: 1.3 s of the kernel's 4.5 s)."""
+    and tanh layers' forward and the optimizer step (the product engine's, cpu.optimizer_step). A cold first fit
+    compiles them in its helper process while this one compiles the kernel (1-16-1 sigmoid network, AMD EPYC Zen
+    4: 1.3 s of the kernel's 4.5 s)."""
     has_sigmoid, has_tanh = key[0], key[1]
-    return [forward_sigmoid] * has_sigmoid + [forward_tanh] * has_tanh + [optimizer_update]
+    return [forward_sigmoid] * has_sigmoid + [forward_tanh] * has_tanh + [cpu.optimizer_step]
 
 
 def kernel_for(act_codes, loss: int):
