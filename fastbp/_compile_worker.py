@@ -6,9 +6,9 @@ functions into numba's disk cache for the process that started it.
 Each function is compiled only if this process claims it first (the parent takes the ones left at the end).
 The functions the parent queues meanwhile (fastbp._jit.queue_file: a later trainer's needs) go before what is left
 of its list, in their order; it stops once neither has any left.
-Once the parent has exited (a script that ended after its first predict, say), this process compiles nothing
-more (the rest of its list would only burn a core after the script's end) and removes the claim folder, which
-the parent could not.
+Once the parent has exited or is exiting (a script that ended after its first predict, say: its exit writes a
+marker into the claim folder, fastbp._jit.exit_marker), this process compiles nothing more (the rest of its list
+would only burn a core after the script's end) and removes the claim folder, which the parent could not.
 """
 from __future__ import annotations
 
@@ -22,12 +22,17 @@ def main(argv) -> int:
     folder, parent, dtype_name, *names = argv
     from numba import types
 
-    from ._jit import claim, done_marker, queue_file
+    from ._jit import claim, done_marker, exit_marker, queue_file
 
     dtype = getattr(types, dtype_name)
     pending, done, read = list(names), set(), 0
+
+    def parent_gone() -> bool:
+        # reparented (the parent has exited), or the parent has said it is exiting (fastbp._jit._forget_helpers)
+        return os.getppid() != int(parent) or os.path.exists(exit_marker(folder))
+
     try:
-        while os.getppid() == int(parent):
+        while not parent_gone():
             queued = _queued(queue_file(folder))
             fresh = [name for name in dict.fromkeys(queued[read:]) if name not in done]
             read = len(queued)
@@ -42,7 +47,7 @@ def main(argv) -> int:
                 function.fill(dtype)  # compiled and written to the disk cache
                 open(done_marker(folder, function, dtype), "wb").close()
     finally:
-        if os.getppid() != int(parent):
+        if parent_gone():
             shutil.rmtree(folder, ignore_errors=True)
     return 0
 

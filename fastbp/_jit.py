@@ -602,6 +602,13 @@ def done_marker(folder: str, function, dtype) -> str:
     return os.path.join(folder, function.symbol(dtype) + ".done")
 
 
+def exit_marker(folder: str) -> str:
+    """The file a process creates in the claim folder of its helper when it exits (_forget_helpers): the helper
+    then compiles nothing more and removes the folder once it stops, even if that process is still shutting
+    down (claims are named 'fastbp.*', so no claim is named like this)."""
+    return os.path.join(folder, "parent-exited")
+
+
 class _Helper:
     """A helper process compiling ``leaves`` into the disk cache, deepest first (see "compile sessions")."""
 
@@ -758,17 +765,27 @@ def _forget_helpers() -> None:
     # done, here or there) and is only exiting: waited for, briefly. Before that wait, such a helper saw this
     # process still alive when it ended, this process saw it still running, and neither removed the folder
     # (found: one left in the temporary directory by every short script whose fit took a leaf from its helper).
-    # One still compiling removes the folder itself once it finishes and sees that its parent has gone
-    # (fastbp._compile_worker).
+    # One still compiling removes the folder itself once it finishes (fastbp._compile_worker): it sees the exit
+    # marker written here, or that its parent has gone. The marker, not the parent's pid alone: after this
+    # function this process can take a second or more to shut down (numba's and the thread pools' teardown), and
+    # a helper that finished meanwhile saw its parent alive and left the folder (found: one left in the
+    # temporary directory by every cold run of examples/demo.py). Written before the helper's state is read:
+    # a helper that finishes after the marker is written removes the folder, one that finished before it is
+    # waited for below and its folder removed here.
     import subprocess
 
     for helper in list(_helpers.values()) + _retired:
         if helper.owner == os.getpid():
-            if helper.process.poll() is None and helper.finished(helper.dtype):
+            if helper.process.poll() is None:
                 try:
-                    helper.process.wait(timeout=2)
-                except subprocess.TimeoutExpired:
+                    open(exit_marker(helper.folder), "wb").close()
+                except OSError:  # the folder is gone: nothing to clean up
                     pass
+                if helper.finished(helper.dtype):
+                    try:
+                        helper.process.wait(timeout=2)
+                    except subprocess.TimeoutExpired:
+                        pass
             helper.close()
 
 

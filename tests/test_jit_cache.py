@@ -605,6 +605,43 @@ def test_a_ctrl_c_to_the_script_lets_its_helper_finish_and_clean_up(tmp_path):
     assert list(cache.rglob("*_optimizer_step*.nbi")) and not list(cache.rglob("*loss_grad*.nbi"))
 
 
+def test_a_helper_whose_parent_is_exiting_compiles_nothing_and_cleans_up(tmp_path):
+    """A helper whose parent has written the exit marker (its atexit hook ran, but the process is still shutting
+    down, so its pid is still the helper's parent: here, this test process) compiles nothing more and removes the
+    claim folder. Before the marker, such a helper left the folder in the temporary directory (every cold run of
+    examples/demo.py left one)."""
+    folder = tmp_path / "claims"
+    folder.mkdir()
+    open(fastbp._jit.exit_marker(str(folder)), "wb").close()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+               NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-m", "fastbp._compile_worker", str(folder), str(os.getpid()),
+                             "float64", "fastbp.kernels.cpu:optimizer_step"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert not folder.exists()
+    assert not (tmp_path / "cache").exists()  # nothing compiled into the disk cache
+
+
+def test_exiting_tells_a_helper_still_compiling_to_clean_up(monkeypatch):
+    """At this process's exit, a helper still compiling (here: asleep, its leaf not done) is not waited for; its
+    claim folder gets the exit marker, so that the helper removes it when it stops."""
+    from numba import types
+
+    started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
+    monkeypatch.setattr(fastbp._jit, "_retired", [])
+    helper = fastbp._jit._helper_for(types.float64, [fastbp._jit.cpu_jit(cache=False)(_caller)])
+    try:
+        fastbp._jit._forget_helpers()
+        assert started == [helper] and helper.process.poll() is None  # not waited for
+        assert os.path.exists(fastbp._jit.exit_marker(helper.folder))
+    finally:
+        helper.process.kill()
+        helper.process.wait()
+        helper.close()
+    assert not os.path.exists(helper.folder)
+
+
 def test_a_helper_whose_parent_has_exited_compiles_nothing(tmp_path):
     """A helper started for a script that has ended (here: told that its parent is pid 1, which it is not)
     compiles nothing more, and it removes the claim folder the parent could not."""
