@@ -798,7 +798,7 @@ def prefetch(dispatchers, dtype, first=(), then=()) -> None:
     one also fits there): the helper then compiles while the user's script goes on (loading data, compiling the fused
     narrow kernel of a narrow fit, or another driver), and each session of that dtype waits only for the leaves
     it needs. Once per dtype and set of drivers in a process, only where a session would start a helper; a
-    helper of that dtype that is still busy takes those it lacks after its own."""
+    helper of that dtype that is still busy takes those it lacks before what is left of its own list (_Helper.add)."""
     key = (dtype, tuple(dispatcher.py_func.__qualname__ for dispatcher in dispatchers),
            tuple(function.__qualname__ for function in list(first) + list(then)))
     if key not in _prefetch_checked:
