@@ -610,17 +610,7 @@ def test_a_helper_whose_parent_is_exiting_compiles_nothing_and_cleans_up(tmp_pat
     down, so its pid is still the helper's parent: here, this test process) compiles nothing more and removes the
     claim folder. Before the marker, such a helper left the folder in the temporary directory (every cold run of
     examples/demo.py left one)."""
-    folder = tmp_path / "claims"
-    folder.mkdir()
-    open(fastbp._jit.exit_marker(str(folder)), "wb").close()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
-               NUMBA_CACHE_DIR=str(tmp_path / "cache"))
-    result = subprocess.run([sys.executable, "-m", "fastbp._compile_worker", str(folder), str(os.getpid()),
-                             "float64", "fastbp.kernels.cpu:optimizer_step"], env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert not folder.exists()
-    assert not (tmp_path / "cache").exists()  # nothing compiled into the disk cache
+    _helper_with_a_gone_parent_compiles_nothing(tmp_path, parent=os.getpid(), exit_marked=True)
 
 
 def test_exiting_tells_a_helper_still_compiling_to_clean_up(monkeypatch):
@@ -645,11 +635,19 @@ def test_exiting_tells_a_helper_still_compiling_to_clean_up(monkeypatch):
 def test_a_helper_whose_parent_has_exited_compiles_nothing(tmp_path):
     """A helper started for a script that has ended (here: told that its parent is pid 1, which it is not)
     compiles nothing more, and it removes the claim folder the parent could not."""
+    _helper_with_a_gone_parent_compiles_nothing(tmp_path, parent=1, exit_marked=False)
+
+
+def _helper_with_a_gone_parent_compiles_nothing(tmp_path, parent, exit_marked):
+    # the real helper, given one leaf, parent pid ``parent`` and (with exit_marked) the exit marker: it must
+    # compile nothing into its disk cache and remove its claim folder
     folder = tmp_path / "claims"
     folder.mkdir()
+    if exit_marked:
+        open(fastbp._jit.exit_marker(str(folder)), "wb").close()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
                NUMBA_CACHE_DIR=str(tmp_path / "cache"))
-    result = subprocess.run([sys.executable, "-m", "fastbp._compile_worker", str(folder), "1", "float64",
+    result = subprocess.run([sys.executable, "-m", "fastbp._compile_worker", str(folder), str(parent), "float64",
                              "fastbp.kernels.cpu:optimizer_step"], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
