@@ -5,7 +5,7 @@ functions into numba's disk cache for the process that started it.
 
 Each function is compiled only if this process claims it first (the parent takes the ones left at the end).
 The functions the parent queues meanwhile (fastbp._jit.queue_file: a later trainer's needs) go before what is left
-of its list, in their order; it stops once neither has any left.
+of its list, in their order, those queued as last (optional ones) after it; it stops once none are left.
 Once the parent has exited or is exiting (a script that ended after its first predict, say: its exit writes a
 marker into the claim folder, fastbp._jit.exit_marker), this process compiles nothing more (the rest of its list
 would only burn a core after the script's end) and removes the claim folder, which the parent could not.
@@ -22,7 +22,7 @@ def main(argv) -> int:
     folder, parent, dtype_name, *names = argv
     from numba import types
 
-    from ._jit import claim, done_marker, exit_marker, queue_file
+    from ._jit import LAST_SUFFIX, claim, done_marker, exit_marker, queue_file
 
     dtype = getattr(types, dtype_name)
     pending, done, read = list(names), set(), 0
@@ -34,9 +34,12 @@ def main(argv) -> int:
     try:
         while not parent_gone():
             queued = _queued(queue_file(folder))
-            fresh = [name for name in dict.fromkeys(queued[read:]) if name not in done]
+            lines = queued[read:]
             read = len(queued)
-            pending = fresh + [name for name in pending if name not in fresh]
+            first = [name for name in dict.fromkeys(lines) if not name.endswith(LAST_SUFFIX) and name not in done]
+            last = [name[:-len(LAST_SUFFIX)] for name in dict.fromkeys(lines) if name.endswith(LAST_SUFFIX)]
+            pending = first + [name for name in pending if name not in first]
+            pending += [name for name in last if name not in done and name not in pending]
             if not pending:
                 break
             name = pending.pop(0)

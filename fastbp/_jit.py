@@ -83,6 +83,14 @@ def cpu_jit(parallel=False, cache=True, **options):
 # instead of jumping to address 0. Only fastbp's own drivers call these; the public kernels (fastbp.kernels.cpu,
 # gemm's dense_forward ...) link their callees as numba does, so a user's cached numba code never depends on a
 # slot.
+#
+# Optional slots. A function made with ``optional=True`` is one its callers can do without: they test its slot
+# with ``is_compiled(function, array)`` and call it only where that is true, doing the same work another way
+# otherwise (the product engine's parallel region: its callers run the product on the calling thread until it is
+# there). Its slot is filled from the disk cache where the cache has it; else, in a compile session with a
+# helper process, the helper compiles it after everything else on its list, and the process loads it at a later
+# call of a driver (Entry polls for it); without a helper (one CPU, FASTBP_COMPILE_PROCESSES=1, precompile), and
+# outside compile sessions, it is compiled at once as any other.
 class SeparatelyCompiled:
     """A compiled function that other compiled functions call through a slot, compiled once per dtype.
 
@@ -90,13 +98,15 @@ class SeparatelyCompiled:
     type fixed), and ``returns`` its return type (declared, so that a caller can be compiled before it; checked
     when it is compiled): a call from compiled code must have those types (literal integers are converted, and a
     writable array goes where a read-only one is declared), so that the slot a cached caller needs can always be
-    rebuilt from the dtype alone. Called from Python, it is the plain dispatcher.
+    rebuilt from the dtype alone. Called from Python, it is the plain dispatcher. ``optional``: callers test
+    :func:`is_compiled` before calling it and do without it until then (see "Optional slots" above).
     """
 
-    def __init__(self, dispatcher, signature_for, returns=types.none):
+    def __init__(self, dispatcher, signature_for, returns=types.none, optional=False):
         self.dispatcher = dispatcher
         self.signature_for = signature_for
         self.returns = returns
+        self.optional = optional
         self.py_func = dispatcher.py_func
         self.__name__ = dispatcher.py_func.__name__
         self.__qualname__ = dispatcher.py_func.__qualname__
@@ -130,12 +140,12 @@ class SeparatelyCompiled:
 
     def register(self, dtype):
         """Declare the ``dtype`` version and fill its slot now, or, inside a compile session, when the session
-        ends; idempotent."""
+        ends (an optional one: where the session's end says, see _fill_optional); idempotent."""
         self.declare(dtype)
         if dtype not in self._results:
             if _session is not None:
                 _session.defer(self, dtype)
-            else:
+            elif not (self.optional and os.environ.get(WORKER_VARIABLE)):  # a helper compiles those from its list
                 self.fill(dtype)
 
     def fill(self, dtype):
@@ -265,11 +275,7 @@ def _register_call_typing(function):
         values = [context.cast(builder, value, given, wanted)
                   for value, given, wanted in zip(args, signature.args, expected)]
         restype = function.returns
-        name = function.symbol(dtype)
-        slot = builder.module.globals.get(name)
-        if slot is None:  # a declaration: the loader binds it to the slot's address (see SeparatelyCompiled)
-            slot = ir.GlobalVariable(builder.module, ir.IntType(8).as_pointer(), name)
-        address = builder.load(slot)
+        address = builder.load(_slot_variable(builder, function.symbol(dtype)))
         with cgutils.if_unlikely(builder, cgutils.is_null(builder, address)):
             context.call_conv.return_user_exc(builder, RuntimeError, (
                 f"fastbp: {function.__qualname__} ({dtype}) was called before it was compiled",))
@@ -278,6 +284,33 @@ def _register_call_typing(function):
         with cgutils.if_unlikely(builder, status.is_error):
             context.call_conv.return_status_propagate(builder, status)
         return value
+
+
+def _slot_variable(builder, name):
+    # The slot ``name`` in the module being built: a declaration, which the loader binds to the slot's address
+    # (see SeparatelyCompiled).
+    slot = builder.module.globals.get(name)
+    if slot is None:
+        slot = ir.GlobalVariable(builder.module, ir.IntType(8).as_pointer(), name)
+    return slot
+
+
+@intrinsic
+def is_compiled(typingctx, function, like):
+    """In compiled code: whether the optional separately compiled ``function`` (a global) has its version for the
+    dtype of the array ``like`` in its slot, so that it may be called (see "Optional slots")."""
+    target = getattr(function, "typing_key", None)
+    if not (isinstance(target, SeparatelyCompiled) and target.optional and isinstance(like, types.Array)):
+        raise errors.TypingError(f"is_compiled takes an optional SeparatelyCompiled function and an array; got "
+                                 f"{function}, {like}")
+    dtype = like.dtype
+    target.register(dtype)
+
+    def codegen(context, builder, signature, args):
+        address = builder.load(_slot_variable(builder, target.symbol(dtype)))
+        return cgutils.is_not_null(builder, address)
+
+    return types.boolean(function, like), codegen
 
 
 class _RegisteringCache:
@@ -478,10 +511,12 @@ WORKER_VARIABLE = "FASTBP_COMPILE_WORKER"  # set in the helper's environment: it
 class _CompileSession:
     def __init__(self):
         self.pending = []  # (SeparatelyCompiled, dtype) met while typing or loading, slots still empty
+        self.optional = []  # the same for optional functions: see _fill_optional
 
     def defer(self, function, dtype):
-        if (function, dtype) not in self.pending:
-            self.pending.append((function, dtype))
+        deferred = self.optional if function.optional else self.pending
+        if (function, dtype) not in deferred:
+            deferred.append((function, dtype))
 
     def fill_pending(self, skip=()):
         """Fill every deferred slot but those in ``skip`` (filling one may defer more); the skipped ones."""
@@ -502,7 +537,7 @@ def _leaves(entry_func):
     waited for it (32-64-64-5, AMD EPYC Zen 4: 5.6 -> 6.2 s); this process compiles what lies between while the
     helper compiles the leaves."""
     depth = {}
-    frontier = [(callee, 1) for callee in _separate_callees(entry_func)]
+    frontier = [(callee, 1) for callee in _required_callees(entry_func)]
     callees_of = {}
     while frontier:
         function, level = frontier.pop()
@@ -510,13 +545,32 @@ def _leaves(entry_func):
             continue
         depth[function] = level
         if function not in callees_of:
-            callees_of[function] = _separate_callees(function.py_func)
+            callees_of[function] = _required_callees(function.py_func)
         frontier.extend((callee, level + 1) for callee in callees_of[function])
     leaves = [function for function in depth if not callees_of[function]]
     # deepest first, and at one depth the longest bytecode first (a rough measure of its compile time): the helper
     # starts at the front, this process takes from the back
     return sorted(leaves, key=lambda function: (-depth[function], -len(function.py_func.__code__.co_code),
                                                 function.__qualname__))
+
+
+def _required_callees(func):
+    return [callee for callee in _separate_callees(func) if not callee.optional]
+
+
+def _optional_callees(entry_func):
+    """The optional separately compiled functions that ``entry_func``'s call tree reaches (not through them)."""
+    found, seen = [], set()
+    frontier = _separate_callees(entry_func)
+    while frontier:
+        function = frontier.pop()
+        if function not in seen:
+            seen.add(function)
+            if function.optional:
+                found.append(function)
+            else:
+                frontier.extend(_separate_callees(function.py_func))
+    return sorted(found, key=lambda function: function.__qualname__)
 
 
 _one_process = [0]  # > 0 inside one_compile_process()
@@ -593,8 +647,11 @@ def helper_environment(**variables) -> dict:
 
 def queue_file(folder: str) -> str:
     """The file in a helper's claim folder that lists, one 'module:attribute' a line, the leaves given to it after
-    it started (see _Helper.add)."""
+    it started (see _Helper.add); a line ending in LAST_SUFFIX goes after the rest of its list."""
     return os.path.join(folder, "queue")
+
+
+LAST_SUFFIX = " last"
 
 
 def done_marker(folder: str, function, dtype) -> str:
@@ -646,14 +703,16 @@ class _Helper:
                    and not os.path.exists(done_marker(self.folder, function, dtype))):
                 time.sleep(0.005)
 
-    def add(self, functions) -> None:
+    def add(self, functions, last=False) -> None:
         """Give the running helper ``functions`` (a later trainer's needs, some perhaps on its list already): it
-        takes them, in this order, before what is left of its list, through its queue file. One that exits
-        before it reads them leaves them to this process (take() stops waiting for an exited helper)."""
+        takes them, in this order, before what is left of its list (after it, with ``last``: optional ones),
+        through its queue file. One that exits before it reads them leaves them to this process (take() stops
+        waiting for an exited helper)."""
         if functions:
             self.leaves.extend(function for function in functions if function not in self.leaves)
+            suffix = LAST_SUFFIX if last else ""
             with open(queue_file(self.folder), "a") as queue:  # one write: appends do not interleave
-                queue.write("".join(_module_attribute(function) + "\n" for function in functions))
+                queue.write("".join(_module_attribute(function) + suffix + "\n" for function in functions))
 
     def finished(self, dtype) -> bool:
         """Whether every one of its leaves is done (marked by the helper, or filled in this process): its process
@@ -694,13 +753,18 @@ def _helper_for(dtype, dispatchers, first=(), extend=False, then=()):
         missing = [function for function in first if _missing(function, dtype)]
         missing += [leaf for leaf in _missing_leaves(dispatchers, dtype) if leaf not in missing]
         missing += [version for version in then if _missing(version, dtype)]
+        optional = [function for dispatcher in dispatchers for function in _optional_callees(dispatcher.py_func)
+                    if _missing(function, dtype)]
+        optional = [function for function in dict.fromkeys(optional) if helper is None or function not in
+                    helper.leaves]
         if helper is not None:
             # still busy: it takes these before what is left of its list (the demo's second trainer, made while
             # the first's helper compiled the loss, compiled its optimizer step in this process: 0.6 s). Only from
             # prefetch: a session's leaves are those its driver's code names, some in branches numba prunes.
             helper.add(missing)
-        elif missing:
-            helper = _helpers[dtype] = _Helper(missing, dtype)
+            helper.add(optional, last=True)
+        elif missing or optional:
+            helper = _helpers[dtype] = _Helper(missing + optional, dtype)
     return helper
 
 
@@ -738,6 +802,48 @@ def compile_in_session(dispatcher, signature):
                     session.fill_pending()  # from the disk cache, or compiled here if the helper failed
         finally:
             _session = None
+        for function, function_dtype in session.optional:
+            _fill_optional(function, function_dtype, helper)
+
+
+# The optional functions that a helper compiles for this process: (function, dtype, helper), until loaded.
+_optional_pending = []
+_next_poll = [0.0]  # time.monotonic() of the next look at them (Entry)
+POLL_SECONDS = 0.01
+
+
+def _fill_optional(function, dtype, helper) -> None:
+    """A session's end for an optional function it met (see "Optional slots"): filled from the disk cache, left to
+    ``helper`` (loaded by a later Entry call, _poll_optional) or, without a running helper, compiled here."""
+    if dtype in function._results or any(item[:2] == (function, dtype) for item in _optional_pending):
+        return
+    if function.in_disk_cache(dtype) or helper is None or helper.process.poll() is not None:
+        function.fill(dtype)
+        return
+    if function not in helper.leaves:
+        helper.add([function], last=True)
+    _optional_pending.append((function, dtype, helper))
+
+
+def _poll_optional() -> None:
+    """Load the optional functions that helpers have compiled since the last look (at most every POLL_SECONDS);
+    compile here one whose helper exited without it."""
+    import time
+
+    from numba.core.compiler_lock import global_compiler_lock
+
+    now = time.monotonic()
+    if now < _next_poll[0]:
+        return
+    _next_poll[0] = now + POLL_SECONDS
+    with global_compiler_lock:
+        for item in list(_optional_pending):
+            function, dtype, helper = item
+            if dtype in function._results:
+                _optional_pending.remove(item)
+            elif os.path.exists(done_marker(helper.folder, function, dtype)) or helper.process.poll() is not None:
+                _optional_pending.remove(item)
+                function.fill(dtype)  # from the disk cache, or compiled here if the helper failed
 
 
 def _missing_leaves(dispatchers, dtype):
@@ -841,6 +947,8 @@ class Entry:
         if dtype not in self._ready:
             compile_in_session(self.dispatcher, tuple(self.dispatcher.typeof_pyval(a) for a in args))
             self._ready.add(dtype)
+        if _optional_pending:
+            _poll_optional()
         return self.dispatcher(*args)
 
 

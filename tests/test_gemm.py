@@ -159,6 +159,45 @@ def test_one_and_two_threads_bit_identical(shape, dtype):
     np.testing.assert_allclose(parallel[2], dout.astype(np.float64).sum(axis=0), **TOLERANCES[dtype])
 
 
+def _products_by_symbol(dtype, rng, B, n_in, n_out):
+    # _all_kernels' three products through gemm.product, the drivers' product
+    inp, w, b = _data(rng, dtype, B, n_in), _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
+    dout = _data(rng, dtype, B, n_out)
+    y = np.abs(_data(rng, dtype, B, n_in))
+    P = _workspace(B, n_in, n_out, dtype)
+    out = np.empty((B, n_out), dtype)
+    gemm.product(gemm.FORWARD, ACTIVATIONS["sigmoid"], out, inp, w, b, out, P)
+    dweight, dbias = np.empty((n_in, n_out), dtype), np.empty(n_out, dtype)
+    gemm.product(gemm.WEIGHT_GRAD, ACTIVATIONS["identity"], dweight, inp, dout, dbias, dweight, P)
+    dinp = np.empty((B, n_in), dtype)
+    gemm.product(gemm.INPUT_GRAD, ACTIVATIONS["relu"], dinp, dout, w, P, y, P)
+    return out, dweight, dbias, dinp
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
+@pytest.mark.parametrize("shape", [(130, 97, 257), (300, 64, 256)], ids=str)
+def test_the_drivers_product_gives_the_same_numbers_before_its_parallel_region_is_compiled(shape, dtype,
+                                                                                            monkeypatch):
+    """gemm.product runs every product on the calling thread while its optional parallel region
+    (gemm.parallel_tasks) is not in its slot (a cold process, until the compile helper has compiled it), in
+    parallel once it is: the same numbers either way, and those of gemm._product (the region linked in)."""
+    B, n_in, n_out = shape
+    previous = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        linked = _all_kernels(dtype, np.random.default_rng(3), B, n_in, n_out)
+        gemm.parallel_tasks.fill(numba.from_dtype(dtype))
+        parallel = _products_by_symbol(dtype, np.random.default_rng(3), B, n_in, n_out)
+        # emptied: a call through it would raise (_jit: "was called before it was compiled")
+        monkeypatch.setattr(gemm.parallel_tasks._slots[numba.from_dtype(dtype)], "value", None)
+        serial = _products_by_symbol(dtype, np.random.default_rng(3), B, n_in, n_out)
+    finally:
+        numba.set_num_threads(previous)
+    for a, b, c in zip(linked, parallel, serial):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
 # --- the other vector widths ----------------------------------------------------------------------------------------
 BATTERY = """
     import numpy as np

@@ -264,7 +264,8 @@ COLD_PREDICT = """
 def test_a_cold_first_call_shares_its_compiling_with_a_helper_process(tmp_path):
     """With an empty cache, the product worker (a leaf of predict's call tree) is compiled by a helper process,
     started when the trainer was made (with the other leaves of predict's and, for a wide trainer, the fit's call
-    trees, then the versions of forward_pass a trainer calls after a fit), and loaded here from the cache by the
+    trees, then the versions of forward_pass a trainer calls after a fit, then the product's optional parallel
+    region), and loaded here from the cache by the
     first predict, which waits only for what it needs (not the loss, which predict never calls; its own version
     of forward_pass it compiles here, the helper not having started it); the results are those of a process
     that compiled everything itself. A
@@ -279,7 +280,7 @@ def test_a_cold_first_call_shares_its_compiling_with_a_helper_process(tmp_path):
     assert shared[0] == alone[0] == warm[0]  # bit for bit
     # _task: loaded (the helper compiled it), not compiled here; the predict took the helper over
     assert shared[1] == ("1 0 [['_task', 'loss_grad', '_optimizer_step', 'output_transform', 'forward_pass.predict', "
-                         "'forward_pass.predict_and_loss']]"), shared[1]
+                         "'forward_pass.predict_and_loss', '_parallel_tasks']]"), shared[1]
     assert alone[1] == "0 1 []", alone[1]  # _task compiled in this process, no helper
     # the loss: not waited for (the helper may still be compiling it) nor compiled here, nor by the warm process
     assert shared[2].startswith("loss compiled or loaded here: False"), shared[2]
@@ -313,11 +314,12 @@ COLD_NARROW_FIT = """
 
 def test_a_cold_narrow_fit_leaves_the_kernels_callees_to_the_helper(tmp_path):
     """A narrow trainer's helper compiles the fused kernel's callees first (then predict's worker and output
-    transform, then the loss, then the versions of forward_pass a predict and an evaluation call), while the fit
+    transform, then the loss, then the versions of forward_pass a predict and an evaluation call, then the
+    product's optional parallel region), while the fit
     compiles the kernel: the fit loads them from the cache, and so does the predict, once the helper is done."""
     out = run_python(COLD_NARROW_FIT, tmp_path, FASTBP_COMPILE_PROCESSES="").strip().splitlines()
     assert out[0] == ("[['forward_sigmoid', '_optimizer_step', '_task', 'output_transform', 'loss_grad', "
-                      "'forward_pass.predict', 'forward_pass.loss']]"), out[0]
+                      "'forward_pass.predict', 'forward_pass.loss', '_parallel_tasks']]"), out[0]
     assert out[1:3] == ["forward_sigmoid 1 0", "_optimizer_step 1 0"], out[1:]  # loaded, not compiled here
     assert out[3] == "forward_pass 1 0", out[3]
 
@@ -515,19 +517,116 @@ def test_a_busy_helper_takes_a_later_trainers_leaves_and_one_done_is_not_waited_
 def test_the_helper_takes_what_was_queued_before_the_rest_of_its_list(tmp_path):
     # The real helper, on the suite's disk cache (compiled there if missing): its list (the SGD/Adam step, the
     # output transform), but first what its queue holds (the fused kernel's sigmoid layer, and the output
-    # transform again: a later trainer needs it too), each marked done once.
+    # transform again: a later trainer needs it too), and last what was queued as last (the tanh layer), each
+    # marked done once.
     from numba import types
 
     from fastbp.kernels import cpu, narrow
     folder = str(tmp_path)
     with open(fastbp._jit.queue_file(folder), "w") as queue:
-        queue.write("fastbp.kernels.narrow:forward_sigmoid\nfastbp.kernels.cpu:transform_block\n")
+        queue.write("fastbp.kernels.narrow:forward_tanh" + fastbp._jit.LAST_SUFFIX + "\n"
+                    "fastbp.kernels.narrow:forward_sigmoid\nfastbp.kernels.cpu:transform_block\n")
     subprocess.run([sys.executable, "-m", "fastbp._compile_worker", folder, str(os.getpid()), "float64",
                     "fastbp.kernels.cpu:optimizer_step", "fastbp.kernels.cpu:transform_block"], check=True,
                    timeout=600)
-    order = [narrow.forward_sigmoid, cpu.transform_block, cpu.optimizer_step]
+    order = [narrow.forward_sigmoid, cpu.transform_block, cpu.optimizer_step, narrow.forward_tanh]
     done = [os.stat(fastbp._jit.done_marker(folder, function, types.float64)).st_mtime_ns for function in order]
     assert done == sorted(done)
+
+
+def _optional_leaf(a):
+    a[0] += 10.0
+
+
+def _optional_caller(a):
+    if fastbp._jit.is_compiled(_optional_by_slot, a):
+        _optional_by_slot(a)
+    else:  # what the caller does without it (the product engine: its tasks on the calling thread)
+        a[0] += 1.0
+
+
+_optional_by_slot = fastbp._jit.SeparatelyCompiled(fastbp._jit.cpu_jit(cache=False)(_optional_leaf), _leaf_signature,
+                                                   optional=True)
+
+
+def _without_the_optional_function(monkeypatch):
+    # Nothing compiled, nothing in the disk cache, its slot empty; no optional function pending.
+    from numba import types
+
+    _optional_by_slot.declare(types.float64)
+    monkeypatch.setattr(_optional_by_slot._slots[types.float64], "value", None)
+    monkeypatch.setattr(_optional_by_slot, "_results", {})
+    monkeypatch.setattr(_optional_by_slot, "in_disk_cache", lambda dtype: False)
+    monkeypatch.setattr(fastbp._jit, "_optional_pending", [])
+    monkeypatch.setattr(fastbp._jit, "_next_poll", [0.0])
+
+
+def test_an_optional_function_is_left_to_the_helper_and_picked_up_by_a_later_call(monkeypatch):
+    """A session does not compile an optional function its driver tests with is_compiled: the helper gets it
+    (last), the driver runs without it, and a later call loads it once the helper has marked it done."""
+    import time
+
+    from numba import types
+
+    started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
+    _without_the_optional_function(monkeypatch)
+    entry = fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller))
+    a = np.zeros(1)
+    try:
+        entry(a)
+        assert a[0] == 1.0 and _optional_by_slot._results == {}  # ran without it; not compiled here
+        assert [helper.leaves for helper in started] == [[_optional_by_slot]]
+        assert fastbp._jit._optional_pending == [(_optional_by_slot, types.float64, started[0])]
+        entry(a)  # the helper is not done: still without it
+        assert a[0] == 2.0
+        open(fastbp._jit.done_marker(started[0].folder, _optional_by_slot, types.float64), "wb").close()
+        time.sleep(fastbp._jit.POLL_SECONDS)
+        entry(a)  # loaded (compiled here: cache=False stands in for the disk cache), then called
+        assert a[0] == 12.0 and fastbp._jit._optional_pending == []
+    finally:
+        for helper in started:
+            helper.process.kill()
+            helper.process.wait()
+            helper.close()
+
+
+def test_an_optional_function_whose_helper_died_is_compiled_by_a_later_call(monkeypatch):
+    import time
+
+    started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
+    _without_the_optional_function(monkeypatch)
+    entry = fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller))
+    a = np.zeros(1)
+    try:
+        entry(a)
+        assert a[0] == 1.0
+        started[0].process.kill()
+        started[0].process.wait()
+        time.sleep(fastbp._jit.POLL_SECONDS)
+        entry(a)
+        assert a[0] == 11.0 and fastbp._jit._optional_pending == []
+    finally:
+        for helper in started:
+            helper.close()
+
+
+def test_without_a_helper_an_optional_function_is_compiled_with_its_driver(monkeypatch):
+    # one usable CPU, FASTBP_COMPILE_PROCESSES=1, fastbp.precompile: nothing would compile it later
+    _without_the_optional_function(monkeypatch)
+    monkeypatch.setattr(fastbp._jit, "_helper_allowed", lambda: False)
+    a = np.zeros(1)
+    fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller))(a)
+    assert a[0] == 10.0 and fastbp._jit._optional_pending == []
+
+
+def test_is_compiled_takes_only_an_optional_function():
+    from numba.core.errors import TypingError
+
+    def tests_a_required_one(a):
+        return fastbp._jit.is_compiled(_leaf_by_slot, a)
+
+    with pytest.raises(TypingError, match="is_compiled takes an optional SeparatelyCompiled function"):
+        fastbp._jit.cpu_jit(cache=False)(tests_a_required_one)(np.zeros(1))
 
 
 def test_a_finished_helper_that_is_still_exiting_loses_its_folder_at_exit(monkeypatch):

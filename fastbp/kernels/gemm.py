@@ -32,7 +32,7 @@ How a product runs
     skip the store.
 
 Compiled once: the three products share one worker (``_task``: packing, the tile loops, the epilogues, the
-product kind a run-time argument) and one parallel driver (``_product``, the module's only prange), so a
+product kind a run-time argument) and one parallel region (``_run_parallel``, the module's only prange), so a
 first fit compiles the engine once per dtype instead of once per product (AMD EPYC Zen 4, cold, the three
 products of a fit: 16.4 s as three workers and three drivers). A branch on the kind per stored vector costs
 nothing measurable next to the depth x TILE_ROWS x TILE_VECTORS FMAs before it.
@@ -40,7 +40,8 @@ nothing measurable next to the depth x TILE_ROWS x TILE_VECTORS FMAs before it.
 Parallelism: the tile grid is split into numba.get_num_threads() rectangles of whole tiles (rows x panels, the
 split that reads the least), one task each: every output belongs to one task and is summed over all of k
 in order by the same micro-kernel, so results are bit-identical for any thread count. Below
-PARALLEL_MIN_WORK multiply-adds, or on one thread, everything runs on the calling thread.
+PARALLEL_MIN_WORK multiply-adds, or on one thread, everything runs on the calling thread (and so does the
+drivers' product until its parallel region is compiled: see ``product`` below).
 
 Vector width: fixed at import by simd.VECTOR_BITS (the target numba compiles for). The disk cache keys on
 the CPU name and features, so it separates widths by itself, except under FASTBP_SIMD_BITS: then nothing is
@@ -691,21 +692,14 @@ def _forward_few_rows(out, inp, weight, bias, act):
 
 
 @inline
-def _run_product(run_task, kind, act, out, a, b, vec, y, panels):
-    # The product ``kind`` (see _task for the operands), on the calling thread or as one parallel region of
-    # numba.get_num_threads() tasks, each a call of ``run_task`` (_task, linked or by symbol: see _product).
+def _product_shape(kind, out, b):
+    # (depth, n_tiles, n_panels, a_packed) of the product ``kind`` into ``out`` (see _task for the operands).
     n_rows = out.shape[0]
     n_cols = out.shape[1]
-    if n_rows == 0 or n_cols == 0:
-        return
-    if kind == FORWARD and n_rows < TILE_ROWS:
-        _forward_few_rows(out, a, b, vec, act)
-        return
     depth = b.shape[1] if kind == INPUT_GRAD else b.shape[0]
     NR = TILE_VECTORS * simd.lanes(out)
     n_panels = (n_cols + NR - 1) // NR
     n_tiles = (n_rows + TILE_ROWS - 1) // TILE_ROWS
-    zero = n_rows - n_rows
     # The weight gradient reads inp^T packed (TILE_ROWS numbers per k, contiguous) when there are many panels of
     # dout to reuse it and inp's rows are a page or more apart or the batch is long; else tile row t broadcasts
     # inp[k, row0 + t] as stored. Zen 3 core, float32, one thread, ms packed / as stored: 512 x 1024 -> 1024
@@ -714,12 +708,49 @@ def _run_product(run_task, kind, act, out, a, b, vec, y, panels):
     # 0.36x OpenBLAS packed, 1.1x as stored.
     a_packed = kind == WEIGHT_GRAD and n_panels > 2 and (depth > PACK_BROADCAST_MIN_BATCH
                                                         or n_rows * out.itemsize >= 4096)
+    return depth, n_tiles, n_panels, a_packed
+
+
+@inline
+def _run_before_tiles(kind, act, out, a, b, vec):
+    # Whether the product is done before any tile runs: an empty output, or a forward of fewer rows than a tile.
+    if out.shape[0] == 0 or out.shape[1] == 0:
+        return True
+    if kind == FORWARD and out.shape[0] < TILE_ROWS:
+        _forward_few_rows(out, a, b, vec, act)
+        return True
+    return False
+
+
+@inline
+def _parallel_work(kind, out, b):
+    # Whether the product is worth a parallel region: PARALLEL_MIN_WORK multiply-adds or more.
+    depth = b.shape[1] if kind == INPUT_GRAD else b.shape[0]
+    return out.shape[0] * out.shape[1] * depth >= PARALLEL_MIN_WORK
+
+
+@inline
+def _run_serial(run_task, kind, act, out, a, b, vec, y, panels):
+    # The product as one task on the calling thread (``run_task``: _task, linked or by symbol).
+    depth, n_tiles, n_panels, a_packed = _product_shape(kind, out, b)
+    zero = n_tiles - n_tiles
     n_a_tiles = n_tiles if a_packed else zero
+    run_task(kind, act, out, a, b, vec, y, panels,
+             (zero, n_tiles, zero, n_panels, zero, n_panels, zero, n_a_tiles, zero + a_packed))
+
+
+@inline
+def _run_parallel(run_task, kind, act, out, a, b, vec, y, panels):
+    # The product as one parallel region of numba.get_num_threads() tasks (one task on the calling thread where
+    # that is 1), each a call of ``run_task``.
     n_threads = _thread_count()
-    if n_threads == 1 or n_rows * n_cols * depth < PARALLEL_MIN_WORK:
-        run_task(kind, act, out, a, b, vec, y, panels,
-              (zero, n_tiles, zero, n_panels, zero, n_panels, zero, n_a_tiles, zero + a_packed))
+    if n_threads == 1:
+        _run_serial(run_task, kind, act, out, a, b, vec, y, panels)
         return
+    depth, n_tiles, n_panels, a_packed = _product_shape(kind, out, b)
+    n_rows = out.shape[0]
+    n_cols = out.shape[1]
+    zero = n_rows - n_rows
     # A is (n_rows x depth), B (depth x n_cols) for every kind
     row_tasks, col_tasks = _task_grid(n_tiles, n_panels, n_threads, n_rows * depth, depth * n_cols)
     shared_b = row_tasks > 1  # tasks share B's panels: pack them all first, here (1/B of the product's work)
@@ -736,8 +767,8 @@ def _run_product(run_task, kind, act, out, a, b, vec, y, panels):
         panel_hi = (c + 1) * n_panels // col_tasks
         a_hi = tile_lo if shared_a or not a_packed else tile_hi
         run_task(kind, act, out, a, b, vec, y, panels,
-              (tile_lo, tile_hi, panel_lo, panel_hi, panel_lo, panel_lo if shared_b else panel_hi, tile_lo, a_hi,
-               zero + a_packed))
+                 (tile_lo, tile_hi, panel_lo, panel_hi, panel_lo, panel_lo if shared_b else panel_hi, tile_lo, a_hi,
+                  zero + a_packed))
 
 
 def _task_signature(f):
@@ -752,26 +783,54 @@ def _product_signature(f):
     return (types.int64, types.int64, matrix, matrix, matrix, vector, matrix, vector)
 
 
-# The product in two compiled versions of one source: _product links _task into itself and into its parallel
-# body, as numba does; the public kernels below call it, so a user's cached numba code that calls them holds
-# all of its code. fastbp's drivers (fastbp.kernels.cpu) call ``product`` by symbol, and its parallel body calls
-# _task by symbol too (see _jit.SeparatelyCompiled): the worker is then optimised and code-generated once, not
-# again in the driver and in the outlined parallel body (a cold first fit, AMD EPYC Zen 4, loaded machine,
-# alternating runs: 22.8 -> 19.6 s). A process that uses both compiles the driver twice, the worker once.
+# The product in two compiled versions of one source. _product links _task into itself and into its parallel
+# body, as numba does; the public kernels below call it, so a user's cached numba code that calls them holds all
+# of its code. fastbp's drivers (fastbp.kernels.cpu) call ``product`` by symbol, which calls _task by symbol too
+# (see _jit.SeparatelyCompiled): the worker is then optimised and code-generated once, not again in the driver
+# and in the outlined parallel body (a cold first fit, AMD EPYC Zen 4, loaded machine, alternating runs: 22.8 ->
+# 19.6 s). A process that uses both compiles the driver twice, the worker once.
+#
+# ``product``'s parallel region is a separately compiled function of its own, ``parallel_tasks``, and an optional
+# one (_jit.SeparatelyCompiled's optional=True): until its slot is filled, ``product`` runs every product as one
+# task on the calling thread, which gives the same numbers (every output is summed by the same micro-kernel in
+# the same order whatever the split). numba outlines a prange's body into a function it compiles with the
+# parfor passes: about 1 s of every cold first fit and predict in this process (_product_by_symbol 1.4-2.0 s,
+# AMD EPYC Zen 4), though a small network's products never reach PARALLEL_MIN_WORK. The compile helper compiles
+# it last instead, and a process picks it up from the disk cache at a later call (see _jit, "optional slots").
 @engine_jit(parallel=True)
 def _product(kind, act, out, a, b, vec, y, panels):
     """The product ``kind`` (see _task for the operands), on the calling thread or as one parallel region of
-    numba.get_num_threads() tasks: the module's prange (each prange is a separately compiled function)."""
-    _run_product(_task, kind, act, out, a, b, vec, y, panels)
+    numba.get_num_threads() tasks (a prange: numba compiles its body as a function of its own)."""
+    if _run_before_tiles(kind, act, out, a, b, vec):
+        return
+    if _parallel_work(kind, out, b):
+        _run_parallel(_task, kind, act, out, a, b, vec, y, panels)
+    else:
+        _run_serial(_task, kind, act, out, a, b, vec, y, panels)
 
 
 task_by_symbol = _jit.SeparatelyCompiled(_task, _task_signature)
 
 
 @engine_jit(parallel=True)
+def _parallel_tasks(kind, act, out, a, b, vec, y, panels):
+    """``product``'s parallel region: the product as numba.get_num_threads() tasks called by symbol."""
+    _run_parallel(task_by_symbol, kind, act, out, a, b, vec, y, panels)
+
+
+parallel_tasks = _jit.SeparatelyCompiled(_parallel_tasks, _product_signature, optional=True)
+
+
+@engine_jit()
 def _product_by_symbol(kind, act, out, a, b, vec, y, panels):
-    """_product with its tasks called by symbol (the drivers' product)."""
-    _run_product(task_by_symbol, kind, act, out, a, b, vec, y, panels)
+    """_product with its tasks called by symbol (the drivers' product): in parallel once ``parallel_tasks`` is
+    compiled in this process, on the calling thread until then."""
+    if _run_before_tiles(kind, act, out, a, b, vec):
+        return
+    if _parallel_work(kind, out, b) and _jit.is_compiled(parallel_tasks, out):
+        parallel_tasks(kind, act, out, a, b, vec, y, panels)
+    else:
+        _run_serial(task_by_symbol, kind, act, out, a, b, vec, y, panels)
 
 
 product = _jit.SeparatelyCompiled(_product_by_symbol, _product_signature)
