@@ -841,6 +841,12 @@ def _poll_optional() -> None:
             function, dtype, helper = item
             if dtype in function._results:
                 _optional_pending.remove(item)
+            elif helper.owner != os.getpid():
+                # inherited through fork: the parent's helper, which this process cannot wait for; loaded once the
+                # disk cache has it (the parent's helper writes it there), never compiled here
+                if function.in_disk_cache(dtype):
+                    _optional_pending.remove(item)
+                    function.fill(dtype)
             elif os.path.exists(done_marker(helper.folder, function, dtype)) or helper.process.poll() is not None:
                 _optional_pending.remove(item)
                 function.fill(dtype)  # from the disk cache, or compiled here if the helper failed

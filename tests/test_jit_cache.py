@@ -610,6 +610,36 @@ def test_an_optional_function_whose_helper_died_is_compiled_by_a_later_call(monk
             helper.close()
 
 
+def test_a_forked_process_loads_an_optional_function_from_the_cache_and_never_compiles_it(monkeypatch):
+    """A process forked while its parent's helper compiled an optional function (joblib's workers, say) inherits the
+    pending entry: it cannot wait for that helper (not its child), so it loads the function once the disk cache
+    has it, and runs without it until then instead of compiling it."""
+    import time
+
+    from numba import types
+
+    started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
+    _without_the_optional_function(monkeypatch)
+    entry = fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller))
+    a = np.zeros(1)
+    try:
+        entry(a)
+        assert fastbp._jit._optional_pending == [(_optional_by_slot, types.float64, started[0])]
+        monkeypatch.setattr(started[0], "owner", -1)  # as seen from a forked child
+        started[0].process.kill()
+        started[0].process.wait()  # gone: a parent's helper would look gone from the child too
+        time.sleep(fastbp._jit.POLL_SECONDS)
+        entry(a)
+        assert a[0] == 2.0 and _optional_by_slot._results == {}  # not compiled here
+        monkeypatch.setattr(_optional_by_slot, "in_disk_cache", lambda dtype: True)  # the parent's helper wrote it
+        time.sleep(fastbp._jit.POLL_SECONDS)
+        entry(a)  # loaded (compiled here: cache=False stands in for the disk cache), then called
+        assert a[0] == 12.0 and fastbp._jit._optional_pending == []
+    finally:
+        for helper in started:
+            helper.close()
+
+
 def test_without_a_helper_an_optional_function_is_compiled_with_its_driver(monkeypatch):
     # one usable CPU, FASTBP_COMPILE_PROCESSES=1, fastbp.precompile: nothing would compile it later
     _without_the_optional_function(monkeypatch)
