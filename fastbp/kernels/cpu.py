@@ -37,6 +37,7 @@ from collections import namedtuple
 import numpy as np
 from numba import types
 
+from .. import _jit
 from .._jit import DriverVersion, SeparatelyCompiled, cpu_jit, inline, prefer_wide_vectors
 from . import gemm
 from .pointwise import (
@@ -90,15 +91,9 @@ PARALLEL_MIN_WORK = gemm.PARALLEL_MIN_WORK
 # Products smaller than this (multiply-adds) run as plain loops, without the engine's packing workspace: an
 # online-learning step (one row, 2-32-1) took 0.92 us on loops and 2.06 us on the engine with its buffers.
 SMALL_PRODUCT = 1 << 13
-# The floating-point freedoms the fast kernels compile with: reassociation lets LLVM split a dot product
-# into vector partial sums (without it no reduction loop vectorises: 8 GFLOP/s instead of 50 here),
-# contraction makes FMAs. Not "nnan"/"ninf": the drivers test losses with np.isfinite, which those flags
-# would let LLVM fold to True.
-FAST_MATH = {"reassoc", "contract", "nsz"}
-# error_model="numpy": a division by zero gives inf/nan instead of raising ZeroDivisionError. The check
-# numba's default ("python") puts before every division is a branch that stops loops from vectorising
-# (sigmoid's 1 / (1 + e): 10 ns per element instead of about 1).
-FAST = dict(fastmath=FAST_MATH, error_model="numpy")
+# The floating-point freedoms the fast kernels compile with (fastbp._jit says why these).
+FAST_MATH = _jit.FAST_MATH
+FAST = _jit.FAST
 
 
 # --- reference kernels (serial, obviously right) -------------------------------------------------------------

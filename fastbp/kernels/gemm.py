@@ -84,9 +84,9 @@ FORWARD = 0  # out = act(inp @ weight + bias)
 WEIGHT_GRAD = 1  # out = inp^T @ dout, and dout's column sums (the bias gradient)
 INPUT_GRAD = 2  # out = (dout @ weight^T) * act'(y), y the previous layer's stored output
 
-# The floating-point freedoms of cpu.FAST (reassociation and contraction for the scalar epilogue loops; the
-# vector operations of simd carry no flags). Not "nnan"/"ninf": callers test losses with np.isfinite.
-FAST = dict(fastmath={"reassoc", "contract", "nsz"}, error_model="numpy")
+# The floating-point freedoms of every CPU kernel (fastbp._jit.FAST: reassociation and contraction for the scalar
+# epilogue loops; the vector operations of simd carry no flags).
+FAST = _jit.FAST
 CACHE = _jit.CACHE_ENABLED and not simd.VECTOR_BITS_FORCED
 
 

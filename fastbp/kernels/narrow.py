@@ -70,13 +70,8 @@ _LANES_NB = {types.float32: 16, types.float64: 8}
 # The widest layer (input and output included) for which the CPU backend chooses this path; see supports() for
 # the measurements. The kernel itself takes any widths (the tests run it on 128-wide layers).
 NARROW_MAX_WIDTH = 32
-# The scalar code around the vectors compiles with cpu.FAST's freedoms (see there).
+# The scalar code around the vectors compiles with every CPU kernel's freedoms (fastbp._jit.FAST).
 FAST = cpu.FAST
-
-
-def narrow_jit(**options):
-    """``_jit.cpu_jit`` (serial: these kernels hold no prange)."""
-    return cpu_jit(**options)
 
 
 # --- lane vectors: simd.SimdVector of LANES numbers, whatever the CPU's own vector width ----------------------
@@ -664,7 +659,7 @@ def _make_forward(act):
 
     # one name each (the slot's symbol and the cache's file are named after it)
     forward.__name__ = forward.__qualname__ = f"forward_{ACTIVATION_NAMES[act]}"
-    return SeparatelyCompiled(narrow_jit(**FAST)(forward), _forward_signature)
+    return SeparatelyCompiled(cpu_jit(**FAST)(forward), _forward_signature)
 
 
 def _forward_signature(f):
@@ -728,7 +723,7 @@ def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss):
     # too). The optimizer is a run-time code: cpu.optimizer_step is compiled once either way, and a constant only
     # multiplied the kernels (SGD, Adam and AdamW each compiled the same code).
 
-    @narrow_jit(**FAST)
+    @cpu_jit(**FAST)  # serial: these kernels hold no prange
     def kernel(params, opt_state, steps_done, grads, backup, work, X, Y, orders, lrs, epoch_losses, sizes,
                param_offsets, unit_offsets, act_codes, optimizer, hyper, batch_size, target_loss):
         # params (P,), opt_state (2, P), steps_done (1,), grads (P,), backup (3, P), work (see
