@@ -13,5 +13,5 @@ ptx_dir=$(mktemp -d)  # the check keeps each kernel's PTX; the report assembles 
 run_pytest env FASTBP_PTX_CHECK=1 FASTBP_PTX_DIR="$ptx_dir" \
   "$py" -m pytest -q -p no:cacheprovider -n auto tests/cuda/test_ptx.py
 "$py" -m pip install -q 'nvidia-cuda-nvdisasm==13.*'
-"$py" -m fastbp.kernels.cuda_report --arch sm_90 --require-sass --ptx-dir "$ptx_dir"
+"$py" -m dev.cuda_report --arch sm_90 --require-sass --ptx-dir "$ptx_dir"
 rm -rf "$ptx_dir"

@@ -33,9 +33,9 @@ Every kernel OVERWRITES its outputs (except ``add_into``, which exists to accumu
 nothing. This is the ONE module that imports the CUDA binding (``numba.cuda``; ``cuda.core`` for graphs):
 the other kernel modules take ``cuda`` from here, so switching to another binding is a change to this
 file. Decorators are lazy (no signatures): importing works without a GPU, and ``kernel_signatures``
-lists the signatures the backend launches of this module's kernels; ``cuda_report.kernel_signatures``
-covers all three kernel modules for the PTX check (``tests/cuda/test_ptx.py``) and the resource report
-(``python -m fastbp.kernels.cuda_report``).
+lists the signatures the backend launches of this module's kernels; the repository's
+``dev/cuda_report.py`` covers all three kernel modules for the PTX check (``tests/cuda/test_ptx.py``) and the
+resource report (``python -m dev.cuda_report``).
 
 Launch settings are module-level so tests can shrink them (inputs then span several blocks, with a
 partial one). They size shared and local arrays, so on a GPU they are compile-time constants: change them

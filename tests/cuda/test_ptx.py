@@ -32,7 +32,7 @@ F64_ACCUMULATOR_OPS = re.compile(r"^(cvt\.f64\.f32|add\.f64|div\.rn\.f64|abs\.f6
 def kernel_names():
     if not HAVE_CUDA_EXTRA or SIMULATOR:
         return []
-    from fastbp.kernels import cuda_report
+    from dev import cuda_report
 
     return sorted(cuda_report.kernel_signatures(np.float32))
 
@@ -47,7 +47,7 @@ def _f64_instructions(ptx):
 @pytest.mark.parametrize("name", kernel_names())
 def test_kernel_compiles_to_ptx(name, dtype, cc):
     from fastbp.kernels import cuda as kernels
-    from fastbp.kernels import cuda_report
+    from dev import cuda_report
 
     ptx = cuda_report.compile_ptx(name, dtype, cc)
     keep = os.environ.get("FASTBP_PTX_DIR")  # CI's resource report reads them (cuda_report --ptx-dir)
@@ -75,8 +75,9 @@ def test_every_kernel_is_checked():
     """Each kernel the backends can launch is in kernel_signatures, so nothing goes unchecked: the
     module-level ones of the three kernel modules, and those built per launch setting (all of whose
     builders kernel_signatures calls)."""
+    from dev import cuda_report
     from fastbp.kernels import cuda as kernels
-    from fastbp.kernels import cuda_fused, cuda_report, cuda_step
+    from fastbp.kernels import cuda_fused, cuda_step
 
     checked = {kern.py_func for dtype in (np.float32, np.float64)  # some are built per dtype
                for kern, _ in cuda_report.kernel_signatures(dtype).values()}
@@ -90,7 +91,7 @@ def test_every_kernel_is_checked():
 
 def test_compiling_with_numpy_2_5_says_how_to_fix(monkeypatch):
     from fastbp.kernels import cuda as kernels
-    from fastbp.kernels import cuda_report
+    from dev import cuda_report
 
     monkeypatch.setattr(np, "__version__", "2.5.0")
     with pytest.raises(RuntimeError, match=r"pip install 'numpy<2.5'"):

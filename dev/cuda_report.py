@@ -1,8 +1,10 @@
 """Resource report of every CUDA kernel: registers, shared memory, stack and spills, and the SASS
 instructions per FFMA of each product kernel's inner loop, all without a GPU.
 
-    python -m fastbp.kernels.cuda_report [--arch sm_90] [--dtype float32 float64] [--max-registers N]
-                                         [--max-sass-per-fma 6] [--json FILE] [--ptx-dir DIR]
+    python -m dev.cuda_report [--arch sm_90] [--dtype float32 float64] [--max-registers N]
+                              [--max-sass-per-fma 6] [--json FILE] [--ptx-dir DIR]
+
+A development tool (run it from the repository's root): it lives in dev/, outside the installed package.
 
 Each kernel is compiled to PTX with the signatures the backend launches (``kernel_signatures`` below)
 and assembled by ``ptxas -v`` (from a CUDA toolkit: PATH, $CUDA_HOME/bin or /usr/local/cuda/bin). For the
@@ -29,8 +31,8 @@ import tempfile
 
 import numpy as np
 
-from . import cuda as kernels
-from . import cuda_fused, cuda_step
+from fastbp.kernels import cuda as kernels
+from fastbp.kernels import cuda_fused, cuda_step
 
 _USED = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"Used \d+ registers.*?(\d+) bytes smem")
