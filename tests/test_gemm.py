@@ -117,18 +117,19 @@ def test_dense_backward_input(shape, act, dtype, rng):
 
 
 # --- threads ------------------------------------------------------------------------------------------------------
-def _all_kernels(dtype, rng, B, n_in, n_out):
-    """Outputs of the three products on one problem (big enough for the parallel path)."""
+def _all_kernels(dtype, rng, B, n_in, n_out, product=gemm._product):
+    """Outputs of the three products on one problem (big enough for the parallel path), by ``product``
+    (gemm._product, or gemm.product: the drivers')."""
     inp, w, b = _data(rng, dtype, B, n_in), _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
     dout = _data(rng, dtype, B, n_out)
     y = np.abs(_data(rng, dtype, B, n_in))
     P = _workspace(B, n_in, n_out, dtype)
     out = np.empty((B, n_out), dtype)
-    forward(out, inp, w, b, ACTIVATIONS["sigmoid"], P)
+    product(gemm.FORWARD, ACTIVATIONS["sigmoid"], out, inp, w, b, out, P)
     dweight, dbias = np.empty((n_in, n_out), dtype), np.empty(n_out, dtype)
-    weight_grad(dweight, dbias, dout, inp, P)
+    product(gemm.WEIGHT_GRAD, ACTIVATIONS["identity"], dweight, inp, dout, dbias, dweight, P)
     dinp = np.empty((B, n_in), dtype)
-    input_grad(dinp, dout, w, y, ACTIVATIONS["relu"], P)
+    product(gemm.INPUT_GRAD, ACTIVATIONS["relu"], dinp, dout, w, P, y, P)
     return out, dweight, dbias, dinp
 
 
@@ -159,21 +160,6 @@ def test_one_and_two_threads_bit_identical(shape, dtype):
     np.testing.assert_allclose(parallel[2], dout.astype(np.float64).sum(axis=0), **TOLERANCES[dtype])
 
 
-def _products_by_symbol(dtype, rng, B, n_in, n_out):
-    # _all_kernels' three products through gemm.product, the drivers' product
-    inp, w, b = _data(rng, dtype, B, n_in), _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
-    dout = _data(rng, dtype, B, n_out)
-    y = np.abs(_data(rng, dtype, B, n_in))
-    P = _workspace(B, n_in, n_out, dtype)
-    out = np.empty((B, n_out), dtype)
-    gemm.product(gemm.FORWARD, ACTIVATIONS["sigmoid"], out, inp, w, b, out, P)
-    dweight, dbias = np.empty((n_in, n_out), dtype), np.empty(n_out, dtype)
-    gemm.product(gemm.WEIGHT_GRAD, ACTIVATIONS["identity"], dweight, inp, dout, dbias, dweight, P)
-    dinp = np.empty((B, n_in), dtype)
-    gemm.product(gemm.INPUT_GRAD, ACTIVATIONS["relu"], dinp, dout, w, P, y, P)
-    return out, dweight, dbias, dinp
-
-
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
 @pytest.mark.parametrize("shape", [(130, 97, 257), (300, 64, 256)], ids=str)
 def test_the_drivers_product_gives_the_same_numbers_before_its_parallel_region_is_compiled(shape, dtype,
@@ -187,10 +173,10 @@ def test_the_drivers_product_gives_the_same_numbers_before_its_parallel_region_i
         numba.set_num_threads(2)
         linked = _all_kernels(dtype, np.random.default_rng(3), B, n_in, n_out)
         gemm.parallel_tasks.fill(numba.from_dtype(dtype))
-        parallel = _products_by_symbol(dtype, np.random.default_rng(3), B, n_in, n_out)
+        parallel = _all_kernels(dtype, np.random.default_rng(3), B, n_in, n_out, gemm.product)
         # emptied: a call through it would raise (_jit: "was called before it was compiled")
         monkeypatch.setattr(gemm.parallel_tasks._slots[numba.from_dtype(dtype)], "value", None)
-        serial = _products_by_symbol(dtype, np.random.default_rng(3), B, n_in, n_out)
+        serial = _all_kernels(dtype, np.random.default_rng(3), B, n_in, n_out, gemm.product)
     finally:
         numba.set_num_threads(previous)
     for a, b, c in zip(linked, parallel, serial):

@@ -1,5 +1,6 @@
 """Compilation promises: import compiles nothing, a second process loads kernels from the disk cache,
 and a function that cannot be cached still works (with a warning) instead of failing at import."""
+import contextlib
 import importlib.util
 import os
 import re
@@ -561,18 +562,34 @@ def _without_the_optional_function(monkeypatch):
     monkeypatch.setattr(fastbp._jit, "_next_poll", [0.0])
 
 
+@contextlib.contextmanager
+def _a_driver_with_an_optional_callee(monkeypatch):
+    """(entry, a, started): an Entry of _optional_caller whose optional callee is missing everywhere, its array,
+    and the stand-in helpers (asleep, claiming nothing) that its sessions start."""
+    started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
+    _without_the_optional_function(monkeypatch)
+    try:
+        yield fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller)), np.zeros(1), started
+    finally:
+        for helper in started:
+            if helper.process.poll() is None:
+                helper.process.kill()
+            helper.process.wait()
+            helper.close()
+
+
+def _after_a_poll_interval():
+    import time
+
+    time.sleep(fastbp._jit.POLL_SECONDS)  # Entry looks for optional functions at most this often
+
+
 def test_an_optional_function_is_left_to_the_helper_and_picked_up_by_a_later_call(monkeypatch):
     """A session does not compile an optional function its driver tests with is_compiled: the helper gets it
     (last), the driver runs without it, and a later call loads it once the helper has marked it done."""
-    import time
-
     from numba import types
 
-    started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
-    _without_the_optional_function(monkeypatch)
-    entry = fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller))
-    a = np.zeros(1)
-    try:
+    with _a_driver_with_an_optional_callee(monkeypatch) as (entry, a, started):
         entry(a)
         assert a[0] == 1.0 and _optional_by_slot._results == {}  # ran without it; not compiled here
         assert [helper.leaves for helper in started] == [[_optional_by_slot]]
@@ -580,64 +597,41 @@ def test_an_optional_function_is_left_to_the_helper_and_picked_up_by_a_later_cal
         entry(a)  # the helper is not done: still without it
         assert a[0] == 2.0
         open(fastbp._jit.done_marker(started[0].folder, _optional_by_slot, types.float64), "wb").close()
-        time.sleep(fastbp._jit.POLL_SECONDS)
+        _after_a_poll_interval()
         entry(a)  # loaded (compiled here: cache=False stands in for the disk cache), then called
         assert a[0] == 12.0 and fastbp._jit._optional_pending == []
-    finally:
-        for helper in started:
-            helper.process.kill()
-            helper.process.wait()
-            helper.close()
 
 
 def test_an_optional_function_whose_helper_died_is_compiled_by_a_later_call(monkeypatch):
-    import time
-
-    started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
-    _without_the_optional_function(monkeypatch)
-    entry = fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller))
-    a = np.zeros(1)
-    try:
+    with _a_driver_with_an_optional_callee(monkeypatch) as (entry, a, started):
         entry(a)
         assert a[0] == 1.0
         started[0].process.kill()
         started[0].process.wait()
-        time.sleep(fastbp._jit.POLL_SECONDS)
+        _after_a_poll_interval()
         entry(a)
         assert a[0] == 11.0 and fastbp._jit._optional_pending == []
-    finally:
-        for helper in started:
-            helper.close()
 
 
 def test_a_forked_process_loads_an_optional_function_from_the_cache_and_never_compiles_it(monkeypatch):
     """A process forked while its parent's helper compiled an optional function (joblib's workers, say) inherits the
     pending entry: it cannot wait for that helper (not its child), so it loads the function once the disk cache
     has it, and runs without it until then instead of compiling it."""
-    import time
-
     from numba import types
 
-    started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
-    _without_the_optional_function(monkeypatch)
-    entry = fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller))
-    a = np.zeros(1)
-    try:
+    with _a_driver_with_an_optional_callee(monkeypatch) as (entry, a, started):
         entry(a)
         assert fastbp._jit._optional_pending == [(_optional_by_slot, types.float64, started[0])]
         monkeypatch.setattr(started[0], "owner", -1)  # as seen from a forked child
         started[0].process.kill()
         started[0].process.wait()  # gone: a parent's helper would look gone from the child too
-        time.sleep(fastbp._jit.POLL_SECONDS)
+        _after_a_poll_interval()
         entry(a)
         assert a[0] == 2.0 and _optional_by_slot._results == {}  # not compiled here
         monkeypatch.setattr(_optional_by_slot, "in_disk_cache", lambda dtype: True)  # the parent's helper wrote it
-        time.sleep(fastbp._jit.POLL_SECONDS)
+        _after_a_poll_interval()
         entry(a)  # loaded (compiled here: cache=False stands in for the disk cache), then called
         assert a[0] == 12.0 and fastbp._jit._optional_pending == []
-    finally:
-        for helper in started:
-            helper.close()
 
 
 def test_without_a_helper_an_optional_function_is_compiled_with_its_driver(monkeypatch):
