@@ -129,7 +129,7 @@ class SeparatelyCompiled:
         return self.dispatcher(*args)
 
     def __repr__(self):
-        return f"<separately compiled {self.__module__}.{self.__qualname__}>"
+        return f"<separately compiled {self.py_func.__module__}.{self.__qualname__}>"
 
     def __reduce__(self):
         # by reference, as the module-level object it is (its slots hold this process's addresses): a pickled

@@ -358,6 +358,12 @@ def test_the_driver_versions_are_those_the_backend_calls(monkeypatch):
     assert len(seen) >= 12 and set(seen) == versions
 
 
+def test_a_separately_compiled_function_names_its_own_module():
+    from fastbp.kernels import gemm
+
+    assert repr(gemm.parallel_tasks) == "<separately compiled fastbp.kernels.gemm._parallel_tasks>"
+
+
 def test_separately_compiled_functions_pickle_by_reference():
     # their slots hold this process's addresses; a pickled trainer's fused kernel names them (test_workers)
     import pickle
