@@ -95,12 +95,15 @@ def cpu_jit(parallel=False, cache=True, **options):
 # slot.
 #
 # Optional slots. A function made with ``optional=True`` is one its callers can do without: they test its slot
-# with ``is_compiled(function, array)`` and call it only where that is true, doing the same work another way
-# otherwise (the product engine's parallel region: its callers run the product on the calling thread until it is
-# there). Its slot is filled from the disk cache where the cache has it; else, in a compile session with a
-# helper process, the helper compiles it after everything else on its list, and the process loads it at a later
-# call of a driver (Entry polls for it); without a helper (one CPU, FASTBP_COMPILE_PROCESSES=1, precompile), and
-# outside compile sessions, it is compiled at once as any other.
+# with ``is_compiled(function, array)`` where they would call it and call it only where that is true, doing the
+# same work another way otherwise (the product engine's parallel region: its callers run the product on the
+# calling thread until it is there). A test that finds the slot empty also marks the function wanted (a flag
+# beside the slot). A compile session leaves it out: at the session's end it is filled from the disk cache where
+# the cache has it; else a helper process compiles it after everything else on its list, and the process loads
+# it at a later call of a driver (Entry looks for it); without a helper (one CPU, FASTBP_COMPILE_PROCESSES=1) it
+# is compiled in this process at the first driver call after a caller wanted it, so that a process whose
+# products are all small never compiles it. fastbp.precompile (one_compile_process) and calls outside compile
+# sessions compile it at once, as any other.
 class SeparatelyCompiled:
     """A compiled function that other compiled functions call through a slot, compiled once per dtype.
 
@@ -123,6 +126,7 @@ class SeparatelyCompiled:
         self.__doc__ = dispatcher.py_func.__doc__
         self._slots = {}  # dtype -> ctypes.c_void_p whose address is the slot's symbol
         self._results = {}  # dtype -> numba's compile result, once its address is in the slot
+        self._wanted = {}  # dtype -> ctypes.c_int64 that is_compiled sets to 1 on finding the slot empty (optional)
         _register_call_typing(self)
 
     def __call__(self, *args):
@@ -147,6 +151,19 @@ class SeparatelyCompiled:
             slot = ctypes.c_void_p(0)
             llvm.add_symbol(self.symbol(dtype), ctypes.addressof(slot))
             self._slots[dtype] = slot
+            if self.optional:
+                wanted = ctypes.c_int64(0)
+                llvm.add_symbol(self.wanted_symbol(dtype), ctypes.addressof(wanted))
+                self._wanted[dtype] = wanted
+
+    def wanted_symbol(self, dtype) -> str:
+        """The name of the flag beside an optional function's ``dtype`` slot (see is_compiled)."""
+        return self.symbol(dtype) + ".wanted"
+
+    def wanted(self, dtype) -> bool:
+        """Whether compiled code has tested this optional function's empty ``dtype`` slot (it would have called it)."""
+        cell = self._wanted.get(dtype)
+        return cell is not None and cell.value != 0
 
     def register(self, dtype):
         """Declare the ``dtype`` version and fill its slot now, or, inside a compile session, when the session
@@ -296,19 +313,24 @@ def _register_call_typing(function):
         return value
 
 
-def _slot_variable(builder, name):
-    # The slot ``name`` in the module being built: a declaration, which the loader binds to the slot's address
-    # (see SeparatelyCompiled).
+_SLOT_TYPE = ir.IntType(8).as_pointer()  # a slot holds a function's address
+_WANTED_TYPE = ir.IntType(64)  # an optional function's wanted flag (see is_compiled)
+
+
+def _slot_variable(builder, name, kind=_SLOT_TYPE):
+    # The slot ``name`` (or, kind _WANTED_TYPE, an optional function's wanted flag) in the module being built: a
+    # declaration, which the loader binds to the address registered under that name (see SeparatelyCompiled).
     slot = builder.module.globals.get(name)
     if slot is None:
-        slot = ir.GlobalVariable(builder.module, ir.IntType(8).as_pointer(), name)
+        slot = ir.GlobalVariable(builder.module, kind, name)
     return slot
 
 
 @intrinsic
 def is_compiled(typingctx, function, like):
     """In compiled code: whether the optional separately compiled ``function`` (a global) has its version for the
-    dtype of the array ``like`` in its slot, so that it may be called (see "Optional slots")."""
+    dtype of the array ``like`` in its slot, so that it may be called; where not, it marks the function wanted
+    (see "Optional slots"). Test it where the function would be called, not ahead."""
     target = getattr(function, "typing_key", None)
     if not (isinstance(target, SeparatelyCompiled) and target.optional and isinstance(like, types.Array)):
         raise errors.TypingError(f"is_compiled takes an optional SeparatelyCompiled function and an array; got "
@@ -317,8 +339,11 @@ def is_compiled(typingctx, function, like):
     target.register(dtype)
 
     def codegen(context, builder, signature, args):
-        address = builder.load(_slot_variable(builder, target.symbol(dtype)))
-        return cgutils.is_not_null(builder, address)
+        filled = cgutils.is_not_null(builder, builder.load(_slot_variable(builder, target.symbol(dtype))))
+        with builder.if_then(builder.not_(filled), likely=False):
+            builder.store(ir.Constant(_WANTED_TYPE, 1),
+                          _slot_variable(builder, target.wanted_symbol(dtype), _WANTED_TYPE))
+        return filled
 
     return types.boolean(function, like), codegen
 
@@ -816,7 +841,8 @@ def compile_in_session(dispatcher, signature):
             _fill_optional(function, function_dtype, helper)
 
 
-# The optional functions that a helper compiles for this process: (function, dtype, helper), until loaded.
+# The optional functions this process does not have yet: (function, dtype, the helper compiling it, or None where
+# this process compiles it once wanted), until filled.
 _optional_pending = []
 _next_poll = [0.0]  # time.monotonic() of the next look at them (Entry)
 POLL_SECONDS = 0.01
@@ -824,20 +850,23 @@ POLL_SECONDS = 0.01
 
 def _fill_optional(function, dtype, helper) -> None:
     """A session's end for an optional function it met (see "Optional slots"): filled from the disk cache, left to
-    ``helper`` (loaded by a later Entry call, _poll_optional) or, without a running helper, compiled here."""
+    ``helper`` (loaded by a later Entry call, _poll_optional), compiled here at once inside one_compile_process
+    (precompile fills the cache with it), or else left for this process to compile once a caller wants it."""
     if dtype in function._results or any(item[:2] == (function, dtype) for item in _optional_pending):
         return
-    if function.in_disk_cache(dtype) or helper is None or helper.process.poll() is not None:
+    if function.in_disk_cache(dtype) or _one_process[0]:
         function.fill(dtype)
-        return
-    if function not in helper.leaves:
-        helper.add([function], last=True)
-    _optional_pending.append((function, dtype, helper))
+    elif helper is not None and helper.process.poll() is None:
+        if function not in helper.leaves:
+            helper.add([function], last=True)
+        _optional_pending.append((function, dtype, helper))
+    else:
+        _optional_pending.append((function, dtype, None))
 
 
 def _poll_optional() -> None:
-    """Load the optional functions that helpers have compiled since the last look (at most every POLL_SECONDS);
-    compile here one whose helper exited without it."""
+    """Load the optional functions that helpers have compiled since the last look (at most every POLL_SECONDS), and
+    compile those that no helper compiles (none started, or it exited without them) once a caller has wanted them."""
     import time
 
     from numba.core.compiler_lock import global_compiler_lock
@@ -851,15 +880,19 @@ def _poll_optional() -> None:
             function, dtype, helper = item
             if dtype in function._results:
                 _optional_pending.remove(item)
-            elif helper.owner != os.getpid():
+            elif helper is not None and helper.owner != os.getpid():
                 # inherited through fork: the parent's helper, which this process cannot wait for; loaded once the
                 # disk cache has it (the parent's helper writes it there), never compiled here
                 if function.in_disk_cache(dtype):
                     _optional_pending.remove(item)
                     function.fill(dtype)
-            elif os.path.exists(done_marker(helper.folder, function, dtype)) or helper.process.poll() is not None:
+            elif helper is not None and os.path.exists(done_marker(helper.folder, function, dtype)):
                 _optional_pending.remove(item)
-                function.fill(dtype)  # from the disk cache, or compiled here if the helper failed
+                function.fill(dtype)  # from the disk cache
+            elif helper is None or helper.process.poll() is not None:  # this process's to compile, once wanted
+                if function.wanted(dtype):
+                    _optional_pending.remove(item)
+                    function.fill(dtype)
 
 
 def _missing_leaves(dispatchers, dtype):

@@ -546,7 +546,9 @@ def _optional_leaf(a):
 
 
 def _optional_caller(a):
-    if fastbp._jit.is_compiled(_optional_by_slot, a):
+    # wants the optional function for arrays of 2 or more (the product engine: for products big enough to be
+    # worth a parallel region)
+    if a.shape[0] >= 2 and fastbp._jit.is_compiled(_optional_by_slot, a):
         _optional_by_slot(a)
     else:  # what the caller does without it (the product engine: its tasks on the calling thread)
         a[0] += 1.0
@@ -562,6 +564,7 @@ def _without_the_optional_function(monkeypatch):
 
     _optional_by_slot.declare(types.float64)
     monkeypatch.setattr(_optional_by_slot._slots[types.float64], "value", None)
+    monkeypatch.setattr(_optional_by_slot._wanted[types.float64], "value", 0)
     monkeypatch.setattr(_optional_by_slot, "_results", {})
     monkeypatch.setattr(_optional_by_slot, "in_disk_cache", lambda dtype: False)
     monkeypatch.setattr(fastbp._jit, "_optional_pending", [])
@@ -575,7 +578,7 @@ def _a_driver_with_an_optional_callee(monkeypatch):
     started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
     _without_the_optional_function(monkeypatch)
     try:
-        yield fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller)), np.zeros(1), started
+        yield fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller)), np.zeros(2), started
     finally:
         for helper in started:
             if helper.process.poll() is None:
@@ -640,12 +643,36 @@ def test_a_forked_process_loads_an_optional_function_from_the_cache_and_never_co
         assert a[0] == 12.0 and fastbp._jit._optional_pending == []
 
 
-def test_without_a_helper_an_optional_function_is_compiled_with_its_driver(monkeypatch):
-    # one usable CPU, FASTBP_COMPILE_PROCESSES=1, fastbp.precompile: nothing would compile it later
+@pytest.mark.parametrize("wants_it", [True, False], ids=["wanted", "never wanted"])
+def test_without_a_helper_an_optional_function_is_compiled_once_a_call_wants_it(monkeypatch, wants_it):
+    """One usable CPU or FASTBP_COMPILE_PROCESSES=1: no helper compiles it, so this process does, at the first call
+    after a caller found its slot empty where it would have called it; a process that never needs it (a small
+    network's products) never compiles it."""
+    from numba import types
+
     _without_the_optional_function(monkeypatch)
     monkeypatch.setattr(fastbp._jit, "_helper_allowed", lambda: False)
-    a = np.zeros(1)
-    fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller))(a)
+    entry = fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller))
+    a = np.zeros(2 if wants_it else 1)
+    entry(a)
+    assert a[0] == 1.0 and _optional_by_slot._results == {}
+    assert fastbp._jit._optional_pending == [(_optional_by_slot, types.float64, None)]
+    assert _optional_by_slot.wanted(types.float64) == wants_it
+    _after_a_poll_interval()
+    entry(a)
+    if wants_it:  # compiled before this call, which calls it
+        assert a[0] == 11.0 and fastbp._jit._optional_pending == []
+    else:
+        assert a[0] == 2.0 and _optional_by_slot._results == {} and len(fastbp._jit._optional_pending) == 1
+
+
+def test_precompile_compiles_an_optional_function_with_its_driver(monkeypatch):
+    # fastbp.precompile compiles in sessions without helpers (one_compile_process): it fills the cache with
+    # everything a later process may load, the optional functions included
+    _without_the_optional_function(monkeypatch)
+    a = np.zeros(2)
+    with fastbp._jit.one_compile_process():
+        fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller))(a)
     assert a[0] == 10.0 and fastbp._jit._optional_pending == []
 
 

@@ -796,7 +796,8 @@ def _product_signature(f):
 # the same order whatever the split). numba outlines a prange's body into a function it compiles with the
 # parfor passes: about 1 s of every cold first fit and predict in this process (_product_by_symbol 1.4-2.0 s,
 # AMD EPYC Zen 4), though a small network's products never reach PARALLEL_MIN_WORK. The compile helper compiles
-# it last instead, and a process picks it up from the disk cache at a later call (see _jit, "optional slots").
+# it last instead, and a process picks it up from the disk cache at a later call; without a helper, a process
+# compiles it at the first call after a product wanted it (see _jit, "Optional slots").
 @engine_jit(parallel=True)
 def _product(kind, act, out, a, b, vec, y, panels):
     """The product ``kind`` (see _task for the operands), on the calling thread or as one parallel region of
