@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import os
 import pickle
+import time
 import warnings
 from types import ModuleType as types_module
 
@@ -726,8 +727,6 @@ class _Helper:
     def take(self, needed, dtype):
         """Make the ``needed`` leaves loadable: those the helper has not started are compiled here (last first),
         the others waited for (until the helper marks them done, or exits); leaves not needed stay with it."""
-        import time
-
         mine = []
         for function in reversed(self.leaves):  # one at a time: the helper takes from the front meanwhile
             if function in needed and claim(self.folder, function, dtype):
@@ -866,9 +865,9 @@ def _fill_optional(function, dtype, helper) -> None:
 
 def _poll_optional() -> None:
     """Load the optional functions that helpers have compiled since the last look (at most every POLL_SECONDS), and
-    compile those that no helper compiles (none started, or it exited without them) once a caller has wanted them."""
-    import time
-
+    compile those that no helper compiles (none started, or it exited without them) once a caller has wanted them.
+    Entry calls it while any are pending (for good, in a process that never wants one): it returns at once
+    until POLL_SECONDS have passed since its last look."""
     from numba.core.compiler_lock import global_compiler_lock
 
     now = time.monotonic()
@@ -996,7 +995,7 @@ class Entry:
         if dtype not in self._ready:
             compile_in_session(self.dispatcher, tuple(self.dispatcher.typeof_pyval(a) for a in args))
             self._ready.add(dtype)
-        if _optional_pending:
+        if _optional_pending and time.monotonic() >= _next_poll[0]:  # the test first: every call passes here
             _poll_optional()
         return self.dispatcher(*args)
 
