@@ -866,14 +866,11 @@ def _fill_optional(function, dtype, helper) -> None:
 def _poll_optional() -> None:
     """Load the optional functions that helpers have compiled since the last look (at most every POLL_SECONDS), and
     compile those that no helper compiles (none started, or it exited without them) once a caller has wanted them.
-    Entry calls it while any are pending (for good, in a process that never wants one): it returns at once
-    until POLL_SECONDS have passed since its last look."""
+    Entry calls it while any are pending (for good, in a process that never wants one), once _next_poll has come:
+    the next look is POLL_SECONDS after this one."""
     from numba.core.compiler_lock import global_compiler_lock
 
-    now = time.monotonic()
-    if now < _next_poll[0]:
-        return
-    _next_poll[0] = now + POLL_SECONDS
+    _next_poll[0] = time.monotonic() + POLL_SECONDS
     with global_compiler_lock:
         for item in list(_optional_pending):
             function, dtype, helper = item
