@@ -96,15 +96,16 @@ def cpu_jit(parallel=False, cache=True, **options):
 # slot.
 #
 # Optional slots. A function made with ``optional=True`` is one its callers can do without: they test its slot
-# with ``is_compiled(function, array)`` where they would call it and call it only where that is true, doing the
-# same work another way otherwise (the product engine's parallel region: its callers run the product on the
-# calling thread until it is there). A test that finds the slot empty also marks the function wanted (a flag
-# beside the slot). A compile session leaves it out: at the session's end it is filled from the disk cache where
-# the cache has it; else a helper process compiles it after everything else on its list, and the process loads
-# it at a later call of a driver (Entry looks for it); without a helper (one CPU, FASTBP_COMPILE_PROCESSES=1) it
-# is compiled in this process at the first driver call after a caller wanted it, so that a process whose
-# products are all small never compiles it. fastbp.precompile (one_compile_process) and calls outside compile
-# sessions compile it at once, as any other.
+# with ``is_compiled(function, array, work)`` where they would call it and call it only where that is true, doing
+# the same work another way otherwise (the product engine's tiled worker: its callers run the plain product
+# until it is there; its parallel region: they run the product on the calling thread). A test that finds the slot
+# empty adds ``work`` to a count beside the slot; the function is wanted once that reaches its ``wanted_after``.
+# A compile session leaves it out: at the session's end it is filled from the disk cache where the cache has it;
+# else a helper process compiles it after everything else on its list, and the process loads it at a later call
+# of a driver (Entry looks for it); without a helper (one CPU, FASTBP_COMPILE_PROCESSES=1) it is compiled in this
+# process at the first driver call after it became wanted, so that a process whose products are all small never
+# compiles the parallel region, and one that does little product work never compiles the tiled worker.
+# fastbp.precompile (one_compile_process) and calls outside compile sessions compile it at once, as any other.
 class SeparatelyCompiled:
     """A compiled function that other compiled functions call through a slot, compiled once per dtype.
 
@@ -113,21 +114,23 @@ class SeparatelyCompiled:
     when it is compiled): a call from compiled code must have those types (literal integers are converted, and a
     writable array goes where a read-only one is declared), so that the slot a cached caller needs can always be
     rebuilt from the dtype alone. Called from Python, it is the plain dispatcher. ``optional``: callers test
-    :func:`is_compiled` before calling it and do without it until then (see "Optional slots" above).
+    :func:`is_compiled` before calling it and do without it until then (see "Optional slots" above); without a
+    helper process it is compiled once the work its callers did without it adds up to ``wanted_after``.
     """
 
-    def __init__(self, dispatcher, signature_for, returns=types.none, optional=False):
+    def __init__(self, dispatcher, signature_for, returns=types.none, optional=False, wanted_after=1):
         self.dispatcher = dispatcher
         self.signature_for = signature_for
         self.returns = returns
         self.optional = optional
+        self.wanted_after = wanted_after
         self.py_func = dispatcher.py_func
         self.__name__ = dispatcher.py_func.__name__
         self.__qualname__ = dispatcher.py_func.__qualname__
         self.__doc__ = dispatcher.py_func.__doc__
         self._slots = {}  # dtype -> ctypes.c_void_p whose address is the slot's symbol
         self._results = {}  # dtype -> numba's compile result, once its address is in the slot
-        self._wanted = {}  # dtype -> ctypes.c_int64 that is_compiled sets to 1 on finding the slot empty (optional)
+        self._wanted = {}  # dtype -> ctypes.c_int64 to which is_compiled adds its work on finding the slot empty
         _register_call_typing(self)
 
     def __call__(self, *args):
@@ -158,13 +161,14 @@ class SeparatelyCompiled:
                 self._wanted[dtype] = wanted
 
     def wanted_symbol(self, dtype) -> str:
-        """The name of the flag beside an optional function's ``dtype`` slot (see is_compiled)."""
+        """The name of the count beside an optional function's ``dtype`` slot (see is_compiled)."""
         return self.symbol(dtype) + ".wanted"
 
     def wanted(self, dtype) -> bool:
-        """Whether compiled code has tested this optional function's empty ``dtype`` slot (it would have called it)."""
+        """Whether the work that compiled code did without this optional function (finding its ``dtype`` slot
+        empty) adds up to its ``wanted_after``."""
         cell = self._wanted.get(dtype)
-        return cell is not None and cell.value != 0
+        return cell is not None and cell.value >= self.wanted_after
 
     def register(self, dtype):
         """Declare the ``dtype`` version and fill its slot now, or, inside a compile session, when the session
@@ -315,11 +319,11 @@ def _register_call_typing(function):
 
 
 _SLOT_TYPE = ir.IntType(8).as_pointer()  # a slot holds a function's address
-_WANTED_TYPE = ir.IntType(64)  # an optional function's wanted flag (see is_compiled)
+_WANTED_TYPE = ir.IntType(64)  # an optional function's count of work done without it (see is_compiled)
 
 
 def _slot_variable(builder, name, kind=_SLOT_TYPE):
-    # The slot ``name`` (or, kind _WANTED_TYPE, an optional function's wanted flag) in the module being built: a
+    # The slot ``name`` (or, kind _WANTED_TYPE, an optional function's wanted count) in the module being built: a
     # declaration, which the loader binds to the address registered under that name (see SeparatelyCompiled).
     slot = builder.module.globals.get(name)
     if slot is None:
@@ -328,25 +332,28 @@ def _slot_variable(builder, name, kind=_SLOT_TYPE):
 
 
 @intrinsic
-def is_compiled(typingctx, function, like):
+def is_compiled(typingctx, function, like, work):
     """In compiled code: whether the optional separately compiled ``function`` (a global) has its version for the
-    dtype of the array ``like`` in its slot, so that it may be called; where not, it marks the function wanted
-    (see "Optional slots"). Test it where the function would be called, not ahead."""
+    dtype of the array ``like`` in its slot, so that it may be called; where not, it adds ``work`` (an integer:
+    what the caller does without it, in any unit the function's wanted_after counts) to the function's wanted
+    count (see "Optional slots"). Test it where the function would be called, not ahead."""
     target = getattr(function, "typing_key", None)
-    if not (isinstance(target, SeparatelyCompiled) and target.optional and isinstance(like, types.Array)):
-        raise errors.TypingError(f"is_compiled takes an optional SeparatelyCompiled function and an array; got "
-                                 f"{function}, {like}")
+    if not (isinstance(target, SeparatelyCompiled) and target.optional and isinstance(like, types.Array)
+            and isinstance(work, types.Integer)):
+        raise errors.TypingError(f"is_compiled takes an optional SeparatelyCompiled function, an array and an "
+                                 f"integer; got {function}, {like}, {work}")
     dtype = like.dtype
     target.register(dtype)
 
     def codegen(context, builder, signature, args):
         filled = cgutils.is_not_null(builder, builder.load(_slot_variable(builder, target.symbol(dtype))))
         with builder.if_then(builder.not_(filled), likely=False):
-            builder.store(ir.Constant(_WANTED_TYPE, 1),
-                          _slot_variable(builder, target.wanted_symbol(dtype), _WANTED_TYPE))
+            count = _slot_variable(builder, target.wanted_symbol(dtype), _WANTED_TYPE)
+            added = context.cast(builder, args[2], work, types.int64)
+            builder.store(builder.add(builder.load(count), added), count)
         return filled
 
-    return types.boolean(function, like), codegen
+    return types.boolean(function, like, work), codegen
 
 
 class _RegisteringCache:
@@ -584,10 +591,27 @@ def _leaves(entry_func):
             callees_of[function] = _required_callees(function.py_func)
         frontier.extend((callee, level + 1) for callee in callees_of[function])
     leaves = [function for function in depth if not callees_of[function]]
-    # deepest first, and at one depth the longest bytecode first (a rough measure of its compile time): the helper
-    # starts at the front, this process takes from the back
-    return sorted(leaves, key=lambda function: (-depth[function], -len(function.py_func.__code__.co_code),
+    # deepest first, and at one depth the most code first (a rough measure of its compile time): the helper starts
+    # at the front, this process takes from the back
+    return sorted(leaves, key=lambda function: (-depth[function], -_code_size(function.py_func),
                                                 function.__qualname__))
+
+
+def _code_size(func, seen=None) -> int:
+    """Bytes of bytecode that func's compiled code is built from: its own and that of the compiled functions it
+    names, inlined or linked (not the separately compiled ones, which are compiled on their own). The product
+    engine's drivers' product is a short function whose plain product and epilogue are inlined: by its own
+    bytecode, a cold predict's helper took the loss before it."""
+    seen = set() if seen is None else seen
+    if func in seen:
+        return 0
+    seen.add(func)
+    size = len(func.__code__.co_code)
+    for name in func.__code__.co_names:
+        value = func.__globals__.get(name)
+        if hasattr(value, "py_func") and hasattr(value, "overloads") and not isinstance(value, SeparatelyCompiled):
+            size += _code_size(value.py_func, seen)
+    return size
 
 
 def _required_callees(func):
@@ -595,18 +619,22 @@ def _required_callees(func):
 
 
 def _optional_callees(entry_func):
-    """The optional separately compiled functions that ``entry_func``'s call tree reaches (not through them)."""
+    """The optional separately compiled functions that ``entry_func``'s call tree reaches, each after the optional
+    ones it calls (the product engine's worker before its parallel region, which calls it): the order a helper
+    compiles them in, and this process loads them in."""
     found, seen = [], set()
-    frontier = _separate_callees(entry_func)
-    while frontier:
-        function = frontier.pop()
+
+    def visit(function):
         if function not in seen:
             seen.add(function)
+            for callee in sorted(_separate_callees(function.py_func), key=lambda f: f.__qualname__):
+                visit(callee)
             if function.optional:
                 found.append(function)
-            else:
-                frontier.extend(_separate_callees(function.py_func))
-    return sorted(found, key=lambda function: function.__qualname__)
+
+    for callee in sorted(_separate_callees(entry_func), key=lambda f: f.__qualname__):
+        visit(callee)
+    return found
 
 
 _one_process = [0]  # > 0 inside one_compile_process()
@@ -789,8 +817,8 @@ def _helper_for(dtype, dispatchers, first=(), extend=False, then=()):
         missing += [version for version in then if _missing(version, dtype)]
         optional = [function for dispatcher in dispatchers for function in _optional_callees(dispatcher.py_func)
                     if _missing(function, dtype)]
-        optional = [function for function in dict.fromkeys(optional) if helper is None or function not in
-                    helper.leaves]
+        optional = [function for function in dict.fromkeys(optional) if function not in missing
+                    and (helper is None or function not in helper.leaves)]
         if helper is not None:
             # still busy: it takes these before what is left of its list (the demo's second trainer, made while
             # the first's helper compiled the loss, compiled its optimizer step in this process: 0.6 s). Only from
@@ -889,6 +917,29 @@ def _poll_optional() -> None:
                 if function.wanted(dtype):
                     _optional_pending.remove(item)
                     function.fill(dtype)
+
+
+def fill_optional_now(function, dtype) -> None:
+    """Put the optional ``function``'s ``dtype`` version in its slot before the next call: loaded from the disk
+    cache, waited for where a helper is compiling it, or compiled here (where no helper has started it, or none
+    compiles it). For a caller whose next call would run long without it (a backend's first fit of a large data
+    set, where the product engine's plain product is several times slower than its tiles): waiting for the
+    compile costs seconds, the other way could cost more. Nothing to do where the slot is filled already."""
+    from numba.core import event
+    from numba.core.compiler_lock import global_compiler_lock
+
+    if dtype in function._results:
+        return
+    with global_compiler_lock:
+        with event.trigger_event("numba:compile", data=dict(dispatcher=function.dispatcher,
+                                                            args=tuple(function.signature_for(dtype)),
+                                                            return_type=None)):  # counts as compiling
+            for item in [item for item in _optional_pending if item[:2] == (function, dtype)]:
+                _optional_pending.remove(item)
+                helper = item[2]
+                if helper is not None and helper.owner == os.getpid() and function in helper.leaves:
+                    helper.take([function], dtype)  # claimed here if the helper has not started it, else waited for
+            function.fill(dtype)  # from the disk cache where the helper put it, else compiled here
 
 
 def _missing_leaves(dispatchers, dtype):
@@ -990,11 +1041,18 @@ class Entry:
         if dtype is None:
             dtype = next((a.dtype for a in args if hasattr(a, "dtype")), None)
         if dtype not in self._ready:
-            compile_in_session(self.dispatcher, tuple(self.dispatcher.typeof_pyval(a) for a in args))
-            self._ready.add(dtype)
+            self.prepare(*args)
         if _optional_pending and time.monotonic() >= _next_poll[0]:  # the test first: every call passes here
             _poll_optional()
         return self.dispatcher(*args)
+
+    def prepare(self, *args):
+        """Compile for these arguments' dtype now, as the first call would (in a compile session), without
+        calling: for a caller that must do something between the compile and the call."""
+        dtype = next((a.dtype for a in args if hasattr(a, "dtype")), None)
+        if dtype not in self._ready:
+            compile_in_session(self.dispatcher, tuple(self.dispatcher.typeof_pyval(a) for a in args))
+            self._ready.add(dtype)
 
 
 # Shared helpers that both targets compile: inlined into every caller (see shared toolchain notes: only

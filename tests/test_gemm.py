@@ -117,19 +117,20 @@ def test_dense_backward_input(shape, act, dtype, rng):
 
 
 # --- threads ------------------------------------------------------------------------------------------------------
-def _all_kernels(dtype, rng, B, n_in, n_out, product=gemm._product):
+def _all_kernels(dtype, rng, B, n_in, n_out, product=gemm._product, act=None):
     """Outputs of the three products on one problem (big enough for the parallel path), by ``product``
-    (gemm._product, or gemm.product: the drivers')."""
+    (gemm._product, or gemm.product: the drivers'): the forward with sigmoid and the input gradient with relu, or
+    both with ``act``."""
     inp, w, b = _data(rng, dtype, B, n_in), _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
     dout = _data(rng, dtype, B, n_out)
-    y = np.abs(_data(rng, dtype, B, n_in))
+    y = np.abs(_data(rng, dtype, B, n_in)) if act is None else rng.uniform(-1, 1, (B, n_in)).astype(dtype)
     P = _workspace(B, n_in, n_out, dtype)
-    out = np.empty((B, n_out), dtype)
-    product(gemm.FORWARD, ACTIVATIONS["sigmoid"], out, inp, w, b, out, P)
-    dweight, dbias = np.empty((n_in, n_out), dtype), np.empty(n_out, dtype)
+    out = np.full((B, n_out), np.nan, dtype)
+    product(gemm.FORWARD, ACTIVATIONS[act or "sigmoid"], out, inp, w, b, out, P)
+    dweight, dbias = np.full((n_in, n_out), np.nan, dtype), np.full(n_out, np.nan, dtype)
     product(gemm.WEIGHT_GRAD, ACTIVATIONS["identity"], dweight, inp, dout, dbias, dweight, P)
-    dinp = np.empty((B, n_in), dtype)
-    product(gemm.INPUT_GRAD, ACTIVATIONS["relu"], dinp, dout, w, P, y, P)
+    dinp = np.full((B, n_in), np.nan, dtype)
+    product(gemm.INPUT_GRAD, ACTIVATIONS[act or "relu"], dinp, dout, w, P, y, P)
     return out, dweight, dbias, dinp
 
 
@@ -182,6 +183,65 @@ def test_the_drivers_product_gives_the_same_numbers_before_its_parallel_region_i
     for a, b, c in zip(linked, parallel, serial):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
+
+
+# Shapes where the tiles take each of their paths: a row tile and a panel, tile edges, a narrow last panel
+# (515, 301, 10), inp^T packed for the weight gradient (300, 64, 256), the parallel split (130, 97, 257).
+PLAIN_SHAPES = SHAPES + [(130, 97, 257), (300, 64, 256), (515, 301, 10), (9, 70, 130)]
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("shape", PLAIN_SHAPES, ids=str)
+def test_the_plain_product_gives_the_numbers_of_the_tiles(shape, act, dtype, monkeypatch):
+    """gemm.product (the drivers') runs the plain product while the tiled worker (gemm.task_by_symbol, optional)
+    is not in its slot (a cold process, until the compile helper has compiled it), and for a forward of fewer
+    rows than a tile always: bit for bit the numbers of the tiles (gemm._product, the worker linked in) for every
+    kind and activation, so that a fit gives the same numbers whenever the worker arrives, and a row predicted
+    alone those it gets in a batch. The parallel region is in its slot: the product must not take it without the
+    worker."""
+    B, n_in, n_out = shape
+    f = numba.from_dtype(dtype)
+    gemm.task_by_symbol.fill(f)
+    gemm.parallel_tasks.fill(f)
+    previous = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2 if numba.config.NUMBA_NUM_THREADS >= 2 else 1)
+        tiles = _all_kernels(dtype, np.random.default_rng(5), B, n_in, n_out, act=act)
+        monkeypatch.setattr(gemm.task_by_symbol._slots[f], "value", None)  # emptied (a call through it raises)
+        plain = _all_kernels(dtype, np.random.default_rng(5), B, n_in, n_out, gemm.product, act=act)
+    finally:
+        numba.set_num_threads(previous)
+    for name, a, b in zip(("forward", "weight gradient", "bias gradient", "input gradient"), tiles, plain):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    # and right: the forward against numpy
+    rng = np.random.default_rng(5)
+    inp, w, bias = _data(rng, dtype, B, n_in), _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
+    np.testing.assert_allclose(plain[0], _forward_reference(inp, w, bias, act), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_a_fit_gives_the_same_numbers_whether_or_not_the_tiled_worker_has_arrived(activation, monkeypatch):
+    """A cold process fits on the plain product until the compile helper delivers the tiled worker: the
+    parameters and predictions must not depend on when that happens (the drivers' products, end to end)."""
+    import fastbp
+
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((300, 32)).astype(np.float32)
+    y = rng.integers(0, 5, 300)
+
+    def fitted():
+        trainer = fastbp.Trainer(fastbp.MLP([32, 64, 64, 5], activation, seed=0), loss="softmax_cross_entropy",
+                                 optimizer="adam", lr=1e-2, batch_size=32, seed=0)
+        trainer.fit(X, y, epochs=3)
+        return trainer.model.flat_parameters(), trainer.predict(X)
+
+    f = numba.types.float32
+    gemm.task_by_symbol.fill(f)
+    tiles = fitted()
+    monkeypatch.setattr(gemm.task_by_symbol._slots[f], "value", None)
+    plain = fitted()
+    for a, b in zip(tiles, plain):
+        np.testing.assert_array_equal(a, b)
 
 
 # --- the other vector widths ----------------------------------------------------------------------------------------

@@ -253,9 +253,12 @@ COLD_PREDICT = """
     import fastbp
     from fastbp import _jit
     from fastbp.kernels import cpu, gemm
+    import os
     X = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
     trainer = fastbp.Trainer(fastbp.MLP([6, 40, 3], "relu", seed=0), loss="softmax_cross_entropy")
     prefetched = [[leaf.__qualname__ for leaf in helper.leaves] for helper in _jit._helpers.values()]
+    if os.environ.get("BIG_CALL"):  # this predict counts as a big call: it waits for the tiled worker
+        gemm.TILES_PAY_AFTER = len(X) * trainer.model.n_params
     print(trainer.predict(X).tobytes().hex())
     print(sum(gemm._task.stats.cache_hits.values()), sum(gemm._task.stats.cache_misses.values()), prefetched)
     print("loss compiled or loaded here:", bool(cpu.loss_block._results), "compile seconds:", fastbp.compile_seconds())
@@ -263,14 +266,15 @@ COLD_PREDICT = """
 
 
 def test_a_cold_first_call_shares_its_compiling_with_a_helper_process(tmp_path):
-    """With an empty cache, the product worker (a leaf of predict's call tree) is compiled by a helper process,
-    started when the trainer was made (with the other leaves of predict's and, for a wide trainer, the fit's call
-    trees, then the versions of forward_pass a trainer calls after a fit, then the product's optional parallel
-    region), and loaded here from the cache by the
-    first predict, which waits only for what it needs (not the loss, which predict never calls; its own version
-    of forward_pass it compiles here, the helper not having started it); the results are those of a process
-    that compiled everything itself. A
-    warm predict loads only what predict's code calls: nothing is compiled though the cache lacks the loss."""
+    """With an empty cache, the leaves of predict's call tree (the product engine's product, the output transform)
+    are compiled by a helper process, started when the trainer was made (with the other leaves of predict's and,
+    for a wide trainer, the fit's call trees, then the versions of forward_pass a trainer calls after a fit, then
+    the product's optional tiled worker and parallel region), and loaded here from the cache by the first predict,
+    which waits only for what it needs: not the loss, which predict never calls, nor the tiled worker, whose plain
+    product gives the same numbers (its own version of forward_pass it compiles here, the helper not having
+    started it); the results are those of a process that compiled everything itself. Without a helper, the
+    predict compiles no worker either (it is compiled at a later call, where a product wanted it). A warm predict
+    loads only what predict's code calls: nothing is compiled though the cache lacks the loss and the worker."""
     # FASTBP_COMPILE_PROCESSES="": helpers allowed, whatever this process was given (see conftest.py)
     shared = run_python(COLD_PREDICT, tmp_path / "shared", FASTBP_COMPILE_PROCESSES="").strip().splitlines()
     alone, stderr = run_python(COLD_PREDICT, tmp_path / "alone", FASTBP_COMPILE_PROCESSES="1",
@@ -279,14 +283,53 @@ def test_a_cold_first_call_shares_its_compiling_with_a_helper_process(tmp_path):
     alone = alone.strip().splitlines()
     warm = run_python(COLD_PREDICT, tmp_path / "alone", FASTBP_COMPILE_PROCESSES="1").strip().splitlines()
     assert shared[0] == alone[0] == warm[0]  # bit for bit
-    # _task: loaded (the helper compiled it), not compiled here; the predict took the helper over
-    assert shared[1] == ("1 0 [['_task', 'loss_grad', '_optimizer_step', 'output_transform', 'forward_pass.predict', "
-                         "'forward_pass.predict_and_loss', '_parallel_tasks']]"), shared[1]
-    assert alone[1] == "0 1 []", alone[1]  # _task compiled in this process, no helper
+    # _task neither loaded nor compiled here; the predict took the helper over
+    assert shared[1] == ("0 0 [['_product_by_symbol', 'loss_grad', '_optimizer_step', 'output_transform', "
+                         "'forward_pass.predict', 'forward_pass.predict_and_loss', '_task', '_parallel_tasks']]"
+                         ), shared[1]
+    assert alone[1] == "0 0 []", alone[1]  # no helper, and no worker compiled for a first predict
     # the loss: not waited for (the helper may still be compiling it) nor compiled here, nor by the warm process
     assert shared[2].startswith("loss compiled or loaded here: False"), shared[2]
     assert alone[2].startswith("loss compiled or loaded here: False"), alone[2]
-    assert warm[1] == "1 0 []" and warm[2] == "loss compiled or loaded here: False compile seconds: 0.0", warm[1:]
+    assert warm[1] == "0 0 []" and warm[2] == "loss compiled or loaded here: False compile seconds: 0.0", warm[1:]
+    # A call of gemm.TILES_PAY_AFTER multiply-adds or more waits for the worker (compiled here, or by the helper this
+    # trainer started for it: the cache lacks it) and runs on the tiles: the same numbers.
+    big = run_python(COLD_PREDICT, tmp_path / "alone", FASTBP_COMPILE_PROCESSES="", BIG_CALL="1").splitlines()
+    assert big[0] == shared[0]
+    assert big[1].split(" [")[0] in ("0 1", "1 0") and big[1].endswith("'_task', '_parallel_tasks']]"), big[1]
+
+
+def test_a_large_network_has_its_helper_compile_the_tiled_worker_first(monkeypatch):
+    """The tiled worker is optional (the plain product does without it), and compiled after everything else a
+    trainer needs, except for a network of TILES_FIRST_PARAMS parameters or more: its products are large enough
+    for the tiles to pay from the first call."""
+    from fastbp.backends import cpu as backend
+    from fastbp.kernels import gemm
+
+    lists = []
+
+    class Recording:  # the helper process a trainer starts, recorded instead of started
+        def __init__(self, leaves, dtype):
+            lists.append([leaf.__qualname__ for leaf in leaves])
+            self.leaves, self.owner = leaves, os.getpid()
+            self.process = type("Running", (), {"poll": lambda self: None})()
+
+        def finished(self, dtype):
+            return False
+
+    monkeypatch.setattr(fastbp._jit, "_Helper", Recording)
+    monkeypatch.setattr(fastbp._jit, "_helper_allowed", lambda: True)
+    monkeypatch.setattr(fastbp._jit, "_missing", lambda function, dtype: True)  # an empty cache
+    monkeypatch.setattr(fastbp._jit, "_helpers", {})
+    monkeypatch.setattr(fastbp._jit, "_prefetch_checked", set())
+    assert gemm.task_by_symbol.optional
+    for sizes in ([6, 40, 3], [6, 300, 300, 3]):
+        fastbp._jit._helpers.clear()
+        fastbp.Trainer(fastbp.MLP(sizes, "relu", seed=0), loss="softmax_cross_entropy")
+    small, large = lists
+    assert fastbp.MLP([6, 300, 300, 3]).n_params >= backend.TILES_FIRST_PARAMS > fastbp.MLP([6, 40, 3]).n_params
+    assert small[-2:] == ["_task", "_parallel_tasks"] and small.count("_task") == 1, small
+    assert large[0] == "_task" and large[-1] == "_parallel_tasks" and large.count("_task") == 1, large
 
 
 COLD_NARROW_FIT = """
@@ -314,13 +357,13 @@ COLD_NARROW_FIT = """
 
 
 def test_a_cold_narrow_fit_leaves_the_kernels_callees_to_the_helper(tmp_path):
-    """A narrow trainer's helper compiles the fused kernel's callees first (then predict's worker and output
+    """A narrow trainer's helper compiles the fused kernel's callees first (then predict's product and output
     transform, then the loss, then the versions of forward_pass a predict and an evaluation call, then the
-    product's optional parallel region), while the fit
+    product's optional tiled worker and parallel region), while the fit
     compiles the kernel: the fit loads them from the cache, and so does the predict, once the helper is done."""
     out = run_python(COLD_NARROW_FIT, tmp_path, FASTBP_COMPILE_PROCESSES="").strip().splitlines()
-    assert out[0] == ("[['forward_sigmoid', '_optimizer_step', '_task', 'output_transform', 'loss_grad', "
-                      "'forward_pass.predict', 'forward_pass.loss', '_parallel_tasks']]"), out[0]
+    assert out[0] == ("[['forward_sigmoid', '_optimizer_step', '_product_by_symbol', 'output_transform', 'loss_grad', "
+                      "'forward_pass.predict', 'forward_pass.loss', '_task', '_parallel_tasks']]"), out[0]
     assert out[1:3] == ["forward_sigmoid 1 0", "_optimizer_step 1 0"], out[1:]  # loaded, not compiled here
     assert out[3] == "forward_pass 1 0", out[3]
 
@@ -547,8 +590,8 @@ def _optional_leaf(a):
 
 def _optional_caller(a):
     # wants the optional function for arrays of 2 or more (the product engine: for products big enough to be
-    # worth a parallel region)
-    if a.shape[0] >= 2 and fastbp._jit.is_compiled(_optional_by_slot, a):
+    # worth a parallel region), its work counted as the array's length (the tiled worker: multiply-adds)
+    if a.shape[0] >= 2 and fastbp._jit.is_compiled(_optional_by_slot, a, a.shape[0]):
         _optional_by_slot(a)
     else:  # what the caller does without it (the product engine: its tasks on the calling thread)
         a[0] += 1.0
@@ -666,6 +709,30 @@ def test_without_a_helper_an_optional_function_is_compiled_once_a_call_wants_it(
         assert a[0] == 2.0 and _optional_by_slot._results == {} and len(fastbp._jit._optional_pending) == 1
 
 
+def test_without_a_helper_an_optional_function_is_compiled_once_the_work_done_without_it_adds_up(monkeypatch):
+    """The product engine's tiled worker is worth its compile once the plain products a process ran add up to
+    gemm.TILES_PAY_AFTER multiply-adds (its wanted_after): each call that finds the slot empty adds its work."""
+    from numba import types
+
+    _without_the_optional_function(monkeypatch)
+    monkeypatch.setattr(fastbp._jit, "_helper_allowed", lambda: False)
+    monkeypatch.setattr(_optional_by_slot, "wanted_after", 5)
+    entry = fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller))
+    a = np.zeros(2)  # 2 a call
+    for calls in (1, 2):
+        entry(a)
+        _after_a_poll_interval()
+        assert a[0] == calls and not _optional_by_slot.wanted(types.float64)
+    entry(a)  # 6 >= 5: wanted
+    assert a[0] == 3.0 and _optional_by_slot.wanted(types.float64) and _optional_by_slot._results == {}
+    _after_a_poll_interval()
+    entry(a)  # compiled before this call, which calls it
+    assert a[0] == 13.0 and fastbp._jit._optional_pending == []
+    from fastbp.kernels import gemm
+
+    assert gemm.task_by_symbol.wanted_after == gemm.TILES_PAY_AFTER and gemm.parallel_tasks.wanted_after == 1
+
+
 def test_precompile_compiles_an_optional_function_with_its_driver(monkeypatch):
     # fastbp.precompile compiles in sessions without helpers (one_compile_process): it fills the cache with
     # everything a later process may load, the optional functions included
@@ -680,7 +747,7 @@ def test_is_compiled_takes_only_an_optional_function():
     from numba.core.errors import TypingError
 
     def tests_a_required_one(a):
-        return fastbp._jit.is_compiled(_leaf_by_slot, a)
+        return fastbp._jit.is_compiled(_leaf_by_slot, a, 1)
 
     with pytest.raises(TypingError, match="is_compiled takes an optional SeparatelyCompiled function"):
         fastbp._jit.cpu_jit(cache=False)(tests_a_required_one)(np.zeros(1))

@@ -80,7 +80,7 @@ def reference_activate(z, act):
 
 # --- activations -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
-@pytest.mark.parametrize("n_rows", [3, 253], ids=["few-rows", "tiles"])  # _forward_few_rows, the tiles' epilogue
+@pytest.mark.parametrize("n_rows", [3, 253], ids=["few-rows", "tiles"])  # the plain product, the tiles
 def test_product_engine_activation(act, n_rows, dtype):
     # out = act(inp @ I + 0): the product is exact, so out is the epilogue's activation of each value.
     z = np.resize(grid(dtype), (253, 1))

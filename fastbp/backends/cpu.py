@@ -10,7 +10,7 @@ from collections import OrderedDict
 import numba
 import numpy as np
 
-from .._jit import Entry, prefetch, read_only
+from .._jit import Entry, fill_optional_now, prefetch, read_only
 from .._threads import guarded
 from ..kernels import cpu as kernels
 from ..kernels import narrow
@@ -28,6 +28,15 @@ EVAL_CAPACITY = 4096
 # row count kept its own workspace for the trainer's lifetime: 40 predicts of different sizes on a
 # 1024-1024-1024-10 network grew a process from 193 to 1321 MiB resident (issue 27).
 MAX_WORKSPACES = 4
+
+# The product engine's tiled worker (gemm.task_by_symbol) is optional: until it is compiled, the engine's products
+# run its plain product (the same numbers; see gemm.product), 1.4-2x slower in a small network's epoch (32-64-64-5,
+# 64-128-10) and 7.6x in a 784-256-256-10 one (8192 rows, batch 128: 490 against 65 ms; AMD EPYC Zen 4). A call of
+# gemm.TILES_PAY_AFTER multiply-adds or more waits for the worker instead (_jit.fill_optional_now), and so does
+# every call of a network of TILES_FIRST_PARAMS parameters or more, whose helper compiles the worker first, not
+# last: its products are large enough for the tiles to pay from the first call (784-256-256-10: 270 000
+# parameters; 64-128-10, the demo's digits network: 9 610).
+TILES_FIRST_PARAMS = 1 << 16
 
 # The drivers, as this backend calls them: the first call per dtype compiles in a compile session, on two
 # processes when the disk cache is cold (fastbp._jit, "compile sessions").
@@ -92,11 +101,27 @@ class CPUBackend(Backend):
         classifies = any(spec.code == self.loss and spec.is_classification for spec in LOSSES.values())
         scores = kernels.forward_pass_predict_and_loss if classifies else kernels.forward_pass_loss  # Trainer._scores
         then = [kernels.forward_pass_predict, scores]
+        # The product engine's tiled worker is optional (its plain product does the work until then): compiled
+        # after everything else, or first for a large network (TILES_FIRST_PARAMS).
+        self._numba_dtype = numba.from_dtype(self.dtype)
+        self._tiles_first = narrow_key is None and layout.n_params >= TILES_FIRST_PARAMS
         if narrow_key:
-            prefetch([kernels.forward_pass], numba.from_dtype(self.dtype), then=then,
-                     first=narrow.kernel_slots(narrow_key) + [kernels.gemm.task_by_symbol, kernels.transform_block])
+            prefetch([kernels.forward_pass], self._numba_dtype, then=then,
+                     first=narrow.kernel_slots(narrow_key) + [kernels.gemm.product, kernels.transform_block])
         else:
-            prefetch([kernels.train_epochs, kernels.forward_pass], numba.from_dtype(self.dtype), then=then)
+            first = [kernels.gemm.task_by_symbol] if self._tiles_first else []
+            prefetch([kernels.train_epochs, kernels.forward_pass], self._numba_dtype, first=first, then=then)
+
+    def _call(self, entry: Entry, multiply_adds: int, *args):
+        """``entry(*args)``, a driver call of about ``multiply_adds`` multiply-adds in its products. Where the
+        product engine's tiled worker is not compiled yet and the call should wait for it (TILES_FIRST_PARAMS), the
+        driver is compiled first (in its session, the helper may be compiling the worker meanwhile), then the
+        worker waited for."""
+        if self._numba_dtype not in kernels.gemm.task_by_symbol._results and (
+                self._tiles_first or multiply_adds >= kernels.gemm.TILES_PAY_AFTER):
+            entry.prepare(*args)
+            fill_optional_now(kernels.gemm.task_by_symbol, self._numba_dtype)
+        return entry(*args)
 
     # -- training state -----------------------------------------------------------------------------------------
     def use_parameters(self, params: np.ndarray) -> None:
@@ -170,7 +195,8 @@ class CPUBackend(Backend):
                 batch_size, target_loss)
             return losses[:_epochs_run(losses, completed, target_loss)], int(completed), int(steps[0])
         work = self._workspace(batch_size, Y.shape[1])
-        completed = _train_epochs(
+        completed = self._call(
+            _train_epochs, 3 * X.shape[0] * len(lrs) * layout.n_params,  # forward, weight and input gradients
             self.params, self.opt_state, steps, losses, X, Y, self._weights(sample_weight), orders, lrs,
             self._network, work, (self.optimizer, self.hyper, int(batch_size), float(target_loss)))
         return losses[:_epochs_run(losses, completed, target_loss)], int(completed), int(steps[0])
@@ -194,20 +220,22 @@ class CPUBackend(Backend):
     def predict(self, X, n_outputs: int) -> np.ndarray:
         work = self._workspace(eval_capacity(X.shape[0]), n_outputs)
         out = np.empty((X.shape[0], n_outputs), dtype=self.dtype)
-        _predict(out, X, None, self._no_weights, self.params, self._network, work)
+        self._call(_predict, X.shape[0] * self.layout.n_params,
+                   out, X, None, self._no_weights, self.params, self._network, work)
         return out
 
     @guarded
     def loss_value(self, X, Y, sample_weight=None) -> float:
         work = self._workspace(eval_capacity(X.shape[0]), Y.shape[1])
-        return float(_loss(None, X, read_only(Y), self._weights(sample_weight), self.params, self._network, work))
+        return float(self._call(_loss, X.shape[0] * self.layout.n_params,
+                                None, X, read_only(Y), self._weights(sample_weight), self.params, self._network, work))
 
     @guarded
     def predict_and_loss(self, X, Y, n_outputs: int, sample_weight=None):
         work = self._workspace(eval_capacity(X.shape[0]), n_outputs)
         out = np.empty((X.shape[0], n_outputs), dtype=self.dtype)
-        loss = _predict_and_loss(out, X, read_only(Y), self._weights(sample_weight), self.params, self._network,
-                                 work)
+        loss = self._call(_predict_and_loss, X.shape[0] * self.layout.n_params,
+                          out, X, read_only(Y), self._weights(sample_weight), self.params, self._network, work)
         return out, float(loss)
 
     # -- one step at a time (for callers that must act between steps, e.g. an allreduce) --------------------
@@ -217,8 +245,9 @@ class CPUBackend(Backend):
         # A power of two: callers whose row count varies per step (one rank's share of a global batch)
         # reuse a few workspaces instead of building one per count.
         work = self._workspace(eval_capacity(X.shape[0]), Y.shape[1])
-        return float(_dataset_grads(grads_out, read_only(X), read_only(Y), self._weights(sample_weight),
-                                    self.params, self._network, work, float(divisor)))
+        return float(self._call(_dataset_grads, 3 * X.shape[0] * self.layout.n_params,
+                                grads_out, read_only(X), read_only(Y), self._weights(sample_weight), self.params,
+                                self._network, work, float(divisor)))
 
     @guarded
     def apply_update(self, grads, lr: float, step: int) -> None:

@@ -378,18 +378,43 @@ def _rows_6(first, n_rows, row_step, shift):
 
 # --- the epilogue ------------------------------------------------------------------------------------------------
 @inline
+def _epilogue(kind, act, value, operand, like):
+    """The kind's epilogue on one vector of a finished product: FORWARD: value + operand (the bias), then relu /
+    leaky relu (sigmoid and tanh come after the store: _activate_row); INPUT_GRAD: value * act'(operand), operand
+    the previous layer's stored output; WEIGHT_GRAD: value as computed. ``like`` gives the element type. Written
+    once for the tiles' epilogue (_finish) and the plain product's (_plain_product), so that both give the same
+    numbers."""
+    zero = simd.zero(like)
+    one = simd.broadcast(like.dtype.type(1.0))
+    slope = simd.broadcast(like.dtype.type(LEAKY_RELU_SLOPE))
+    if kind == FORWARD:
+        value = simd.add(value, operand)
+        if act == RELU:
+            value = simd.max(value, zero)
+        elif act == LEAKY_RELU:
+            value = simd.select_gt(value, zero, value, simd.mul(slope, value))
+    elif kind == INPUT_GRAD:
+        if act == RELU:
+            value = simd.select_gt(operand, zero, value, zero)
+        elif act == LEAKY_RELU:
+            value = simd.select_gt(operand, zero, value, simd.mul(value, slope))
+        elif act == SIGMOID:
+            value = simd.mul(value, simd.mul(operand, simd.sub(one, operand)))
+        elif act == TANH:
+            value = simd.mul(value, simd.sub(one, simd.mul(operand, operand)))
+    return value
+
+
+@inline
 def _finish(kind, act, out, row0, n_rows, col, n_cols, buf, tile_rows, bias, y):
     """A finished tile, read back from ``buf`` (row t's vector v at (t * TILE_VECTORS + v) * lanes), to out's rows
     row0 .. min(row0 + tile_rows, n_rows) and columns col .. n_cols (the last vector masked; rows past n_rows
-    repeated a valid row of A and are not stored). FORWARD: + bias[col:], then relu / leaky relu on the vector,
-    sigmoid / tanh by _activate_row on the stored row. INPUT_GRAD: * act'(y), y laid out like out.
-    WEIGHT_GRAD: stored as computed."""
+    repeated a valid row of A and are not stored), through _epilogue: FORWARD + bias[col:] (sigmoid / tanh by
+    _activate_row on the stored row), INPUT_GRAD * act'(y), y laid out like out, WEIGHT_GRAD as computed."""
     L = simd.lanes(out)
     ld_out = _leading(out)
     ld_y = _leading(y)
     zero = simd.zero(out)
-    one = simd.broadcast(out.dtype.type(1.0))
-    slope = simd.broadcast(out.dtype.type(LEAKY_RELU_SLOPE))
     width = min(TILE_VECTORS * L, n_cols - col)
     for t in range(min(tile_rows, n_rows - row0)):
         row = row0 + t
@@ -397,24 +422,14 @@ def _finish(kind, act, out, row0, n_rows, col, n_cols, buf, tile_rows, bias, y):
             c = col + v * L
             count = min(L, n_cols - c)
             full = count == L
-            value = simd.load(buf, (t * TILE_VECTORS + v) * L)
             if kind == FORWARD:
-                value = simd.add(value, simd.load(bias, c) if full else simd.load_partial(bias, c, count))
-                if act == RELU:
-                    value = simd.max(value, zero)
-                elif act == LEAKY_RELU:
-                    value = simd.select_gt(value, zero, value, simd.mul(slope, value))
+                operand = simd.load(bias, c) if full else simd.load_partial(bias, c, count)
             elif kind == INPUT_GRAD:
                 y_at = row * ld_y + c
-                y_value = simd.load(y, y_at) if full else simd.load_partial(y, y_at, count)
-                if act == RELU:
-                    value = simd.select_gt(y_value, zero, value, zero)
-                elif act == LEAKY_RELU:
-                    value = simd.select_gt(y_value, zero, value, simd.mul(value, slope))
-                elif act == SIGMOID:
-                    value = simd.mul(value, simd.mul(y_value, simd.sub(one, y_value)))
-                elif act == TANH:
-                    value = simd.mul(value, simd.sub(one, simd.mul(y_value, y_value)))
+                operand = simd.load(y, y_at) if full else simd.load_partial(y, y_at, count)
+            else:
+                operand = zero
+            value = _epilogue(kind, act, simd.load(buf, (t * TILE_VECTORS + v) * L), operand, out)
             if full:
                 simd.store(out, row * ld_out + c, value)
             else:
@@ -662,33 +677,76 @@ def _task_grid(n_tiles, n_panels, n_threads, a_size, b_size):
     return best_rows, best_cols
 
 
-@engine_jit()
-def _forward_few_rows(out, inp, weight, bias, act):
-    """FORWARD for fewer rows than a tile: out[i, :] = act(bias + sum_k inp[i, k] weight[k, :]), each inner loop
-    along a row of the weight as stored. Packing the weight would cost as much as the product here, and a tile
-    would compute TILE_ROWS rows for one (a one-row prediction of a 64-128-10 network: 9.6 us a call through
-    Trainer.predict this way, 20 us on the tiles, AMD EPYC Zen 4)."""
-    _jit.prefer_wide_vectors()
-    n_out = out.shape[1]
-    zero = out.dtype.type(0.0)
-    slope = out.dtype.type(LEAKY_RELU_SLOPE)
-    for i in range(out.shape[0]):
-        for j in range(n_out):
-            out[i, j] = bias[j]
-        for k in range(weight.shape[0]):
-            a = inp[i, k]
-            for j in range(n_out):
-                out[i, j] += a * weight[k, j]
-        if act == RELU:
-            for j in range(n_out):
-                z = out[i, j]
-                out[i, j] = z if z > zero else zero  # as pointwise.activate: relu(nan) = 0
-        elif act == LEAKY_RELU:
-            for j in range(n_out):
-                z = out[i, j]
-                out[i, j] = z if z > zero else slope * z
-        else:
-            _activate_row(out, i, i - i, n_out, act)  # sigmoid and tanh (identity: nothing to do)
+# --- the drivers' product until the worker is compiled -------------------------------------------------------------
+# Multiply-adds of plain products after which the tiled worker pays for its compile (about 3.4 s of one core, AMD
+# EPYC Zen 4): the plain product took 15-65 ps more per multiply-add than the tiles there (a 32-64-64-5 epoch of
+# 4096 rows 4.4 against 3.2 ms; 784-256-256-10, 8192 rows: 490 against 65 ms), so this many cost 0.5-2.2 s more.
+# Without a helper process the worker is compiled once a process's plain products add up to it (see
+# _jit.SeparatelyCompiled's wanted_after); a backend waits for the worker before a call of as many
+# (fastbp.backends.cpu).
+TILES_PAY_AFTER = 1 << 35
+
+
+@inline
+def _plain_product(kind, act, out, a, b, vec, y, panels):
+    """The product ``kind`` (see _task for the operands) without packing or register tiles: what the drivers'
+    product runs until the worker (_task) is in its slot (see ``product`` below). The SAME numbers as _task: every
+    output is the same chain of fmas over k in order from zero, the bias gradient the same vector sums of dout's
+    rows in order, then the same epilogue (_epilogue) and, for sigmoid and tanh, the same _activate_row calls on
+    the same NR-wide stretches of a row. One row x one vector at a time, every load of B masked to the layer's
+    columns; the input gradient's B (weight^T) is first written out into ``panels`` row by row. Four rows at a
+    time (four accumulators) ran faster but cost 0.25 s more to compile (AMD EPYC Zen 4): this is the part of a
+    cold first call's compile that its products need, the tiles come later."""
+    L = simd.lanes(out)
+    NR = TILE_VECTORS * L
+    n_rows = out.shape[0]
+    n_cols = out.shape[1]
+    ld_out = _leading(out)
+    ld_y = _leading(y)
+    zero = simd.zero(out)
+    if kind == INPUT_GRAD:
+        depth = b.shape[1]
+        for j in range(n_cols):
+            for k in range(depth):
+                panels[k * n_cols + j] = b[j, k]
+        B = panels[:depth * n_cols].reshape((depth, n_cols))
+    else:
+        depth = b.shape[0]
+        B = b
+    ld_b = _leading(B)
+    if kind == WEIGHT_GRAD:
+        # The bias gradient: dout's column sums, row after row, each partial sum stored, as _pack_rows adds them.
+        # Not summed in a register: LLVM's machine combiner then reassociates the chain of adds (the functions'
+        # fast-math attributes allow it), and the sums differed from the tiles' in the last bit.
+        for c in range(0, n_cols, L):
+            count = min(L, n_cols - c)
+            simd.store_partial(vec, c, zero, count)
+            for k in range(depth):
+                simd.store_partial(vec, c, simd.add(simd.load_partial(vec, c, count),
+                                                    simd.load_partial(B, k * ld_b + c, count)), count)
+    # A's row r at r * row_step, its element k a_step further: inp or dout as stored, inp^T for the weight gradient
+    row_step = 1 if kind == WEIGHT_GRAD else _leading(a)
+    a_step = _leading(a) if kind == WEIGHT_GRAD else 1
+    for row in range(n_rows):
+        for c in range(0, n_cols, L):
+            count = min(L, n_cols - c)
+            total = zero
+            a_at = row * row_step
+            b_at = c
+            for _ in range(depth):
+                total = simd.fma(simd.broadcast_load(a, a_at), simd.load_partial(B, b_at, count), total)
+                a_at += a_step
+                b_at += ld_b
+            if kind == FORWARD:
+                operand = simd.load_partial(vec, c, count)
+            elif kind == INPUT_GRAD:
+                operand = simd.load_partial(y, row * ld_y + c, count)
+            else:
+                operand = zero
+            simd.store_partial(out, row * ld_out + c, _epilogue(kind, act, total, operand, out), count)
+        if kind == FORWARD and (act == SIGMOID or act == TANH):
+            for col in range(0, n_cols, NR):
+                _activate_row(out, row, col, min(NR, n_cols - col), act)
 
 
 @inline
@@ -712,21 +770,25 @@ def _product_shape(kind, out, b):
 
 
 @inline
-def _run_before_tiles(kind, act, out, a, b, vec):
-    # Whether the product is done before any tile runs: an empty output, or a forward of fewer rows than a tile.
-    if out.shape[0] == 0 or out.shape[1] == 0:
-        return True
-    if kind == FORWARD and out.shape[0] < TILE_ROWS:
-        _forward_few_rows(out, a, b, vec, act)
-        return True
-    return False
+def _plain_first(kind, out):
+    # Whether the plain product computes this product (before any tile): an empty output (nothing to do), or a
+    # forward of fewer rows than a tile. Packing the weight would cost as much as the product there, and a tile
+    # computes TILE_ROWS rows for one (a one-row prediction of a 64-128-10 network through Trainer.predict: 9.6 us
+    # with simple loops, 20 us on the tiles, AMD EPYC Zen 4). The same numbers as the tiles: a row predicted alone
+    # is predicted as in a batch.
+    return out.shape[0] == 0 or out.shape[1] == 0 or (kind == FORWARD and out.shape[0] < TILE_ROWS)
+
+
+@inline
+def _multiply_adds(kind, out, b):
+    # The product's multiply-adds: out's rows x columns x the depth (see _task for the operands).
+    return out.shape[0] * out.shape[1] * (b.shape[1] if kind == INPUT_GRAD else b.shape[0])
 
 
 @inline
 def _parallel_work(kind, out, b):
     # Whether the product is worth a parallel region: PARALLEL_MIN_WORK multiply-adds or more.
-    depth = b.shape[1] if kind == INPUT_GRAD else b.shape[0]
-    return out.shape[0] * out.shape[1] * depth >= PARALLEL_MIN_WORK
+    return _multiply_adds(kind, out, b) >= PARALLEL_MIN_WORK
 
 
 @inline
@@ -802,15 +864,15 @@ def _product_signature(f):
 def _product(kind, act, out, a, b, vec, y, panels):
     """The product ``kind`` (see _task for the operands), on the calling thread or as one parallel region of
     numba.get_num_threads() tasks (a prange: numba compiles its body as a function of its own)."""
-    if _run_before_tiles(kind, act, out, a, b, vec):
-        return
-    if _parallel_work(kind, out, b):
+    if _plain_first(kind, out):
+        _plain_product(kind, act, out, a, b, vec, y, panels)
+    elif _parallel_work(kind, out, b):
         _run_parallel(_task, kind, act, out, a, b, vec, y, panels)
     else:
         _run_serial(_task, kind, act, out, a, b, vec, y, panels)
 
 
-task_by_symbol = _jit.SeparatelyCompiled(_task, _task_signature)
+task_by_symbol = _jit.SeparatelyCompiled(_task, _task_signature, optional=True, wanted_after=TILES_PAY_AFTER)
 
 
 @engine_jit(parallel=True)
@@ -826,9 +888,9 @@ parallel_tasks = _jit.SeparatelyCompiled(_parallel_tasks, _product_signature, op
 def _product_by_symbol(kind, act, out, a, b, vec, y, panels):
     """_product with its tasks called by symbol (the drivers' product): in parallel once ``parallel_tasks`` is
     compiled in this process, on the calling thread until then."""
-    if _run_before_tiles(kind, act, out, a, b, vec):
-        return
-    if _parallel_work(kind, out, b) and _jit.is_compiled(parallel_tasks, out):
+    if _plain_first(kind, out) or not _jit.is_compiled(task_by_symbol, out, _multiply_adds(kind, out, b)):
+        _plain_product(kind, act, out, a, b, vec, y, panels)
+    elif _parallel_work(kind, out, b) and _jit.is_compiled(parallel_tasks, out, 1):
         parallel_tasks(kind, act, out, a, b, vec, y, panels)
     else:
         _run_serial(task_by_symbol, kind, act, out, a, b, vec, y, panels)
