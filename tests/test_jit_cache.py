@@ -224,6 +224,28 @@ def test_cache_entry_follows_the_code_it_calls(tmp_path):
         assert run_python(code, tmp_path / "cache").split() == expected.split(), value
 
 
+def test_nrt_false_compiles_without_reference_counting():
+    """cpu_jit(nrt=False) reaches numba (its _nrt option): such a function cannot allocate (numba types no
+    np.empty without its runtime), and views of its arguments work. The drivers, loss, output transform and
+    optimizer compile that way (a quarter less to compile for the drivers)."""
+    from numba.core.errors import TypingError
+
+    from fastbp.kernels import cpu
+
+    def allocates(n):
+        return np.empty(n)
+
+    def sums_a_view(a):
+        return a[1:].reshape((1, a.shape[0] - 1)).sum()
+
+    with pytest.raises(TypingError, match="empty"):
+        fastbp._jit.cpu_jit(nrt=False, cache=False)(allocates)(3)
+    assert fastbp._jit.cpu_jit(nrt=False, cache=False)(sums_a_view)(np.arange(4.0)) == 6.0
+    for driver in (cpu.train_epochs, cpu.forward_pass, cpu.dataset_grads, cpu.batch_grads.dispatcher,
+                   cpu.optimizer_step.dispatcher, cpu.loss_grad, cpu.output_transform):
+        assert driver.targetoptions.get("_nrt") is False, driver
+
+
 def test_concurrent_saves_never_mix_up_machine_code(tmp_path, monkeypatch):
     """Two processes that save different entries of one function into one cache at once each start from the
     index as they read it: numba named both data files '.1.nbc', so the index one process wrote could name the
@@ -300,9 +322,10 @@ def test_a_cold_first_call_shares_its_compiling_with_a_helper_process(tmp_path):
 
 
 def test_a_large_network_has_its_helper_compile_the_tiled_worker_first(monkeypatch):
-    """The tiled worker is optional (the plain product does without it), and compiled after everything else a
-    trainer needs, except for a network of TILES_FIRST_PARAMS parameters or more: its products are large enough
-    for the tiles to pay from the first call."""
+    """The tiled worker and the parallel region are optional (the plain product, one thread, do without them), and
+    compiled after everything else a trainer needs, except for a network of TILES_FIRST_PARAMS parameters or more:
+    its products are large enough for them to pay from the first call (compiled last, they missed the cache of
+    every script that ended before its helper got to them)."""
     from fastbp.backends import cpu as backend
     from fastbp.kernels import gemm
 
@@ -329,7 +352,37 @@ def test_a_large_network_has_its_helper_compile_the_tiled_worker_first(monkeypat
     small, large = lists
     assert fastbp.MLP([6, 300, 300, 3]).n_params >= backend.TILES_FIRST_PARAMS > fastbp.MLP([6, 40, 3]).n_params
     assert small[-2:] == ["_task", "_parallel_tasks"] and small.count("_task") == 1, small
-    assert large[0] == "_task" and large[-1] == "_parallel_tasks" and large.count("_task") == 1, large
+    assert large[:2] == ["_task", "_parallel_tasks"] and large.count("_task") == large.count("_parallel_tasks") == 1
+    assert "_product_by_symbol" in large, large
+
+
+@pytest.mark.parametrize("sizes, work, waits_for", [
+    ([6, 40, 3], 10, []),  # small network, small call: the plain product, on one thread
+    ([6, 40, 3], None, ["_task"]),  # small network, a call of TILES_PAY_AFTER multiply-adds: the worker
+    ([6, 300, 300, 3], 10, ["_task"]),  # large network: the worker, any call (the region: loaded when there)
+], ids=["small", "big call", "large network"])
+def test_which_calls_wait_for_the_tiled_worker(monkeypatch, sizes, work, waits_for):
+    from fastbp.backends import cpu as backend
+    from fastbp.kernels import gemm
+
+    waited, called = [], []
+    monkeypatch.setattr(backend, "fill_optional_now", lambda function, dtype: waited.append(function.__qualname__))
+    monkeypatch.setattr(backend, "prefetch", lambda *args, **kwargs: None)  # no helper
+    for function in (gemm.task_by_symbol, gemm.parallel_tasks):
+        monkeypatch.setattr(function, "_results", {})  # neither compiled yet
+
+    class Driver:  # an Entry that records its preparation and its call
+        def prepare(self, *args):
+            called.append("prepare")
+
+        def __call__(self, *args):
+            called.append("call")
+            return 7
+
+    trainer = fastbp.Trainer(fastbp.MLP(sizes, "relu", seed=0), loss="softmax_cross_entropy")
+    assert trainer._backend._call(Driver(), gemm.TILES_PAY_AFTER if work is None else work, 1, 2) == 7
+    assert waited == waits_for
+    assert called == (["prepare"] * len(waits_for) + ["call"])
 
 
 COLD_NARROW_FIT = """

@@ -33,9 +33,12 @@ MAX_WORKSPACES = 4
 # run its plain product (the same numbers; see gemm.product), 1.4-2x slower in a small network's epoch (32-64-64-5,
 # 64-128-10) and 7.6x in a 784-256-256-10 one (8192 rows, batch 128: 490 against 65 ms; AMD EPYC Zen 4). A call of
 # gemm.TILES_PAY_AFTER multiply-adds or more waits for the worker instead (_jit.fill_optional_now), and so does
-# every call of a network of TILES_FIRST_PARAMS parameters or more, whose helper compiles the worker first, not
-# last: its products are large enough for the tiles to pay from the first call (784-256-256-10: 270 000
-# parameters; 64-128-10, the demo's digits network: 9 610).
+# every call of a network of TILES_FIRST_PARAMS parameters or more, whose helper compiles the worker and the
+# parallel region (also optional) first, not last: its products are large enough for the tiles and two threads
+# to pay from the first call (784-256-256-10: 270 000 parameters; 64-128-10, the demo's digits network: 9 610).
+# Compiled last, the region missed the cache of every script that ended before the helper reached it: such a
+# network then trained on one thread in every new process (a W3 epoch 851 against 487 ms). Started before the
+# script ends, it reaches the cache (a helper finishes the function it is compiling).
 TILES_FIRST_PARAMS = 1 << 16
 
 # The drivers, as this backend calls them: the first call per dtype compiles in a compile session, on two
@@ -109,14 +112,15 @@ class CPUBackend(Backend):
             prefetch([kernels.forward_pass], self._numba_dtype, then=then,
                      first=narrow.kernel_slots(narrow_key) + [kernels.gemm.product, kernels.transform_block])
         else:
-            first = [kernels.gemm.task_by_symbol] if self._tiles_first else []
+            first = [kernels.gemm.task_by_symbol, kernels.gemm.parallel_tasks] if self._tiles_first else []
             prefetch([kernels.train_epochs, kernels.forward_pass], self._numba_dtype, first=first, then=then)
 
     def _call(self, entry: Entry, multiply_adds: int, *args):
         """``entry(*args)``, a driver call of about ``multiply_adds`` multiply-adds in its products. Where the
-        product engine's tiled worker is not compiled yet and the call should wait for it (TILES_FIRST_PARAMS), the
-        driver is compiled first (in its session, the helper may be compiling the worker meanwhile), then the
-        worker waited for."""
+        product engine's tiled worker is not compiled yet and the call should wait for it (TILES_PAY_AFTER, or a
+        large network: TILES_FIRST_PARAMS), the driver is compiled first (in its session, the helper may be
+        compiling the worker meanwhile), then the worker waited for. The parallel region is not waited for: a
+        later call loads it (a cold 784-256-256-10 fit of 5 epochs waited 0.4 s for it and took 0.91x the time)."""
         if self._numba_dtype not in kernels.gemm.task_by_symbol._results and (
                 self._tiles_first or multiply_adds >= kernels.gemm.TILES_PAY_AFTER):
             entry.prepare(*args)

@@ -15,8 +15,9 @@ Every kernel OVERWRITES its outputs (an MLP has no residual fan-in, so nothing a
 The three products are the product engine (``fastbp.kernels.gemm``: register tiles on packed panels, fused
 epilogues) on a packing workspace each call allocates, about the size of the weight; products under
 SMALL_PRODUCT multiply-adds run as plain loops with no workspace. Operands whose rows are not contiguous are
-copied once. Every other kernel allocates nothing. ``*_naive`` kernels are the serial references the fast
-ones are tested against.
+copied once. Every other kernel allocates nothing; the drivers, the loss, the output transform and the
+optimizer compile without numba's reference counting (``cpu_jit(nrt=False)``: a quarter less to compile for the
+drivers). ``*_naive`` kernels are the serial references the fast ones are tested against.
 
 Above the kernels sit the CPU-only drivers that run a whole step, epoch or many epochs inside one
 compiled call (``train_epochs``, ``forward_pass``, ``dataset_grads``; ``batch_grads`` and
@@ -269,7 +270,7 @@ def dense_backward(dinp, dweight, dbias, dout, inp, weight, inp_act):
     dense_backward_input(dinp, dout, weight, inp, inp_act)
 
 
-@cpu_jit(**FAST)
+@cpu_jit(nrt=False, **FAST)
 def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
     """Fused loss and gradient, overwritten: dlogits (B, k) = d mean-loss / d logits, row_losses (B,) each
     row's summed loss. logits, targets (B, k); inv_divisor = 1 / loss_divisor(loss, n, k).
@@ -350,7 +351,7 @@ def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
             row_losses[i] = total
 
 
-@cpu_jit(**FAST)
+@cpu_jit(nrt=False, **FAST)
 def output_transform(out, logits, loss):
     """out (B, k) = the loss's output transform of logits (B, k): identity, sigmoid, softmax or exp.
 
@@ -400,7 +401,7 @@ def output_transform(out, logits, loss):
                 out[i, j] *= inv_total
 
 
-@cpu_jit(**FAST)
+@cpu_jit(nrt=False, **FAST)
 def sgd_update(params, velocity, grads, lr, momentum, dampening, weight_decay, nesterov, first_step):
     """torch.optim.SGD step over flat vectors (P,), in place. Scalars in the parameters' dtype.
     Serial: about 1 ns a parameter, ~1% of a W4 step; a parallel path cost a second of cold compile."""
@@ -409,7 +410,7 @@ def sgd_update(params, velocity, grads, lr, momentum, dampening, weight_decay, n
         sgd_update_one(params, velocity, grads, i, lr, momentum, dampening, weight_decay, nesterov, first_step)
 
 
-@cpu_jit(**FAST)
+@cpu_jit(nrt=False, **FAST)
 def adam_update(params, exp_avg, exp_avg_sq, grads, lr, beta1, beta2, eps, weight_decay, step_size,
                 sqrt_bias_correction2, decay):
     """torch.optim.Adam (decay = 1) or AdamW (weight_decay = 0, decay = 1 - lr * wd) step over flat vectors
@@ -560,7 +561,7 @@ def _batch_grads_signature(f):
     return (vector, matrix, vector.copy(readonly=True), _network_type(), _workspace_type(f), f, types.int64)
 
 
-@cpu_jit()
+@cpu_jit(nrt=False)
 def _batch_grads(params, targets, row_weights, net, work, inv_divisor, n_rows):
     """One forward and backward pass on the n_rows input rows in work.acts' layer-0 slot: work.grads (P,)
     overwritten with d(sum of row losses * inv_divisor)/d params. Returns the float64 sum of the row losses.
@@ -622,7 +623,7 @@ def _transform_signature(f):
 transform_block = SeparatelyCompiled(output_transform, _transform_signature)
 
 
-@cpu_jit(**FAST)
+@cpu_jit(nrt=False, **FAST)
 def clip_grad_norm(grads, max_norm):
     """Scale grads (P,) in place as torch.nn.utils.clip_grad_norm_(params, max_norm) does (one 2-norm over all
     parameters, summed in float64); returns the norm. Serial (deterministic for any thread count): about
@@ -645,7 +646,7 @@ def _optimizer_signature(f):
             types.int64)
 
 
-@cpu_jit()
+@cpu_jit(nrt=False)
 def _optimizer_step(params, opt_state, grads, lr, optimizer, hyper, step):
     """One optimizer update of the flat params (P,) in place; ``step`` counts from 1 (torch's state['step']).
     With hyper[H_CLIP] > 0 the gradient is first clipped to that norm (clip_grad_norm: overwrites grads), so
@@ -676,7 +677,7 @@ def _optimizer_step(params, opt_state, grads, lr, optimizer, hyper, step):
 optimizer_step = SeparatelyCompiled(_optimizer_step, _optimizer_signature)
 
 
-@cpu_jit()
+@cpu_jit(nrt=False)
 def train_epochs(params, opt_state, steps_done, epoch_losses, X, Y, sample_weights, orders, lrs, net_fields, work_fields,
                  settings):
     """Train ``len(lrs)`` epochs in one call; returns how many completed.
@@ -752,7 +753,7 @@ def train_epochs(params, opt_state, steps_done, epoch_losses, X, Y, sample_weigh
     return lrs.shape[0]
 
 
-@cpu_jit()
+@cpu_jit(nrt=False)
 def dataset_grads(grads, X, Y, sample_weights, params, net_fields, work_fields, divisor):
     """Sum of the row losses of X (n, n_in), Y (n, k) divided by ``divisor``, and its exact gradient into
     grads (P,), overwritten. ``divisor`` is loss_divisor(loss, n, k) for the mean over this set, or the
@@ -783,7 +784,7 @@ def dataset_grads(grads, X, Y, sample_weights, params, net_fields, work_fields, 
     return total / divisor
 
 
-@cpu_jit()
+@cpu_jit(nrt=False)
 def forward_pass(out, X, Y, sample_weights, params, net_fields, work_fields):
     """The network's forward pass over all of X (n, n_in), capacity rows at a time (the Workspace's): its
     transformed output written into out (n, k) (predict) unless out is None, and the mean loss against Y
