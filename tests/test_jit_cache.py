@@ -246,6 +246,20 @@ def test_nrt_false_compiles_without_reference_counting():
         assert driver.targetoptions.get("_nrt") is False, driver
 
 
+def test_a_separately_compiled_function_without_a_python_entry_point_is_called_from_python_by_symbol():
+    """The functions only compiled code calls are compiled without numba's CPython wrapper (less to compile);
+    called from Python (tests, benchmarks), a SeparatelyCompiled goes through a small compiled function that
+    calls it by symbol, with the same results and return value."""
+    from fastbp.kernels import cpu, gemm
+
+    for function in (gemm.product, gemm.task_by_symbol, gemm.parallel_tasks, cpu.batch_grads):
+        assert function.dispatcher.targetoptions.get("no_cpython_wrapper") is True, function
+    a = np.zeros(3)
+    _leaf_by_symbol_without_wrapper(a)
+    _leaf_by_symbol_without_wrapper(a)
+    assert a[0] == 20.0 and _leaf_by_symbol_without_wrapper._from_python is not None
+
+
 def test_concurrent_saves_never_mix_up_machine_code(tmp_path, monkeypatch):
     """Two processes that save different entries of one function into one cache at once each start from the
     index as they read it: numba named both data files '.1.nbc', so the index one process wrote could name the
@@ -650,6 +664,8 @@ def _optional_caller(a):
         a[0] += 1.0
 
 
+_leaf_by_symbol_without_wrapper = fastbp._jit.SeparatelyCompiled(
+    fastbp._jit.cpu_jit(cache=False, no_cpython_wrapper=True)(_optional_leaf), _leaf_signature)
 _optional_by_slot = fastbp._jit.SeparatelyCompiled(fastbp._jit.cpu_jit(cache=False)(_optional_leaf), _leaf_signature,
                                                    optional=True)
 

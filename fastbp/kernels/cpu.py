@@ -561,7 +561,7 @@ def _batch_grads_signature(f):
     return (vector, matrix, vector.copy(readonly=True), _network_type(), _workspace_type(f), f, types.int64)
 
 
-@cpu_jit(nrt=False)
+@cpu_jit(nrt=False, no_cpython_wrapper=True)  # called by symbol: see _jit.SeparatelyCompiled
 def _batch_grads(params, targets, row_weights, net, work, inv_divisor, n_rows):
     """One forward and backward pass on the n_rows input rows in work.acts' layer-0 slot: work.grads (P,)
     overwritten with d(sum of row losses * inv_divisor)/d params. Returns the float64 sum of the row losses.

@@ -106,9 +106,9 @@ def _thread_count(typingctx):
     return types.intp(), codegen
 
 
-def engine_jit(parallel=False):
+def engine_jit(parallel=False, **options):
     """``_jit.cpu_jit`` with this module's fast-math freedoms, cached unless FASTBP_SIMD_BITS forces a width."""
-    return _jit.cpu_jit(parallel=parallel, cache=CACHE, **FAST)
+    return _jit.cpu_jit(parallel=parallel, cache=CACHE, **FAST, **options)
 
 
 @inline
@@ -587,7 +587,7 @@ def _pack(kind, panels, a, b, sums, depth, n_rows, n_cols, span):
         _pack_broadcast_panels(panels, depth * ((n_cols + NR - 1) // NR) * NR, a, depth, n_rows, group_lo, group_hi)
 
 
-@engine_jit()
+@engine_jit(no_cpython_wrapper=True)  # called by symbol: see _jit.SeparatelyCompiled
 def _task(kind, act, out, a, b, vec, y, panels, span):
     """One task of a product (see the module notes): packs the parts of the operands only this task reads, then
     runs its rectangle of tiles with the kind's epilogue.
@@ -875,7 +875,7 @@ def _product(kind, act, out, a, b, vec, y, panels):
 task_by_symbol = _jit.SeparatelyCompiled(_task, _task_signature, optional=True, wanted_after=TILES_PAY_AFTER)
 
 
-@engine_jit(parallel=True)
+@engine_jit(parallel=True, no_cpython_wrapper=True)  # called by symbol: see _jit.SeparatelyCompiled
 def _parallel_tasks(kind, act, out, a, b, vec, y, panels):
     """``product``'s parallel region: the product as numba.get_num_threads() tasks called by symbol."""
     _run_parallel(task_by_symbol, kind, act, out, a, b, vec, y, panels)
@@ -884,7 +884,7 @@ def _parallel_tasks(kind, act, out, a, b, vec, y, panels):
 parallel_tasks = _jit.SeparatelyCompiled(_parallel_tasks, _product_signature, optional=True)
 
 
-@engine_jit()
+@engine_jit(no_cpython_wrapper=True)  # called by symbol: see _jit.SeparatelyCompiled
 def _product_by_symbol(kind, act, out, a, b, vec, y, panels):
     """_product with its tasks called by symbol (the drivers' product): in parallel once ``parallel_tasks`` is
     compiled in this process, on the calling thread until then."""
