@@ -170,6 +170,13 @@ def _leading(a):
     return a.strides[0] // a.itemsize
 
 
+@inline
+def _depth(kind, b):
+    # The summed axis of the product ``kind``: b is the weight (n_in, n_out) for FORWARD (n_in), dout (B, n_out)
+    # for WEIGHT_GRAD (B), the weight again for INPUT_GRAD (n_out).
+    return b.shape[1] if kind == INPUT_GRAD else b.shape[0]
+
+
 # --- micro-kernels ------------------------------------------------------------------------------------------------
 # C tile = sum over k of (column k of the A tile) x (row k of a B panel). A's element (t, k) is at
 # rows[t] + k * a_step (a_step 1: rows of A as stored; TILE_ROWS: a packed panel); the panel's row k is the
@@ -603,7 +610,7 @@ def _task(kind, act, out, a, b, vec, y, panels, span):
     n_cols = out.shape[1]
     L = simd.lanes(out)
     NR = TILE_VECTORS * L
-    depth = b.shape[1] if kind == INPUT_GRAD else b.shape[0]
+    depth = _depth(kind, b)
     _pack(kind, panels, a, b, vec, depth, n_rows, n_cols, (pack_lo, pack_hi, a_pack_lo, a_pack_hi))
     # A's tile row r is at r * row_step + shift in A, its element k a_step further per k: rows of A as stored
     # (forward, input gradient), columns of inp as stored or inp^T's packed groups (weight gradient). One 2-D
@@ -754,7 +761,7 @@ def _product_shape(kind, out, b):
     # (depth, n_tiles, n_panels, a_packed) of the product ``kind`` into ``out`` (see _task for the operands).
     n_rows = out.shape[0]
     n_cols = out.shape[1]
-    depth = b.shape[1] if kind == INPUT_GRAD else b.shape[0]
+    depth = _depth(kind, b)
     NR = TILE_VECTORS * simd.lanes(out)
     n_panels = (n_cols + NR - 1) // NR
     n_tiles = (n_rows + TILE_ROWS - 1) // TILE_ROWS
@@ -782,7 +789,7 @@ def _plain_first(kind, out):
 @inline
 def _multiply_adds(kind, out, b):
     # The product's multiply-adds: out's rows x columns x the depth (see _task for the operands).
-    return out.shape[0] * out.shape[1] * (b.shape[1] if kind == INPUT_GRAD else b.shape[0])
+    return out.shape[0] * out.shape[1] * _depth(kind, b)
 
 
 @inline
