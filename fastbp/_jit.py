@@ -534,6 +534,14 @@ def _all_names(code) -> set:
     return names
 
 
+def _named_values(func) -> list:
+    """What func's code names: its globals, and the attributes of the modules among them (``gemm.product``)."""
+    names = func.__code__.co_names
+    values = [func.__globals__.get(name) for name in names]
+    return values + [getattr(module, name, None) for module in values if isinstance(module, types_module)
+                     for name in names]
+
+
 def _separate_callees(func, seen=None):
     """The SeparatelyCompiled functions whose symbols func's machine code needs: those its code names (globals,
     and attributes of the modules it names) and, through the compiled functions it names (inlined or linked:
@@ -543,11 +551,8 @@ def _separate_callees(func, seen=None):
     if func in seen:
         return []
     seen.add(func)
-    names = func.__code__.co_names
-    values = [func.__globals__.get(name) for name in names]
-    values += [getattr(module, name, None) for module in values if isinstance(module, types_module) for name in names]
     found = []
-    for value in values:
+    for value in _named_values(func):
         if isinstance(value, SeparatelyCompiled):
             found.append(value)
         elif hasattr(value, "py_func") and hasattr(value, "overloads"):  # a numba dispatcher
@@ -636,9 +641,8 @@ def _code_size(func, seen=None) -> int:
         return 0
     seen.add(func)
     size = len(func.__code__.co_code)
-    for name in func.__code__.co_names:
-        value = func.__globals__.get(name)
-        if hasattr(value, "py_func") and hasattr(value, "overloads") and not isinstance(value, SeparatelyCompiled):
+    for value in _named_values(func):
+        if hasattr(value, "py_func") and hasattr(value, "overloads"):  # a numba dispatcher (not a SeparatelyCompiled)
             size += _code_size(value.py_func, seen)
     return size
 
