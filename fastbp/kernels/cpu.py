@@ -422,17 +422,19 @@ def adam_update(params, exp_avg, exp_avg_sq, grads, lr, beta1, beta2, eps, weigh
 
 
 @inline
-def _gather_rows(out, source, order, start):
+def _take_rows(out, source, order, start, in_order):
+    # out[r, :] = source[start + r, :] in order, else source[order[start + r], :]: a batch's rows, one loop for both
+    # (the epoch driver's in-order and shuffled copies were four inlined loops: less to compile).
     for r in range(out.shape[0]):
-        src = order[start + r]
-        for j in range(source.shape[1]):
-            out[r, j] = source[src, j]
+        row = start + r if in_order else order[start + r]
+        for j in range(out.shape[1]):
+            out[r, j] = source[row, j]
 
 
 @cpu_jit()
 def gather_rows(out, source, order, start):
     """out[r] = source[order[start + r]] for r < out.shape[0], overwritten: one mini-batch, contiguous."""
-    _gather_rows(out, source, order, start)
+    _take_rows(out, source, order, start, False)
 
 
 # --- views into flat buffers ---------------------------------------------------------------------------------
@@ -521,16 +523,6 @@ def _copy_rows(out, source, start):
     for r in range(out.shape[0]):
         for j in range(out.shape[1]):
             out[r, j] = source[start + r, j]
-
-
-@inline
-def _take_rows(out, source, orders, epoch, start, in_order):
-    # The batch's rows: out[r, :] = source[start + r, :] in order, else source[orders[epoch, start + r], :]. One
-    # loop for both (the epoch driver's in-order and shuffled copies were four inlined loops: less to compile).
-    for r in range(out.shape[0]):
-        row = start + r if in_order else orders[epoch, start + r]
-        for j in range(out.shape[1]):
-            out[r, j] = source[row, j]
 
 
 @inline
@@ -728,8 +720,8 @@ def train_epochs(params, opt_state, steps_done, epoch_losses, X, Y, sample_weigh
             inputs = activation_view(work.acts, net.sizes, net.unit_offsets, capacity, 0, n_rows)
             batch_targets = work.targets[:n_rows]
             batch_weights = work.weights[:n_rows if weighted else 0]
-            _take_rows(inputs, X, orders, epoch, start, in_order)
-            _take_rows(batch_targets, Y, orders, epoch, start, in_order)
+            _take_rows(inputs, X, orders[epoch], start, in_order)  # orders[epoch]: empty in order
+            _take_rows(batch_targets, Y, orders[epoch], start, in_order)
             for r in range(batch_weights.shape[0]):
                 batch_weights[r] = sample_weights[start + r if in_order else orders[epoch, start + r]]
             if weighted:
