@@ -18,8 +18,20 @@ import shutil
 import sys
 
 
+# numba's CPU target imports its implementations before its first compile in a process; one of them asks whether
+# scipy's BLAS is there (numba.np.arraymath: ``import scipy.linalg.cython_blas``, which imports all of scipy.linalg),
+# to choose how np.dot and its kin compile. Where scipy is installed (scikit-learn's users), that import was 0.13 s
+# of this process's first compile (0.28 -> 0.15 s for a trivial function, AMD EPYC Zen 4), on the critical path of
+# a cold first predict, whose product engine this process compiles. fastbp's compiled functions call no BLAS
+# (explicit loops, by design: tests/test_jit_cache.py checks their source), so numba compiles them to the same code
+# without it: this process, which only ever compiles them, tells numba there is none. The user's process is left
+# as it is (their own numba code may use np.dot).
+NO_BLAS_MODULE = "scipy.linalg.cython_blas"
+
+
 def main(argv) -> int:
     folder, parent, dtype_name, *names = argv
+    sys.modules.setdefault(NO_BLAS_MODULE, None)  # an import of it raises ImportError: numba's "no BLAS"
     from numba import types
 
     from ._jit import LAST_SUFFIX, claim, done_marker, exit_marker, queue_file

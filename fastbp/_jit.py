@@ -116,6 +116,12 @@ def cpu_jit(parallel=False, cache=True, nrt=True, **options):
 # process at the first driver call after it became wanted, so that a process whose products are all small never
 # compiles the parallel region, and one that does little product work never compiles the tiled worker.
 # fastbp.precompile (one_compile_process) and calls outside compile sessions compile it at once, as any other.
+#
+# Slots filled on request. A function made with ``on_request=True`` is one that only some of its callers' run-time
+# arguments reach (the product engine's sigmoid and tanh, which a relu network never calls): compile sessions and
+# helpers leave its slot empty, and whoever makes calls that reach it fills the slot first (:func:`fill_now`: the
+# CPU backend, for networks with those activations, whose helper compiles it first). Calls outside compile
+# sessions compile it at once, as any other; a call through its empty slot raises RuntimeError, as any slot's.
 class SeparatelyCompiled:
     """A compiled function that other compiled functions call through a slot, compiled once per dtype.
 
@@ -129,14 +135,19 @@ class SeparatelyCompiled:
     function that calls it by symbol (built at the first call from Python: tests, benchmarks). ``optional``:
     callers test :func:`is_compiled` before calling it and do without it until then (see "Optional slots"
     above); without a helper process it is compiled once the work its callers did without it adds up to
-    ``wanted_after``.
+    ``wanted_after``. ``on_request``: filled by whoever calls it, not by compile sessions (see "Slots filled on
+    request" above).
     """
 
-    def __init__(self, dispatcher, signature_for, returns=types.none, optional=False, wanted_after=1):
+    def __init__(self, dispatcher, signature_for, returns=types.none, optional=False, wanted_after=1,
+                 on_request=False):
+        if optional and on_request:
+            raise ValueError("a SeparatelyCompiled function is optional or filled on request, not both")
         self.dispatcher = dispatcher
         self.signature_for = signature_for
         self.returns = returns
         self.optional = optional
+        self.on_request = on_request
         self.wanted_after = wanted_after
         self.py_func = dispatcher.py_func
         self.__name__ = dispatcher.py_func.__name__
@@ -191,13 +202,14 @@ class SeparatelyCompiled:
 
     def register(self, dtype):
         """Declare the ``dtype`` version and fill its slot now, or, inside a compile session, when the session
-        ends (an optional one: where the session's end says, see _fill_optional); idempotent."""
+        ends (an optional one: where the session's end says, see _fill_optional; one filled on request: never);
+        idempotent."""
         self.declare(dtype)
         if dtype not in self._results:
             if _session is not None:
                 _session.defer(self, dtype)
-            elif not (self.optional and os.environ.get(WORKER_VARIABLE)):  # a helper compiles those from its list
-                self.fill(dtype)
+            elif not ((self.optional or self.on_request) and os.environ.get(WORKER_VARIABLE)):
+                self.fill(dtype)  # (a helper compiles those only from its list)
 
     def fill(self, dtype):
         """Compile (or load from the disk cache) the ``dtype`` version and put its address in the slot."""
@@ -591,6 +603,8 @@ class _CompileSession:
         self.optional = []  # the same for optional functions: see _fill_optional
 
     def defer(self, function, dtype):
+        if function.on_request:  # its caller's business (fill_now)
+            return
         deferred = self.optional if function.optional else self.pending
         if (function, dtype) not in deferred:
             deferred.append((function, dtype))
@@ -648,7 +662,7 @@ def _code_size(func, seen=None) -> int:
 
 
 def _required_callees(func):
-    return [callee for callee in _separate_callees(func) if not callee.optional]
+    return [callee for callee in _separate_callees(func) if not (callee.optional or callee.on_request)]
 
 
 def _optional_callees(entry_func):
@@ -952,12 +966,13 @@ def _poll_optional() -> None:
                     function.fill(dtype)
 
 
-def fill_optional_now(function, dtype) -> None:
-    """Put the optional ``function``'s ``dtype`` version in its slot before the next call: loaded from the disk
-    cache, waited for where a helper is compiling it, or compiled here (where no helper has started it, or none
-    compiles it). For a caller whose next call would run long without it (a backend's first fit of a large data
-    set, where the product engine's plain product is several times slower than its tiles): waiting for the
-    compile costs seconds, the other way could cost more. Nothing to do where the slot is filled already."""
+def fill_now(function, dtype) -> None:
+    """Put the ``function``'s ``dtype`` version in its slot before the next call: loaded from the disk cache, waited
+    for where a helper of this process is compiling it, or compiled here (where no helper has started it, or none
+    compiles it). For an optional function, a caller whose next call would run long without it (a backend's first
+    fit of a large data set, where the product engine's plain product is several times slower than its tiles):
+    waiting for the compile costs seconds, the other way could cost more. For one filled on request, a caller whose
+    next call reaches it. Nothing to do where the slot is filled already."""
     from numba.core import event
     from numba.core.compiler_lock import global_compiler_lock
 
@@ -967,11 +982,14 @@ def fill_optional_now(function, dtype) -> None:
         with event.trigger_event("numba:compile", data=dict(dispatcher=function.dispatcher,
                                                             args=tuple(function.signature_for(dtype)),
                                                             return_type=None)):  # counts as compiling
+            helpers = [_helpers.get(dtype)]  # where one filled on request is on its list
             for item in [item for item in _optional_pending if item[:2] == (function, dtype)]:
                 _optional_pending.remove(item)
-                helper = item[2]
+                helpers.append(item[2])
+            for helper in dict.fromkeys(helpers):
                 if helper is not None and helper.owner == os.getpid() and function in helper.leaves:
                     helper.take([function], dtype)  # claimed here if the helper has not started it, else waited for
+                    break
             function.fill(dtype)  # from the disk cache where the helper put it, else compiled here
 
 

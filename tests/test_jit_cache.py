@@ -124,6 +124,45 @@ def test_each_driver_loads_from_the_cache_as_a_first_call():
         assert run_python(DRIVER_SCRIPT.format(calls=call), None).strip() == "done False", name
 
 
+BLAS_NAMES = {"dot", "vdot", "inner", "outer", "matmul", "tensordot", "einsum", "linalg", "kron"}
+
+
+def test_compiled_cpu_code_calls_no_blas():
+    """The compile helper tells numba that scipy's BLAS is absent (fastbp._compile_worker.NO_BLAS_MODULE), while the
+    user's process may have it: numba compiles np.dot and its kin differently in the two, so a function the helper
+    compiled into the cache would give other numbers than the same function compiled in the user's process. Hence
+    no CPU kernel source names a BLAS-backed numpy operation, nor the @ operator."""
+    import ast
+    import pathlib
+
+    import fastbp._compile_worker
+
+    assert fastbp._compile_worker.NO_BLAS_MODULE == "scipy.linalg.cython_blas"  # what numba.np.linalg imports
+    package = pathlib.Path(fastbp.__file__).parent
+    sources = [package / "_jit.py"] + [path for path in (package / "kernels").glob("*.py")
+                                       if not path.name.startswith("cuda")]
+    found = []
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.BinOp, ast.AugAssign)) and isinstance(node.op, ast.MatMult):
+                found.append(f"{path.name}:{node.lineno} @")
+            elif isinstance(node, ast.Attribute) and node.attr in BLAS_NAMES:
+                found.append(f"{path.name}:{node.lineno} .{node.attr}")
+    assert len(sources) >= 6 and not found, found
+
+
+def test_the_helper_compiles_without_scipy(tmp_path):
+    # The helper's own process, on an empty cache: numba's implementations loaded (it compiled), scipy.linalg
+    # never imported (numba imports it in the user's process, where scipy is installed).
+    code = ("import sys, runpy; sys.argv = sys.argv[:1] + {args!r}\n"
+            "try:\n    runpy.run_module('fastbp._compile_worker', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print('numba.np.arraymath' in sys.modules, 'scipy.linalg' in sys.modules)")
+    args = [str(tmp_path / "claims"), str(os.getpid()), "float64", "fastbp.kernels.cpu:transform_block"]
+    os.makedirs(args[0])
+    assert run_python(code.format(args=args), tmp_path / "cache").split() == ["True", "False"]
+
+
 def test_only_functions_with_a_prange_are_compiled_parallel():
     """numba warns "no transformation for parallel execution" when it compiles a parallel=True function that
     holds no prange, and its parfor passes cost compile time for nothing there: fastbp's compiled functions are
@@ -370,20 +409,22 @@ def test_a_large_network_has_its_helper_compile_the_tiled_worker_first(monkeypat
     assert "_product_by_symbol" in large, large
 
 
-@pytest.mark.parametrize("sizes, work, waits_for", [
-    ([6, 40, 3], 10, []),  # small network, small call: the plain product, on one thread
-    ([6, 40, 3], None, ["_task"]),  # small network, a call of TILES_PAY_AFTER multiply-adds: the worker
-    ([6, 300, 300, 3], 10, ["_task"]),  # large network: the worker, any call (the region: loaded when there)
-], ids=["small", "big call", "large network"])
-def test_which_calls_wait_for_the_tiled_worker(monkeypatch, sizes, work, waits_for):
+@pytest.mark.parametrize("sizes, activation, work, waits_for", [
+    ([6, 40, 3], "relu", 10, []),  # small network, small call: the plain product, on one thread
+    ([6, 40, 3], "relu", None, ["_task"]),  # small network, a call of TILES_PAY_AFTER multiply-adds: the worker
+    ([6, 300, 300, 3], "relu", 10, ["_task"]),  # large network: the worker, any call (the region: loaded when there)
+    ([6, 40, 3], "tanh", 10, ["_activate_row"]),  # its products call the activation filled on request
+    ([6, 300, 300, 3], "sigmoid", 10, ["_activate_row", "_task"]),
+], ids=["small", "big call", "large network", "tanh", "large sigmoid network"])
+def test_which_calls_fill_a_slot_first(monkeypatch, sizes, activation, work, waits_for):
     from fastbp.backends import cpu as backend
     from fastbp.kernels import gemm
 
     waited, called = [], []
-    monkeypatch.setattr(backend, "fill_optional_now", lambda function, dtype: waited.append(function.__qualname__))
+    monkeypatch.setattr(backend, "fill_now", lambda function, dtype: waited.append(function.__qualname__))
     monkeypatch.setattr(backend, "prefetch", lambda *args, **kwargs: None)  # no helper
-    for function in (gemm.task_by_symbol, gemm.parallel_tasks):
-        monkeypatch.setattr(function, "_results", {})  # neither compiled yet
+    for function in (gemm.task_by_symbol, gemm.parallel_tasks, gemm.activate_row):
+        monkeypatch.setattr(function, "_results", {})  # none compiled yet
 
     class Driver:  # an Entry that records its preparation and its call
         def prepare(self, *args):
@@ -393,7 +434,7 @@ def test_which_calls_wait_for_the_tiled_worker(monkeypatch, sizes, work, waits_f
             called.append("call")
             return 7
 
-    trainer = fastbp.Trainer(fastbp.MLP(sizes, "relu", seed=0), loss="softmax_cross_entropy")
+    trainer = fastbp.Trainer(fastbp.MLP(sizes, activation, seed=0), loss="softmax_cross_entropy")
     assert trainer._backend._call(Driver(), gemm.TILES_PAY_AFTER if work is None else work, 1, 2) == 7
     assert waited == waits_for
     assert called == (["prepare"] * len(waits_for) + ["call"])
@@ -424,12 +465,13 @@ COLD_NARROW_FIT = """
 
 
 def test_a_cold_narrow_fit_leaves_the_kernels_callees_to_the_helper(tmp_path):
-    """A narrow trainer's helper compiles the fused kernel's callees first (then predict's product and output
-    transform, then the loss, then the versions of forward_pass a predict and an evaluation call, then the
-    product's optional tiled worker and parallel region), while the fit
+    """A narrow trainer's helper compiles the fused kernel's callees first (then the sigmoid its products call,
+    filled on request, predict's product and output transform, then the loss, then the versions of forward_pass a
+    predict and an evaluation call, then the product's optional tiled worker and parallel region), while the fit
     compiles the kernel: the fit loads them from the cache, and so does the predict, once the helper is done."""
     out = run_python(COLD_NARROW_FIT, tmp_path, FASTBP_COMPILE_PROCESSES="").strip().splitlines()
-    assert out[0] == ("[['forward_sigmoid', '_optimizer_step', '_product_by_symbol', 'output_transform', 'loss_grad', "
+    assert out[0] == ("[['forward_sigmoid', '_optimizer_step', '_activate_row', '_product_by_symbol', "
+                      "'output_transform', 'loss_grad', "
                       "'forward_pass.predict', 'forward_pass.loss', '_task', '_parallel_tasks']]"), out[0]
     assert out[1:3] == ["forward_sigmoid 1 0", "_optimizer_step 1 0"], out[1:]  # loaded, not compiled here
     assert out[3] == "forward_pass 1 0", out[3]
@@ -810,6 +852,88 @@ def test_precompile_compiles_an_optional_function_with_its_driver(monkeypatch):
     with fastbp._jit.one_compile_process():
         fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller))(a)
     assert a[0] == 10.0 and fastbp._jit._optional_pending == []
+
+
+def _on_request_caller(a):
+    # reaches its callee only for some arguments (the product engine: the sigmoid and tanh of some networks)
+    if a.shape[0] >= 2:
+        _on_request_by_slot(a)
+    else:
+        a[0] += 1.0
+
+
+_on_request_by_slot = fastbp._jit.SeparatelyCompiled(fastbp._jit.cpu_jit(cache=False)(_optional_leaf),
+                                                     _leaf_signature, on_request=True)
+
+
+def _without_the_on_request_function(monkeypatch):
+    from numba import types
+
+    _on_request_by_slot.declare(types.float64)
+    monkeypatch.setattr(_on_request_by_slot._slots[types.float64], "value", None)
+    monkeypatch.setattr(_on_request_by_slot, "_results", {})
+    monkeypatch.setattr(_on_request_by_slot, "in_disk_cache", lambda dtype: False)
+
+
+def test_a_session_leaves_a_function_filled_on_request_to_its_caller(monkeypatch):
+    """A compile session neither compiles nor hands to its helper a function filled on request: a call that
+    reaches it through the empty slot raises, one that does not runs; once the caller fills it (fill_now), it
+    runs. Nothing reaches a helper's list (the drivers' leaves exclude it: a relu network's never compiles it)."""
+    from numba import types
+
+    started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
+    _without_the_on_request_function(monkeypatch)
+    try:
+        entry = fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_on_request_caller))
+        small, large = np.zeros(1), np.zeros(2)
+        entry(small)
+        assert small[0] == 1.0 and _on_request_by_slot._results == {}
+        assert all(_on_request_by_slot not in helper.leaves for helper in started)
+        assert fastbp._jit._leaves(_on_request_caller) == [] and fastbp._jit._optional_callees(_on_request_caller) == []
+        with pytest.raises(RuntimeError, match="was called before it was compiled"):
+            entry(large)
+        assert large[0] == 0.0
+        fastbp._jit.fill_now(_on_request_by_slot, types.float64)  # no helper has it: compiled here
+        entry(large)
+        assert large[0] == 10.0 and types.float64 in _on_request_by_slot._results
+    finally:
+        for helper in started:
+            if helper.process.poll() is None:
+                helper.process.kill()
+            helper.process.wait()
+            helper.close()
+
+
+def test_fill_now_takes_a_function_filled_on_request_from_the_helpers_list(monkeypatch):
+    # On the list of this process's helper (the CPU backend's prefetch puts it first): claimed here where the helper
+    # has not started it, as a session takes a leaf
+    from numba import types
+
+    started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
+    _without_the_on_request_function(monkeypatch)
+    try:
+        fastbp._jit.prefetch([], types.float64, first=[_on_request_by_slot])
+        assert [helper.leaves for helper in started] == [[_on_request_by_slot]]
+        fastbp._jit.fill_now(_on_request_by_slot, types.float64)
+        assert os.path.exists(os.path.join(started[0].folder, _on_request_by_slot.symbol(types.float64)))  # claimed
+        assert types.float64 in _on_request_by_slot._results
+    finally:
+        for helper in started:
+            helper.process.kill()
+            helper.process.wait()
+            helper.close()
+
+
+def test_outside_a_session_a_function_filled_on_request_is_compiled_with_its_caller(monkeypatch):
+    # A caller compiled outside a compile session (a test's, a benchmark's, a user's direct call) compiles it at
+    # once, as any other; a helper never does unless it is on its list
+    _without_the_on_request_function(monkeypatch)
+    a = np.zeros(2)
+    fastbp._jit.cpu_jit(cache=False)(_on_request_caller)(a)
+    assert a[0] == 10.0
+    with pytest.raises(ValueError, match="not both"):
+        fastbp._jit.SeparatelyCompiled(_on_request_by_slot.dispatcher, _leaf_signature, optional=True,
+                                       on_request=True)
 
 
 def test_is_compiled_takes_only_an_optional_function():

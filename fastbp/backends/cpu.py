@@ -10,7 +10,7 @@ from collections import OrderedDict
 import numba
 import numpy as np
 
-from .._jit import Entry, fill_optional_now, prefetch, read_only
+from .._jit import Entry, fill_now, prefetch, read_only
 from .._threads import guarded
 from ..kernels import cpu as kernels
 from ..kernels import narrow
@@ -32,7 +32,7 @@ MAX_WORKSPACES = 4
 # The product engine's tiled worker (gemm.task_by_symbol) is optional: until it is compiled, the engine's products
 # run its plain product (the same numbers; see gemm.product), 1.4-2x slower in a small network's epoch (32-64-64-5,
 # 64-128-10) and 7.6x in a 784-256-256-10 one (8192 rows, batch 128: 490 against 65 ms; AMD EPYC Zen 4). A call of
-# gemm.TILES_PAY_AFTER multiply-adds or more waits for the worker instead (_jit.fill_optional_now), and so does
+# gemm.TILES_PAY_AFTER multiply-adds or more waits for the worker instead (_jit.fill_now), and so does
 # every call of a network of TILES_FIRST_PARAMS parameters or more, whose helper compiles the worker and the
 # parallel region (also optional) first, not last: its products are large enough for the tiles and two threads
 # to pay from the first call (784-256-256-10: 270 000 parameters; 64-128-10, the demo's digits network: 9 610).
@@ -108,23 +108,35 @@ class CPUBackend(Backend):
         # after everything else, or first for a large network (TILES_FIRST_PARAMS).
         self._numba_dtype = numba.from_dtype(self.dtype)
         self._tiles_first = narrow_key is None and layout.n_params >= TILES_FIRST_PARAMS
+        # What the products of this network's activations call by a slot that no compile session fills (the
+        # sigmoid and tanh of the product engine, which a relu network never compiles): filled before the first
+        # driver call (_call), compiled by the helper first.
+        self._on_request = kernels.gemm.activations_on_request(self.act_codes)
         if narrow_key:
             prefetch([kernels.forward_pass], self._numba_dtype, then=then,
-                     first=narrow.kernel_slots(narrow_key) + [kernels.gemm.product, kernels.transform_block])
+                     first=narrow.kernel_slots(narrow_key) + self._on_request
+                     + [kernels.gemm.product, kernels.transform_block])
         else:
             first = [kernels.gemm.task_by_symbol, kernels.gemm.parallel_tasks] if self._tiles_first else []
-            prefetch([kernels.train_epochs, kernels.forward_pass], self._numba_dtype, first=first, then=then)
+            prefetch([kernels.train_epochs, kernels.forward_pass], self._numba_dtype, first=self._on_request + first,
+                     then=then)
 
     def _call(self, entry: Entry, multiply_adds: int, *args):
-        """``entry(*args)``, a driver call of about ``multiply_adds`` multiply-adds in its products. Where the
+        """``entry(*args)``, a driver call of about ``multiply_adds`` multiply-adds in its products. The functions
+        its products call by a slot filled on request (self._on_request) are put there first, and where the
         product engine's tiled worker is not compiled yet and the call should wait for it (TILES_PAY_AFTER, or a
-        large network: TILES_FIRST_PARAMS), the driver is compiled first (in its session, the helper may be
-        compiling the worker meanwhile), then the worker waited for. The parallel region is not waited for: a
-        later call loads it (a cold 784-256-256-10 fit of 5 epochs waited 0.4 s for it and took 0.91x the time)."""
-        if self._numba_dtype not in kernels.gemm.task_by_symbol._results and (
+        large network: TILES_FIRST_PARAMS), so is the worker; in both cases the driver is compiled first (in its
+        session, the helper may be compiling them meanwhile). The parallel region is not waited for: a later call
+        loads it (a cold 784-256-256-10 fit of 5 epochs waited 0.4 s for it and took 0.91x the time)."""
+        dtype = self._numba_dtype
+        for function in self._on_request:
+            if dtype not in function._results:
+                entry.prepare(*args)
+                fill_now(function, dtype)
+        if dtype not in kernels.gemm.task_by_symbol._results and (
                 self._tiles_first or multiply_adds >= kernels.gemm.TILES_PAY_AFTER):
             entry.prepare(*args)
-            fill_optional_now(kernels.gemm.task_by_symbol, self._numba_dtype)
+            fill_now(kernels.gemm.task_by_symbol, dtype)
         return entry(*args)
 
     # -- training state -----------------------------------------------------------------------------------------

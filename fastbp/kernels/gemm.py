@@ -445,7 +445,7 @@ def _finish(kind, act, out, row0, n_rows, col, n_cols, buf, tile_rows, bias, y):
             _activate_row(out, row, col, width, act)
 
 
-@engine_jit()
+@engine_jit(no_cpython_wrapper=True)  # linked by _task, called by symbol by _plain_product (activate_row)
 def _activate_row(out, row, col, count, act):
     """sigmoid / tanh on out[row, col:col + count], just stored and still in L1: pointwise.activate's two
     branches, called directly, as scalar code (sigmoid's exp is plain arithmetic that LLVM vectorises over the
@@ -456,6 +456,24 @@ def _activate_row(out, row, col, count, act):
     elif act == TANH:
         for j in range(col, col + count):
             out[row, j] = math.tanh(out[row, j])
+
+
+def _activate_row_signature(f):
+    return (types.Array(f, 2, "C"), types.int64, types.int64, types.int64, types.int64)
+
+
+# The drivers' product (its plain product) calls _activate_row by symbol, and only for sigmoid and tanh layers: a
+# slot filled on request (see _jit, "Slots filled on request"), which the CPU backend fills for the networks that
+# have such layers (activations_on_request). Linked into the product, as before, it was compiled in every cold
+# first call (0.35-0.45 s of the product's 1.6 s, on the critical path of a first predict, AMD EPYC Zen 4), relu
+# networks included. The tiles (_task) link the same function (numba compiles it once per signature), and
+# tests/test_gemm.py compares the plain product with the tiles bit for bit, sigmoid and tanh included.
+activate_row = _jit.SeparatelyCompiled(_activate_row, _activate_row_signature, on_request=True)
+
+
+def activations_on_request(act_codes) -> list:
+    """The functions filled on request that the drivers' products call for layers of these activation codes."""
+    return [activate_row] if any(int(code) in (SIGMOID, TANH) for code in act_codes) else []
 
 
 # The shape's functions, chosen once here (numba then compiles only that shape).
@@ -695,13 +713,14 @@ TILES_PAY_AFTER = 1 << 35
 
 
 @inline
-def _plain_product(kind, act, out, a, b, vec, y, panels):
+def _plain_product(activate, kind, act, out, a, b, vec, y, panels):
     """The product ``kind`` (see _task for the operands) without packing or register tiles: what the drivers'
     product runs until the worker (_task) is in its slot (see ``product`` below). The SAME numbers as _task: every
     output is the same chain of fmas over k in order from zero, the bias gradient the same vector sums of dout's
     rows in order, then the same epilogue (_epilogue) and, for sigmoid and tanh, the same _activate_row calls on
-    the same NR-wide stretches of a row. One row x one vector at a time, every load of B masked to the layer's
-    columns; the input gradient's B (weight^T) is first written out into ``panels`` row by row. Four rows at a
+    the same NR-wide stretches of a row (``activate``: _activate_row linked, or activate_row by symbol). One row
+    x one vector at a time, every load of B masked to the layer's columns; the input gradient's B (weight^T) is
+    first written out into ``panels`` row by row. Four rows at a
     time (four accumulators) ran faster but cost 0.25 s more to compile (AMD EPYC Zen 4): this is the part of a
     cold first call's compile that its products need, the tiles come later."""
     L = simd.lanes(out)
@@ -752,7 +771,7 @@ def _plain_product(kind, act, out, a, b, vec, y, panels):
             simd.store_partial(out, row * ld_out + c, _epilogue(kind, act, total, operand, out), count)
         if kind == FORWARD and (act == SIGMOID or act == TANH):
             for col in range(0, n_cols, NR):
-                _activate_row(out, row, col, min(NR, n_cols - col), act)
+                activate(out, row, col, min(NR, n_cols - col), act)
 
 
 @inline
@@ -872,7 +891,7 @@ def _product(kind, act, out, a, b, vec, y, panels):
     """The product ``kind`` (see _task for the operands), on the calling thread or as one parallel region of
     numba.get_num_threads() tasks (a prange: numba compiles its body as a function of its own)."""
     if _plain_first(kind, out):
-        _plain_product(kind, act, out, a, b, vec, y, panels)
+        _plain_product(_activate_row, kind, act, out, a, b, vec, y, panels)
     elif _parallel_work(kind, out, b):
         _run_parallel(_task, kind, act, out, a, b, vec, y, panels)
     else:
@@ -896,7 +915,7 @@ def _product_by_symbol(kind, act, out, a, b, vec, y, panels):
     """_product with its tasks called by symbol (the drivers' product): in parallel once ``parallel_tasks`` is
     compiled in this process, on the calling thread until then."""
     if _plain_first(kind, out) or not _jit.is_compiled(task_by_symbol, out, _multiply_adds(kind, out, b)):
-        _plain_product(kind, act, out, a, b, vec, y, panels)
+        _plain_product(activate_row, kind, act, out, a, b, vec, y, panels)
     elif _parallel_work(kind, out, b) and _jit.is_compiled(parallel_tasks, out, 1):
         parallel_tasks(kind, act, out, a, b, vec, y, panels)
     else:
