@@ -274,3 +274,59 @@ def test_mismatched_types_fail_at_compile_time():
 
     with pytest.raises(TypingError, match="vectors of one type"):
         mixed(np.zeros(16, np.float32), np.zeros(16, np.float64))
+
+
+# --- views of flat buffers ------------------------------------------------------------------------------------
+@njit
+def _matrix_probe(a, offset, n_rows, n_cols):
+    return simd.matrix(a, offset, n_rows, n_cols)
+
+
+@njit
+def _flat_probe(a):
+    return simd.flat(a)
+
+
+@njit
+def _view_of_a_new_array(n):
+    # the source array dies here: only the view's reference keeps its memory alive (NRT)
+    return simd.matrix(np.arange(n, dtype=np.float64), 2, 3, 4)
+
+
+@njit(_nrt=False)
+def _sum_of_views_without_nrt(a, n_rows, n_cols):
+    total = 0.0
+    for offset in range(a.shape[0] - n_rows * n_cols + 1):
+        total += simd.matrix(a, offset, n_rows, n_cols)[n_rows - 1, n_cols - 1] + simd.flat(a)[offset]
+    return total
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_matrix_and_flat_are_the_reshape_views(dtype):
+    a = np.arange(40, dtype=dtype)
+    for offset, n_rows, n_cols in [(0, 4, 10), (3, 5, 7), (39, 1, 1), (7, 0, 5), (7, 3, 0)]:
+        view = _matrix_probe(a, offset, n_rows, n_cols)
+        expected = a[offset:offset + n_rows * n_cols].reshape(n_rows, n_cols)
+        assert view.shape == expected.shape and view.flags.c_contiguous and view.dtype == dtype
+        np.testing.assert_array_equal(view, expected)
+        if view.size:
+            assert np.shares_memory(view, a)
+    _matrix_probe(a, 3, 2, 2)[1, 1] = -1  # writes reach the buffer
+    assert a[6] == -1
+    m = a.reshape(5, 8)
+    np.testing.assert_array_equal(_flat_probe(m), a)
+    assert np.shares_memory(_flat_probe(m), a)
+    read_only = a.copy()
+    read_only.flags.writeable = False
+    assert not _matrix_probe(read_only, 1, 2, 3).flags.writeable and not _flat_probe(read_only).flags.writeable
+    np.testing.assert_array_equal(_view_of_a_new_array(20), np.arange(2.0, 14.0).reshape(3, 4))
+    assert _sum_of_views_without_nrt(a.astype(np.float64), 2, 3) == sum(a[o + 5] + a[o] for o in range(35))
+
+
+def test_views_need_a_contiguous_buffer():
+    from numba.core.errors import TypingError
+
+    with pytest.raises(TypingError, match="1-D C-contiguous"):
+        _matrix_probe(np.zeros((4, 4)), 0, 2, 2)
+    with pytest.raises(TypingError, match="C-contiguous"):
+        _flat_probe(np.zeros((4, 4))[:, ::2])

@@ -40,7 +40,7 @@ from numba import types
 
 from .. import _jit
 from .._jit import DriverVersion, SeparatelyCompiled, cpu_jit, inline, prefer_wide_vectors
-from . import gemm
+from . import gemm, simd
 from .pointwise import (
     BINARY_CROSS_ENTROPY,
     IDENTITY,
@@ -313,7 +313,7 @@ def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
             for j in range(k):
                 dlogits[i, j] = logits[i, j] - zmax
     # Pass 2: the exps, one loop over the block.
-    flat = dlogits.reshape(n * k)
+    flat = simd.flat(dlogits)
     for t in range(n * k):
         flat[t] = exp_fast(flat[t])
     # Pass 3: each loss from its exps.
@@ -443,8 +443,7 @@ def weight_view(params, sizes, param_offsets, layer):
     """Layer ``layer``'s weight, (sizes[layer], sizes[layer + 1]), as a view into the flat vector ``params``
     (P,) laid out by fastbp.layout.Layout (W0, b0, W1, b1, ...); works on any vector laid out like it (the
     gradients). Inline: callable from numba code only."""
-    start = param_offsets[layer]
-    return params[start:start + sizes[layer] * sizes[layer + 1]].reshape((sizes[layer], sizes[layer + 1]))
+    return simd.matrix(params, param_offsets[layer], sizes[layer], sizes[layer + 1])
 
 
 @inline
@@ -458,8 +457,7 @@ def bias_view(params, sizes, param_offsets, layer):
 @inline
 def activation_view(buffer, sizes, unit_offsets, capacity, layer, n_rows):
     """Layer ``layer``'s (n_rows, sizes[layer]) slot of a workspace buffer of ``capacity`` rows."""
-    start = capacity * unit_offsets[layer]
-    return buffer[start:start + n_rows * sizes[layer]].reshape((n_rows, sizes[layer]))
+    return simd.matrix(buffer, capacity * unit_offsets[layer], n_rows, sizes[layer])
 
 
 # --- what the drivers take ----------------------------------------------------------------------------------
@@ -538,7 +536,7 @@ def _forward(params, net, work, n_rows):
                      activation_view(work.acts, sizes, net.unit_offsets, capacity, layer, n_rows),
                      weight_view(params, sizes, net.param_offsets, layer),
                      bias_view(params, sizes, net.param_offsets, layer),
-                     work.acts[:0].reshape((0, 0)), work.scratch)
+                     simd.matrix(work.acts, 0, 0, 0), work.scratch)
     return activation_view(work.acts, sizes, net.unit_offsets, capacity, n_layers, n_rows)
 
 

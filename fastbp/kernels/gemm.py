@@ -636,7 +636,7 @@ def _task(kind, act, out, a, b, vec, y, panels, span):
     a_base = depth * ((n_cols + NR - 1) // NR) * NR
     if a_packed:
         n_groups = (n_rows + TILE_ROWS - 1) // TILE_ROWS
-        A = panels[a_base:a_base + n_groups * depth * TILE_ROWS].reshape((n_groups * depth, TILE_ROWS))
+        A = simd.matrix(panels, a_base, n_groups * depth, TILE_ROWS)
         row_step = 1
         a_step = TILE_ROWS
     elif kind == WEIGHT_GRAD:
@@ -735,7 +735,7 @@ def _plain_product(activate, kind, act, out, a, b, vec, y, panels):
         for j in range(n_cols):
             for k in range(depth):
                 panels[k * n_cols + j] = b[j, k]
-        B = panels[:depth * n_cols].reshape((depth, n_cols))
+        B = simd.matrix(panels, 0, depth, n_cols)
     else:
         B = b
     ld_b = _leading(B)

@@ -46,7 +46,7 @@ from numba.extending import intrinsic
 
 from .._jit import SeparatelyCompiled, cpu_jit, inline, prefer_wide_vectors, read_only
 from .simd import OPERATOR_FLAGS, SimdMask, SimdVector, as_operand, operand_type, splat
-from . import cpu
+from . import cpu, simd
 from .pointwise import (
     ACTIVATION_NAMES,
     BINARY_CROSS_ENTROPY,
@@ -735,9 +735,9 @@ def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss):
         n = X.shape[0]
         n_in0 = X.shape[1]
         k = Y.shape[1]
-        x_flat = X.reshape(n * n_in0)
-        y_flat = Y.reshape(n * k)
-        orders_flat = orders.reshape(orders.shape[0] * orders.shape[1])
+        x_flat = simd.flat(X)
+        y_flat = simd.flat(Y)
+        orders_flat = simd.flat(orders)
         n_params = params.shape[0]
         n_layers = sizes.shape[0] - 1
         n_units = unit_offsets[n_layers + 1]
