@@ -359,8 +359,9 @@ def test_a_cold_first_call_shares_its_compiling_with_a_helper_process(tmp_path):
     warm = run_python(COLD_PREDICT, tmp_path / "alone", FASTBP_COMPILE_PROCESSES="1").strip().splitlines()
     assert shared[0] == alone[0] == warm[0]  # bit for bit
     # _task neither loaded nor compiled here; the predict took the helper over
-    assert shared[1] == ("0 0 [['_product_by_symbol', 'loss_grad', '_optimizer_step', 'output_transform', "
-                         "'forward_pass.predict', 'forward_pass.predict_and_loss', '_task', '_parallel_tasks']]"
+    assert shared[1] == ("0 0 [['_product_by_symbol', 'loss_grad', 'adam_update', 'clip_grad_norm', 'sgd_update', "
+                         "'output_transform', 'forward_pass.predict', 'forward_pass.predict_and_loss', '_task', "
+                         "'_parallel_tasks']]"
                          ), shared[1]
     assert alone[1] == "0 0 []", alone[1]  # no helper, and no worker compiled for a first predict
     # the loss: not waited for (the helper may still be compiling it) nor compiled here, nor by the warm process
