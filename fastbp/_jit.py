@@ -979,6 +979,11 @@ def fill_now(function, dtype) -> None:
     if dtype in function._results:
         return
     with global_compiler_lock:
+        if function.in_disk_cache(dtype):  # loaded: no compiling to count (fastbp.precompile's users compile none)
+            for item in [item for item in _optional_pending if item[:2] == (function, dtype)]:
+                _optional_pending.remove(item)
+            function.fill(dtype)
+            return
         with event.trigger_event("numba:compile", data=dict(dispatcher=function.dispatcher,
                                                             args=tuple(function.signature_for(dtype)),
                                                             return_type=None)):  # counts as compiling

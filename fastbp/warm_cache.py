@@ -133,6 +133,15 @@ def _exercise(sizes, activation: str, loss: str, optimizer: str, dtype, general_
     trainer.evaluate(X, y, sample_weight=weights)
     trainer.loss_and_grads(X, y)
     trainer.loss_and_grads(X, y, sample_weight=weights)
+    # The products' sigmoid and tanh: compiled on request, for the first network that has them (the general path's
+    # kernels take the activation as a run-time code, so this job's activation need not be one of them).
+    from numba import from_dtype
+
+    from .kernels import gemm
+    from .kernels.pointwise import SIGMOID, TANH
+
+    for function in gemm.activations_on_request([SIGMOID, TANH]):
+        function.fill(from_dtype(np.dtype(dtype)))
 
 
 def precompile(dtypes=DTYPES, activations=None, losses=None, optimizers=None, verbose: bool = False,
