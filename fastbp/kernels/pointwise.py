@@ -96,15 +96,10 @@ def exp_fast(x):
     n = int(math.floor(xc * T(1.4426950408889634) + T(0.5)))
     nf = T(n)
     r = (xc - nf * T(0.693359375)) - nf * T(-2.12194440054690582e-4)
+    # Horner's rule from 1/7! (float32) or 1/13! (float64): the last seven steps are the same for both, written
+    # once (numba types and lowers both branches; LLVM folds the one the type does not take).
     if single:
         p = T(1.0 / 5040.0)
-        p = p * r + T(1.0 / 720.0)
-        p = p * r + T(1.0 / 120.0)
-        p = p * r + T(1.0 / 24.0)
-        p = p * r + T(1.0 / 6.0)
-        p = p * r + T(0.5)
-        p = p * r + one
-        p = p * r + one
     else:
         p = T(1.0 / 6227020800.0)
         p = p * r + T(1.0 / 479001600.0)
@@ -113,13 +108,13 @@ def exp_fast(x):
         p = p * r + T(1.0 / 362880.0)
         p = p * r + T(1.0 / 40320.0)
         p = p * r + T(1.0 / 5040.0)
-        p = p * r + T(1.0 / 720.0)
-        p = p * r + T(1.0 / 120.0)
-        p = p * r + T(1.0 / 24.0)
-        p = p * r + T(1.0 / 6.0)
-        p = p * r + T(0.5)
-        p = p * r + one
-        p = p * r + one
+    p = p * r + T(1.0 / 720.0)
+    p = p * r + T(1.0 / 120.0)
+    p = p * r + T(1.0 / 24.0)
+    p = p * r + T(1.0 / 6.0)
+    p = p * r + T(0.5)
+    p = p * r + one
+    p = p * r + one
     q = n >> shift
     rem = n - (q << shift)
     scale = T(1 << (-q if q < 0 else q))
