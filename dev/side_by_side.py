@@ -12,8 +12,11 @@ The units (``fastbp.bench.WORKLOADS`` defines W1-W4; every tree since the benchm
   W1..W4        one timed unit of the workload (W1: a 1000-epoch fit; W2-W4: one epoch), as ``bench``
   predict1      one ``Trainer.predict`` of one row on W2's network (per-call overhead of the public API)
   fit1_overhead one ``Trainer.fit`` of one epoch on 8 rows of W1's network (per-call overhead of fit)
-Compilation is excluded (a warm-up call precedes each unit); NUMBA_CACHE_DIR is shared by the rounds so
-only the first round compiles.
+Compilation is excluded (a warm-up call precedes each unit); NUMBA_CACHE_DIR is shared by the rounds, and an
+untimed warm-up round first runs every tree's units and waits for the compile helpers its child started to finish
+their lists. Without it, a tree's first timed round shared the CPU with its helper still compiling the product
+engine's optional worker and region in the background (2026-12-07: a one-row predict read 0.66x and a W3 epoch
+0.94x that way, both 0.98-1.18x once the cache was warm).
 """
 from __future__ import annotations
 
@@ -74,14 +77,18 @@ for unit in sys.argv[1].split(","):
     else:
         raise SystemExit(f"unknown unit {unit!r}")
 results["fastbp_file"] = fastbp.__file__
+if "--warm-up" in sys.argv:  # wait for the compile helpers this process started (fastbp._jit's, where it has them)
+    from fastbp import _jit
+    for helper in list(getattr(_jit, "_helpers", {}).values()) + list(getattr(_jit, "_retired", [])):
+        helper.process.wait()
 print("RESULT " + json.dumps(results))
 """
 
 
-def run_child(tree: str, units: list[str], env: dict) -> dict:
+def run_child(tree: str, units: list[str], env: dict, warm_up: bool = False) -> dict:
     child_env = dict(env, PYTHONPATH=os.path.abspath(tree))
-    done = subprocess.run([sys.executable, "-c", CHILD, ",".join(units)], cwd=tree, env=child_env,
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", CHILD, ",".join(units)] + (["--warm-up"] if warm_up else []),
+                          cwd=tree, env=child_env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{tree}: child failed ({done.returncode}):\n{done.stderr[-3000:]}")
     line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")][-1]
@@ -114,6 +121,9 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     env.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "fastbp-side-by-side-cache"))
     samples = {tree: {unit: [] for unit in units} for tree in args.trees}
+    for tree in args.trees:
+        run_child(tree, units, env, warm_up=True)
+        print(f"warm-up {tree}: done", flush=True)
     for round_index in range(args.rounds):
         shift = round_index % len(args.trees)
         for tree in args.trees[shift:] + args.trees[:shift]:
