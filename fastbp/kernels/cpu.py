@@ -422,19 +422,18 @@ def adam_update(params, exp_avg, exp_avg_sq, grads, lr, beta1, beta2, eps, weigh
 
 
 @inline
-def _take_rows(out, source, order, start, in_order):
-    # out[r, :] = source[start + r, :] in order, else source[order[start + r], :]: a batch's rows, one loop for both
-    # (the epoch driver's in-order and shuffled copies were four inlined loops: less to compile).
-    for r in range(out.shape[0]):
-        row = start + r if in_order else order[start + r]
-        for j in range(out.shape[1]):
-            out[r, j] = source[row, j]
+def _copy_row(out, r, source, row):
+    # out[r, :] = source[row, :]: an explicit loop (a slice assignment in a parallel=True function is a parfor,
+    # i.e. a thread launch, which costs more than the copy for small batches)
+    for j in range(out.shape[1]):
+        out[r, j] = source[row, j]
 
 
 @cpu_jit()
 def gather_rows(out, source, order, start):
     """out[r] = source[order[start + r]] for r < out.shape[0], overwritten: one mini-batch, contiguous."""
-    _take_rows(out, source, order, start, False)
+    for r in range(out.shape[0]):
+        _copy_row(out, r, source, order[start + r])
 
 
 # --- views into flat buffers ---------------------------------------------------------------------------------
@@ -516,11 +515,9 @@ def _workspace_type(f):
 # --- drivers: a step, an epoch, many epochs in one compiled call ---------------------------------------------
 @inline
 def _copy_rows(out, source, start):
-    # out[r, :] = source[start + r, :]: explicit loops (a slice assignment in a parallel=True function is a
-    # parfor, i.e. a thread launch, which costs more than the copy for small batches).
+    # out[r, :] = source[start + r, :] (see _copy_row)
     for r in range(out.shape[0]):
-        for j in range(out.shape[1]):
-            out[r, j] = source[start + r, j]
+        _copy_row(out, r, source, start + r)
 
 
 @inline
@@ -717,7 +714,7 @@ def train_epochs(params, opt_state, steps_done, epoch_losses, X, Y, sample_weigh
     settings: (optimizer code, hyper (N_HYPER,) float64, batch_size, target_loss).
     Stops early after an epoch whose loss is not finite (params and opt_state are then restored to that
     epoch's start, and the returned count excludes it) or whose loss is <= target_loss.
-    No parallel region runs outside the engine's (explicit copies, see _copy_rows).
+    No parallel region runs outside the engine's (explicit copies, see _copy_row).
     """
     optimizer, hyper, batch_size, target_loss = settings
     net = Network(*net_fields)
@@ -741,10 +738,13 @@ def train_epochs(params, opt_state, steps_done, epoch_losses, X, Y, sample_weigh
             inputs = activation_view(work.acts, net.sizes, net.unit_offsets, capacity, 0, n_rows)
             batch_targets = work.targets[:n_rows]
             batch_weights = work.weights[:n_rows if weighted else 0]
-            _take_rows(inputs, X, orders[epoch], start, in_order)  # orders[epoch]: empty in order
-            _take_rows(batch_targets, Y, orders[epoch], start, in_order)
-            for r in range(batch_weights.shape[0]):
-                batch_weights[r] = sample_weights[start + r if in_order else orders[epoch, start + r]]
+            # The batch's rows, targets and weights in one loop over its rows (three loops compiled 0.25 s more)
+            for r in range(n_rows):
+                row = start + r if in_order else orders[epoch, start + r]
+                _copy_row(inputs, r, X, row)
+                _copy_row(batch_targets, r, Y, row)
+                if weighted:
+                    batch_weights[r] = sample_weights[row]
             if weighted:
                 inv_divisor = params.dtype.type(weighted_inv_divisor(net.loss, batch_weights, k))
             else:
