@@ -914,9 +914,10 @@ parallel_tasks = _jit.SeparatelyCompiled(_parallel_tasks, _product_signature, op
 def _product_by_symbol(kind, act, out, a, b, vec, y, panels):
     """_product with its tasks called by symbol (the drivers' product): in parallel once ``parallel_tasks`` is
     compiled in this process, on the calling thread until then."""
-    if _plain_first(kind, out) or not _jit.is_compiled(task_by_symbol, out, _multiply_adds(kind, out, b)):
+    work = _multiply_adds(kind, out, b)
+    if _plain_first(kind, out) or not _jit.is_compiled(task_by_symbol, out, work):
         _plain_product(activate_row, kind, act, out, a, b, vec, y, panels)
-    elif _parallel_work(kind, out, b) and _jit.is_compiled(parallel_tasks, out, 1):
+    elif work >= PARALLEL_MIN_WORK and _jit.is_compiled(parallel_tasks, out, 1):
         parallel_tasks(kind, act, out, a, b, vec, y, panels)
     else:
         _run_serial(task_by_symbol, kind, act, out, a, b, vec, y, panels)
