@@ -727,19 +727,26 @@ def _without_the_optional_function(monkeypatch):
 
 
 @contextlib.contextmanager
-def _a_driver_with_an_optional_callee(monkeypatch):
-    """(entry, a, started): an Entry of _optional_caller whose optional callee is missing everywhere, its array,
-    and the stand-in helpers (asleep, claiming nothing) that its sessions start."""
+def _sleeping_helpers(monkeypatch):
+    """The stand-in helpers (asleep, claiming nothing) that sessions start within the block, killed after it."""
     started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
-    _without_the_optional_function(monkeypatch)
     try:
-        yield fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller)), np.zeros(2), started
+        yield started
     finally:
         for helper in started:
             if helper.process.poll() is None:
                 helper.process.kill()
             helper.process.wait()
             helper.close()
+
+
+@contextlib.contextmanager
+def _a_driver_with_an_optional_callee(monkeypatch):
+    """(entry, a, started): an Entry of _optional_caller whose optional callee is missing everywhere, its array,
+    and the stand-in helpers (asleep, claiming nothing) that its sessions start."""
+    with _sleeping_helpers(monkeypatch) as started:
+        _without_the_optional_function(monkeypatch)
+        yield fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_optional_caller)), np.zeros(2), started
 
 
 def _after_a_poll_interval():
@@ -882,9 +889,8 @@ def test_a_session_leaves_a_function_filled_on_request_to_its_caller(monkeypatch
     runs. Nothing reaches a helper's list (the drivers' leaves exclude it: a relu network's never compiles it)."""
     from numba import types
 
-    started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
-    _without_the_on_request_function(monkeypatch)
-    try:
+    with _sleeping_helpers(monkeypatch) as started:
+        _without_the_on_request_function(monkeypatch)
         entry = fastbp._jit.Entry(fastbp._jit.cpu_jit(cache=False)(_on_request_caller))
         small, large = np.zeros(1), np.zeros(2)
         entry(small)
@@ -897,12 +903,6 @@ def test_a_session_leaves_a_function_filled_on_request_to_its_caller(monkeypatch
         fastbp._jit.fill_now(_on_request_by_slot, types.float64)  # no helper has it: compiled here
         entry(large)
         assert large[0] == 10.0 and types.float64 in _on_request_by_slot._results
-    finally:
-        for helper in started:
-            if helper.process.poll() is None:
-                helper.process.kill()
-            helper.process.wait()
-            helper.close()
 
 
 def test_fill_now_takes_a_function_filled_on_request_from_the_helpers_list(monkeypatch):
@@ -910,19 +910,13 @@ def test_fill_now_takes_a_function_filled_on_request_from_the_helpers_list(monke
     # has not started it, as a session takes a leaf
     from numba import types
 
-    started = stand_in_helpers(monkeypatch, "import time; time.sleep(60)")
-    _without_the_on_request_function(monkeypatch)
-    try:
+    with _sleeping_helpers(monkeypatch) as started:
+        _without_the_on_request_function(monkeypatch)
         fastbp._jit.prefetch([], types.float64, first=[_on_request_by_slot])
         assert [helper.leaves for helper in started] == [[_on_request_by_slot]]
         fastbp._jit.fill_now(_on_request_by_slot, types.float64)
         assert os.path.exists(os.path.join(started[0].folder, _on_request_by_slot.symbol(types.float64)))  # claimed
         assert types.float64 in _on_request_by_slot._results
-    finally:
-        for helper in started:
-            helper.process.kill()
-            helper.process.wait()
-            helper.close()
 
 
 def test_outside_a_session_a_function_filled_on_request_is_compiled_with_its_caller(monkeypatch):
