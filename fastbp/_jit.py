@@ -979,19 +979,18 @@ def fill_now(function, dtype) -> None:
     if dtype in function._results:
         return
     with global_compiler_lock:
+        pending = [item for item in _optional_pending if item[:2] == (function, dtype)]
+        for item in pending:
+            _optional_pending.remove(item)
         if function.in_disk_cache(dtype):  # loaded: no compiling to count (fastbp.precompile's users compile none)
-            for item in [item for item in _optional_pending if item[:2] == (function, dtype)]:
-                _optional_pending.remove(item)
             function.fill(dtype)
             return
         with event.trigger_event("numba:compile", data=dict(dispatcher=function.dispatcher,
                                                             args=tuple(function.signature_for(dtype)),
                                                             return_type=None)):  # counts as compiling
-            helpers = [_helpers.get(dtype)]  # where one filled on request is on its list
-            for item in [item for item in _optional_pending if item[:2] == (function, dtype)]:
-                _optional_pending.remove(item)
-                helpers.append(item[2])
-            for helper in dict.fromkeys(helpers):
+            # the helper a pending optional function was left to, or this dtype's (where one filled on request is
+            # on its list)
+            for helper in dict.fromkeys([item[2] for item in pending] + [_helpers.get(dtype)]):
                 if helper is not None and helper.owner == os.getpid() and function in helper.leaves:
                     helper.take([function], dtype)  # claimed here if the helper has not started it, else waited for
                     break

@@ -714,8 +714,11 @@ _optional_by_slot = fastbp._jit.SeparatelyCompiled(fastbp._jit.cpu_jit(cache=Fal
 
 
 def _without_the_optional_function(monkeypatch):
-    # Nothing compiled, nothing in the disk cache, its slot empty; no optional function pending.
+    # Nothing compiled, nothing in the disk cache, its slot empty; no optional function pending, no helper running
+    # (one found running would take it).
     from numba import types
+
+    monkeypatch.setattr(fastbp._jit, "_helpers", {})
 
     _optional_by_slot.declare(types.float64)
     monkeypatch.setattr(_optional_by_slot._slots[types.float64], "value", None)

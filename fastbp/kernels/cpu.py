@@ -675,7 +675,7 @@ def _optimizer_step(params, opt_state, grads, lr, optimizer, hyper, step):
     hyper: float64 vector indexed by pointwise.H_*; bias corrections are formed in float64, then cast.
     The update loops stay compiled functions of their own (sgd_update, adam_update): inlined here, the SGD loop
     ran 35x slower (9610 parameters: 92 us against 2.6 us, AMD EPYC Zen 4), whatever the fast-math flags. Called
-    by symbol (see sgd_update_by_symbol): this function's cold compile went from 0.67 to 0.3 s (AMD EPYC Zen 4).
+    by symbol (see sgd_update_by_symbol): this function's cold compile went from 0.67 to 0.21 s (AMD EPYC Zen 4).
     """
     dtype = params.dtype.type
     if hyper[H_CLIP] > 0.0:
