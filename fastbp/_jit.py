@@ -997,6 +997,24 @@ def fill_now(function, dtype) -> None:
             function.fill(dtype)  # from the disk cache where the helper put it, else compiled here
 
 
+def take_unstarted(function, dtype) -> None:
+    """Compile ``function``'s ``dtype`` version here now where this process's helper has it on its list and has
+    not started it (claimed, as a session takes a leaf); else nothing (fill_now then loads or waits for it)."""
+    from numba.core import event
+    from numba.core.compiler_lock import global_compiler_lock
+
+    helper = _helpers.get(dtype)
+    if (dtype in function._results or helper is None or helper.owner != os.getpid() or function not in helper.leaves
+            or helper.process.poll() is not None):
+        return
+    with global_compiler_lock:
+        if claim(helper.folder, function, dtype):
+            with event.trigger_event("numba:compile", data=dict(dispatcher=function.dispatcher,
+                                                                args=tuple(function.signature_for(dtype)),
+                                                                return_type=None)):
+                function.fill(dtype)
+
+
 def _missing_leaves(dispatchers, dtype):
     """The leaves of the dispatchers' call trees (see _leaves) that neither this process nor the disk cache holds
     for ``dtype``, deepest first, each once."""

@@ -133,14 +133,16 @@ def _exercise(sizes, activation: str, loss: str, optimizer: str, dtype, general_
     trainer.evaluate(X, y, sample_weight=weights)
     trainer.loss_and_grads(X, y)
     trainer.loss_and_grads(X, y, sample_weight=weights)
-    # The products' sigmoid and tanh: compiled on request, for the first network that has them (the general path's
-    # kernels take the activation as a run-time code, so this job's activation need not be one of them).
+    # The functions the drivers call by slots filled on request, for every network that needs them: the products'
+    # sigmoid and tanh, and each loss's output transform (the general path's kernels take the activation and the
+    # loss as run-time codes, so this job's own need not be among them).
     from numba import from_dtype
 
-    from .kernels import gemm
+    from .kernels import cpu, gemm
     from .kernels.pointwise import SIGMOID, TANH
 
-    for function in gemm.activations_on_request([SIGMOID, TANH]):
+    for function in gemm.activations_on_request([SIGMOID, TANH]) + [cpu.transform_for(code) for code in
+                                                                     LOSSES.values()]:
         function.fill(from_dtype(np.dtype(dtype)))
 
 

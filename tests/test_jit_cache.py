@@ -158,7 +158,7 @@ def test_the_helper_compiles_without_scipy(tmp_path):
             "try:\n    runpy.run_module('fastbp._compile_worker', run_name='__main__')\n"
             "except SystemExit:\n    pass\n"
             "print('numba.np.arraymath' in sys.modules, 'scipy.linalg' in sys.modules)")
-    args = [str(tmp_path / "claims"), str(os.getpid()), "float64", "fastbp.kernels.cpu:transform_block"]
+    args = [str(tmp_path / "claims"), str(os.getpid()), "float64", "fastbp.kernels.cpu:softmax_block"]
     os.makedirs(args[0])
     assert run_python(code.format(args=args), tmp_path / "cache").split() == ["True", "False"]
 
@@ -281,7 +281,7 @@ def test_nrt_false_compiles_without_reference_counting():
         fastbp._jit.cpu_jit(nrt=False, cache=False)(allocates)(3)
     assert fastbp._jit.cpu_jit(nrt=False, cache=False)(sums_a_view)(np.arange(4.0)) == 6.0
     for driver in (cpu.train_epochs, cpu.forward_pass, cpu.dataset_grads, cpu.batch_grads.dispatcher,
-                   cpu.optimizer_step.dispatcher, cpu.loss_grad, cpu.output_transform):
+                   cpu.optimizer_step.dispatcher, cpu.loss_grad, cpu.output_transform, cpu.softmax_block.dispatcher):
         assert driver.targetoptions.get("_nrt") is False, driver
 
 
@@ -291,7 +291,7 @@ def test_a_separately_compiled_function_without_a_python_entry_point_is_called_f
     calls it by symbol, with the same results and return value."""
     from fastbp.kernels import cpu, gemm
 
-    for function in (gemm.product, gemm.task_by_symbol, gemm.parallel_tasks, cpu.batch_grads):
+    for function in (gemm.product, gemm.task_by_symbol, gemm.parallel_tasks, cpu.batch_grads, cpu.softmax_block):
         assert function.dispatcher.targetoptions.get("no_cpython_wrapper") is True, function
     a = np.zeros(3)
     _leaf_by_symbol_without_wrapper(a)
@@ -360,7 +360,7 @@ def test_a_cold_first_call_shares_its_compiling_with_a_helper_process(tmp_path):
     assert shared[0] == alone[0] == warm[0]  # bit for bit
     # _task neither loaded nor compiled here; the predict took the helper over
     assert shared[1] == ("0 0 [['_product_by_symbol', 'loss_grad', 'adam_update', 'clip_grad_norm', 'sgd_update', "
-                         "'output_transform', 'forward_pass.predict', 'forward_pass.predict_and_loss', '_task', "
+                         "'_softmax_block', 'forward_pass.predict', 'forward_pass.predict_and_loss', '_task', "
                          "'_parallel_tasks']]"
                          ), shared[1]
     assert alone[1] == "0 0 []", alone[1]  # no helper, and no worker compiled for a first predict
@@ -441,6 +441,35 @@ def test_which_calls_fill_a_slot_first(monkeypatch, sizes, activation, work, wai
     assert called == (["prepare"] * len(waits_for) + ["call"])
 
 
+def test_a_predict_compiles_its_losss_transform_before_its_driver(monkeypatch):
+    """A predict's driver calls the loss's output transform (a slot filled on request): where the helper has not
+    started it, this process compiles it before the driver, whose session then waits for the helper's product;
+    a fit's calls never fill it."""
+    from fastbp.backends import cpu as backend
+    from fastbp.kernels import cpu
+
+    order = []
+    monkeypatch.setattr(backend, "take_unstarted", lambda function, dtype: order.append(("take", function)))
+    monkeypatch.setattr(backend, "fill_now", lambda function, dtype: order.append(("fill", function)))
+    monkeypatch.setattr(backend, "prefetch", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cpu.softmax_block, "_results", {})
+
+    class Driver:
+        def prepare(self, *args):
+            order.append(("prepare", None))
+
+        def __call__(self, *args):
+            order.append(("call", None))
+
+    trainer = fastbp.Trainer(fastbp.MLP([6, 40, 3], "relu", seed=0), loss="softmax_cross_entropy")
+    trainer._backend._call(Driver(), 10, 1)
+    assert order == [("call", None)]
+    order.clear()
+    trainer._backend._call(Driver(), 10, 1, transforms=True)
+    assert order == [("take", cpu.softmax_block), ("prepare", None), ("fill", cpu.softmax_block), ("call", None)]
+    assert cpu.transform_for(fastbp.kernels.LOSSES["mse"]) is cpu.identity_block
+
+
 COLD_NARROW_FIT = """
     import numpy as np
     import fastbp
@@ -467,13 +496,14 @@ COLD_NARROW_FIT = """
 
 def test_a_cold_narrow_fit_leaves_the_kernels_callees_to_the_helper(tmp_path):
     """A narrow trainer's helper compiles the fused kernel's callees first (then the sigmoid its products call,
-    filled on request, predict's product and output transform, then the loss, then the versions of forward_pass a
-    predict and an evaluation call, then the product's optional tiled worker and parallel region), while the fit
+    filled on request, predict's product, then the loss, then the loss's output transform (filled on request) and
+    the versions of forward_pass a predict and an evaluation call, then the product's optional tiled worker and
+    parallel region), while the fit
     compiles the kernel: the fit loads them from the cache, and so does the predict, once the helper is done."""
     out = run_python(COLD_NARROW_FIT, tmp_path, FASTBP_COMPILE_PROCESSES="").strip().splitlines()
-    assert out[0] == ("[['forward_sigmoid', '_optimizer_step', '_activate_row', '_product_by_symbol', "
-                      "'output_transform', 'loss_grad', "
-                      "'forward_pass.predict', 'forward_pass.loss', '_task', '_parallel_tasks']]"), out[0]
+    assert out[0] == ("[['forward_sigmoid', '_optimizer_step', '_activate_row', '_product_by_symbol', 'loss_grad', "
+                      "'_identity_block', 'forward_pass.predict', 'forward_pass.loss', '_task', '_parallel_tasks']]"
+                      ), out[0]
     assert out[1:3] == ["forward_sigmoid 1 0", "_optimizer_step 1 0"], out[1:]  # loaded, not compiled here
     assert out[3] == "forward_pass 1 0", out[3]
 
@@ -495,6 +525,9 @@ def test_the_driver_versions_are_those_the_backend_calls(monkeypatch):
         def __call__(self, *args):
             seen.append(tuple(self.entry.dispatcher.typeof_pyval(a) for a in args))
             return self.entry(*args)
+
+        def prepare(self, *args):
+            self.entry.prepare(*args)
 
     for name in ("_predict", "_loss", "_predict_and_loss"):
         monkeypatch.setattr(backend, name, Recording(getattr(backend, name)))
@@ -685,11 +718,11 @@ def test_the_helper_takes_what_was_queued_before_the_rest_of_its_list(tmp_path):
     folder = str(tmp_path)
     with open(fastbp._jit.queue_file(folder), "w") as queue:
         queue.write("fastbp.kernels.narrow:forward_tanh" + fastbp._jit.LAST_SUFFIX + "\n"
-                    "fastbp.kernels.narrow:forward_sigmoid\nfastbp.kernels.cpu:transform_block\n")
+                    "fastbp.kernels.narrow:forward_sigmoid\nfastbp.kernels.cpu:softmax_block\n")
     subprocess.run([sys.executable, "-m", "fastbp._compile_worker", folder, str(os.getpid()), "float64",
-                    "fastbp.kernels.cpu:optimizer_step", "fastbp.kernels.cpu:transform_block"], check=True,
+                    "fastbp.kernels.cpu:optimizer_step", "fastbp.kernels.cpu:softmax_block"], check=True,
                    timeout=600)
-    order = [narrow.forward_sigmoid, cpu.transform_block, cpu.optimizer_step, narrow.forward_tanh]
+    order = [narrow.forward_sigmoid, cpu.softmax_block, cpu.optimizer_step, narrow.forward_tanh]
     done = [os.stat(fastbp._jit.done_marker(folder, function, types.float64)).st_mtime_ns for function in order]
     assert done == sorted(done)
 

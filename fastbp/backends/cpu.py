@@ -10,7 +10,7 @@ from collections import OrderedDict
 import numba
 import numpy as np
 
-from .._jit import Entry, fill_now, prefetch, read_only
+from .._jit import Entry, fill_now, prefetch, read_only, take_unstarted
 from .._threads import guarded
 from ..kernels import cpu as kernels
 from ..kernels import narrow
@@ -103,7 +103,10 @@ class CPUBackend(Backend):
         # Last, the versions of forward_pass it calls after a fit: predict and its validation scores.
         classifies = any(spec.code == self.loss and spec.is_classification for spec in LOSSES.values())
         scores = kernels.forward_pass_predict_and_loss if classifies else kernels.forward_pass_loss  # Trainer._scores
-        then = [kernels.forward_pass_predict, scores]
+        # The output transform of this trainer's loss (filled on request), after the leaves a fit needs: a cold
+        # first predict compiles it here while the helper compiles the product (see _call).
+        self._transform = kernels.transform_for(self.loss)
+        then = [self._transform, kernels.forward_pass_predict, scores]
         # The product engine's tiled worker is optional (its plain product does the work until then): compiled
         # after everything else, or first for a large network (TILES_FIRST_PARAMS).
         self._numba_dtype = numba.from_dtype(self.dtype)
@@ -114,21 +117,26 @@ class CPUBackend(Backend):
         self._on_request = kernels.gemm.activations_on_request(self.act_codes)
         if narrow_key:
             prefetch([kernels.forward_pass], self._numba_dtype, then=then,
-                     first=narrow.kernel_slots(narrow_key) + self._on_request
-                     + [kernels.gemm.product, kernels.transform_block])
+                     first=narrow.kernel_slots(narrow_key) + self._on_request + [kernels.gemm.product])
         else:
             first = [kernels.gemm.task_by_symbol, kernels.gemm.parallel_tasks] if self._tiles_first else []
             prefetch([kernels.train_epochs, kernels.forward_pass], self._numba_dtype, first=self._on_request + first,
                      then=then)
 
-    def _call(self, entry: Entry, multiply_adds: int, *args):
-        """``entry(*args)``, a driver call of about ``multiply_adds`` multiply-adds in its products. The functions
-        its products call by a slot filled on request (self._on_request) are put there first, and where the
-        product engine's tiled worker is not compiled yet and the call should wait for it (TILES_PAY_AFTER, or a
-        large network: TILES_FIRST_PARAMS), so is the worker; in both cases the driver is compiled first (in its
-        session, the helper may be compiling them meanwhile). The parallel region is not waited for: a later call
-        loads it (a cold 784-256-256-10 fit of 5 epochs waited 0.4 s for it and took 0.91x the time)."""
+    def _call(self, entry: Entry, multiply_adds: int, *args, transforms: bool = False):
+        """``entry(*args)``, a driver call of about ``multiply_adds`` multiply-adds in its products (and, with
+        ``transforms``, the loss's output transform). The functions it calls by a slot filled on request are put
+        there first (the output transform compiled here before the driver where the helper has not started it: the
+        driver's session waits for the helper's product, during which this process would otherwise be idle),
+        and where the product engine's tiled worker is not compiled yet and the call should wait for it
+        (TILES_PAY_AFTER, or a large network: TILES_FIRST_PARAMS), so is the worker; the driver is compiled first
+        (in its session, the helper may be compiling them meanwhile). The parallel region is not waited for: a
+        later call loads it (a cold 784-256-256-10 fit of 5 epochs waited 0.4 s for it and took 0.91x the time)."""
         dtype = self._numba_dtype
+        if transforms and dtype not in self._transform._results:
+            take_unstarted(self._transform, dtype)
+            entry.prepare(*args)
+            fill_now(self._transform, dtype)
         for function in self._on_request:
             if dtype not in function._results:
                 entry.prepare(*args)
@@ -237,7 +245,7 @@ class CPUBackend(Backend):
         work = self._workspace(eval_capacity(X.shape[0]), n_outputs)
         out = np.empty((X.shape[0], n_outputs), dtype=self.dtype)
         self._call(_predict, X.shape[0] * self.layout.n_params,
-                   out, X, None, self._no_weights, self.params, self._network, work)
+                   out, X, None, self._no_weights, self.params, self._network, work, transforms=True)
         return out
 
     @guarded
@@ -251,7 +259,8 @@ class CPUBackend(Backend):
         work = self._workspace(eval_capacity(X.shape[0]), n_outputs)
         out = np.empty((X.shape[0], n_outputs), dtype=self.dtype)
         loss = self._call(_predict_and_loss, X.shape[0] * self.layout.n_params,
-                          out, X, read_only(Y), self._weights(sample_weight), self.params, self._network, work)
+                          out, X, read_only(Y), self._weights(sample_weight), self.params, self._network, work,
+                          transforms=True)
         return out, float(loss)
 
     # -- one step at a time (for callers that must act between steps, e.g. an allreduce) --------------------
