@@ -308,7 +308,7 @@ def loss_grad(dlogits, row_losses, logits, targets, loss, inv_divisor):
         for i in range(n):
             zmax = logits[i, 0]
             for j in range(1, k):
-                zmax = max(zmax, logits[i, j])
+                zmax = logits[i, j] if logits[i, j] > zmax else zmax  # not max(): see pointwise
             row_losses[i] = zmax
             for j in range(k):
                 dlogits[i, j] = logits[i, j] - zmax
@@ -395,7 +395,7 @@ def _softmax_block(out, logits):
     for i in range(logits.shape[0]):
         zmax = logits[i, 0]
         for j in range(1, logits.shape[1]):
-            zmax = max(zmax, logits[i, j])
+            zmax = logits[i, j] if logits[i, j] > zmax else zmax  # not max(): see pointwise
         for j in range(logits.shape[1]):
             out[i, j] = logits[i, j] - zmax
     for i in range(logits.shape[0]):
