@@ -9,6 +9,9 @@ Importing fastbp compiles nothing: kernels compile on first use and are cached o
 compiles for more than a second says so once, in one line on stderr (``FASTBP_QUIET_COMPILE=1`` hides it);
 ``fastbp.compile_seconds()`` counts the seconds spent compiling.
 """
+from . import _standby
+
+_standby.start()  # where the kernel cache is cold: a compile helper gets ready while the rest imports
 from ._compile_notice import compile_seconds
 from ._version import __version__
 from .checkpoint import CheckpointError

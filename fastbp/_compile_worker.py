@@ -2,6 +2,11 @@
 functions into numba's disk cache for the process that started it.
 
     python -m fastbp._compile_worker CLAIM_FOLDER PARENT_PID DTYPE module:attribute [module:attribute ...]
+    python -m fastbp._compile_worker CLAIM_FOLDER PARENT_PID --standby IDLE_SECONDS
+
+With --standby (fastbp._standby: started by ``import fastbp`` on a cold cache) it imports fastbp's kernels and sets
+up numba's compiler, then waits for its dtype and list in the claim folder's assignment file, and goes on as if
+started with them; it stops instead once its parent has exited or let it go, or after IDLE_SECONDS untaken.
 
 Each function is compiled only if this process claims it first (the parent takes the ones left at the end).
 The functions the parent queues meanwhile (fastbp._jit.queue_file: a later trainer's needs) go before what is left
@@ -16,6 +21,9 @@ import importlib
 import os
 import shutil
 import sys
+import time
+
+from . import _standby
 
 
 # numba's CPU target imports its implementations before its first compile in a process; one of them asks whether
@@ -36,13 +44,18 @@ def main(argv) -> int:
 
     from ._jit import LAST_SUFFIX, claim, done_marker, exit_marker, queue_file
 
-    dtype = getattr(types, dtype_name)
-    pending, done, read = list(names), set(), 0
-
     def parent_gone() -> bool:
         # reparented (the parent has exited), or the parent has said it is exiting (fastbp._jit._forget_helpers)
         return os.getppid() != int(parent) or os.path.exists(exit_marker(folder))
 
+    if dtype_name == STANDBY:
+        assignment = _stand_by(folder, parent_gone, float(names[0]))
+        if assignment is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            return 0
+        dtype_name, *names = assignment
+    dtype = getattr(types, dtype_name)
+    pending, done, read = list(names), set(), 0
     try:
         while not parent_gone():
             queued = _queued(queue_file(folder))
@@ -65,6 +78,36 @@ def main(argv) -> int:
         if parent_gone():
             shutil.rmtree(folder, ignore_errors=True)
     return 0
+
+
+STANDBY = "--standby"
+
+
+def _stand_by(folder, parent_gone, idle_seconds):
+    """Get ready to compile, then wait for the parent's assignment: its lines (dtype, names), or None where the
+    parent has gone or let this process go, or nobody took it within ``idle_seconds``."""
+    from numba import njit
+
+    import fastbp.kernels.cpu  # noqa: F401  the leaves' modules (cpu imports gemm)
+
+    # numba sets up its CPU target (its typing and lowering registries) at a process's first compile: done now,
+    # on a function of its own (not cached), while the parent is still importing
+    njit("float64(float64)", cache=False)(_one_more)
+    started = time.monotonic()
+    path = os.path.join(folder, _standby.ASSIGNMENT)
+    while True:
+        if os.path.exists(path):
+            with open(path) as assignment:
+                return assignment.read().split("\n")[:-1]
+        if parent_gone():
+            return None
+        if time.monotonic() - started > idle_seconds and _standby._claim(folder, _standby.TAKEN):
+            return None  # expired: a parent that takes it later finds TAKEN and starts a helper of its own
+        time.sleep(0.002 if time.monotonic() - started < 5 else 0.02)  # prompt while a first trainer is likely
+
+
+def _one_more(x):
+    return x + 1.0
 
 
 def _queued(path) -> list:

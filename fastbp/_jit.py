@@ -27,11 +27,11 @@ from numba.core import cgutils, errors
 from numba.core.runtime import nrt
 from numba.extending import intrinsic, lower_builtin, type_callable
 
-from . import _threads
+from . import _standby, _threads
 
 _threads.make_tbb_findable()  # before numba picks its threading layer (see fastbp._threads)
 
-CACHE_ENABLED = os.environ.get("FASTBP_CACHE", "1").lower() not in ("0", "false", "no", "off")
+CACHE_ENABLED = _standby.cache_enabled()
 
 # The floating-point freedoms fastbp's CPU kernels compile with (``cpu_jit(**FAST)``): reassociation lets LLVM
 # split a dot product into vector partial sums (without it no reduction loop vectorises: 8 GFLOP/s instead of
@@ -594,7 +594,7 @@ def _separate_callees(func, seen=None):
 # with FASTBP_COMPILE_PROCESSES=1 or inside the helper (or in a bundled application), a session compiles
 # everything in this process, as before.
 _session = None  # the session in progress (numba's global compiler lock is held), or None
-WORKER_VARIABLE = "FASTBP_COMPILE_WORKER"  # set in the helper's environment: it never starts another
+WORKER_VARIABLE = _standby.WORKER_VARIABLE  # set in the helper's environment: it never starts another
 
 
 class _CompileSession:
@@ -699,25 +699,10 @@ def one_compile_process():
 
 
 def _helper_allowed() -> bool:
-    import sys
-
-    if _one_process[0]:
-        return False
-
-    # getattr(sys, "frozen"): a bundled application's sys.executable is the application, not Python
-    if not CACHE_ENABLED or os.environ.get(WORKER_VARIABLE) or getattr(sys, "frozen", False):
-        return False
-    if os.environ.get("FASTBP_COMPILE_PROCESSES", "").strip() == "1":
-        return False
-    return usable_cpus() >= 2
+    return not _one_process[0] and _standby.helpers_allowed()
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask where the platform has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+usable_cpus = _standby.usable_cpus
 
 
 def _module_attribute(function) -> str:
@@ -746,14 +731,7 @@ def claim(folder: str, function, dtype) -> bool:
     return True
 
 
-def helper_environment(**variables) -> dict:
-    """The environment of a process that compiles for this one: this one's, so that it keys its cache entries
-    alike (NUMBA_CACHE_DIR, NUMBA_CPU_NAME, FASTBP_SIMD_BITS ...), with this fastbp first on its path, no compile
-    notice, and ``variables``."""
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, FASTBP_QUIET_COMPILE="1", **variables)
-    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+helper_environment = _standby.helper_environment
 
 
 def queue_file(folder: str) -> str:
@@ -785,13 +763,18 @@ class _Helper:
         import sys
         import tempfile
 
-        self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
         self.leaves = leaves
         self.dtype = dtype
         self.owner = os.getpid()  # a forked child inherits this object, not the process: see _helper_for
+        names = [_module_attribute(function) for function in leaves]
+        standby = _standby.take()  # started by ``import fastbp`` on a cold cache, and ready to compile by now
+        if standby is not None:
+            self.process, self.folder = standby
+            _standby.write_assignment(self.folder, dtype, names)
+            return
+        self.folder = tempfile.mkdtemp(prefix="fastbp-compile-")
         env = helper_environment(**{WORKER_VARIABLE: "1"})
-        command = [sys.executable, "-m", "fastbp._compile_worker", self.folder, str(os.getpid()), str(dtype)]
-        command += [_module_attribute(function) for function in leaves]
+        command = [sys.executable, "-m", "fastbp._compile_worker", self.folder, str(os.getpid()), str(dtype), *names]
         # In a session of its own: a Ctrl-C, or a kill of the script's process group (a CI step's end, `timeout`),
         # would stop it mid-compile and leave its claim folder behind in the temporary directory (found: 150 of
         # them after a day of test runs here). It stops by itself once the script has exited, after the function

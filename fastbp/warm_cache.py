@@ -38,6 +38,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from . import _standby
 from .kernels.pointwise import ACTIVATIONS, LOSSES, OPTIMIZERS
 
 DTYPES = ("float32", "float64")
@@ -193,6 +194,7 @@ def precompile(dtypes=DTYPES, activations=None, losses=None, optimizers=None, ve
                            "; set NUMBA_CACHE_DIR to a writable folder (and FASTBP_CACHE unset or 1)")
 
     jobs = _jobs(chosen_dtypes, chosen_activations, chosen_losses, chosen_optimizers)
+    _standby.release()  # precompile's processes compile without compile helpers
     shares = _shares(jobs, int(processes))
     start = time.perf_counter()
     helpers = [_start_helper(share, verbose) for share in shares[1:]]
@@ -279,8 +281,10 @@ def _run(jobs, verbose: bool, start: float) -> int:
 def _start_helper(jobs, verbose: bool) -> subprocess.Popen:
     from ._jit import helper_environment
 
+    # FASTBP_COMPILE_PROCESSES=1: it compiles its share alone (its import then starts no standby helper)
     return subprocess.Popen([sys.executable, "-m", "fastbp.warm_cache", "--share", json.dumps(jobs)]
-                            + (["--verbose"] if verbose else []), env=helper_environment(), stdin=subprocess.DEVNULL,
+                            + (["--verbose"] if verbose else []), env=helper_environment(FASTBP_COMPILE_PROCESSES="1"),
+                            stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -3,7 +3,16 @@ import os
 import numpy as np
 import pytest
 
-from fastbp._jit import usable_cpus
+# A cold first call shares its compiling with a helper process where a core would otherwise wait (fastbp._jit,
+# "compile sessions"). Under pytest-xdist with a worker per CPU no core waits: each worker's helpers only compete
+# with the other workers, and two workers' helpers compile the same leaves at once. One process per worker then
+# (measured with the README's test command, AMD EPYC Zen 4, 2 vCPUs, 2 workers: 249.6 -> 220.9 s, 424 -> 395 s
+# of CPU); the tests of the helpers set the variable for the processes they start. Set before fastbp is imported:
+# its import starts a standby helper where helpers are allowed (fastbp._standby).
+# (fastbp._standby.usable_cpus, written out: importing it would import fastbp)
+USABLE_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= USABLE_CPUS:
+    os.environ.setdefault("FASTBP_COMPILE_PROCESSES", "1")
 
 # Per-dtype tolerances for comparisons with the float64 reference: float32 sums of a few hundred terms.
 TOLERANCES = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
@@ -23,16 +32,7 @@ def pytest_xdist_auto_num_workers(config):
     """Workers for ``pytest -n auto`` (pytest-xdist): one per CPU, at most 4. Most of the suite's time is numba
     compiling, once per worker for what several of its tests share, and each worker holds its own compiled code
     (a few hundred MB): past 4 workers more CPUs mostly compile the same kernels again."""
-    return max(1, min(4, usable_cpus()))
-
-
-# A cold first call shares its compiling with a helper process where a core would otherwise wait (fastbp._jit,
-# "compile sessions"). Under pytest-xdist with a worker per CPU no core waits: each worker's helpers only compete
-# with the other workers, and two workers' helpers compile the same leaves at once. One process per worker then
-# (measured with the README's test command, AMD EPYC Zen 4, 2 vCPUs, 2 workers: 249.6 -> 220.9 s, 424 -> 395 s
-# of CPU); the tests of the helpers set the variable for the processes they start.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= usable_cpus():
-    os.environ.setdefault("FASTBP_COMPILE_PROCESSES", "1")
+    return max(1, min(4, USABLE_CPUS))
 
 
 # Hypothesis: modest example counts by default so the whole suite stays fast on two cores; no deadline (the
