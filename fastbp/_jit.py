@@ -18,6 +18,7 @@ import os
 import pickle
 import time
 import warnings
+from types import FunctionType as python_function
 from types import ModuleType as types_module
 
 import llvmlite.binding as llvm
@@ -493,9 +494,13 @@ def _save_by_key(cache_file, key, data):
 def _fingerprint(func) -> str:
     """sha256 over the code that func's machine code is built from, besides func itself: the bytecode and
     constants of every Python function its code reaches through the globals it names (numba dispatchers, inline
-    helpers, separately compiled functions, intrinsics' definitions), their module-level numbers (numba
-    freezes globals into the code), and each separately compiled function's symbol."""
+    helpers, separately compiled functions, intrinsics' definitions, and the plain Python functions of func's own
+    package that those name, such as an intrinsic's code generation helpers), their module-level numbers and
+    tuples of numbers (numba freezes globals into the code), and each separately compiled function's symbol and
+    declared types (the caller passes its arguments as declared: a cached caller of an older declaration passed
+    an int64 where the callee now read a float64, tests/test_jit_cache.py)."""
     digest = hashlib.sha256()
+    package = func.__module__.split(".")[0]
     seen = set()
     pending = [func]
     while pending:
@@ -514,19 +519,30 @@ def _fingerprint(func) -> str:
         for name, value in values:
             if isinstance(value, SeparatelyCompiled):
                 digest.update(value.symbol("").encode())
+                for dtype in (types.float32, types.float64):
+                    digest.update(repr((tuple(value.signature_for(dtype)), value.returns)).encode())
                 pending.append(value.py_func)
             elif hasattr(value, "py_func") and hasattr(value, "overloads"):  # a numba dispatcher
                 pending.append(value.py_func)
             elif hasattr(value, "_defn") and callable(value._defn):  # a numba intrinsic
                 pending.append(value._defn)
-            elif isinstance(value, (bool, int, float, str)):
+            elif _plain_value(value):
                 digest.update(f"{name}={value!r}".encode())
+            elif isinstance(value, python_function) and value.__module__.split(".")[0] == package:
+                pending.append(value)  # a plain Python function of this package
     return digest.hexdigest()
 
 
+def _plain_value(value) -> bool:
+    # A number, string or (nested) tuple of them: what numba freezes into compiled code as a constant.
+    if isinstance(value, tuple):
+        return all(_plain_value(item) for item in value)
+    return isinstance(value, (bool, int, float, str))
+
+
 def _code_bytes(code) -> bytes:
-    # A code object's bytecode and constants, nested code objects (closures, lambdas) included.
-    parts = [code.co_code]
+    # A code object's parameters, bytecode and constants, nested code objects (closures, lambdas) included.
+    parts = [repr((code.co_argcount, code.co_kwonlyargcount, code.co_varnames)).encode(), code.co_code]
     for constant in code.co_consts:
         if hasattr(constant, "co_code"):
             parts.append(_code_bytes(constant))

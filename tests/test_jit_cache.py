@@ -263,6 +263,61 @@ def test_cache_entry_follows_the_code_it_calls(tmp_path):
         assert run_python(code, tmp_path / "cache").split() == expected.split(), value
 
 
+@pytest.mark.parametrize("edit", ["signature", "helper", "table"])
+def test_a_cached_caller_follows_its_separately_compiled_callees_declaration(tmp_path, edit):
+    """A caller calls a separately compiled function by symbol, with the argument types its declaration gives
+    (signature_for): after the callee's file changes in a way its own bytecode does not show (the declared type of
+    an argument; a plain Python helper the declaration calls; a module-level table of numbers the code reads), a
+    cached caller would pass arguments of the old types (wrong numbers, or a crash) or read the old numbers. Its
+    cache entry must follow: the caller recompiles and gives the new result."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "caller.py").write_text(textwrap.dedent("""
+        from fastbp._jit import cpu_jit
+        from . import callee
+
+        @cpu_jit()
+        def outer(a):
+            callee.leaf(a, 3)
+            return a[0] + callee.TABLE[1]
+    """))
+    code = f"""
+        import sys
+        import numpy as np
+        sys.path.insert(0, {str(tmp_path)!r})
+        from pkg import caller
+        print(caller.outer(np.zeros(2)), caller.outer.stats.cache_hits.most_common(1) != [])
+    """
+    template = """
+        from numba import types
+        from fastbp._jit import SeparatelyCompiled, cpu_jit
+        TABLE = (0.0, {table})
+
+        def scalar_type():
+            return types.{scalar}
+
+        def leaf_signature(f):
+            return (types.Array(f, 1, "C"), {declared})
+
+        @cpu_jit()
+        def _leaf(a, n):
+            a[0] = n * 0.5
+
+        leaf = SeparatelyCompiled(_leaf, leaf_signature)
+    """
+    before = dict(table="10.0", scalar="float64", declared="types.int64")
+    after = {"signature": dict(before, declared="types.float64"),
+             "helper": dict(before, declared="scalar_type()", scalar="int64"),
+             "table": dict(before, table="20.0")}[edit]
+    if edit == "helper":
+        before = dict(before, declared="scalar_type()")
+    expected_after = "21.5 False" if edit == "table" else "11.5 False"
+    for values, expected in ((before, "11.5 False"), (before, "11.5 True"), (after, expected_after)):
+        (package / "callee.py").write_text(textwrap.dedent(template.format(**values)))
+        assert run_python(code, tmp_path / "cache").split() == expected.split(), (edit, values)
+
+
 def test_nrt_false_compiles_without_reference_counting():
     """cpu_jit(nrt=False) reaches numba (its _nrt option): such a function cannot allocate (numba types no
     np.empty without its runtime), and views of its arguments work. The drivers, loss, output transform and
