@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import hashlib
 import inspect
 import os
@@ -496,13 +497,15 @@ def _fingerprint(func) -> str:
     constants of every Python function its code reaches through the globals it names (numba dispatchers, inline
     helpers, separately compiled functions, intrinsics' definitions, and the plain Python functions of func's own
     package that those name, such as an intrinsic's code generation helpers), their module-level numbers and
-    tuples of numbers (numba freezes globals into the code), and each separately compiled function's symbol and
-    declared types (the caller passes its arguments as declared: a cached caller of an older declaration passed
-    an int64 where the callee now read a float64, tests/test_jit_cache.py)."""
+    tuples of numbers (numba freezes globals into the code), the whole source of the modules that define those
+    intrinsics and plain functions, and each separately compiled function's symbol and declared types (a caller
+    passes its arguments as declared: a cached caller of an older declaration passed an int64 where the callee
+    now read a float64, tests/test_jit_cache.py)."""
     digest = hashlib.sha256()
     package = func.__module__.split(".")[0]
     seen = set()
     pending = [func]
+    lowering_modules = set()
     while pending:
         function = pending.pop()
         if function in seen:
@@ -526,11 +529,30 @@ def _fingerprint(func) -> str:
                 pending.append(value.py_func)
             elif hasattr(value, "_defn") and callable(value._defn):  # a numba intrinsic
                 pending.append(value._defn)
+                lowering_modules.add(value._defn.__module__)
             elif _plain_value(value):
                 digest.update(f"{name}={value!r}".encode())
             elif isinstance(value, python_function) and value.__module__.split(".")[0] == package:
-                pending.append(value)  # a plain Python function of this package
+                pending.append(value)  # a plain Python function of this package (a stub numba lowers, a helper)
+                lowering_modules.add(value.__module__)
+    # The whole source of each module whose intrinsics or plain functions the code reaches: such a module also
+    # registers code generation that no name leads to (simd's operators on its vectors, _jit's calls by symbol,
+    # a lower_builtin of a stub function).
+    for module in sorted(lowering_modules):
+        digest.update(_source_digest(module))
     return digest.hexdigest()
+
+
+@functools.cache
+def _source_digest(module_name: str) -> bytes:
+    import sys
+
+    path = getattr(sys.modules.get(module_name), "__file__", None)
+    try:
+        with open(path, "rb") as source:
+            return hashlib.sha256(source.read()).digest()
+    except (OSError, TypeError):  # no source file (a frozen application): its name only
+        return module_name.encode()
 
 
 def _plain_value(value) -> bool:

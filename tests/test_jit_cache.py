@@ -318,6 +318,45 @@ def test_a_cached_caller_follows_its_separately_compiled_callees_declaration(tmp
         assert run_python(code, tmp_path / "cache").split() == expected.split(), (edit, values)
 
 
+def test_a_cached_caller_follows_the_lowering_its_callees_module_registers(tmp_path):
+    """Code generation that no name in the caller leads to (a lower_builtin registered for a stub function, as
+    simd's operators on its vectors): after the module that registers it changes, the caller recompiles."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "caller.py").write_text(textwrap.dedent("""
+        from fastbp._jit import cpu_jit
+        from . import lowered
+
+        @cpu_jit()
+        def outer(x):
+            return lowered.scale(x) + 1.0
+    """))
+    code = f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from pkg import caller
+        print(caller.outer(1.0), caller.outer.stats.cache_hits.most_common(1) != [])
+    """
+    for factor, expected in (("2.0", "3.0 False"), ("2.0", "3.0 True"), ("5.0", "6.0 False")):
+        (package / "lowered.py").write_text(textwrap.dedent(f"""
+            from numba import types
+            from numba.extending import lower_builtin, type_callable
+
+            def scale(x):
+                raise NotImplementedError("compiled code only")
+
+            @type_callable(scale)
+            def _type_scale(context):
+                return lambda x: x if x == types.float64 else None
+
+            @lower_builtin(scale, types.float64)
+            def _lower_scale(context, builder, signature, args):
+                return builder.fmul(args[0], context.get_constant(types.float64, {factor}))
+        """))
+        assert run_python(code, tmp_path / "cache").split() == expected.split(), factor
+
+
 def test_nrt_false_compiles_without_reference_counting():
     """cpu_jit(nrt=False) reaches numba (its _nrt option): such a function cannot allocate (numba types no
     np.empty without its runtime), and views of its arguments work. The drivers, loss, output transform and
