@@ -263,36 +263,42 @@ def test_cache_entry_follows_the_code_it_calls(tmp_path):
         assert run_python(code, tmp_path / "cache").split() == expected.split(), value
 
 
-@pytest.mark.parametrize("edit", ["signature", "helper", "table"])
-def test_a_cached_caller_follows_its_separately_compiled_callees_declaration(tmp_path, edit):
-    """A caller calls a separately compiled function by symbol, with the argument types its declaration gives
-    (signature_for): after the callee's file changes in a way its own bytecode does not show (the declared type of
-    an argument; a plain Python helper the declaration calls; a module-level table of numbers the code reads), a
-    cached caller would pass arguments of the old types (wrong numbers, or a crash) or read the old numbers. Its
-    cache entry must follow: the caller recompiles and gives the new result."""
+def test_a_cached_caller_follows_what_its_code_reaches_without_a_name_in_its_bytecode(tmp_path):
+    """Four callers, each compiled against a callee in another file that then changes in a way the callee's own
+    bytecode does not show: (1) the declared type of an argument of a function called by symbol (the caller passes
+    its arguments as declared: an int64 read as a float64, wrong numbers; a changed array type, a crash); (2) a
+    plain Python helper that declaration calls; (3) a module-level table of numbers the code reads (numba freezes
+    it into the code); (4) a lower_builtin registered for a stub function (as simd's operators on its vectors).
+    A second process loads all four from the cache; after the edits, a third recompiles each and gives the new
+    result."""
     package = tmp_path / "pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    (package / "caller.py").write_text(textwrap.dedent("""
+    (package / "callers.py").write_text(textwrap.dedent("""
         from fastbp._jit import cpu_jit
-        from . import callee
+        from . import declared, helped, lowered, table
 
         @cpu_jit()
-        def outer(a):
-            callee.leaf(a, 3)
-            return a[0] + callee.TABLE[1]
+        def by_declaration(a):
+            declared.leaf(a, 3)
+            return a[0]
+
+        @cpu_jit()
+        def by_helper(a):
+            helped.leaf(a, 3)
+            return a[0]
+
+        @cpu_jit()
+        def by_table(x):
+            return x + table.TABLE[1]
+
+        @cpu_jit()
+        def by_lowering(x):
+            return lowered.scale(x) + 1.0
     """))
-    code = f"""
-        import sys
-        import numpy as np
-        sys.path.insert(0, {str(tmp_path)!r})
-        from pkg import caller
-        print(caller.outer(np.zeros(2)), caller.outer.stats.cache_hits.most_common(1) != [])
-    """
-    template = """
+    leaf = """
         from numba import types
         from fastbp._jit import SeparatelyCompiled, cpu_jit
-        TABLE = (0.0, {table})
 
         def scalar_type():
             return types.{scalar}
@@ -306,55 +312,42 @@ def test_a_cached_caller_follows_its_separately_compiled_callees_declaration(tmp
 
         leaf = SeparatelyCompiled(_leaf, leaf_signature)
     """
-    before = dict(table="10.0", scalar="float64", declared="types.int64")
-    after = {"signature": dict(before, declared="types.float64"),
-             "helper": dict(before, declared="scalar_type()", scalar="int64"),
-             "table": dict(before, table="20.0")}[edit]
-    if edit == "helper":
-        before = dict(before, declared="scalar_type()")
-    expected_after = "21.5 False" if edit == "table" else "11.5 False"
-    for values, expected in ((before, "11.5 False"), (before, "11.5 True"), (after, expected_after)):
-        (package / "callee.py").write_text(textwrap.dedent(template.format(**values)))
-        assert run_python(code, tmp_path / "cache").split() == expected.split(), (edit, values)
+    lowered = """
+        from numba import types
+        from numba.extending import lower_builtin, type_callable
 
+        def scale(x):
+            raise NotImplementedError("compiled code only")
 
-def test_a_cached_caller_follows_the_lowering_its_callees_module_registers(tmp_path):
-    """Code generation that no name in the caller leads to (a lower_builtin registered for a stub function, as
-    simd's operators on its vectors): after the module that registers it changes, the caller recompiles."""
-    package = tmp_path / "pkg"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "caller.py").write_text(textwrap.dedent("""
-        from fastbp._jit import cpu_jit
-        from . import lowered
+        @type_callable(scale)
+        def _type_scale(context):
+            return lambda x: x if x == types.float64 else None
 
-        @cpu_jit()
-        def outer(x):
-            return lowered.scale(x) + 1.0
-    """))
+        @lower_builtin(scale, types.float64)
+        def _lower_scale(context, builder, signature, args):
+            return builder.fmul(args[0], context.get_constant(types.float64, {factor}))
+    """
     code = f"""
         import sys
+        import numpy as np
         sys.path.insert(0, {str(tmp_path)!r})
-        from pkg import caller
-        print(caller.outer(1.0), caller.outer.stats.cache_hits.most_common(1) != [])
+        from pkg import callers
+        for caller, argument in ((callers.by_declaration, np.zeros(2)), (callers.by_helper, np.zeros(2)),
+                                 (callers.by_table, 1.0), (callers.by_lowering, 1.0)):
+            print(caller(argument), caller.stats.cache_hits.most_common(1) != [], end="  ")
     """
-    for factor, expected in (("2.0", "3.0 False"), ("2.0", "3.0 True"), ("5.0", "6.0 False")):
-        (package / "lowered.py").write_text(textwrap.dedent(f"""
-            from numba import types
-            from numba.extending import lower_builtin, type_callable
 
-            def scale(x):
-                raise NotImplementedError("compiled code only")
+    def write(declared_type, helper_type, number, factor):
+        (package / "declared.py").write_text(textwrap.dedent(leaf.format(scalar="float64", declared=declared_type)))
+        (package / "helped.py").write_text(textwrap.dedent(leaf.format(scalar=helper_type, declared="scalar_type()")))
+        (package / "table.py").write_text(f"TABLE = (0.0, {number})\n")
+        (package / "lowered.py").write_text(textwrap.dedent(lowered.format(factor=factor)))
 
-            @type_callable(scale)
-            def _type_scale(context):
-                return lambda x: x if x == types.float64 else None
-
-            @lower_builtin(scale, types.float64)
-            def _lower_scale(context, builder, signature, args):
-                return builder.fmul(args[0], context.get_constant(types.float64, {factor}))
-        """))
-        assert run_python(code, tmp_path / "cache").split() == expected.split(), factor
+    write("types.int64", "float64", "10.0", "2.0")
+    assert run_python(code, tmp_path / "cache").split() == "1.5 False 1.5 False 11.0 False 3.0 False".split()
+    assert run_python(code, tmp_path / "cache").split() == "1.5 True 1.5 True 11.0 True 3.0 True".split()
+    write("types.float64", "int64", "20.0", "5.0")
+    assert run_python(code, tmp_path / "cache").split() == "1.5 False 1.5 False 21.0 False 6.0 False".split()
 
 
 def test_nrt_false_compiles_without_reference_counting():
