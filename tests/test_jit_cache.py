@@ -231,52 +231,24 @@ def test_code_loaded_without_numbas_refresh_runs_and_raises(tmp_path):
 
 def test_cache_entry_follows_the_code_it_calls(tmp_path):
     """numba keys a cached function by its own bytecode and file only, so a caller compiled against an older
-    callee in another file kept being served (numba #10776). fastbp's cpu_jit keys it by everything its
-    machine code is built from: after the callee's file changes, the caller recompiles and sees the change."""
-    package = tmp_path / "pkg"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "caller.py").write_text(textwrap.dedent("""
-        from fastbp._jit import cpu_jit
-        from . import callee
-
-        @cpu_jit()
-        def outer(x):
-            return callee.inner(x) + 1.0
-    """))
-    callee = package / "callee.py"
-    code = f"""
-        import sys
-        sys.path.insert(0, {str(tmp_path)!r})
-        from pkg import caller
-        print(caller.outer(1.0), caller.outer.stats.cache_hits.most_common(1) != [])
-    """
-    for value, expected in (("2.0", "3.0 False"), ("2.0", "3.0 True"), ("5.0", "6.0 False")):
-        callee.write_text(textwrap.dedent(f"""
-            from fastbp._jit import cpu_jit
-            SCALE = {value}
-
-            @cpu_jit()
-            def inner(x):
-                return x * SCALE
-        """))
-        assert run_python(code, tmp_path / "cache").split() == expected.split(), value
-
-
-def test_a_cached_caller_follows_what_its_code_reaches_without_a_name_in_its_bytecode(tmp_path):
-    """Four callers, each compiled against a callee in another file that then changes in a way the callee's own
-    bytecode does not show: (1) the declared type of an argument of a function called by symbol (the caller passes
-    its arguments as declared: an int64 read as a float64, wrong numbers; a changed array type, a crash); (2) a
-    plain Python helper that declaration calls; (3) a module-level table of numbers the code reads (numba freezes
-    it into the code); (4) a lower_builtin registered for a stub function (as simd's operators on its vectors).
-    A second process loads all four from the cache; after the edits, a third recompiles each and gives the new
-    result."""
+    callee in another file kept being served (numba #10776). fastbp's cpu_jit keys it by everything its machine
+    code is built from. Five callers, each compiled against a callee in another file that then changes: (0) an
+    inline helper's module-level number; and four changes the callee's own bytecode does not show: (1) the
+    declared type of an argument of a function called by symbol (the caller passes its arguments as declared: an
+    int64 read as a float64, wrong numbers; a changed array type, a crash); (2) a plain Python helper that
+    declaration calls; (3) a module-level table of numbers the code reads (numba freezes it into the code); (4) a
+    lower_builtin registered for a stub function (as simd's operators on its vectors). A second process loads all
+    five from the cache; after the edits, a third recompiles each and gives the new result."""
     package = tmp_path / "pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "callers.py").write_text(textwrap.dedent("""
         from fastbp._jit import cpu_jit
-        from . import declared, helped, lowered, table
+        from . import declared, helped, inline, lowered, table
+
+        @cpu_jit()
+        def by_inline(x):
+            return inline.inner(x) + 1.0
 
         @cpu_jit()
         def by_declaration(a):
@@ -332,22 +304,30 @@ def test_a_cached_caller_follows_what_its_code_reaches_without_a_name_in_its_byt
         import numpy as np
         sys.path.insert(0, {str(tmp_path)!r})
         from pkg import callers
-        for caller, argument in ((callers.by_declaration, np.zeros(2)), (callers.by_helper, np.zeros(2)),
-                                 (callers.by_table, 1.0), (callers.by_lowering, 1.0)):
+        for caller, argument in ((callers.by_inline, 1.0), (callers.by_declaration, np.zeros(2)),
+                                 (callers.by_helper, np.zeros(2)), (callers.by_table, 1.0), (callers.by_lowering, 1.0)):
             print(caller(argument), caller.stats.cache_hits.most_common(1) != [], end="  ")
     """
 
-    def write(declared_type, helper_type, number, factor):
+    def write(scale, declared_type, helper_type, number, factor):
+        (package / "inline.py").write_text(textwrap.dedent(f"""
+            from fastbp._jit import cpu_jit
+            SCALE = {scale}
+
+            @cpu_jit()
+            def inner(x):
+                return x * SCALE
+        """))
         (package / "declared.py").write_text(textwrap.dedent(leaf.format(scalar="float64", declared=declared_type)))
         (package / "helped.py").write_text(textwrap.dedent(leaf.format(scalar=helper_type, declared="scalar_type()")))
         (package / "table.py").write_text(f"TABLE = (0.0, {number})\n")
         (package / "lowered.py").write_text(textwrap.dedent(lowered.format(factor=factor)))
 
-    write("types.int64", "float64", "10.0", "2.0")
-    assert run_python(code, tmp_path / "cache").split() == "1.5 False 1.5 False 11.0 False 3.0 False".split()
-    assert run_python(code, tmp_path / "cache").split() == "1.5 True 1.5 True 11.0 True 3.0 True".split()
-    write("types.float64", "int64", "20.0", "5.0")
-    assert run_python(code, tmp_path / "cache").split() == "1.5 False 1.5 False 21.0 False 6.0 False".split()
+    write("2.0", "types.int64", "float64", "10.0", "2.0")
+    assert run_python(code, tmp_path / "cache").split() == "3.0 False 1.5 False 1.5 False 11.0 False 3.0 False".split()
+    assert run_python(code, tmp_path / "cache").split() == "3.0 True 1.5 True 1.5 True 11.0 True 3.0 True".split()
+    write("5.0", "types.float64", "int64", "20.0", "5.0")
+    assert run_python(code, tmp_path / "cache").split() == "6.0 False 1.5 False 1.5 False 21.0 False 6.0 False".split()
 
 
 def test_nrt_false_compiles_without_reference_counting():
