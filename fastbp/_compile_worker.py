@@ -49,7 +49,11 @@ def main(argv) -> int:
         return os.getppid() != int(parent) or os.path.exists(exit_marker(folder))
 
     if dtype_name == STANDBY:
-        assignment = _stand_by(folder, parent_gone, float(names[0]))
+        try:
+            assignment = _stand_by(folder, parent_gone, float(names[0]))
+        except BaseException:  # a failed import, say: the parent starts a helper of its own, nothing is left behind
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         if assignment is None:
             shutil.rmtree(folder, ignore_errors=True)
             return 0
@@ -101,7 +105,7 @@ def _stand_by(folder, parent_gone, idle_seconds):
                 return assignment.read().split("\n")[:-1]
         if parent_gone():
             return None
-        if time.monotonic() - started > idle_seconds and _standby._claim(folder, _standby.TAKEN):
+        if time.monotonic() - started > idle_seconds and _standby.claim_file(folder, _standby.TAKEN):
             return None  # expired: a parent that takes it later finds TAKEN and starts a helper of its own
         time.sleep(0.002 if time.monotonic() - started < 5 else 0.02)  # prompt while a first trainer is likely
 

@@ -737,7 +737,8 @@ def one_compile_process():
 
 
 def _helper_allowed() -> bool:
-    return not _one_process[0] and _standby.helpers_allowed()
+    # CACHE_ENABLED as this process decided it at import (cpu_jit's caching), not as the environment says now
+    return not _one_process[0] and CACHE_ENABLED and _standby.helpers_allowed()
 
 
 usable_cpus = _standby.usable_cpus
@@ -790,7 +791,7 @@ def exit_marker(folder: str) -> str:
     """The file a process creates in the claim folder of its helper when it exits (_forget_helpers): the helper
     then compiles nothing more and removes the folder once it stops, even if that process is still shutting
     down (claims are named 'fastbp.*', so no claim is named like this)."""
-    return os.path.join(folder, "parent-exited")
+    return os.path.join(folder, _standby.EXIT_MARKER)
 
 
 class _Helper:

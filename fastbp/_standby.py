@@ -22,6 +22,7 @@ import sys
 WORKER_VARIABLE = "FASTBP_COMPILE_WORKER"  # set in a helper's environment: it never starts another
 TAKEN = "taken"  # created (exclusively) in the standby's claim folder by the side that decides its fate
 ASSIGNMENT = "assignment"  # its work, written by the parent: the dtype's name, then one 'module:attribute' a line
+EXIT_MARKER = "parent-exited"  # written by a parent that exits or lets its helper go (fastbp._jit.exit_marker)
 IDLE_SECONDS = 60.0  # a script's first trainer usually comes within seconds of its import; data loading can take longer
 # The function whose cache index says "compiled here before": the product engine, a leaf of every fit and predict.
 PROBE_FUNCTION = "gemm._product_by_symbol"
@@ -132,7 +133,7 @@ def take():
     if standby is None:
         return None
     process, folder, owner = standby
-    if owner != os.getpid() or process.poll() is not None or not _claim(folder, TAKEN):
+    if owner != os.getpid() or process.poll() is not None or not claim_file(folder, TAKEN):
         return None
     return process, folder
 
@@ -149,10 +150,11 @@ def release() -> None:
     """Let the standby helper go now (its claim folder is taken with no assignment: it stops and removes it)."""
     taken = take()
     if taken is not None:
-        open(os.path.join(taken[1], "parent-exited"), "wb").close()  # fastbp._jit.exit_marker's name
+        open(os.path.join(taken[1], EXIT_MARKER), "wb").close()
 
 
-def _claim(folder: str, name: str) -> bool:
+def claim_file(folder: str, name: str) -> bool:
+    # Create ``name`` in ``folder`` exclusively: True for the one process that does (see the module notes)
     try:
         os.close(os.open(os.path.join(folder, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:

@@ -807,8 +807,15 @@ def _optional_caller(a):
         a[0] += 1.0
 
 
+def _leaf_without_wrapper(a):
+    a[0] += 10.0
+
+
+# Each SeparatelyCompiled wraps a function of its own: two of one function share its slot's symbol, and the one
+# declared last takes it (this file's optional-slot tests failed whenever pytest-xdist ran the test above after
+# them: the compiled caller read the other object's slot, never filled).
 _leaf_by_symbol_without_wrapper = fastbp._jit.SeparatelyCompiled(
-    fastbp._jit.cpu_jit(cache=False, no_cpython_wrapper=True)(_optional_leaf), _leaf_signature)
+    fastbp._jit.cpu_jit(cache=False, no_cpython_wrapper=True)(_leaf_without_wrapper), _leaf_signature)
 _optional_by_slot = fastbp._jit.SeparatelyCompiled(fastbp._jit.cpu_jit(cache=False)(_optional_leaf), _leaf_signature,
                                                    optional=True)
 
@@ -973,7 +980,11 @@ def _on_request_caller(a):
         a[0] += 1.0
 
 
-_on_request_by_slot = fastbp._jit.SeparatelyCompiled(fastbp._jit.cpu_jit(cache=False)(_optional_leaf),
+def _on_request_leaf(a):
+    a[0] += 10.0
+
+
+_on_request_by_slot = fastbp._jit.SeparatelyCompiled(fastbp._jit.cpu_jit(cache=False)(_on_request_leaf),
                                                      _leaf_signature, on_request=True)
 
 
