@@ -899,11 +899,18 @@ def _helper_for(dtype, dispatchers, first=(), extend=False, then=()):
     return helper
 
 
+def _counted_as_compiling(dispatcher, args):
+    """numba's compile event around work of this process that counts as compiling ``dispatcher`` for ``args``
+    (waiting for a helper, or filling a slot), as fastbp.compile_seconds and the compile notice count it."""
+    from numba.core import event
+
+    return event.trigger_event("numba:compile", data=dict(dispatcher=dispatcher, args=args, return_type=None))
+
+
 def compile_in_session(dispatcher, signature):
     """Compile ``dispatcher`` for ``signature`` and fill every slot it needs, sharing the work with a helper
     process where that pays (see "compile sessions" above). Returns when the function can run."""
     global _session
-    from numba.core import event
     from numba.core.compiler_lock import global_compiler_lock
 
     dtype = _first_float_dtype(signature)
@@ -916,8 +923,7 @@ def compile_in_session(dispatcher, signature):
         _session = session = _CompileSession()
         try:
             if version is not None and version in helper.leaves:  # the helper's, unless it has not started it
-                with event.trigger_event("numba:compile", data=dict(dispatcher=dispatcher, args=signature,
-                                                                      return_type=None)):
+                with _counted_as_compiling(dispatcher, signature):
                     helper.take([version], dtype)
             dispatcher.compile(signature)  # loaded from the disk cache if the helper compiled it
             if helper is None:
@@ -925,9 +931,7 @@ def compile_in_session(dispatcher, signature):
             else:
                 waiting = session.fill_pending(skip={(leaf, dtype) for leaf in helper.leaves})
                 if waiting:
-                    # the wait counts as compiling (fastbp.compile_seconds, the compile notice)
-                    with event.trigger_event("numba:compile", data=dict(dispatcher=dispatcher, args=signature,
-                                                                          return_type=None)):
+                    with _counted_as_compiling(dispatcher, signature):  # the wait
                         helper.take([function for function, _ in waiting], dtype)
                     session.pending[:0] = waiting
                     session.fill_pending()  # from the disk cache, or compiled here if the helper failed
@@ -995,7 +999,6 @@ def fill_now(function, dtype) -> None:
     fit of a large data set, where the product engine's plain product is several times slower than its tiles):
     waiting for the compile costs seconds, the other way could cost more. For one filled on request, a caller whose
     next call reaches it. Nothing to do where the slot is filled already."""
-    from numba.core import event
     from numba.core.compiler_lock import global_compiler_lock
 
     if dtype in function._results:
@@ -1007,9 +1010,7 @@ def fill_now(function, dtype) -> None:
         if function.in_disk_cache(dtype):  # loaded: no compiling to count (fastbp.precompile's users compile none)
             function.fill(dtype)
             return
-        with event.trigger_event("numba:compile", data=dict(dispatcher=function.dispatcher,
-                                                            args=tuple(function.signature_for(dtype)),
-                                                            return_type=None)):  # counts as compiling
+        with _counted_as_compiling(function.dispatcher, tuple(function.signature_for(dtype))):
             # the helper a pending optional function was left to, or this dtype's (where one filled on request is
             # on its list)
             for helper in dict.fromkeys([item[2] for item in pending] + [_helpers.get(dtype)]):
@@ -1022,7 +1023,6 @@ def fill_now(function, dtype) -> None:
 def take_unstarted(function, dtype) -> None:
     """Compile ``function``'s ``dtype`` version here now where this process's helper has it on its list and has
     not started it (claimed, as a session takes a leaf); else nothing (fill_now then loads or waits for it)."""
-    from numba.core import event
     from numba.core.compiler_lock import global_compiler_lock
 
     helper = _helpers.get(dtype)
@@ -1031,9 +1031,7 @@ def take_unstarted(function, dtype) -> None:
         return
     with global_compiler_lock:
         if claim(helper.folder, function, dtype):
-            with event.trigger_event("numba:compile", data=dict(dispatcher=function.dispatcher,
-                                                                args=tuple(function.signature_for(dtype)),
-                                                                return_type=None)):
+            with _counted_as_compiling(function.dispatcher, tuple(function.signature_for(dtype))):
                 function.fill(dtype)
 
 
