@@ -812,9 +812,9 @@ def _multiply_adds(kind, out, b):
 
 
 @inline
-def _parallel_work(kind, out, b):
-    # Whether the product is worth a parallel region: PARALLEL_MIN_WORK multiply-adds or more.
-    return _multiply_adds(kind, out, b) >= PARALLEL_MIN_WORK
+def _parallel_work(multiply_adds):
+    # Whether a product of this many multiply-adds is worth a parallel region: PARALLEL_MIN_WORK or more.
+    return multiply_adds >= PARALLEL_MIN_WORK
 
 
 @inline
@@ -892,7 +892,7 @@ def _product(kind, act, out, a, b, vec, y, panels):
     numba.get_num_threads() tasks (a prange: numba compiles its body as a function of its own)."""
     if _plain_first(kind, out):
         _plain_product(_activate_row, kind, act, out, a, b, vec, y, panels)
-    elif _parallel_work(kind, out, b):
+    elif _parallel_work(_multiply_adds(kind, out, b)):
         _run_parallel(_task, kind, act, out, a, b, vec, y, panels)
     else:
         _run_serial(_task, kind, act, out, a, b, vec, y, panels)
@@ -917,7 +917,7 @@ def _product_by_symbol(kind, act, out, a, b, vec, y, panels):
     work = _multiply_adds(kind, out, b)
     if _plain_first(kind, out) or not _jit.is_compiled(task_by_symbol, out, work):
         _plain_product(activate_row, kind, act, out, a, b, vec, y, panels)
-    elif work >= PARALLEL_MIN_WORK and _jit.is_compiled(parallel_tasks, out, 1):
+    elif _parallel_work(work) and _jit.is_compiled(parallel_tasks, out, 1):
         parallel_tasks(kind, act, out, a, b, vec, y, panels)
     else:
         _run_serial(task_by_symbol, kind, act, out, a, b, vec, y, panels)
