@@ -418,14 +418,21 @@ def output_transform(out, logits, loss):
     pointwise.sigmoid_from_exp): one loop per pass instead of a row view and its reference count per sample,
     and each transform's exps in one loop over the block. Each loss's transform is a compiled function of its
     own, which the drivers call alone (transform_for)."""
+    _transform_by_loss(_identity_block, _sigmoid_block, _exp_block, _softmax_block, out, logits, loss)
+
+
+@inline
+def _transform_by_loss(identity, sigmoid, exp, softmax, out, logits, loss):
+    # out = the loss's transform of logits, through the one of the four given: linked (output_transform) or by
+    # symbol (the drivers: see transform_for)
     if loss == MSE:
-        _identity_block(out, logits)
+        identity(out, logits)
     elif loss == BINARY_CROSS_ENTROPY:
-        _sigmoid_block(out, logits)
+        sigmoid(out, logits)
     elif loss == POISSON:
-        _exp_block(out, logits)
+        exp(out, logits)
     else:
-        _softmax_block(out, logits)
+        softmax(out, logits)
 
 
 @cpu_jit(nrt=False, **FAST)
@@ -659,19 +666,6 @@ def transform_for(loss) -> SeparatelyCompiled:
     return _TRANSFORM_BLOCKS[int(loss)]
 
 
-@inline
-def _transform_block(out, logits, loss):
-    # the loss's own output transform, by symbol (see transform_for)
-    if loss == MSE:
-        identity_block(out, logits)
-    elif loss == BINARY_CROSS_ENTROPY:
-        sigmoid_block(out, logits)
-    elif loss == POISSON:
-        exp_block(out, logits)
-    else:
-        softmax_block(out, logits)
-
-
 @cpu_jit(nrt=False, **FAST)
 def clip_grad_norm(grads, max_norm):
     """Scale grads (P,) in place as torch.nn.utils.clip_grad_norm_(params, max_norm) does (one 2-norm over all
@@ -873,7 +867,8 @@ def forward_pass(out, X, Y, sample_weights, params, net_fields, work_fields):
         _copy_rows(activation_view(work.acts, net.sizes, net.unit_offsets, capacity, 0, n_rows), X, start)
         logits = _forward(params, net, work, n_rows)
         if out is not None:
-            _transform_block(out[start:start + n_rows], logits, net.loss)
+            _transform_by_loss(identity_block, sigmoid_block, exp_block, softmax_block, out[start:start + n_rows],
+                               logits, net.loss)
         if Y is not None:
             dlogits = activation_view(work.deltas, net.sizes, net.unit_offsets, capacity, n_layers, n_rows)
             targets = work.targets[:n_rows]
