@@ -62,44 +62,41 @@ def helper_environment(**variables) -> dict:
     return env
 
 
-def kernel_cache_folders() -> list:
+def kernel_cache_folder():
     """Where numba's disk cache keeps fastbp.kernels' compiled functions, as numba's cache locators find it
     (numba.core.caching: NUMBA_CACHE_DIR, else the package's __pycache__ where writable, else the user-wide cache),
-    or [] where this cannot tell (other locators, a numba config file, no known user cache folder)."""
+    or None where this cannot tell (other locators, a numba config file, no known user cache folder)."""
     import hashlib
 
     kernels = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
     # numba's _CacheLocator.get_suitable_cache_subpath: the source folder's name and the SHA-1 of its path
     subpath = "kernels_" + hashlib.sha1(kernels.encode()).hexdigest()
     if os.environ.get("NUMBA_CACHE_LOCATOR_CLASSES") or os.path.exists(".numba_config.yaml"):
-        return []
+        return None
     if os.environ.get("NUMBA_CACHE_DIR"):
-        return [os.path.join(os.environ["NUMBA_CACHE_DIR"], subpath)]
+        return os.path.join(os.environ["NUMBA_CACHE_DIR"], subpath)
     in_tree = os.path.join(kernels, "__pycache__")
     if os.access(in_tree if os.path.isdir(in_tree) else kernels, os.W_OK):
-        return [in_tree]
+        return in_tree
     if sys.platform.startswith("linux"):
         user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-        return [os.path.join(user_cache, "numba", subpath)]
-    return []
+        return os.path.join(user_cache, "numba", subpath)
+    return None
 
 
 def cache_looks_cold() -> bool:
     """True where numba's disk cache certainly lacks fastbp's product engine (for this Python): a first fit or
     predict will compile for seconds. False where it has it, or where this cannot tell."""
-    folders = kernel_cache_folders()
-    if not folders:
+    folder = kernel_cache_folder()
+    if folder is None:
         return False
     prefix = PROBE_FUNCTION + "-"
     suffix = f".py{sys.version_info[0]}{sys.version_info[1]}{getattr(sys, 'abiflags', '')}.nbi"  # numba's index name
-    for folder in folders:
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            continue
-        if any(name.startswith(prefix) and name.endswith(suffix) for name in names):
-            return False
-    return True
+    try:
+        names = os.listdir(folder)
+    except OSError:  # not there yet: nothing cached
+        return True
+    return not any(name.startswith(prefix) and name.endswith(suffix) for name in names)
 
 
 def start(idle_seconds: float = IDLE_SECONDS) -> None:

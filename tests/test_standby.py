@@ -39,7 +39,7 @@ def test_the_cold_cache_probe_looks_where_numba_writes_the_product_engine(tmp_pa
         import numpy as np, fastbp, fastbp._standby as standby
         from fastbp.kernels import gemm
         cache = gemm._product_by_symbol._cache
-        print(standby.kernel_cache_folders() == [cache._cache_path],
+        print(standby.kernel_cache_folder() == cache._cache_path,
               cache._cache_file._index_name.startswith(standby.PROBE_FUNCTION + "-"), standby.cache_looks_cold())
         model = fastbp.MLP([3, 4, 2], activation="relu", seed=0)
         fastbp.Trainer(model, loss="softmax_cross_entropy").predict(np.ones((2, 3), np.float32))
