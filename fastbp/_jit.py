@@ -763,11 +763,7 @@ def _import_attribute(module: str, attribute: str):
 
 def claim(folder: str, function, dtype) -> bool:
     """Take ``function``'s ``dtype`` version for this process; False if another process already has."""
-    try:
-        os.close(os.open(os.path.join(folder, function.symbol(dtype)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return False
-    return True
+    return _standby.claim_file(folder, function.symbol(dtype))
 
 
 helper_environment = _standby.helper_environment

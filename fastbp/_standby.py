@@ -130,7 +130,12 @@ def take():
     if standby is None:
         return None
     process, folder, owner = standby
-    if owner != os.getpid() or process.poll() is not None or not claim_file(folder, TAKEN):
+    if owner != os.getpid() or process.poll() is not None:
+        return None
+    try:
+        if not claim_file(folder, TAKEN):
+            return None
+    except OSError:  # the folder is gone (the standby expired, or stopped, and removed it)
         return None
     return process, folder
 
@@ -151,11 +156,10 @@ def release() -> None:
 
 
 def claim_file(folder: str, name: str) -> bool:
-    # Create ``name`` in ``folder`` exclusively: True for the one process that does (see the module notes)
+    """Create ``name`` in ``folder`` exclusively: True for the one process that does, False for the others (a
+    claim folder's protocol: fastbp._jit.claim, and TAKEN above)."""
     try:
         os.close(os.open(os.path.join(folder, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
-        return False
-    except OSError:  # the folder is gone (the standby stopped and removed it)
         return False
     return True
