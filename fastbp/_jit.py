@@ -19,6 +19,7 @@ import os
 import pickle
 import time
 import warnings
+import weakref
 from types import FunctionType as python_function
 from types import ModuleType as types_module
 
@@ -124,6 +125,13 @@ def cpu_jit(parallel=False, cache=True, nrt=True, **options):
 # helpers leave its slot empty, and whoever makes calls that reach it fills the slot first (:func:`fill_now`: the
 # CPU backend, for networks with those activations, whose helper compiles it first). Calls outside compile
 # sessions compile it at once, as any other; a call through its empty slot raises RuntimeError, as any slot's.
+# "module.qualname" -> the SeparatelyCompiled whose slots carry that name. Two live objects of one name would share
+# their slots' symbols: LLVM keeps the address declared last, so code linked afterwards would read the other
+# object's slot, never filled (found as a flaky test: three test objects wrapped one function). Weak: an object
+# that is dropped (a test's) frees its name.
+_slot_owners = weakref.WeakValueDictionary()
+
+
 class SeparatelyCompiled:
     """A compiled function that other compiled functions call through a slot, compiled once per dtype.
 
@@ -138,7 +146,8 @@ class SeparatelyCompiled:
     callers test :func:`is_compiled` before calling it and do without it until then (see "Optional slots"
     above); without a helper process it is compiled once the work its callers did without it adds up to
     ``wanted_after``. ``on_request``: filled by whoever calls it, not by compile sessions (see "Slots filled on
-    request" above).
+    request" above). One object per function: the slots are named after the function's module and name, and a
+    second live object of that name is refused (ValueError).
     """
 
     def __init__(self, dispatcher, signature_for, returns=types.none, optional=False, wanted_after=1,
@@ -159,6 +168,13 @@ class SeparatelyCompiled:
         self._results = {}  # dtype -> numba's compile result, once its address is in the slot
         self._wanted = {}  # dtype -> ctypes.c_int64 to which is_compiled adds its work on finding the slot empty
         self._from_python = None  # see __call__
+        name = f"{self.py_func.__module__}.{self.__qualname__}"
+        owner = _slot_owners.get(name)
+        if owner is not None:
+            raise ValueError(f"{name} is already compiled separately ({owner!r}): a slot's symbol is named after its "
+                             f"function's module and name, so a second SeparatelyCompiled of that name would take "
+                             f"the symbols over from code linked to the first; give it a function of its own")
+        _slot_owners[name] = self
         _register_call_typing(self)
 
     def __call__(self, *args):

@@ -664,13 +664,33 @@ def test_a_call_through_an_empty_slot_raises_instead_of_crashing(monkeypatch):
     assert a[0] == 1.0
 
 
+def _leaf_declared_wrongly(a):
+    a[0] += 1.0
+
+
 def test_a_declared_return_type_is_checked():
     from numba import types
 
-    wrong = fastbp._jit.SeparatelyCompiled(fastbp._jit.cpu_jit(cache=False)(_leaf), _leaf_signature,
-                                           returns=types.float64)
+    wrong = fastbp._jit.SeparatelyCompiled(fastbp._jit.cpu_jit(cache=False)(_leaf_declared_wrongly),
+                                           _leaf_signature, returns=types.float64)
     with pytest.raises(TypeError, match="returns none, but is declared to return float64"):
         wrong.fill(types.float32)
+
+
+def test_a_second_object_of_one_function_is_refused_and_the_first_keeps_its_slots():
+    # Their slots' symbols would be the same: code linked after the second declared them would read its slots.
+    from numba import types
+
+    _leaf_by_slot.fill(types.float64)
+    with pytest.raises(ValueError, match=r"test_jit_cache\._leaf is already compiled separately"):
+        fastbp._jit.SeparatelyCompiled(fastbp._jit.cpu_jit(cache=False)(_leaf), _leaf_signature)
+    same_name = fastbp._jit.cpu_jit(cache=False)(lambda a: None)
+    same_name.py_func.__module__, same_name.py_func.__qualname__ = _leaf.__module__, _leaf.__qualname__
+    with pytest.raises(ValueError, match="already compiled separately"):  # another function, the same name
+        fastbp._jit.SeparatelyCompiled(same_name, _leaf_signature)
+    a = np.zeros(1)
+    fastbp._jit.cpu_jit(cache=False)(_caller)(a)  # linked now: it must find the first object's slot, filled
+    assert a[0] == 1.0
 
 
 def stand_in_helpers(monkeypatch, code):
@@ -788,7 +808,7 @@ def test_the_helper_takes_what_was_queued_before_the_rest_of_its_list(tmp_path):
                     "fastbp.kernels.narrow:forward_sigmoid\nfastbp.kernels.cpu:softmax_block\n")
     subprocess.run([sys.executable, "-m", "fastbp._compile_worker", folder, str(os.getpid()), "float64",
                     "fastbp.kernels.cpu:optimizer_step", "fastbp.kernels.cpu:softmax_block"], check=True,
-                   timeout=600)
+                   timeout=600, env=fastbp._jit.helper_environment(**{fastbp._jit.WORKER_VARIABLE: "1"}))
     order = [narrow.forward_sigmoid, cpu.softmax_block, cpu.optimizer_step, narrow.forward_tanh]
     done = [os.stat(fastbp._jit.done_marker(folder, function, types.float64)).st_mtime_ns for function in order]
     assert done == sorted(done)
@@ -1170,8 +1190,9 @@ def _helper_with_a_gone_parent_compiles_nothing(tmp_path, parent, exit_marked):
     folder.mkdir()
     if exit_marked:
         open(fastbp._jit.exit_marker(str(folder)), "wb").close()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
-               NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    # a helper's environment, as fastbp._jit gives it (without the worker variable, its ``import fastbp`` would start
+    # a standby helper into the cold cache where the tests run without pytest-xdist)
+    env = fastbp._jit.helper_environment(NUMBA_CACHE_DIR=str(tmp_path / "cache"), **{fastbp._jit.WORKER_VARIABLE: "1"})
     result = subprocess.run([sys.executable, "-m", "fastbp._compile_worker", str(folder), str(parent), "float64",
                              "fastbp.kernels.cpu:optimizer_step"], env=env, capture_output=True, text=True,
                             timeout=300)
