@@ -103,10 +103,13 @@ def cpu_jit(parallel=False, cache=True, nrt=True, **options):
 # The slot must be filled before a caller runs. Outside a compile session, a caller compiled in this process
 # fills it while being typed; a caller loaded from the disk cache does so through _RegisteringCache, which
 # every cpu_jit function carries: before loading, it fills the slots of the separately compiled functions the
-# caller's code refers to (found by name among its globals). A call through an empty slot raises RuntimeError
-# instead of jumping to address 0. Only fastbp's own drivers call these; the public kernels (fastbp.kernels.cpu,
-# gemm's dense_forward ...) link their callees as numba does, so a user's cached numba code never depends on a
-# slot.
+# caller's code refers to (found by name among its globals). Code outside fastbp that links a caller (a user's
+# njit function calling the vocabulary, fastbp.kernels.cpu.dense_forward ..., which calls the product engine by
+# symbol) is cached by numba alone: each call by symbol also leaves a _FillOnLoad in its library's reload_init,
+# which numba runs before it loads the machine code and which any library linking it inherits, and which refuses
+# code compiled against another declaration of the callee. Every slot is known to LLVM's loader from the start
+# (declared empty when its object is made), so a call through an empty slot raises RuntimeError instead of
+# jumping to address 0.
 #
 # Optional slots. A function made with ``optional=True`` is one its callers can do without: they test its slot
 # with ``is_compiled(function, array, work)`` where they would call it and call it only where that is true, doing
@@ -168,6 +171,7 @@ class SeparatelyCompiled:
         self._results = {}  # dtype -> numba's compile result, once its address is in the slot
         self._wanted = {}  # dtype -> ctypes.c_int64 to which is_compiled adds its work on finding the slot empty
         self._from_python = None  # see __call__
+        self._reference = None  # see reference()
         name = f"{self.py_func.__module__}.{self.__qualname__}"
         owner = _slot_owners.get(name)
         if owner is not None:
@@ -176,6 +180,11 @@ class SeparatelyCompiled:
                              f"the symbols over from code linked to the first; give it a function of its own")
         _slot_owners[name] = self
         _register_call_typing(self)
+        # Every slot is known to LLVM's loader from the start, empty: machine code that calls one before anything
+        # filled it (a cache entry loaded without its reload_init) then raises RuntimeError at the call, where an
+        # unknown symbol would be bound to address 0 and crash the process.
+        for dtype in (types.float32, types.float64):
+            self.declare(dtype)
 
     def __call__(self, *args):
         if self.dispatcher.targetoptions.get("no_cpython_wrapper"):
@@ -192,6 +201,20 @@ class SeparatelyCompiled:
         # trainer's fused kernel names some in its globals
         module, attribute = _module_attribute(self).split(":")
         return _import_attribute, (module, attribute)
+
+    def reference(self):
+        """'module:attribute' under which this object can be imported in another process, or None where it is not a
+        module global (a test's)."""
+        if self._reference is None:
+            try:
+                self._reference = _module_attribute(self)
+            except (KeyError, LookupError):
+                self._reference = ""
+        return self._reference or None
+
+    def declared(self, dtype) -> str:
+        """The ``dtype`` version's declared argument and return types, as text."""
+        return f"{tuple(self.signature_for(dtype))} -> {self.returns}"
 
     def symbol(self, dtype) -> str:
         """The name of the ``dtype`` version's slot."""
@@ -366,6 +389,10 @@ def _register_call_typing(function):
         values = [context.cast(builder, value, given, wanted)
                   for value, given, wanted in zip(args, signature.args, expected)]
         restype = function.returns
+        reference = function.reference()
+        if reference is not None:  # see _FillOnLoad
+            fill = _FillOnLoad(reference, str(dtype), function.declared(dtype))
+            context.active_code_library._reload_init.add(fill)
         address = builder.load(_slot_variable(builder, function.symbol(dtype)))
         with cgutils.if_unlikely(builder, cgutils.is_null(builder, address)):
             context.call_conv.return_user_exc(builder, RuntimeError, (
@@ -379,6 +406,50 @@ def _register_call_typing(function):
 
 _SLOT_TYPE = ir.IntType(8).as_pointer()  # a slot holds a function's address
 _WANTED_TYPE = ir.IntType(64)  # an optional function's count of work done without it (see is_compiled)
+
+
+class _FillOnLoad:
+    """Registers the ``dtype_name`` version of the separately compiled function ``reference`` ('module:attribute'):
+    fills its slot, or defers that in a compile session (SeparatelyCompiled.register). A call by symbol puts one
+    into the reload_init of the library being compiled: numba runs those before it loads the library's machine code
+    from its disk cache (numba.core.compiler, CompileResult._rebuild), and a library that links another inherits
+    them (numba.core.codegen: numba's parallel code uses this to start the threads its code calls into). So code
+    cached outside fastbp that links a public kernel (a user's ``@njit(cache=True)`` function that calls
+    fastbp.kernels.cpu.dense_forward) finds the slots that kernel calls filled in a new process, as fastbp's own
+    cached functions do through _RegisteringCache. Picklable (numba pickles reload_init with the machine code)."""
+
+    def __init__(self, reference: str, dtype_name: str, declared: str):
+        self.reference = reference
+        self.dtype_name = dtype_name
+        self.declared = declared  # the callee's declared types when the code was compiled (see __call__)
+
+    def __call__(self):
+        try:
+            function = _import_attribute(*self.reference.split(":"))
+            declared = function.declared(getattr(types, self.dtype_name))
+        except (ImportError, AttributeError):  # gone or renamed since the code was compiled
+            function, declared = None, "nothing (it is not there)"
+        if declared != getattr(self, "declared", None):  # (one unpickled from an older fastbp may lack it)
+            # machine code cached by an older fastbp (a user's own cache: numba keys it by the user's file only)
+            # would pass its arguments as the callee was declared then
+            raise RuntimeError(f"fastbp: this cached code calls {self.reference} declared as "
+                               f"{getattr(self, 'declared', 'before declarations were recorded')}, but "
+                               f"this fastbp declares {declared}: it was compiled with another version of fastbp. "
+                               f"Clear numba's cache (the __pycache__ folders beside your code, or NUMBA_CACHE_DIR) "
+                               f"and run again.")
+        function.register(getattr(types, self.dtype_name))
+
+    def _key(self):
+        return self.reference, self.dtype_name, getattr(self, "declared", None)
+
+    def __eq__(self, other):
+        return isinstance(other, _FillOnLoad) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        return f"_FillOnLoad({self.reference!r}, {self.dtype_name!r}, {getattr(self, 'declared', None)!r})"
 
 
 def _slot_variable(builder, name, kind=_SLOT_TYPE):
@@ -413,6 +484,31 @@ def is_compiled(typingctx, function, like, work):
         return filled
 
     return types.boolean(function, like, work), codegen
+
+
+@intrinsic
+def fill_on_use(typingctx, function, like):
+    """In compiled code: the separately compiled ``function`` (a global) in its slot, for the dtype of the array
+    ``like``, wherever this code runs: registered when the caller is typed, and again before the caller's cached
+    machine code (or that of code linking it) is loaded (_FillOnLoad). For code outside fastbp's drivers that
+    reaches an optional function through another one: the vocabulary kernels, whose product runs its plain loops
+    while the tiled worker is not in its slot, and which a user may call long after a trainer's compile session
+    left that slot to a helper (see "Optional slots"). Generates no code."""
+    target = getattr(function, "typing_key", None)
+    if not (isinstance(target, SeparatelyCompiled) and isinstance(like, types.Array)):
+        raise errors.TypingError(f"fill_on_use takes a SeparatelyCompiled function and an array; got {function}, "
+                                 f"{like}")
+    dtype = like.dtype
+    target.register(dtype)
+
+    def codegen(context, builder, signature, args):
+        reference = target.reference()
+        if reference is not None:
+            fill = _FillOnLoad(reference, str(dtype), target.declared(dtype))
+            context.active_code_library._reload_init.add(fill)
+        return context.get_dummy_value()
+
+    return types.none(function, like), codegen
 
 
 class _RegisteringCache:
@@ -467,6 +563,10 @@ class _RegisteringCache:
             for callee in callees:
                 if called is None or callee.symbol(dtype) in called:
                     callee.register(dtype)
+            # numba runs a loaded function's reload_init but gives its library an empty one: code compiled later
+            # that links this function (a user's cached function calling a vocabulary kernel) would inherit
+            # nothing, and load in a new process with the slots this code calls left empty (_FillOnLoad)
+            result.library._reload_init.update(getattr(result, "reload_init", None) or ())
         return result
 
     def _load(self, sig, target_context):
@@ -537,6 +637,7 @@ def _fingerprint(func) -> str:
                    if isinstance(module, types_module) for name in names]
         for name, value in values:
             if isinstance(value, SeparatelyCompiled):
+                lowering_modules.add(__name__)  # the call's lowering (_register_call_typing) is this module's
                 digest.update(value.symbol("").encode())
                 for dtype in (types.float32, types.float64):
                     digest.update(repr((tuple(value.signature_for(dtype)), value.returns)).encode())

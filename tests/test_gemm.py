@@ -1,4 +1,4 @@
-"""fastbp.kernels.gemm: the engine's three products (gemm._product, the product fastbp.kernels.cpu's
+"""fastbp.kernels.gemm: the engine's three products (gemm.product, the product fastbp.kernels.cpu's
 vocabulary and drivers run) and the vocabulary's naive references against a float64 numpy reference
 (tests/naive.py), at tile edges, for both dtypes and every activation; 1 and 2 threads bit-identical; the
 other vector widths in subprocesses."""
@@ -40,15 +40,15 @@ def _forward_reference(inp, w, b, act):
 # The engine's three products, as the vocabulary calls them (operands with contiguous rows, a workspace of
 # workspace_size elements).
 def forward(out, inp, w, b, act, panels):
-    gemm._product(gemm.FORWARD, act, out, inp, w, b, out, panels)
+    gemm.product(gemm.FORWARD, act, out, inp, w, b, out, panels)
 
 
 def weight_grad(dweight, dbias, dout, inp, panels):
-    gemm._product(gemm.WEIGHT_GRAD, ACTIVATIONS["identity"], dweight, inp, dout, dbias, dweight, panels)
+    gemm.product(gemm.WEIGHT_GRAD, ACTIVATIONS["identity"], dweight, inp, dout, dbias, dweight, panels)
 
 
 def input_grad(dinp, dout, w, y, act, panels):
-    gemm._product(gemm.INPUT_GRAD, act, dinp, dout, w, panels, y, panels)
+    gemm.product(gemm.INPUT_GRAD, act, dinp, dout, w, panels, y, panels)
 
 
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
@@ -117,10 +117,13 @@ def test_dense_backward_input(shape, act, dtype, rng):
 
 
 # --- threads ------------------------------------------------------------------------------------------------------
-def _all_kernels(dtype, rng, B, n_in, n_out, product=gemm._product, act=None):
-    """Outputs of the three products on one problem (big enough for the parallel path), by ``product``
-    (gemm._product, or gemm.product: the drivers'): the forward with sigmoid and the input gradient with relu, or
-    both with ``act``."""
+def _all_kernels(dtype, rng, B, n_in, n_out, act=None):
+    """Outputs of gemm.product's three products on one problem (big enough for the parallel path): the forward
+    with sigmoid and the input gradient with relu, or both with ``act``. Its tiled worker and parallel region are
+    compiled into their slots (a test that wants one empty empties it after)."""
+    product = gemm.product
+    gemm.task_by_symbol.fill(numba.from_dtype(dtype))
+    gemm.parallel_tasks.fill(numba.from_dtype(dtype))
     inp, w, b = _data(rng, dtype, B, n_in), _data(rng, dtype, n_in, n_out), _data(rng, dtype, n_out)
     dout = _data(rng, dtype, B, n_out)
     y = np.abs(_data(rng, dtype, B, n_in)) if act is None else rng.uniform(-1, 1, (B, n_in)).astype(dtype)
@@ -167,22 +170,20 @@ def test_the_drivers_product_gives_the_same_numbers_before_its_parallel_region_i
                                                                                             monkeypatch):
     """gemm.product runs every product on the calling thread while its optional parallel region
     (gemm.parallel_tasks) is not in its slot (a cold process, until the compile helper has compiled it), in
-    parallel once it is: the same numbers either way, and those of gemm._product (the region linked in)."""
+    parallel once it is: the same numbers either way."""
     B, n_in, n_out = shape
     previous = numba.get_num_threads()
     try:
         numba.set_num_threads(2)
-        linked = _all_kernels(dtype, np.random.default_rng(3), B, n_in, n_out)
         gemm.parallel_tasks.fill(numba.from_dtype(dtype))
-        parallel = _all_kernels(dtype, np.random.default_rng(3), B, n_in, n_out, gemm.product)
+        parallel = _all_kernels(dtype, np.random.default_rng(3), B, n_in, n_out)
         # emptied: a call through it would raise (_jit: "was called before it was compiled")
         monkeypatch.setattr(gemm.parallel_tasks._slots[numba.from_dtype(dtype)], "value", None)
-        serial = _all_kernels(dtype, np.random.default_rng(3), B, n_in, n_out, gemm.product)
+        serial = _all_kernels(dtype, np.random.default_rng(3), B, n_in, n_out)
     finally:
         numba.set_num_threads(previous)
-    for a, b, c in zip(linked, parallel, serial):
+    for a, b in zip(parallel, serial):
         np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(a, c)
 
 
 # Shapes where the tiles take each of their paths: a row tile and a panel, tile edges, a narrow last panel
@@ -195,7 +196,7 @@ PLAIN_SHAPES = SHAPES + [(130, 97, 257), (300, 64, 256), (515, 301, 10), (9, 70,
 def test_the_plain_product_gives_the_numbers_of_the_tiles(shape, act, dtype, monkeypatch):
     """gemm.product (the drivers') runs the plain product while the tiled worker (gemm.task_by_symbol, optional)
     is not in its slot (a cold process, until the compile helper has compiled it), and for a forward of fewer
-    rows than a tile always: bit for bit the numbers of the tiles (gemm._product, the worker linked in) for every
+    rows than a tile always: bit for bit the numbers of the tiles (the worker in its slot) for every
     kind and activation, so that a fit gives the same numbers whenever the worker arrives, and a row predicted
     alone those it gets in a batch. The parallel region is in its slot: the product must not take it without the
     worker."""
@@ -208,7 +209,7 @@ def test_the_plain_product_gives_the_numbers_of_the_tiles(shape, act, dtype, mon
         numba.set_num_threads(2 if numba.config.NUMBA_NUM_THREADS >= 2 else 1)
         tiles = _all_kernels(dtype, np.random.default_rng(5), B, n_in, n_out, act=act)
         monkeypatch.setattr(gemm.task_by_symbol._slots[f], "value", None)  # emptied (a call through it raises)
-        plain = _all_kernels(dtype, np.random.default_rng(5), B, n_in, n_out, gemm.product, act=act)
+        plain = _all_kernels(dtype, np.random.default_rng(5), B, n_in, n_out, act=act)
     finally:
         numba.set_num_threads(previous)
     for name, a, b in zip(("forward", "weight gradient", "bias gradient", "input gradient"), tiles, plain):
@@ -256,7 +257,7 @@ BATTERY = """
 
 
 def _battery():
-    """The engine at edge shapes, for subprocess widths: gemm._product (the tile shape, packing and epilogues
+    """The engine at edge shapes, for subprocess widths: gemm.product (the tile shape, packing and epilogues
     live there) in its three kinds (float32) and the forward (float64), against numpy. One compile per dtype
     (generic-128 run: 21 s when it ran each public kernel and naive reference)."""
     rng = np.random.default_rng(11)

@@ -3,6 +3,7 @@ and a function that cannot be cached still works (with a warning) instead of fai
 import contextlib
 import importlib.util
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -1199,3 +1200,39 @@ def _helper_with_a_gone_parent_compiles_nothing(tmp_path, parent, exit_marked):
     assert result.returncode == 0, result.stderr
     assert not folder.exists()
     assert not (tmp_path / "cache").exists()  # nothing compiled into the disk cache
+
+
+def test_cached_code_of_another_declaration_is_refused_before_it_loads():
+    # What a call by symbol leaves in its library's reload_init (numba runs it before loading the machine code from
+    # a cache): it fills the callee's slot, and refuses code compiled against another declaration of the callee
+    # (a user's cache, which numba keys by the user's file only, after a fastbp upgrade) instead of letting it pass
+    # its arguments as they were declared then.
+    from numba import types
+
+    from fastbp.kernels import gemm
+
+    fill = fastbp._jit._FillOnLoad("fastbp.kernels.gemm:product", "float32", gemm.product.declared(types.float32))
+    fill()
+    assert gemm.product._slots[types.float32].value
+    assert fill == fastbp._jit._FillOnLoad(*(pickle.loads(pickle.dumps(fill)).__dict__[k]
+                                             for k in ("reference", "dtype_name", "declared")))
+    stale = fastbp._jit._FillOnLoad("fastbp.kernels.gemm:product", "float32", "(int64, float32) -> none")
+    gone = fastbp._jit._FillOnLoad("fastbp.kernels.gemm:no_such_function", "float32", "(int64,) -> none")
+    older = fastbp._jit._FillOnLoad.__new__(fastbp._jit._FillOnLoad)  # as unpickled from one without declarations
+    older.reference, older.dtype_name = "fastbp.kernels.gemm:product", "float32"
+    for refused in (stale, gone, older):
+        with pytest.raises(RuntimeError, match="compiled with another version of fastbp"):
+            refused()
+
+
+def test_every_slot_is_known_to_the_loader_from_the_start():
+    # Declared (empty) when the object is made: code that calls a slot nothing filled raises RuntimeError at the
+    # call; a symbol unknown to LLVM's loader would be bound to address 0 and crash the process.
+    from numba import types
+
+    def _declared_early(a):
+        a[0] = 1.0
+
+    early = fastbp._jit.SeparatelyCompiled(fastbp._jit.cpu_jit(cache=False)(_declared_early), _leaf_signature)
+    assert set(early._slots) == {types.float32, types.float64}
+    assert all(slot.value is None for slot in early._slots.values())

@@ -3,6 +3,7 @@ signatures, the codes match fastbp's names, and a user's own @njit training step
 kernels agrees with fastbp.Trainer and with a plain numpy reference."""
 import ast
 import inspect
+import json
 import os
 import pathlib
 import re
@@ -176,3 +177,47 @@ def test_online_learning_example_runs():
                              "--trainer-steps", "5"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "held-out mse" in result.stdout and "us/step" in result.stdout
+
+
+USERS_CACHED_MODULE = '''
+import json
+import numpy as np
+from numba import njit
+from fastbp.kernels import cpu, pointwise
+
+
+@njit(cache=True)
+def layer(out, dinp, dweight, dbias, inp, weight, bias, dout):
+    cpu.dense_forward(out, inp, weight, bias, pointwise.RELU)
+    cpu.dense_backward(dinp, dweight, dbias, dout, inp, weight, pointwise.TANH)
+
+
+def run():
+    rng = np.random.default_rng(0)
+    inp = np.tanh(rng.standard_normal((64, 100))).astype(np.float32)  # a tanh layer's output
+    weight = rng.standard_normal((100, 128)).astype(np.float32)
+    bias, dout = rng.standard_normal(128).astype(np.float32), rng.standard_normal((64, 128)).astype(np.float32)
+    out, dinp = np.full((64, 128), np.nan, np.float32), np.full((64, 100), np.nan, np.float32)
+    dweight, dbias = np.full_like(weight, np.nan), np.full_like(bias, np.nan)
+    layer(out, dinp, dweight, dbias, inp, weight, bias, dout)
+    i, w, d = inp.astype(np.float64), weight.astype(np.float64), dout.astype(np.float64)
+    errors = [np.abs(out - np.maximum(i @ w + bias, 0)).max(), np.abs(dweight - i.T @ d).max(),
+              np.abs(dbias - d.sum(0)).max(), np.abs(dinp - (d @ w.T) * (1 - i ** 2)).max()]
+    print(json.dumps({"loaded": sum(layer.stats.cache_hits.values()), "error": float(max(errors))}))
+'''
+
+
+def test_a_users_cached_function_calling_the_vocabulary_runs_in_a_new_process(tmp_path):
+    """A user's ``@njit(cache=True)`` function that calls the vocabulary, loaded from numba's cache by a new process:
+    the vocabulary calls the product engine by symbol, and numba runs what fastbp put into the function's library
+    (its reload_init: fastbp._jit._FillOnLoad) before loading it, so the engine's slots are filled before its code
+    runs. Without that, the call raised "_product_by_symbol (float32) was called before it was compiled". The
+    numbers are checked against numpy in both processes (the one that compiles, the one that loads)."""
+    (tmp_path / "users_module.py").write_text(USERS_CACHED_MODULE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    for loaded in (0, 1):
+        result = subprocess.run([sys.executable, "-c", "import users_module; users_module.run()"], env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["loaded"] == loaded and report["error"] < 1e-3, report

@@ -37,6 +37,7 @@ from collections import namedtuple
 
 import numpy as np
 from numba import types
+from numba.extending import overload
 
 from .. import _jit
 from .._jit import DriverVersion, SeparatelyCompiled, cpu_jit, inline, prefer_wide_vectors
@@ -154,10 +155,23 @@ def _check_dense(what, batch_a, batch_b, n_in_a, n_in_b, n_out_a, n_out_b, n_bia
         raise ValueError(what)
 
 
+def _operand(a):
+    """In compiled code: ``a`` where its type promises C-contiguous rows and writable memory (the types gemm.product
+    is declared with), else a C-contiguous copy of it (rows that are not contiguous, or read-only data)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_operand)
+def _operand_for(a):
+    if a.layout == "C" and a.mutable:
+        return lambda a: a
+    return lambda a: a.copy()
+
+
 @inline
 def _copy_back(out, result):
-    # The engine wrote ``result``, a contiguous copy of ``out`` (np.ascontiguousarray copies an operand whose
-    # type does not promise contiguous rows): write it back. Nothing to do when result is out itself. Explicit
+    # The engine wrote ``result``, a contiguous copy of ``out`` (_operand copies an operand whose type does not
+    # promise contiguous rows): write it back. Nothing to do when result is out itself. Explicit
     # loops: numba compiles an array-to-array assignment with its shape-mismatch message, string formatting
     # included (2.3 s of a cold cpu.dense_forward, numba 0.68, AMD EPYC Zen 4), for shapes that match here.
     if result.ctypes.data != out.ctypes.data:
@@ -171,8 +185,8 @@ def dense_forward(out, inp, weight, bias, act):
     """out = act(inp @ weight + bias), overwritten. out (B, n_out), inp (B, n_in), weight (n_in, n_out),
     bias (n_out,); act an activation code.
 
-    The product engine (gemm._product: register tiles with the bias and activation fused into their stores)
-    on a packing workspace this call allocates; below SMALL_PRODUCT multiply-adds, plain loops on
+    The product engine (gemm.product, called by symbol: register tiles with the bias and activation fused into
+    their stores) on a packing workspace this call allocates; below SMALL_PRODUCT multiply-adds, plain loops on
     the weight as stored (no workspace)."""
     _check_dense("dense_forward: shapes do not match (out (B, n_out), inp (B, n_in), weight (n_in, n_out), "
                  "bias (n_out,))", out.shape[0], inp.shape[0], inp.shape[1], weight.shape[0], out.shape[1],
@@ -189,10 +203,10 @@ def dense_forward(out, inp, weight, bias, act):
             for j in range(out.shape[1]):
                 out[i, j] = activate(out[i, j], act)
         return
-    result = np.ascontiguousarray(out)
+    result = _operand(out)
     panels = np.empty(gemm.forward_workspace(weight.shape[0], weight.shape[1], out), out.dtype)
-    gemm._product(gemm.FORWARD + 0, act + 0, result, np.ascontiguousarray(inp), np.ascontiguousarray(weight),
-                  np.ascontiguousarray(bias), result, panels)
+    gemm.fill_tiles(result)
+    gemm.product(gemm.FORWARD, act, result, _operand(inp), _operand(weight), _operand(bias), result, panels)
     _copy_back(out, result)
 
 
@@ -202,7 +216,7 @@ def dense_backward_params(dweight, dbias, dout, inp):
     dout (B, n_out), inp (B, n_in). Every sum runs over the batch in row order: results do not depend on the
     number of threads.
 
-    The product engine (gemm._product) on a workspace this call allocates; below SMALL_PRODUCT
+    The product engine (gemm.product) on a workspace this call allocates; below SMALL_PRODUCT
     multiply-adds, plain loops."""
     _check_dense("dense_backward_params: shapes do not match (dweight (n_in, n_out), dbias (n_out,), "
                  "dout (B, n_out), inp (B, n_in))", dout.shape[0], inp.shape[0], inp.shape[1], dweight.shape[0],
@@ -221,12 +235,12 @@ def dense_backward_params(dweight, dbias, dout, inp):
             for j in range(dbias.shape[0]):
                 dbias[j] += dout[i, j]
         return
-    result = np.ascontiguousarray(dweight)
-    sums = np.ascontiguousarray(dbias)
+    result = _operand(dweight)
+    sums = _operand(dbias)
     panels = np.empty(gemm.backward_params_workspace(dout.shape[0], dweight.shape[0], dweight.shape[1], dweight),
                       dweight.dtype)
-    gemm._product(gemm.WEIGHT_GRAD + 0, IDENTITY + 0, result, np.ascontiguousarray(inp),
-                  np.ascontiguousarray(dout), sums, result, panels)
+    gemm.fill_tiles(result)
+    gemm.product(gemm.WEIGHT_GRAD, IDENTITY, result, _operand(inp), _operand(dout), sums, result, panels)
     _copy_back(dweight, result)
     if sums.ctypes.data != dbias.ctypes.data:
         for j in range(dbias.shape[0]):
@@ -239,7 +253,7 @@ def dense_backward_input(dinp, dout, weight, inp, inp_act):
     pre-activation, with that layer's activation derivative (written from its output ``inp``) fused in.
     dinp (B, n_in), dout (B, n_out), weight (n_in, n_out), inp (B, n_in).
 
-    The product engine (gemm._product: weight^T packed once, the derivative fused into the tiles'
+    The product engine (gemm.product: weight^T packed once, the derivative fused into the tiles'
     stores) on a workspace this call allocates; below SMALL_PRODUCT multiply-adds, dot products along the rows
     of the weight as stored."""
     _check_dense("dense_backward_input: shapes do not match (dinp (B, n_in), dout (B, n_out), "
@@ -256,10 +270,10 @@ def dense_backward_input(dinp, dout, weight, inp, inp_act):
                     acc += dout[i, j] * weight[k, j]
                 dinp[i, k] = acc * activation_grad(inp[i, k], inp_act)
         return
-    result = np.ascontiguousarray(dinp)
+    result = _operand(dinp)
     panels = np.empty(gemm.backward_input_workspace(weight.shape[0], weight.shape[1], dinp), dinp.dtype)
-    gemm._product(gemm.INPUT_GRAD + 0, inp_act + 0, result, np.ascontiguousarray(dout), np.ascontiguousarray(weight),
-                  panels, np.ascontiguousarray(inp), panels)
+    gemm.fill_tiles(result)
+    gemm.product(gemm.INPUT_GRAD, inp_act, result, _operand(dout), _operand(weight), panels, _operand(inp), panels)
     _copy_back(dinp, result)
 
 

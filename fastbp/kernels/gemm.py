@@ -1,9 +1,9 @@
 """fastbp's CPU product engine: register-blocked dense-layer products on explicit SIMD vectors (see simd.py).
 
-Its entry is ``_product(kind, act, out, a, b, vec, y, panels)`` (one of the three products below, with its
-epilogue; OVERWRITES out and allocates nothing), called by symbol as ``product`` from fastbp.kernels.cpu's
-drivers and linked into that module's vocabulary kernels (``dense_forward`` ...), which check their operands,
-copy any whose rows are not contiguous and give it a workspace. ``workspace_size(batch, n_in, n_out, dtype)``
+Its entry is ``product(kind, act, out, a, b, vec, y, panels)`` (one of the three products below, with its
+epilogue; OVERWRITES out and allocates nothing), called by symbol from fastbp.kernels.cpu's drivers and from
+that module's vocabulary kernels (``dense_forward`` ...), which check their operands, copy any whose rows are not
+contiguous (or that are read-only) and give it a workspace. ``workspace_size(batch, n_in, n_out, dtype)``
 is the length of the ``panels`` buffer it needs (``forward_workspace``, ``backward_params_workspace`` and
 ``backward_input_workspace`` give each kind's own length inside numba code).
 
@@ -66,7 +66,7 @@ from .pointwise import LEAKY_RELU, LEAKY_RELU_SLOPE, RELU, SIGMOID, TANH, sigmoi
 WIDE = simd.VECTOR_BITS >= 512
 TILE_ROWS = 6 if WIDE else 4  # MR: rows of C per tile (broadcasts of A per k)
 TILE_VECTORS = 4 if WIDE else 3  # vectors of C per tile row (loads of B per k)
-# The weight gradient packs inp^T only for batches longer than this (see _product).
+# The weight gradient packs inp^T only for batches longer than this (see _product_shape).
 PACK_BROADCAST_MIN_BATCH = 256
 NARROW_ROWS = 6  # rows of the narrow kernel (6 x 2 vectors) used for a last panel of <= 2 vectors
 
@@ -166,7 +166,7 @@ def backward_input_workspace(n_in, n_out, like):
 
 @inline
 def _leading(a):
-    # Elements between a 2-D array's rows (its rows must be contiguous: _product's callers make them so).
+    # Elements between a 2-D array's rows (its rows must be contiguous: product's callers make them so).
     return a.strides[0] // a.itemsize
 
 
@@ -622,7 +622,7 @@ def _task(kind, act, out, a, b, vec, y, panels, span):
     weight (n_in, n_out)); vec the bias (FORWARD) or the bias gradient (WEIGHT_GRAD, written by the packing of
     dout); y (B, n_in) the previous layer's output (INPUT_GRAD). span: (tile_lo, tile_hi, panel_lo, panel_hi,
     pack_lo, pack_hi, a_pack_lo, a_pack_hi, a_packed): the task's row tiles and panels, the panels of B and the
-    groups of inp^T it packs, and whether the weight gradient reads inp^T packed (see _product)."""
+    groups of inp^T it packs, and whether the weight gradient reads inp^T packed (see _product_shape)."""
     tile_lo, tile_hi, panel_lo, panel_hi, pack_lo, pack_hi, a_pack_lo, a_pack_hi, a_packed = span
     n_rows = out.shape[0]
     n_cols = out.shape[1]
@@ -819,7 +819,7 @@ def _parallel_work(multiply_adds):
 
 @inline
 def _run_serial(run_task, kind, act, out, a, b, vec, y, panels):
-    # The product as one task on the calling thread (``run_task``: _task, linked or by symbol).
+    # The product as one task on the calling thread (``run_task``: task_by_symbol, the worker called by symbol).
     depth, n_tiles, n_panels, a_packed = _product_shape(kind, out, b)
     zero = n_tiles - n_tiles
     n_a_tiles = n_tiles if a_packed else zero
@@ -871,12 +871,15 @@ def _product_signature(f):
     return (types.int64, types.int64, matrix, matrix, matrix, vector, matrix, vector)
 
 
-# The product in two compiled versions of one source. _product links _task into itself and into its parallel
-# body, as numba does; the public kernels below call it, so a user's cached numba code that calls them holds all
-# of its code. fastbp's drivers (fastbp.kernels.cpu) call ``product`` by symbol, which calls _task by symbol too
-# (see _jit.SeparatelyCompiled): the worker is then optimised and code-generated once, not again in the driver
-# and in the outlined parallel body (a cold first fit, AMD EPYC Zen 4, loaded machine, alternating runs: 22.8 ->
-# 19.6 s). A process that uses both compiles the driver twice, the worker once.
+# The product, compiled once per dtype: every caller (fastbp.kernels.cpu's drivers and its vocabulary kernels,
+# dense_forward ...) calls ``product`` by symbol, which calls the worker (_task) by symbol too (see
+# _jit.SeparatelyCompiled): the worker is optimised and code-generated once, not again in each caller and in the
+# outlined parallel body (a cold first fit, AMD EPYC Zen 4, loaded machine, alternating runs: 22.8 -> 19.6 s).
+# The vocabulary kernels used to link a second version of the product (the worker linked into itself and into
+# its parallel body, 8.5 s cold per dtype, and again into each kernel that linked it: 2-4 s each): a user's njit
+# function calling dense_forward and dense_backward compiled in 14-18 s cold and 1.4 s with fastbp's cache warm,
+# 9 s and 0.65 s by symbol (AMD EPYC Zen 4, 2026-12-07). A user's cached function finds the slots filled in a
+# new process through numba's reload_init (_jit._FillOnLoad).
 #
 # ``product``'s parallel region is a separately compiled function of its own, ``parallel_tasks``, and an optional
 # one (_jit.SeparatelyCompiled's optional=True): until its slot is filled, ``product`` runs every product as one
@@ -885,19 +888,8 @@ def _product_signature(f):
 # parfor passes: about 1 s of every cold first fit and predict in this process (_product_by_symbol 1.4-2.0 s,
 # AMD EPYC Zen 4), though a small network's products never reach PARALLEL_MIN_WORK. The compile helper compiles
 # it last instead, and a process picks it up from the disk cache at a later call; without a helper, a process
-# compiles it at the first call after a product wanted it (see _jit, "Optional slots").
-@engine_jit(parallel=True)
-def _product(kind, act, out, a, b, vec, y, panels):
-    """The product ``kind`` (see _task for the operands), on the calling thread or as one parallel region of
-    numba.get_num_threads() tasks (a prange: numba compiles its body as a function of its own)."""
-    if _plain_first(kind, out):
-        _plain_product(_activate_row, kind, act, out, a, b, vec, y, panels)
-    elif _parallel_work(_multiply_adds(kind, out, b)):
-        _run_parallel(_task, kind, act, out, a, b, vec, y, panels)
-    else:
-        _run_serial(_task, kind, act, out, a, b, vec, y, panels)
-
-
+# compiles it at the first call after a product wanted it (see _jit, "Optional slots"). Outside the drivers'
+# compile sessions (a vocabulary kernel, a user's function), compiling the product fills both optional slots.
 task_by_symbol = _jit.SeparatelyCompiled(_task, _task_signature, optional=True, wanted_after=TILES_PAY_AFTER)
 
 
@@ -912,8 +904,9 @@ parallel_tasks = _jit.SeparatelyCompiled(_parallel_tasks, _product_signature, op
 
 @engine_jit(no_cpython_wrapper=True)  # called by symbol: see _jit.SeparatelyCompiled
 def _product_by_symbol(kind, act, out, a, b, vec, y, panels):
-    """_product with its tasks called by symbol (the drivers' product): in parallel once ``parallel_tasks`` is
-    compiled in this process, on the calling thread until then."""
+    """The product ``kind`` (see _task for the operands), its tasks called by symbol: in parallel once
+    ``parallel_tasks`` is compiled in this process, on the calling thread until then; the plain product until the
+    tiled worker (``task_by_symbol``) is, and for a forward of fewer rows than a tile."""
     work = _multiply_adds(kind, out, b)
     if _plain_first(kind, out) or not _jit.is_compiled(task_by_symbol, out, work):
         _plain_product(activate_row, kind, act, out, a, b, vec, y, panels)
@@ -924,3 +917,12 @@ def _product_by_symbol(kind, act, out, a, b, vec, y, panels):
 
 
 product = _jit.SeparatelyCompiled(_product_by_symbol, _product_signature)
+
+
+@inline
+def fill_tiles(like):
+    # For callers of ``product`` outside the drivers (the vocabulary kernels, and through them a user's numba code):
+    # the tiled worker and the parallel region in their slots, for the dtype of the array ``like``, wherever the
+    # caller runs (_jit.fill_on_use), not only after a later driver call (see _jit, "Optional slots").
+    _jit.fill_on_use(task_by_symbol, like)
+    _jit.fill_on_use(parallel_tasks, like)
