@@ -156,14 +156,14 @@ def _check_dense(what, batch_a, batch_b, n_in_a, n_in_b, n_out_a, n_out_b, n_bia
 
 
 def _operand(a):
-    """In compiled code: ``a`` where its type promises C-contiguous rows and writable memory (the types gemm.product
-    is declared with), else a C-contiguous copy of it (rows that are not contiguous, or read-only data)."""
+    """In compiled code: ``a`` where its type promises C-contiguous rows and writable, aligned memory (the types
+    gemm.product is declared with), else a C-contiguous copy of it (rows that are not contiguous, read-only data)."""
     raise NotImplementedError("compiled code only")
 
 
 @overload(_operand)
 def _operand_for(a):
-    if a.layout == "C" and a.mutable:
+    if a.layout == "C" and a.mutable and a.aligned:
         return lambda a: a
     return lambda a: a.copy()
 
