@@ -818,22 +818,22 @@ def _parallel_work(multiply_adds):
 
 
 @inline
-def _run_serial(run_task, kind, act, out, a, b, vec, y, panels):
-    # The product as one task on the calling thread (``run_task``: task_by_symbol, the worker called by symbol).
+def _run_serial(kind, act, out, a, b, vec, y, panels):
+    # The product as one task on the calling thread (the worker, called by symbol).
     depth, n_tiles, n_panels, a_packed = _product_shape(kind, out, b)
     zero = n_tiles - n_tiles
     n_a_tiles = n_tiles if a_packed else zero
-    run_task(kind, act, out, a, b, vec, y, panels,
-             (zero, n_tiles, zero, n_panels, zero, n_panels, zero, n_a_tiles, zero + a_packed))
+    task_by_symbol(kind, act, out, a, b, vec, y, panels,
+                   (zero, n_tiles, zero, n_panels, zero, n_panels, zero, n_a_tiles, zero + a_packed))
 
 
 @inline
-def _run_parallel(run_task, kind, act, out, a, b, vec, y, panels):
+def _run_parallel(kind, act, out, a, b, vec, y, panels):
     # The product as one parallel region of numba.get_num_threads() tasks (one task on the calling thread where
-    # that is 1), each a call of ``run_task``.
+    # that is 1), each a call of the worker by symbol.
     n_threads = _thread_count()
     if n_threads == 1:
-        _run_serial(run_task, kind, act, out, a, b, vec, y, panels)
+        _run_serial(kind, act, out, a, b, vec, y, panels)
         return
     depth, n_tiles, n_panels, a_packed = _product_shape(kind, out, b)
     n_rows = out.shape[0]
@@ -844,8 +844,9 @@ def _run_parallel(run_task, kind, act, out, a, b, vec, y, panels):
     shared_b = row_tasks > 1  # tasks share B's panels: pack them all first, here (1/B of the product's work)
     shared_a = col_tasks > 1 and a_packed  # tasks share inp^T's groups
     if shared_b or shared_a:  # a task with no tiles: it only packs (the driver compiles no packer of its own)
-        run_task(kind, act, out, a, b, vec, y, panels, (zero, zero, zero, zero, zero, n_panels if shared_b else zero,
-                                                        zero, n_tiles if shared_a else zero, zero + a_packed))
+        task_by_symbol(kind, act, out, a, b, vec, y, panels,
+                       (zero, zero, zero, zero, zero, n_panels if shared_b else zero, zero,
+                        n_tiles if shared_a else zero, zero + a_packed))
     for task in prange(row_tasks * col_tasks):
         r = task // col_tasks
         c = task % col_tasks
@@ -854,9 +855,9 @@ def _run_parallel(run_task, kind, act, out, a, b, vec, y, panels):
         panel_lo = c * n_panels // col_tasks
         panel_hi = (c + 1) * n_panels // col_tasks
         a_hi = tile_lo if shared_a or not a_packed else tile_hi
-        run_task(kind, act, out, a, b, vec, y, panels,
-                 (tile_lo, tile_hi, panel_lo, panel_hi, panel_lo, panel_lo if shared_b else panel_hi, tile_lo, a_hi,
-                  zero + a_packed))
+        task_by_symbol(kind, act, out, a, b, vec, y, panels,
+                       (tile_lo, tile_hi, panel_lo, panel_hi, panel_lo, panel_lo if shared_b else panel_hi, tile_lo,
+                        a_hi, zero + a_packed))
 
 
 def _task_signature(f):
@@ -877,9 +878,9 @@ def _product_signature(f):
 # outlined parallel body (a cold first fit, AMD EPYC Zen 4, loaded machine, alternating runs: 22.8 -> 19.6 s).
 # The vocabulary kernels used to link a second version of the product (the worker linked into itself and into
 # its parallel body, 8.5 s cold per dtype, and again into each kernel that linked it: 2-4 s each): a user's njit
-# function calling dense_forward and dense_backward compiled in 14-18 s cold and 1.4 s with fastbp's cache warm,
-# 9 s and 0.65 s by symbol (AMD EPYC Zen 4, 2026-12-07). A user's cached function finds the slots filled in a
-# new process through numba's reload_init (_jit._FillOnLoad).
+# function calling dense_forward and dense_backward compiled in 14.4-14.6 s cold and 1.33-1.39 s with fastbp's
+# cache warm, 10.4-11.1 s and 0.61 s by symbol (AMD EPYC Zen 4, 2026-12-07). A user's cached function finds
+# the slots filled in a new process through numba's reload_init (_jit._FillOnLoad).
 #
 # ``product``'s parallel region is a separately compiled function of its own, ``parallel_tasks``, and an optional
 # one (_jit.SeparatelyCompiled's optional=True): until its slot is filled, ``product`` runs every product as one
@@ -896,7 +897,7 @@ task_by_symbol = _jit.SeparatelyCompiled(_task, _task_signature, optional=True, 
 @engine_jit(parallel=True, no_cpython_wrapper=True)  # called by symbol: see _jit.SeparatelyCompiled
 def _parallel_tasks(kind, act, out, a, b, vec, y, panels):
     """``product``'s parallel region: the product as numba.get_num_threads() tasks called by symbol."""
-    _run_parallel(task_by_symbol, kind, act, out, a, b, vec, y, panels)
+    _run_parallel(kind, act, out, a, b, vec, y, panels)
 
 
 parallel_tasks = _jit.SeparatelyCompiled(_parallel_tasks, _product_signature, optional=True)
@@ -913,7 +914,7 @@ def _product_by_symbol(kind, act, out, a, b, vec, y, panels):
     elif _parallel_work(work) and _jit.is_compiled(parallel_tasks, out, 1):
         parallel_tasks(kind, act, out, a, b, vec, y, panels)
     else:
-        _run_serial(task_by_symbol, kind, act, out, a, b, vec, y, panels)
+        _run_serial(kind, act, out, a, b, vec, y, panels)
 
 
 product = _jit.SeparatelyCompiled(_product_by_symbol, _product_signature)
