@@ -713,16 +713,15 @@ TILES_PAY_AFTER = 1 << 35
 
 
 @inline
-def _plain_product(activate, kind, act, out, a, b, vec, y, panels):
+def _plain_product(kind, act, out, a, b, vec, y, panels):
     """The product ``kind`` (see _task for the operands) without packing or register tiles: what the drivers'
     product runs until the worker (_task) is in its slot (see ``product`` below). The SAME numbers as _task: every
     output is the same chain of fmas over k in order from zero, the bias gradient the same vector sums of dout's
     rows in order, then the same epilogue (_epilogue) and, for sigmoid and tanh, the same _activate_row calls on
-    the same NR-wide stretches of a row (``activate``: _activate_row linked, or activate_row by symbol). One row
-    x one vector at a time, every load of B masked to the layer's columns; the input gradient's B (weight^T) is
-    first written out into ``panels`` row by row. Four rows at a
-    time (four accumulators) ran faster but cost 0.25 s more to compile (AMD EPYC Zen 4): this is the part of a
-    cold first call's compile that its products need, the tiles come later."""
+    the same NR-wide stretches of a row (by symbol: activate_row). One row x one vector at a time, every load of B
+    masked to the layer's columns; the input gradient's B (weight^T) is first written out into ``panels`` row by
+    row. Four rows at a time (four accumulators) ran faster but cost 0.25 s more to compile (AMD EPYC Zen 4): this
+    is the part of a cold first call's compile that its products need, the tiles come later."""
     L = simd.lanes(out)
     NR = TILE_VECTORS * L
     n_rows = out.shape[0]
@@ -771,7 +770,7 @@ def _plain_product(activate, kind, act, out, a, b, vec, y, panels):
             simd.store_partial(out, row * ld_out + c, _epilogue(kind, act, total, operand, out), count)
         if kind == FORWARD and (act == SIGMOID or act == TANH):
             for col in range(0, n_cols, NR):
-                activate(out, row, col, min(NR, n_cols - col), act)
+                activate_row(out, row, col, min(NR, n_cols - col), act)
 
 
 @inline
@@ -910,7 +909,7 @@ def _product_by_symbol(kind, act, out, a, b, vec, y, panels):
     tiled worker (``task_by_symbol``) is, and for a forward of fewer rows than a tile."""
     work = _multiply_adds(kind, out, b)
     if _plain_first(kind, out) or not _jit.is_compiled(task_by_symbol, out, work):
-        _plain_product(activate_row, kind, act, out, a, b, vec, y, panels)
+        _plain_product(kind, act, out, a, b, vec, y, panels)
     elif _parallel_work(work) and _jit.is_compiled(parallel_tasks, out, 1):
         parallel_tasks(kind, act, out, a, b, vec, y, panels)
     else:
