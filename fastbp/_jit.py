@@ -389,10 +389,7 @@ def _register_call_typing(function):
         values = [context.cast(builder, value, given, wanted)
                   for value, given, wanted in zip(args, signature.args, expected)]
         restype = function.returns
-        reference = function.reference()
-        if reference is not None:  # see _FillOnLoad
-            fill = _FillOnLoad(reference, str(dtype), function.declared(dtype))
-            context.active_code_library._reload_init.add(fill)
+        _fill_on_load(context, function, dtype)
         address = builder.load(_slot_variable(builder, function.symbol(dtype)))
         with cgutils.if_unlikely(builder, cgutils.is_null(builder, address)):
             context.call_conv.return_user_exc(builder, RuntimeError, (
@@ -452,6 +449,14 @@ class _FillOnLoad:
         return f"_FillOnLoad({self.reference!r}, {self.dtype_name!r}, {getattr(self, 'declared', None)!r})"
 
 
+def _fill_on_load(context, function, dtype):
+    # A _FillOnLoad for ``function``'s ``dtype`` version into the reload_init of the library being compiled (none
+    # for an object that is not a module global: another process could not import it)
+    reference = function.reference()
+    if reference is not None:
+        context.active_code_library._reload_init.add(_FillOnLoad(reference, str(dtype), function.declared(dtype)))
+
+
 def _slot_variable(builder, name, kind=_SLOT_TYPE):
     # The slot ``name`` (or, kind _WANTED_TYPE, an optional function's wanted count) in the module being built: a
     # declaration, which the loader binds to the address registered under that name (see SeparatelyCompiled).
@@ -502,10 +507,7 @@ def fill_on_use(typingctx, function, like):
     target.register(dtype)
 
     def codegen(context, builder, signature, args):
-        reference = target.reference()
-        if reference is not None:
-            fill = _FillOnLoad(reference, str(dtype), target.declared(dtype))
-            context.active_code_library._reload_init.add(fill)
+        _fill_on_load(context, target, dtype)
         return context.get_dummy_value()
 
     return types.none(function, like), codegen
@@ -514,8 +516,8 @@ def fill_on_use(typingctx, function, like):
 class _RegisteringCache:
     """numba's disk cache of one cpu_jit function, with two additions; everything else is numba's.
 
-    - Before it loads machine code, it registers the separately compiled functions that the function's code
-      calls (see above).
+    - Once it has loaded machine code, it registers the separately compiled functions that code calls (see
+      above), and gives the library back its reload_init (see _FillOnLoad).
     - Its entries are keyed by the code of everything the function's machine code holds or calls, not only by
       its own bytecode and file: numba's key would keep serving a caller compiled against an older callee (an
       edited helper, a changed tile shape; numba #10776), which with a symbol call means a call into a function
@@ -547,10 +549,8 @@ class _RegisteringCache:
         return self._dependencies
 
     def load_overload(self, sig, target_context):
-        dtype = _first_float_dtype(sig.args if hasattr(sig, "args") else sig)
-        callees = _separate_callees(self._func) if dtype is not None else []
-        for callee in callees:  # the loader binds the machine code's slot references to these symbols
-            callee.declare(dtype)
+        # (the loader binds the machine code's slot references to the symbols every SeparatelyCompiled declared
+        # when it was made)
         result = self._load(sig, target_context)
         # Filled (or, in a compile session, deferred) only once the code is loaded, and only those its code calls:
         # on a miss the function is compiled next, and its typing registers the callees it calls; a function's
@@ -559,6 +559,8 @@ class _RegisteringCache:
         # wait for the loss to be compiled (0.6 s, AMD EPYC Zen 4), and a warm one compile it if the cache
         # lacked it.
         if result is not None:
+            dtype = _first_float_dtype(sig.args if hasattr(sig, "args") else sig)
+            callees = _separate_callees(self._func) if dtype is not None else []
             called = _slot_symbols(result)
             for callee in callees:
                 if called is None or callee.symbol(dtype) in called:
