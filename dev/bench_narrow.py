@@ -84,8 +84,11 @@ class W1:
         self.spec = WORKLOADS["W1"]
         self.epochs = epochs
         self.dtype = np.dtype(dtype)
+        from fastbp._jit import read_only
+
         X, Y = make_data("W1")
-        self.X, self.Y = X.astype(dtype), Y.astype(dtype)
+        # read-only, as the CPU backend hands data to the kernels: the runners call the code Trainer.fit runs
+        self.X, self.Y = read_only(X.astype(dtype)), read_only(Y.astype(dtype))
         self.weights, self.biases = linear_init(self.spec["sizes"])
         self.layout = Layout.from_sizes(self.spec["sizes"])
         self.params0 = np.empty(self.layout.n_params, dtype)
@@ -120,12 +123,14 @@ def narrow_kernel_runner(w1: W1):
 
 
 def cpu_kernel_runner(w1: W1):
+    from fastbp._jit import read_only
     from fastbp.kernels import cpu
 
     lay, P, cap = w1.layout, w1.layout.n_params, w1.X.shape[0]
     params = w1.params0.copy()
     losses = np.empty(w1.epochs)
-    args = (params, np.zeros((2, P), w1.dtype), np.zeros(1, np.int64), losses, w1.X, w1.Y, np.empty(0, w1.dtype),
+    args = (params, np.zeros((2, P), w1.dtype), np.zeros(1, np.int64), losses, w1.X, w1.Y,
+            read_only(np.empty(0, w1.dtype)),
             w1.orders, w1.lrs, tuple(cpu.network(lay, w1.act_codes, 0)),
             tuple(cpu.make_workspace(lay, cap, 1, w1.dtype)),
             (0, w1.hyper, cap, -np.inf))
@@ -165,7 +170,7 @@ def torch_runner(w1: W1):
     linears = [m for m in net if isinstance(m, torch.nn.Linear)]
     opt = torch.optim.SGD(net.parameters(), lr=w1.spec["lr"])
     loss_fn = torch.nn.MSELoss()
-    Xt, Yt = torch.from_numpy(w1.X), torch.from_numpy(w1.Y)
+    Xt, Yt = torch.from_numpy(w1.X.copy()), torch.from_numpy(w1.Y.copy())  # torch warns on read-only arrays
 
     def run():
         with torch.no_grad():

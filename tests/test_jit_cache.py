@@ -1120,10 +1120,13 @@ def test_a_ctrl_c_to_the_script_lets_its_helper_finish_and_clean_up(tmp_path):
     import time
 
     script = textwrap.dedent("""
-        import time
+        import signal, time
         from numba import types
         import fastbp._jit
         from fastbp.kernels import cpu
+        # Ctrl-C stops a script, as in a terminal, also where the tests were started as a background job (whose
+        # processes inherit an ignored SIGINT: this test then waited its full minute)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         helper = fastbp._jit._Helper([cpu.optimizer_step, cpu.loss_block], types.float64)
         print(helper.folder, flush=True)
         time.sleep(120)

@@ -284,7 +284,7 @@ def targets(loss, n, k, rng):
 @pytest.mark.parametrize("loss", LOSSES)
 def test_logits_of_plus_minus_1e4_stay_finite(loss, dtype):
     rng = np.random.default_rng(0)
-    model = fastbp.MLP([3, 4, 3], "tanh", dtype=dtype, seed=0)
+    model = fastbp.MLP([3, 4, 3], "sigmoid", dtype=dtype, seed=0)
     model.biases[-1][...] = [1e4, -1e4, 0.0]
     X, y = rng.normal(size=(6, 3)), targets(loss, 6, 3, rng)
     trainer = fastbp.Trainer(model, loss=loss, lr=1e-6, batch_size=None)
@@ -329,13 +329,13 @@ def test_poisson_log_rates_at_the_extremes(dtype):
 @pytest.mark.parametrize("act", ["sigmoid", "relu", "tanh", "identity", "leaky_relu"])
 @pytest.mark.parametrize("loss", LOSSES)
 def test_inputs_of_1e6_scale_stay_finite(act, loss, dtype):
-    # The activation under test takes the 1e6-scale inputs; relu and leaky_relu after it pass that scale on to
-    # the logits (identity, relu, leaky_relu) for the loss. A bounded one (sigmoid, tanh) is followed by the other
-    # bounded one first. So the cases train with two fused narrow kernels per loss and dtype (narrow.kernel_key:
-    # one with sigmoid and tanh, one without): 12 compiles here instead of 40, about 3 s each.
+    # The activation under test takes the 1e6-scale inputs. After an unbounded one (identity, relu, leaky_relu),
+    # relu and leaky_relu pass that scale on to the logits for the loss; a bounded one (sigmoid, tanh) stands
+    # alone, as its outputs are bounded whatever follows. So the cases train with the fused narrow kernels of
+    # sigmoid networks, tanh networks and the relu family (narrow.kernel_key), which the rest of the suite
+    # compiles too, rather than kernels of their own (a network with all four: six more kernels, about 2 s each).
     rng = np.random.default_rng(1)
-    bounded = {"sigmoid": ["tanh"], "tanh": ["sigmoid"]}.get(act, [])
-    hidden = [act] + bounded + ["relu", "leaky_relu"]
+    hidden = [act] if act in ("sigmoid", "tanh") else [act, "relu", "leaky_relu"]
     model = fastbp.MLP([5] + [7] * len(hidden) + [2], hidden, dtype=dtype, seed=0)
     X, y = rng.normal(size=(12, 5)) * 1e6, targets(loss, 12, 2, rng)
     trainer = fastbp.Trainer(model, loss=loss, lr=1e-15, batch_size=5)
@@ -362,12 +362,16 @@ def test_one_sample_and_batch_larger_than_dataset(dtype):
             np.testing.assert_allclose(got, ref, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
 
 
+# One activation set per network, each trained by a fused narrow kernel that other tests compile too
+# (narrow.kernel_key): sigmoid, tanh, and the relu family.
+@pytest.mark.parametrize("hidden", [["sigmoid"] * 4, ["tanh"] * 4, ["relu", "leaky_relu"] * 2],
+                         ids=["sigmoid", "tanh", "relu-leaky_relu"])
 @pytest.mark.parametrize("loss", LOSSES)
-def test_width_one_hidden_layers(loss, dtype):
+def test_width_one_hidden_layers(loss, hidden, dtype):
     rng = np.random.default_rng(3)
-    # the activations of test_inputs_of_1e6_scale_stay_finite's tanh case: the same fused narrow kernels
-    model = fastbp.MLP([3, 1, 1, 1, 1, 2], ["tanh", "sigmoid", "relu", "leaky_relu"], dtype=dtype, seed=4)
-    model.biases[2][...] = 0.5  # keep the relu unit alive
+    model = fastbp.MLP([3, 1, 1, 1, 1, 2], hidden, dtype=dtype, seed=4)
+    for bias in model.biases[:-1]:
+        bias[...] = 0.5  # keeps each relu unit alive
     X, y = rng.normal(size=(9, 3)), targets(loss, 9, 2, rng)
     trainer = fastbp.Trainer(model, loss=loss, lr=0.1, batch_size=4, seed=0)
     value, dw, db = trainer.loss_and_grads(X, y)
