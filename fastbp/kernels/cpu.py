@@ -757,6 +757,34 @@ def _optimizer_step(params, opt_state, grads, lr, optimizer, hyper, step):
 optimizer_step = SeparatelyCompiled(_optimizer_step, _optimizer_signature)
 
 
+@inline
+def start_epoch(backup, params, opt_state):
+    # backup (3, P) = params (P,) and opt_state's two rows (2, P): the epoch drivers' copy of an epoch's start,
+    # which end_epoch restores where the epoch's loss is not finite
+    for i in range(params.shape[0]):
+        backup[0, i] = params[i]
+        backup[1, i] = opt_state[0, i]
+        backup[2, i] = opt_state[1, i]
+
+
+@inline
+def end_epoch(params, opt_state, steps_done, backup, step0, epoch, epoch_loss, target_loss):
+    """The epoch drivers' stopping rule after epoch ``epoch`` (counted from 0) of mean loss ``epoch_loss``: where
+    it is not finite, params, opt_state and steps_done go back to the epoch's start (backup, see start_epoch, and
+    step0) and the epochs completed, ``epoch``, are returned; where it is <= target_loss, ``epoch + 1``; else -1,
+    train on. The product engine's driver, the fused narrow kernel and its reference share it."""
+    if not np.isfinite(epoch_loss):
+        for i in range(params.shape[0]):
+            params[i] = backup[0, i]
+            opt_state[0, i] = backup[1, i]
+            opt_state[1, i] = backup[2, i]
+        steps_done[0] = step0
+        return epoch
+    if epoch_loss <= target_loss:
+        return epoch + 1
+    return -1
+
+
 @cpu_jit(nrt=False)
 def train_epochs(params, opt_state, steps_done, epoch_losses, X, Y, sample_weights, orders, lrs, net_fields, work_fields,
                  settings):
@@ -781,16 +809,12 @@ def train_epochs(params, opt_state, steps_done, epoch_losses, X, Y, sample_weigh
     work = Workspace(*work_fields)
     n = X.shape[0]
     k = Y.shape[1]
-    n_params = params.shape[0]
     capacity = work.row_losses.shape[0]
     weighted = sample_weights.shape[0] > 0
     in_order = orders.shape[1] == 0
     backup = work.backup
     for epoch in range(lrs.shape[0]):
-        for i in range(n_params):
-            backup[0, i] = params[i]
-            backup[1, i] = opt_state[0, i]
-            backup[2, i] = opt_state[1, i]
+        start_epoch(backup, params, opt_state)
         step0 = steps_done[0]
         total = 0.0
         for start in range(0, n, batch_size):
@@ -817,15 +841,9 @@ def train_epochs(params, opt_state, steps_done, epoch_losses, X, Y, sample_weigh
         else:
             epoch_loss = total / loss_divisor(net.loss, n, k)
         epoch_losses[epoch] = epoch_loss
-        if not np.isfinite(epoch_loss):
-            for i in range(n_params):
-                params[i] = backup[0, i]
-                opt_state[0, i] = backup[1, i]
-                opt_state[1, i] = backup[2, i]
-            steps_done[0] = step0
-            return epoch
-        if epoch_loss <= target_loss:
-            return epoch + 1
+        stopped = end_epoch(params, opt_state, steps_done, backup, step0, epoch, epoch_loss, target_loss)
+        if stopped >= 0:
+            return stopped
     return lrs.shape[0]
 
 

@@ -765,10 +765,7 @@ def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss):
                 for j in range(k):
                     vstore(work, at + (n_in0 + j) * lanes, vgather_rows(y_flat, b * lanes, valid, k, j))
         for epoch in range(lrs.shape[0]):
-            for i in range(n_params):
-                backup[0, i] = params[i]
-                backup[1, i] = opt_state[0, i]
-                backup[2, i] = opt_state[1, i]
+            cpu.start_epoch(backup, params, opt_state)
             step0 = steps_done[0]
             total = 0.0
             for start in range(0, n, batch_size):
@@ -935,15 +932,9 @@ def _make_kernel(has_sigmoid, has_tanh, has_relu, has_leaky, loss):
                 cpu.optimizer_step(params, opt_state, grads, lrs[epoch], optimizer, hyper, steps_done[0])
             epoch_loss = total / loss_divisor(loss, n, k)
             epoch_losses[epoch] = epoch_loss
-            if not np.isfinite(epoch_loss):
-                for i in range(n_params):
-                    params[i] = backup[0, i]
-                    opt_state[0, i] = backup[1, i]
-                    opt_state[1, i] = backup[2, i]
-                steps_done[0] = step0
-                return epoch
-            if epoch_loss <= target_loss:
-                return epoch + 1
+            stopped = cpu.end_epoch(params, opt_state, steps_done, backup, step0, epoch, epoch_loss, target_loss)
+            if stopped >= 0:
+                return stopped
         return lrs.shape[0]
 
     return kernel
@@ -1060,10 +1051,7 @@ def train_epochs_naive(params, opt_state, steps_done, grads, backup, work, X, Y,
     target = work[2 * n_units:2 * n_units + k]
     in_order = orders.shape[1] == 0
     for epoch in range(lrs.shape[0]):
-        for i in range(n_params):
-            backup[0, i] = params[i]
-            backup[1, i] = opt_state[0, i]
-            backup[2, i] = opt_state[1, i]
+        cpu.start_epoch(backup, params, opt_state)
         step0 = steps_done[0]
         total = 0.0
         for start in range(0, n, batch_size):
@@ -1108,15 +1096,9 @@ def train_epochs_naive(params, opt_state, steps_done, grads, backup, work, X, Y,
             cpu.optimizer_step(params, opt_state, grads, lrs[epoch], optimizer, hyper, steps_done[0])
         epoch_loss = total / loss_divisor(loss, n, k)
         epoch_losses[epoch] = epoch_loss
-        if not np.isfinite(epoch_loss):
-            for i in range(n_params):
-                params[i] = backup[0, i]
-                opt_state[0, i] = backup[1, i]
-                opt_state[1, i] = backup[2, i]
-            steps_done[0] = step0
-            return epoch
-        if epoch_loss <= target_loss:
-            return epoch + 1
+        stopped = cpu.end_epoch(params, opt_state, steps_done, backup, step0, epoch, epoch_loss, target_loss)
+        if stopped >= 0:
+            return stopped
     return lrs.shape[0]
 
 
