@@ -77,6 +77,7 @@ class W1:
     """W1's data, initial weights and the flat-buffer arguments shared by the direct kernel calls."""
 
     def __init__(self, dtype=np.float32, epochs=1000):
+        from fastbp._jit import read_only
         from fastbp.bench import WORKLOADS, linear_init, make_data
         from fastbp.kernels.pointwise import ACTIVATIONS, N_HYPER
         from fastbp.layout import Layout
@@ -84,8 +85,6 @@ class W1:
         self.spec = WORKLOADS["W1"]
         self.epochs = epochs
         self.dtype = np.dtype(dtype)
-        from fastbp._jit import read_only
-
         X, Y = make_data("W1")
         # read-only, as the CPU backend hands data to the kernels: the runners call the code Trainer.fit runs
         self.X, self.Y = read_only(X.astype(dtype)), read_only(Y.astype(dtype))

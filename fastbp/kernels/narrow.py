@@ -1028,7 +1028,7 @@ def train_epochs_narrow(params, opt_state, steps_done, grads, backup, work, X, Y
 # --- the reference: one sample at a time ---------------------------------------------------------------------
 # The reference's loss rule: pointwise.loss_grad_row compiled as a function of its own and called, where the fast
 # kernels inline their rules. numba's inline pass copies the callee's IR into the caller, which for the four
-# losses of loss_grad_row was about 1.4 s of the reference's 5 s compile per dtype (AMD EPYC Zen 4); the reference
+# losses of loss_grad_row was about 1 s of the reference's 5 s compile per dtype (AMD EPYC Zen 4); the reference
 # is serial and slow by design, and a call per sample costs it nothing that matters.
 _loss_grad_row_called = cpu_jit()(loss_grad_row.py_func)
 
