@@ -175,7 +175,6 @@ def test_the_drivers_product_gives_the_same_numbers_before_its_parallel_region_i
     previous = numba.get_num_threads()
     try:
         numba.set_num_threads(2)
-        gemm.parallel_tasks.fill(numba.from_dtype(dtype))
         parallel = _all_kernels(dtype, np.random.default_rng(3), B, n_in, n_out)
         # emptied: a call through it would raise (_jit: "was called before it was compiled")
         monkeypatch.setattr(gemm.parallel_tasks._slots[numba.from_dtype(dtype)], "value", None)
