@@ -172,8 +172,8 @@ def _operand_for(a):
 def _copy_back(out, result):
     # The engine wrote ``result``, a contiguous copy of ``out`` (_operand copies an operand whose type does not
     # promise contiguous rows and writable, aligned memory): write it back. Nothing to do when result is out
-    # itself. Explicit loops: numba compiles an array-to-array assignment with its shape-mismatch message, string formatting
-    # included (2.3 s of a cold cpu.dense_forward, numba 0.68, AMD EPYC Zen 4), for shapes that match here.
+    # itself. Explicit loops: numba compiles an array-to-array assignment with its shape-mismatch message, string
+    # formatting included (2.3 s of a cold cpu.dense_forward, numba 0.68, AMD EPYC Zen 4), for shapes that match.
     if result.ctypes.data != out.ctypes.data:
         for i in range(out.shape[0]):
             for j in range(out.shape[1]):
